@@ -1,0 +1,82 @@
+//! Stable wire error codes carried in [`crate::frames::Error::code`].
+//!
+//! The numeric values are part of the protocol: never renumber a variant.
+//! docs/protocol.md lists them with the server's behaviour for each.
+
+/// What went wrong, and (per variant) what the client should do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The bytes did not validate as the announced frame. The server closes
+    /// the stream's connection; the client has a bug and must not retry as is.
+    BadFrame = 1,
+    /// The length prefix exceeded `frame_bytes_max`. Connection closed; the
+    /// client must send smaller payloads.
+    FrameTooLarge = 2,
+    /// The kind byte names no frame this server knows. Connection closed.
+    UnknownFrameType = 3,
+    /// The version byte is not spoken here. Connection closed; upgrade.
+    UnsupportedVersion = 4,
+    /// The token is malformed or its signature does not verify. Connection
+    /// closed; obtain a new token.
+    InvalidToken = 5,
+    /// The token's expiry has passed. Connection closed; obtain a new token.
+    TokenExpired = 6,
+    /// A frame arrived that is not allowed in this state (Send before Hello,
+    /// a second Hello, a server-only frame). Connection closed.
+    ProtocolViolation = 7,
+    /// The recipient has no registered device. The Send is refused and not
+    /// stored; the connection stays open.
+    UnknownRecipient = 8,
+    /// The user already has `devices_per_user_max` devices. Connection closed.
+    TooManyDevices = 9,
+    /// A recipient device's mailbox is at its cap. Not stored; retry after
+    /// `retry_after_ms`.
+    MailboxFull = 10,
+    /// The server sheds load. Not stored; retry after `retry_after_ms`.
+    Throttle = 11,
+    /// Durable storage failed (disk full, I/O error). Not stored; retry later.
+    StorageUnavailable = 12,
+    /// The server is draining; reconnect (to another node if there is one).
+    ShuttingDown = 13,
+    /// A bug on the server. Not stored; the client may retry.
+    Internal = 14,
+}
+
+impl ErrorCode {
+    /// Parses a wire value; `None` for a code this build does not know
+    /// (clients treat unknown codes as fatal for the request).
+    pub fn from_u16(value: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match value {
+            1 => BadFrame,
+            2 => FrameTooLarge,
+            3 => UnknownFrameType,
+            4 => UnsupportedVersion,
+            5 => InvalidToken,
+            6 => TokenExpired,
+            7 => ProtocolViolation,
+            8 => UnknownRecipient,
+            9 => TooManyDevices,
+            10 => MailboxFull,
+            11 => Throttle,
+            12 => StorageUnavailable,
+            13 => ShuttingDown,
+            14 => Internal,
+            _ => return None,
+        })
+    }
+
+    /// Whether a Send refused with this code may be retried unchanged later.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::MailboxFull
+                | ErrorCode::Throttle
+                | ErrorCode::StorageUnavailable
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Internal
+        )
+    }
+}

@@ -1,0 +1,266 @@
+//! The frame types of protocol version 1.
+//!
+//! Each frame is one rkyv-archived struct. On the wire it is preceded by the
+//! header described in [`crate::codec`], whose kind byte says which struct
+//! follows. Field types are fixed-width integers, `String` and `Vec<u8>`: the
+//! archived form is pinned to little-endian, unaligned, 32-bit relative
+//! pointers (see the crate's rkyv features), so it does not depend on the host.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// First frame on a connection's request stream: authenticates the device.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Access token minted by `irisd token` (user id, device id, expiry, Ed25519 signature).
+    pub token: String,
+    /// The highest seq this device has durably processed; everything at or
+    /// below it is treated as acknowledged, everything above it is redelivered.
+    pub resume_after_seq: u64,
+}
+
+/// Answer to a valid Hello on the device's home shard.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The authenticated user, from the token.
+    pub user_id: u64,
+    /// The authenticated device, from the token.
+    pub device_id: u32,
+    /// Index of the shard that serves this connection.
+    pub shard: u16,
+    /// Epoch of the shard map the shard used to decide it is the home shard.
+    pub epoch: u64,
+    /// The highest seq assigned so far to this device (0 if none).
+    pub last_seq: u64,
+}
+
+/// Answer to a Hello that reached a shard which is not the user's home shard.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// Epoch of the shard map that says where the home shard is.
+    pub epoch: u64,
+    /// Host (IP address or name) of the node that owns the home shard.
+    pub address: String,
+    /// UDP port of the home shard on that node.
+    pub port: u16,
+}
+
+/// Asks for the current shard map; allowed before Hello.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShardMapRequest {}
+
+/// One node of the shard map.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// Node id, the index used by [`SlotOwner::node`].
+    pub node_id: u16,
+    /// Host clients connect to.
+    pub address: String,
+    /// UDP port of each shard of that node, indexed by shard.
+    pub shard_ports: Vec<u16>,
+}
+
+/// Owner of one slot.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotOwner {
+    /// Node id (see [`NodeEntry::node_id`]).
+    pub node: u16,
+    /// Shard index on that node.
+    pub shard: u16,
+}
+
+/// The shard map: slot table plus node addresses.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShardMap {
+    /// Version of the table; a client keeps the newest one it has seen.
+    pub epoch: u64,
+    /// Nodes of the cluster (one on a single-node install).
+    pub nodes: Vec<NodeEntry>,
+    /// Owner of every slot, indexed by slot; its length is the slot count.
+    pub slots: Vec<SlotOwner>,
+}
+
+/// Sends an opaque payload to every device of `to_user`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Send {
+    /// Chosen by the sending device, unique per device; a retry reuses it and
+    /// is deduplicated by the server.
+    pub client_msg_id: u64,
+    /// Recipient user.
+    pub to_user: u64,
+    /// Opaque bytes (end-to-end ciphertext in production).
+    pub payload: Vec<u8>,
+}
+
+/// Confirms that a Send is stored in every recipient device's mailbox.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// The client_msg_id of the Send being confirmed.
+    pub client_msg_id: u64,
+    /// Server-wide unique id of the stored message.
+    pub server_msg_id: u64,
+}
+
+/// A message from the device's mailbox, sent on the push stream.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Deliver {
+    /// Per-device sequence number, strictly increasing, without gaps except
+    /// where messages were acknowledged.
+    pub seq: u64,
+    /// Sending user.
+    pub from_user: u64,
+    /// Sending device.
+    pub from_device: u32,
+    /// Same id as in the sender's Ack.
+    pub server_msg_id: u64,
+    /// Server wall-clock time of acceptance, milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// The payload exactly as sent.
+    pub payload: Vec<u8>,
+}
+
+/// Cumulative delivery acknowledgement: the device has processed every seq up
+/// to and including `up_to_seq`; the server may forget them.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryAck {
+    /// Highest processed seq.
+    pub up_to_seq: u64,
+}
+
+/// A typed failure. See [`crate::ErrorCode`] for the meaning of each code.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    /// A stable [`crate::ErrorCode`] value.
+    pub code: u16,
+    /// Human-readable detail; never parsed by clients.
+    pub message: String,
+    /// For Throttle and similar codes: how long to wait before retrying (0: not given).
+    pub retry_after_ms: u32,
+    /// The Send this error answers, if it answers one.
+    pub client_msg_id: Option<u64>,
+}
+
+/// Liveness probe; answered by Pong with the same nonce.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Ping {
+    /// Echoed back in Pong.
+    pub nonce: u64,
+}
+
+/// Answer to Ping.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Pong {
+    /// The nonce of the Ping being answered.
+    pub nonce: u64,
+}
+
+/// Any frame of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// Client -> server.
+    Hello(Hello),
+    /// Server -> client.
+    Welcome(Welcome),
+    /// Server -> client.
+    Redirect(Redirect),
+    /// Client -> server.
+    ShardMapRequest(ShardMapRequest),
+    /// Server -> client.
+    ShardMap(ShardMap),
+    /// Client -> server.
+    Send(Send),
+    /// Server -> client.
+    Ack(Ack),
+    /// Server -> client, on the push stream.
+    Deliver(Deliver),
+    /// Client -> server.
+    DeliveryAck(DeliveryAck),
+    /// Server -> client.
+    Error(Error),
+    /// Either direction.
+    Ping(Ping),
+    /// Either direction.
+    Pong(Pong),
+}
+
+/// The kind byte of the frame header. Values are stable wire constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum FrameKind {
+    /// [`Hello`]
+    Hello = 1,
+    /// [`Welcome`]
+    Welcome = 2,
+    /// [`Redirect`]
+    Redirect = 3,
+    /// [`ShardMapRequest`]
+    ShardMapRequest = 4,
+    /// [`ShardMap`]
+    ShardMap = 5,
+    /// [`Send`]
+    Send = 6,
+    /// [`Ack`]
+    Ack = 7,
+    /// [`Deliver`]
+    Deliver = 8,
+    /// [`DeliveryAck`]
+    DeliveryAck = 9,
+    /// [`Error`]
+    Error = 10,
+    /// [`Ping`]
+    Ping = 11,
+    /// [`Pong`]
+    Pong = 12,
+}
+
+impl FrameKind {
+    /// Parses a kind byte; `None` for a kind this version does not know.
+    pub fn from_byte(byte: u8) -> Option<FrameKind> {
+        Some(match byte {
+            1 => FrameKind::Hello,
+            2 => FrameKind::Welcome,
+            3 => FrameKind::Redirect,
+            4 => FrameKind::ShardMapRequest,
+            5 => FrameKind::ShardMap,
+            6 => FrameKind::Send,
+            7 => FrameKind::Ack,
+            8 => FrameKind::Deliver,
+            9 => FrameKind::DeliveryAck,
+            10 => FrameKind::Error,
+            11 => FrameKind::Ping,
+            12 => FrameKind::Pong,
+            _ => return None,
+        })
+    }
+}
+
+impl Frame {
+    /// The kind byte that announces this frame on the wire.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Hello(_) => FrameKind::Hello,
+            Frame::Welcome(_) => FrameKind::Welcome,
+            Frame::Redirect(_) => FrameKind::Redirect,
+            Frame::ShardMapRequest(_) => FrameKind::ShardMapRequest,
+            Frame::ShardMap(_) => FrameKind::ShardMap,
+            Frame::Send(_) => FrameKind::Send,
+            Frame::Ack(_) => FrameKind::Ack,
+            Frame::Deliver(_) => FrameKind::Deliver,
+            Frame::DeliveryAck(_) => FrameKind::DeliveryAck,
+            Frame::Error(_) => FrameKind::Error,
+            Frame::Ping(_) => FrameKind::Ping,
+            Frame::Pong(_) => FrameKind::Pong,
+        }
+    }
+
+    /// Builds an Error frame from a code and a message.
+    pub fn error(code: crate::ErrorCode, message: impl Into<String>) -> Frame {
+        Frame::Error(Error {
+            code: code as u16,
+            message: message.into(),
+            retry_after_ms: 0,
+            client_msg_id: None,
+        })
+    }
+}
