@@ -1,1 +1,173 @@
-fn main(){}
+//! `irisd`: the Iris server binary. `irisd serve` runs the shards;
+//! `irisd token` mints an access token for a device.
+
+use clap::{Parser, Subcommand};
+use irisd::auth::{Claims, TokenAuthority};
+use irisd::config::Config;
+use irisd::driver::runtime::{self, NodeSetup};
+use irisd::tls::TlsFiles;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "irisd", version, about = "Iris chat messaging server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file (flags override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (default ./iris-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address of shard 0; shard k uses port + k (default 127.0.0.1:7700).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Number of shards (default: one per CPU in the affinity mask).
+        #[arg(long)]
+        shards: Option<u16>,
+    },
+    /// Print an access token for a device.
+    Token {
+        /// Data directory holding the token-signing key.
+        #[arg(long, default_value = "./iris-data")]
+        data_dir: PathBuf,
+        /// User id.
+        #[arg(long)]
+        user: u64,
+        /// Device id.
+        #[arg(long)]
+        device: u32,
+        /// Lifetime in seconds (default 30 days).
+        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        ttl: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, data_dir, listen, shards } => serve(config, data_dir, listen, shards),
+        Command::Token { data_dir, user, device, ttl } => token(&data_dir, user, device, ttl),
+    }
+}
+
+fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys/token-signing.key")
+}
+
+fn token(data_dir: &Path, user: u64, device: u32, ttl: u64) -> ExitCode {
+    let path = key_path(data_dir);
+    if !path.exists() {
+        eprintln!(
+            "irisd token: no signing key at {}; start `irisd serve --data-dir {}` once to create it",
+            path.display(),
+            data_dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    let authority = match TokenAuthority::load_or_create(&path, false) {
+        Ok((authority, _)) => authority,
+        Err(error) => {
+            eprintln!("irisd token: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    println!("{}", authority.mint(Claims { user_id: user, device_id: device, expires_at_s: now_s.saturating_add(ttl) }));
+    ExitCode::SUCCESS
+}
+
+fn serve(
+    config_path: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    shards: Option<u16>,
+) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IRIS_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let fail = |message: String| {
+        eprintln!("irisd: {message}");
+        ExitCode::from(2)
+    };
+    let mut config = match Config::load(config_path.as_deref()) {
+        Ok(config) => config,
+        Err(error) => return fail(error.to_string()),
+    };
+    if let Some(data_dir) = data_dir {
+        config.data_dir = data_dir;
+    }
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if shards.is_some() {
+        config.shards = shards;
+    }
+    let shard_count = match config.shards {
+        Some(count) => count,
+        None => match runtime::allowed_cpus() {
+            Ok(cpus) => cpus.len().clamp(1, 1024) as u16,
+            Err(error) => return fail(error.to_string()),
+        },
+    };
+    config.shards = Some(shard_count);
+    if let Err(error) = config.validate() {
+        return fail(error.to_string());
+    }
+    if let Err(error) = std::fs::create_dir_all(&config.data_dir) {
+        return fail(format!("creating data directory {}: {error}", config.data_dir.display()));
+    }
+
+    let tls = TlsFiles::in_data_dir(&config.data_dir);
+    let mut names = vec!["localhost".to_string(), config.listen.ip().to_string(), config.advertised_host()];
+    names.dedup();
+    match tls.create_if_missing(names) {
+        Ok(true) => println!("irisd: created a self-signed TLS certificate: {} (clients use it as IRIS_CA)", tls.cert.display()),
+        Ok(false) => {}
+        Err(error) => return fail(error.to_string()),
+    }
+    let crypto = match tls.quic_server_config() {
+        Ok(crypto) => crypto,
+        Err(error) => return fail(error.to_string()),
+    };
+    let authority = match TokenAuthority::load_or_create(&key_path(&config.data_dir), true) {
+        Ok((authority, created)) => {
+            if created {
+                println!(
+                    "irisd: created a token-signing key: {} (mint tokens with `irisd token --data-dir {} --user U --device D`)",
+                    key_path(&config.data_dir).display(),
+                    config.data_dir.display()
+                );
+            }
+            authority
+        }
+        Err(error) => return fail(error.to_string()),
+    };
+
+    let node = match runtime::start(NodeSetup { config: config.clone(), authority, crypto }, shard_count) {
+        Ok(node) => node,
+        Err(error) => return fail(error.to_string()),
+    };
+    let first = node.addresses.first().map(ToString::to_string).unwrap_or_default();
+    println!(
+        "irisd: ready: {shard_count} shard(s) on {first} (ports {}..={}), data in {}, CA {}",
+        config.listen.port(),
+        config.listen.port() + shard_count - 1,
+        config.data_dir.display(),
+        tls.cert.display()
+    );
+    node.wait();
+    ExitCode::SUCCESS
+}

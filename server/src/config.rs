@@ -1,0 +1,223 @@
+//! irisd configuration: a TOML file, overridden by command-line flags, then
+//! validated as a whole. Every limit has a name, a unit and a default that is
+//! explained where it is declared.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Errors reading or validating the configuration. All are operator errors:
+/// irisd prints them and exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown keys are errors).
+    #[error("config file {path}: {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        detail: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where keys, certificates and (later) the logs live.
+    pub data_dir: PathBuf,
+    /// Address of shard 0; shard k listens on the same IP at port + k.
+    pub listen: SocketAddr,
+    /// Host clients are told to connect to (Redirect, ShardMap). Defaults to the listen IP.
+    pub advertise_address: Option<String>,
+    /// Number of shards; `None` means one per CPU in irisd's affinity mask.
+    pub shards: Option<u16>,
+    /// Limits on everything a peer can make the server hold.
+    pub limits: Limits,
+    /// Runtime tuning.
+    pub runtime: RuntimeConfig,
+}
+
+/// Limits. Each bound says what happens when it is reached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame accepted or sent (length prefix value). Over it: FrameTooLarge, connection closed.
+    pub frame_bytes_max: u32,
+    /// Devices one user may register. Over it: TooManyDevices on Hello.
+    pub devices_per_user_max: u32,
+    /// Devices one shard may register (all users together). Over it: Throttle on Hello.
+    pub devices_per_shard_max: u32,
+    /// Undelivered messages held per device. Over it: MailboxFull to the sender.
+    pub mailbox_messages_max: u32,
+    /// Undelivered payload bytes held per device. Over it: MailboxFull to the sender.
+    pub mailbox_bytes_max: u64,
+    /// Remembered (client_msg_id -> server_msg_id) entries per sending device;
+    /// the oldest acknowledged entry is forgotten first.
+    pub dedup_entries_per_device_max: u32,
+    /// Sends of one device accepted but not yet acknowledged. Over it: Throttle.
+    pub sends_in_flight_per_device_max: u32,
+    /// Client connections per shard. Over it: new connections are refused.
+    pub connections_per_shard_max: u32,
+    /// Bytes of responses queued for one connection's request stream; past it
+    /// the shard stops reading that connection's requests (QUIC flow control
+    /// then pushes back on the client).
+    pub connection_response_bytes_max: u32,
+    /// Batches in flight on each shard-to-shard channel. When full, messages
+    /// wait in the sender's outbox.
+    pub shard_channel_batches_max: u32,
+    /// Messages buffered per destination shard in a shard's outbox; past it,
+    /// new Sends to that shard are refused with Throttle.
+    pub shard_outbox_messages_max: u32,
+}
+
+/// Runtime tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// glommio's locked I/O memory per shard, in bytes (it refuses to start below 512 KiB).
+    pub io_memory_bytes: usize,
+    /// Pin shard k to the k-th CPU of the affinity mask.
+    pub pin_cores: bool,
+    /// QUIC idle timeout in milliseconds (clients send Ping to stay connected).
+    pub idle_timeout_ms: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from("./iris-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            advertise_address: None,
+            shards: None,
+            limits: Limits::default(),
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            frame_bytes_max: iris_protocol::FRAME_BYTES_MAX_DEFAULT,
+            devices_per_user_max: 5,
+            devices_per_shard_max: 1_000_000,
+            // 10k messages or 8 MiB per device: a week of heavy chat for one
+            // offline phone, while 1M offline devices stay bounded by the
+            // shard-wide limits of the durable store (see docs/decisions).
+            mailbox_messages_max: 10_000,
+            mailbox_bytes_max: 8 * 1024 * 1024,
+            // A client keeps at most a few dozen sends unacknowledged; 256
+            // covers its retry window with room to spare, at ~24 B per entry.
+            dedup_entries_per_device_max: 256,
+            sends_in_flight_per_device_max: 256,
+            connections_per_shard_max: 100_000,
+            connection_response_bytes_max: 256 * 1024,
+            // 64 batches of up to 256 messages: 16k messages in flight between
+            // a pair of shards before the sender's outbox fills.
+            shard_channel_batches_max: 64,
+            shard_outbox_messages_max: 16_384,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> RuntimeConfig {
+        RuntimeConfig { io_memory_bytes: 10 * 1024 * 1024, pin_cores: true, idle_timeout_ms: 30_000 }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or the defaults when `None`).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else { return Ok(Config::default()) };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), detail: e.to_string() })
+    }
+
+    /// Checks every value; call after flags are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        let limits = &self.limits;
+        if let Some(shards) = self.shards {
+            if shards == 0 || shards > 1024 {
+                return invalid(format!("shards = {shards}: must be 1..=1024"));
+            }
+        }
+        if u32::from(self.listen.port()) + u32::from(self.shards.unwrap_or(1)) > 65_536 || self.listen.port() == 0 {
+            return invalid(format!("listen port {} leaves no room for one port per shard", self.listen.port()));
+        }
+        if limits.frame_bytes_max < iris_protocol::FRAME_BYTES_MAX_FLOOR || limits.frame_bytes_max > 16 * 1024 * 1024 {
+            return invalid(format!(
+                "limits.frame_bytes_max = {}: must be {}..=16777216",
+                limits.frame_bytes_max,
+                iris_protocol::FRAME_BYTES_MAX_FLOOR
+            ));
+        }
+        let positive = [
+            ("devices_per_user_max", limits.devices_per_user_max),
+            ("devices_per_shard_max", limits.devices_per_shard_max),
+            ("mailbox_messages_max", limits.mailbox_messages_max),
+            ("dedup_entries_per_device_max", limits.dedup_entries_per_device_max),
+            ("sends_in_flight_per_device_max", limits.sends_in_flight_per_device_max),
+            ("connections_per_shard_max", limits.connections_per_shard_max),
+            ("shard_channel_batches_max", limits.shard_channel_batches_max),
+            ("shard_outbox_messages_max", limits.shard_outbox_messages_max),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if limits.devices_per_user_max > 64 {
+            return invalid(format!("limits.devices_per_user_max = {}: at most 64", limits.devices_per_user_max));
+        }
+        if limits.connection_response_bytes_max < limits.frame_bytes_max {
+            return invalid("limits.connection_response_bytes_max must be at least limits.frame_bytes_max".into());
+        }
+        if limits.mailbox_bytes_max < u64::from(limits.frame_bytes_max) {
+            return invalid("limits.mailbox_bytes_max must be at least limits.frame_bytes_max".into());
+        }
+        if self.runtime.io_memory_bytes < 512 * 1024 {
+            return invalid("runtime.io_memory_bytes must be at least 524288 (glommio's minimum)".into());
+        }
+        if self.runtime.idle_timeout_ms < 1000 {
+            return invalid("runtime.idle_timeout_ms must be at least 1000".into());
+        }
+        Ok(())
+    }
+
+    /// The host clients are told to use.
+    pub fn advertised_host(&self) -> String {
+        self.advertise_address.clone().unwrap_or_else(|| self.listen.ip().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_are_named() {
+        Config::default().validate().unwrap();
+        let mut config = Config::default();
+        config.limits.frame_bytes_max = 10;
+        assert!(config.validate().unwrap_err().to_string().contains("frame_bytes_max"));
+        let parsed: Result<Config, _> = toml::from_str("shards = 2\n[limits]\nno_such_limit = 1\n");
+        assert!(parsed.unwrap_err().to_string().contains("no_such_limit"));
+        let parsed: Config = toml::from_str("shards = 3\n[limits]\nmailbox_messages_max = 7\n").unwrap();
+        assert_eq!((parsed.shards, parsed.limits.mailbox_messages_max), (Some(3), 7));
+    }
+}

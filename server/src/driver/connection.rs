@@ -1,0 +1,334 @@
+//! One client connection inside the shard loop: its quinn-proto state, the
+//! request stream (frames in, responses out) and the push stream (Deliver
+//! frames out), with bounded buffers on both.
+//!
+//! Backpressure: responses are buffered up to `response_bytes_max`; past it
+//! the request stream is not read, so QUIC flow control stops the client.
+//! Deliver frames are pulled from the shard core only while the push stream
+//! accepts bytes, so a slow reader holds at most one partly written frame
+//! here; its messages stay in its mailbox.
+
+use crate::shard::{ConnId, MailboxStore, Output, ShardCore};
+use iris_protocol::{close_code, encode_into, Frame, FrameDecoder};
+use quinn_proto::{Dir, Event, ReadError, StreamEvent, StreamId, VarInt, WriteError};
+use std::time::{Duration, Instant};
+
+/// Bytes read from the request stream per drive of one connection, so one
+/// busy client cannot starve the others within an iteration.
+const READ_BYTES_PER_DRIVE: usize = 64 * 1024;
+/// Deliver frames written per drive of one connection (fairness, as above).
+const PUSH_FRAMES_PER_DRIVE: usize = 256;
+/// How long a closing connection waits for the client to receive the final
+/// Error or Redirect before the connection is closed regardless.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Per-connection bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Response bytes buffered before the request stream is paused.
+    pub response_bytes_max: usize,
+}
+
+/// Bytes waiting for a stream, with the part already written.
+#[derive(Debug, Default)]
+struct Outgoing {
+    /// Encoded frames.
+    bytes: Vec<u8>,
+    /// Prefix of `bytes` already accepted by the stream.
+    written: usize,
+    /// The stream refused more bytes; cleared by a Writable event.
+    blocked: bool,
+}
+
+impl Outgoing {
+    fn pending(&self) -> usize {
+        self.bytes.len() - self.written
+    }
+
+    /// Writes as much as the stream takes. Returns false if the stream is gone.
+    fn flush(&mut self, quic: &mut quinn_proto::Connection, stream: StreamId) -> bool {
+        while self.pending() > 0 {
+            match quic.send_stream(stream).write(&self.bytes[self.written..]) {
+                Ok(count) => self.written += count,
+                Err(WriteError::Blocked) => {
+                    self.blocked = true;
+                    return true;
+                }
+                Err(_) => return false,
+            }
+        }
+        self.bytes.clear();
+        self.written = 0;
+        true
+    }
+}
+
+/// A closing connection's state.
+#[derive(Debug, Clone, Copy)]
+struct Closing {
+    /// Application close code for the final CONNECTION_CLOSE.
+    close_code: u32,
+    /// The request stream was finished after the last frame.
+    finish_sent: bool,
+}
+
+/// One connection.
+#[derive(Debug)]
+pub struct Connection {
+    /// quinn-proto's state machine.
+    pub quic: quinn_proto::Connection,
+    /// Listed in the loop's dirty list.
+    pub dirty: bool,
+    /// The deadline registered in the loop's timer set.
+    pub deadline: Option<Instant>,
+    /// When a closing connection is closed regardless.
+    pub close_deadline: Option<Instant>,
+    /// The core has messages to push.
+    pub push_wanted: bool,
+    /// The client's request stream.
+    request: Option<StreamId>,
+    /// Data (or end of stream) may be waiting on the request stream.
+    request_readable: bool,
+    /// Decoder of the request stream.
+    decoder: FrameDecoder,
+    /// Responses for the request stream.
+    responses: Outgoing,
+    /// The server's push stream, once opened.
+    push: Option<StreamId>,
+    /// Authenticated, but the stream limit did not allow opening the push stream yet.
+    push_open_pending: bool,
+    /// Deliver frames for the push stream (at most one partly written frame
+    /// beyond what the stream accepted).
+    pushes: Outgoing,
+    /// Set once a fatal error or redirect was sent.
+    closing: Option<Closing>,
+    /// Frame bound for encoding.
+    frame_bytes_max: u32,
+    /// Buffer bounds.
+    limits: ConnectionLimits,
+}
+
+impl Connection {
+    /// Wraps a freshly accepted quinn connection.
+    pub fn new(quic: quinn_proto::Connection, frame_bytes_max: u32, limits: ConnectionLimits) -> Connection {
+        Connection {
+            quic,
+            dirty: false,
+            deadline: None,
+            close_deadline: None,
+            push_wanted: false,
+            request: None,
+            request_readable: false,
+            decoder: FrameDecoder::new(frame_bytes_max),
+            responses: Outgoing::default(),
+            push: None,
+            push_open_pending: false,
+            pushes: Outgoing::default(),
+            closing: None,
+            frame_bytes_max,
+            limits,
+        }
+    }
+
+    /// Handles quinn's application events and feeds request frames to the core.
+    pub fn poll_events<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
+        while let Some(event) = self.quic.poll() {
+            match event {
+                Event::Stream(StreamEvent::Opened { dir }) => self.accept_streams(dir),
+                Event::Stream(StreamEvent::Readable { id }) if Some(id) == self.request => {
+                    self.request_readable = true;
+                }
+                Event::Stream(StreamEvent::Writable { id }) => {
+                    if Some(id) == self.request {
+                        self.responses.blocked = false;
+                    } else if Some(id) == self.push {
+                        self.pushes.blocked = false;
+                    }
+                }
+                Event::Stream(StreamEvent::Finished { id }) => {
+                    if Some(id) == self.request && self.closing.is_some() {
+                        self.close_now(now);
+                    }
+                }
+                Event::Stream(StreamEvent::Stopped { .. }) => self.close(now, close_code::NORMAL, "stream stopped"),
+                Event::Stream(StreamEvent::Available { dir: Dir::Uni }) if self.push_open_pending => self.open_push(),
+                Event::ConnectionLost { reason } => tracing::debug!(?conn, %reason, "connection lost"),
+                _ => {}
+            }
+        }
+        self.read_requests(now, core, conn, now_ms);
+    }
+
+    fn accept_streams(&mut self, dir: Dir) {
+        while let Some(id) = self.quic.streams().accept(dir) {
+            if dir == Dir::Bi && self.request.is_none() {
+                self.request = Some(id);
+                self.request_readable = true;
+            } else {
+                // The transport allows one bidirectional and no unidirectional
+                // client stream, so this is a misbehaving peer.
+                let _ = self.quic.recv_stream(id).stop(VarInt::from_u32(close_code::PROTOCOL_ERROR));
+            }
+        }
+    }
+
+    fn read_requests<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
+        let Some(stream) = self.request else { return };
+        if !self.request_readable || self.closing.is_some() || self.responses_full() {
+            return;
+        }
+        let mut frames = Vec::new();
+        let mut failure = None;
+        let mut ended = false;
+        match self.quic.recv_stream(stream).read(true) {
+            Ok(mut chunks) => {
+                let mut read_bytes = 0;
+                while read_bytes < READ_BYTES_PER_DRIVE && failure.is_none() {
+                    match chunks.next(READ_BYTES_PER_DRIVE) {
+                        Ok(Some(chunk)) => {
+                            read_bytes += chunk.bytes.len();
+                            self.decoder.feed(&chunk.bytes);
+                            loop {
+                                match self.decoder.next_frame() {
+                                    Ok(Some(frame)) => frames.push(frame),
+                                    Ok(None) => break,
+                                    Err(error) => {
+                                        failure = Some(error);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(None) | Err(ReadError::Reset(_)) => {
+                            ended = true;
+                            break;
+                        }
+                        Err(ReadError::Blocked) => {
+                            self.request_readable = false;
+                            break;
+                        }
+                    }
+                }
+                // Flow-control credit goes out with the next transmit pass.
+                let _ = chunks.finalize();
+            }
+            Err(_) => ended = true,
+        }
+        for frame in frames {
+            core.on_frame(conn, frame, now_ms);
+        }
+        if let Some(error) = failure {
+            self.request_readable = false;
+            core.on_decode_error(conn, error.code(), error.to_string());
+        } else if ended {
+            self.request_readable = false;
+            self.close(now, close_code::NORMAL, "request stream ended");
+        }
+    }
+
+    fn responses_full(&self) -> bool {
+        self.responses.pending() > self.limits.response_bytes_max
+    }
+
+    /// Applies one output of the core to this connection.
+    pub fn apply(&mut self, output: Output, now: Instant) {
+        match output {
+            Output::Frame { frame, .. } => self.queue_response(&frame),
+            Output::Authenticated { .. } => self.open_push(),
+            Output::Close { frame, close_code, .. } => {
+                if let Some(frame) = frame {
+                    self.queue_response(&frame);
+                }
+                self.closing = Some(Closing { close_code, finish_sent: false });
+                self.close_deadline = Some(now + CLOSE_GRACE);
+                if self.request.is_none() {
+                    self.close_now(now);
+                }
+            }
+        }
+    }
+
+    fn queue_response(&mut self, frame: &Frame) {
+        if let Err(error) = encode_into(frame, self.frame_bytes_max, &mut self.responses.bytes) {
+            tracing::error!(%error, kind = ?frame.kind(), "response frame not encodable; dropped");
+        }
+    }
+
+    fn open_push(&mut self) {
+        if self.push.is_some() {
+            return;
+        }
+        match self.quic.streams().open(Dir::Uni) {
+            Some(id) => {
+                self.push = Some(id);
+                self.push_open_pending = false;
+            }
+            None => self.push_open_pending = true,
+        }
+    }
+
+    /// Writes buffered responses and pulls pushes from the core while the streams take them.
+    pub fn flush_streams<S: MailboxStore>(&mut self, core: &mut ShardCore<S>, conn: ConnId) {
+        let now = Instant::now();
+        if let Some(stream) = self.request {
+            if !self.responses.flush(&mut self.quic, stream) {
+                return self.close(now, close_code::NORMAL, "request stream closed by peer");
+            }
+            if let Some(closing) = &mut self.closing {
+                if self.responses.pending() == 0 && !closing.finish_sent {
+                    closing.finish_sent = true;
+                    if self.quic.send_stream(stream).finish().is_err() {
+                        self.close_now(now);
+                    }
+                }
+            }
+        }
+        let Some(stream) = self.push else { return };
+        if self.closing.is_some() {
+            return;
+        }
+        if !self.pushes.flush(&mut self.quic, stream) {
+            return self.close(now, close_code::NORMAL, "push stream stopped");
+        }
+        let mut written = 0;
+        while self.push_wanted && !self.pushes.blocked && written < PUSH_FRAMES_PER_DRIVE {
+            let Some(frame) = core.next_push(conn) else {
+                self.push_wanted = false;
+                break;
+            };
+            if let Err(error) = encode_into(&frame, self.frame_bytes_max, &mut self.pushes.bytes) {
+                tracing::error!(%error, "deliver frame not encodable; skipped");
+                continue;
+            }
+            written += 1;
+            if !self.pushes.flush(&mut self.quic, stream) {
+                return self.close(now, close_code::NORMAL, "push stream stopped");
+            }
+        }
+    }
+
+    /// Whether the connection can make progress without new input.
+    pub fn has_pending_work(&self) -> bool {
+        let can_read = self.request_readable && self.closing.is_none() && !self.responses_full();
+        let can_push = self.push_wanted && self.push.is_some() && !self.pushes.blocked && self.closing.is_none();
+        let can_respond = self.responses.pending() > 0 && !self.responses.blocked;
+        can_read || can_push || can_respond
+    }
+
+    /// Called when the loop's timer for this connection fires.
+    pub fn on_close_deadline(&mut self, now: Instant) {
+        if self.close_deadline.is_some_and(|deadline| deadline <= now) {
+            self.close_now(now);
+        }
+    }
+
+    fn close(&mut self, now: Instant, code: u32, reason: &'static str) {
+        self.close_deadline = None;
+        self.quic.close(now, VarInt::from_u32(code), bytes::Bytes::from_static(reason.as_bytes()));
+    }
+
+    fn close_now(&mut self, now: Instant) {
+        let code = self.closing.map_or(close_code::NORMAL, |closing| closing.close_code);
+        self.close(now, code, "closed by server");
+    }
+}

@@ -1,0 +1,15 @@
+//! The I/O driver layer: everything that touches the runtime (glommio
+//! executors, sockets, timers, cross-core channels). Shard logic above it
+//! (`crate::shard`) is plain Rust and never sees these types.
+//!
+//! # Layout
+//! - [`runtime`]: starts one pinned glommio executor per shard and wires the
+//!   bounded shard-to-shard channels.
+//! - [`shard_loop`]: the per-core loop over the QUIC endpoint.
+//! - [`connection`]: one client connection's streams and buffers.
+//! - [`udp`]: batched UDP I/O (GSO/GRO) with glommio readiness.
+
+pub mod connection;
+pub mod runtime;
+pub mod shard_loop;
+pub mod udp;

@@ -1,0 +1,571 @@
+//! [`ShardCore`]: the message path of one shard as a sans-IO state machine.
+//!
+//! Inputs: [`ShardCore::on_connection`], [`ShardCore::on_frame`],
+//! [`ShardCore::on_connection_closed`], [`ShardCore::on_shard_message`],
+//! [`ShardCore::flush_commits`]. Outputs: frames and closes for connections
+//! ([`ShardCore::poll_output`]), pushes pulled per connection
+//! ([`ShardCore::next_push`]), and batches for other shards
+//! ([`ShardCore::take_outbox`]). Time is passed in as wall-clock
+//! milliseconds; nothing here reads a clock or touches a socket.
+//!
+//! The path of a Send (docs/architecture.md has the picture):
+//! 1. the sender's home shard checks the session, the dedup window and the
+//!    in-flight bound, assigns a server_msg_id and routes a
+//!    [`ShardMessage::Store`] to the recipient's home shard (maybe itself);
+//! 2. the recipient's shard appends to every device mailbox and, once the
+//!    store has committed, answers [`ShardMessage::Stored`] and marks the
+//!    online devices for push;
+//! 3. the sender's shard records the outcome in the dedup window and sends
+//!    Ack (or Error) to the sender device's current connection.
+
+use super::dedup::{DedupWindow, Seen};
+use super::mailbox::{MailboxStore, StoreError, StoredMessage, Ticket};
+use super::messages::{DeviceKey, Refusal, ShardMessage};
+use crate::auth::{TokenAuthority, TokenError};
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::{close_code, ErrorCode};
+use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+/// A connection, as named by the driver. Unique among the shard's live connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Who this shard is and how clients reach each shard of the node.
+#[derive(Debug, Clone)]
+pub struct ShardIdentity {
+    /// This node.
+    pub node: NodeId,
+    /// This shard.
+    pub shard: ShardId,
+    /// Host clients use to reach this node.
+    pub advertised_host: String,
+    /// UDP port of every shard of this node, indexed by shard.
+    pub shard_ports: Vec<u16>,
+}
+
+/// Bounds enforced by the core (storage bounds live in the store).
+#[derive(Debug, Clone, Copy)]
+pub struct CoreLimits {
+    /// Acknowledged ids remembered per sending device.
+    pub dedup_entries_per_device_max: u32,
+    /// Unanswered Sends per device; over it: Throttle.
+    pub sends_in_flight_per_device_max: u32,
+    /// Messages buffered per destination shard; over it: Throttle.
+    pub shard_outbox_messages_max: u32,
+}
+
+/// Something the driver must do for a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// Write `frame` on the connection's request stream.
+    Frame {
+        /// Target connection.
+        conn: ConnId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// The connection authenticated: open its push stream.
+    Authenticated {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Finish the request stream (after `frame`, if any) and close the
+    /// connection with `close_code` once the client has received it.
+    Close {
+        /// Target connection.
+        conn: ConnId,
+        /// Error (or Redirect) to deliver before closing.
+        frame: Option<Frame>,
+        /// QUIC application close code ([`iris_protocol::close_code`]).
+        close_code: u32,
+    },
+}
+
+/// State of a connection on this shard.
+#[derive(Debug)]
+enum Session {
+    /// Connected, no valid Hello yet: only Hello, ShardMapRequest and Ping are allowed.
+    AwaitingHello,
+    /// Authenticated as `device`.
+    Active {
+        /// The device.
+        device: DeviceKey,
+        /// Highest seq written to the push stream.
+        pushed_up_to: u64,
+        /// Whether the connection is in `push_ready` already.
+        push_queued: bool,
+    },
+    /// Closing after a fatal error: further frames are ignored.
+    Closing,
+}
+
+/// What the recipient's shard owes once a commit covers `ticket`.
+#[derive(Debug)]
+struct Completion {
+    /// The commit ticket that must be durable first.
+    ticket: Ticket,
+    /// Shard that waits for the outcome.
+    origin_shard: u16,
+    /// The outcome message for the origin.
+    stored: ShardMessage,
+    /// Recipient devices whose sessions should be pushed to.
+    devices: Vec<DeviceKey>,
+}
+
+/// Per sending device state on its home shard.
+#[derive(Debug, Default)]
+struct Sender {
+    /// Recent client_msg_ids.
+    dedup: DedupWindow,
+}
+
+/// The message path of one shard.
+#[derive(Debug)]
+pub struct ShardCore<S: MailboxStore> {
+    /// Placement and addresses.
+    identity: ShardIdentity,
+    /// Slot table copy; all shards of a node share the same epoch.
+    table: SlotTable,
+    /// Verifies Hello tokens.
+    authority: TokenAuthority,
+    /// Core bounds.
+    limits: CoreLimits,
+    /// Frame size bound, for building Deliver frames that fit.
+    frame_bytes_max: u32,
+    /// Registry and mailboxes.
+    store: S,
+    /// Every connection of this shard. Bounded by the driver's connection bound.
+    sessions: HashMap<ConnId, Session>,
+    /// Device -> its current connection. At most one per device.
+    online: HashMap<DeviceKey, ConnId>,
+    /// Sending devices' dedup state. Bounded by the registered devices.
+    senders: HashMap<DeviceKey, Sender>,
+    /// Pending outputs for the driver; drained every loop iteration.
+    outputs: VecDeque<Output>,
+    /// Connections with messages to push; each appears once (`push_queued`).
+    push_ready: VecDeque<ConnId>,
+    /// Messages for other shards, by shard index; each bounded by
+    /// `shard_outbox_messages_max`.
+    outbox: Vec<Vec<ShardMessage>>,
+    /// Outcomes waiting for a commit, in ticket order.
+    awaiting_commit: VecDeque<Completion>,
+    /// Counter part of the next server_msg_id.
+    next_message_counter: u64,
+}
+
+/// Bytes a Deliver frame adds around its payload (header, fixed fields and
+/// rkyv framing, rounded up), so a payload accepted in a Send always fits in
+/// the Deliver frame under the same `frame_bytes_max`.
+pub const DELIVER_OVERHEAD_BYTES: usize = 64;
+/// How long a throttled client should wait before retrying, in ms.
+const THROTTLE_RETRY_AFTER_MS: u32 = 100;
+/// How long a client should wait when a mailbox is full, in ms.
+const MAILBOX_FULL_RETRY_AFTER_MS: u32 = 1000;
+
+impl<S: MailboxStore> ShardCore<S> {
+    /// A shard core over `store`.
+    pub fn new(
+        identity: ShardIdentity,
+        table: SlotTable,
+        authority: TokenAuthority,
+        limits: CoreLimits,
+        frame_bytes_max: u32,
+        store: S,
+    ) -> ShardCore<S> {
+        assert!(usize::from(identity.shard.0) < identity.shard_ports.len(), "shard index outside the port list");
+        let shard_count = identity.shard_ports.len();
+        ShardCore {
+            identity,
+            table,
+            authority,
+            limits,
+            frame_bytes_max,
+            store,
+            sessions: HashMap::new(),
+            online: HashMap::new(),
+            senders: HashMap::new(),
+            outputs: VecDeque::new(),
+            push_ready: VecDeque::new(),
+            outbox: (0..shard_count).map(|_| Vec::new()).collect(),
+            awaiting_commit: VecDeque::new(),
+            next_message_counter: 1,
+        }
+    }
+
+    /// The store (for inspection and for the driver's commit calls).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A new connection exists.
+    pub fn on_connection(&mut self, conn: ConnId) {
+        let previous = self.sessions.insert(conn, Session::AwaitingHello);
+        assert!(previous.is_none(), "connection id {conn:?} reused while live");
+    }
+
+    /// The connection is gone (closed by either side or timed out).
+    pub fn on_connection_closed(&mut self, conn: ConnId) {
+        if let Some(Session::Active { device, .. }) = self.sessions.remove(&conn) {
+            if self.online.get(&device) == Some(&conn) {
+                self.online.remove(&device);
+            }
+        }
+    }
+
+    /// The connection sent bytes that do not decode; answer and close.
+    pub fn on_decode_error(&mut self, conn: ConnId, code: ErrorCode, detail: String) {
+        self.fail(conn, code, detail);
+    }
+
+    /// A frame arrived on `conn`'s request stream. `now_ms` is wall-clock time.
+    pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now_ms: u64) {
+        let Some(session) = self.sessions.get(&conn) else { return };
+        if matches!(session, Session::Closing) {
+            return;
+        }
+        let active = matches!(session, Session::Active { .. });
+        match frame {
+            Frame::Ping(ping) => self.emit(conn, Frame::Pong(frames::Pong { nonce: ping.nonce })),
+            Frame::ShardMapRequest(_) => {
+                let map = self.shard_map_frame();
+                self.emit(conn, map);
+            }
+            Frame::Hello(hello) if !active => self.on_hello(conn, hello, now_ms),
+            Frame::Send(send) if active => self.on_send(conn, send, now_ms),
+            Frame::DeliveryAck(ack) if active => self.on_delivery_ack(conn, ack.up_to_seq),
+            Frame::Pong(_) => {}
+            other => {
+                let detail = format!("{:?} frame not allowed here", other.kind());
+                self.fail(conn, ErrorCode::ProtocolViolation, detail);
+            }
+        }
+    }
+
+    fn on_hello(&mut self, conn: ConnId, hello: frames::Hello, now_ms: u64) {
+        let claims = match self.authority.verify(&hello.token, now_ms / 1000) {
+            Ok(claims) => claims,
+            Err(TokenError::Expired { expires_at_s }) => {
+                return self.fail(conn, ErrorCode::TokenExpired, format!("token expired at {expires_at_s}"));
+            }
+            Err(error) => return self.fail(conn, ErrorCode::InvalidToken, error.to_string()),
+        };
+        let home = self.table.home(UserId(claims.user_id));
+        if home.node != self.identity.node || home.shard != self.identity.shard {
+            let redirect = self.redirect_to(home.shard);
+            self.sessions.insert(conn, Session::Closing);
+            self.outputs.push_back(Output::Close { conn, frame: Some(redirect), close_code: close_code::REDIRECTED });
+            return;
+        }
+        let device = DeviceKey { user: claims.user_id, device: claims.device_id };
+        if let Err(error) = self.store.register_device(device) {
+            return self.fail(conn, error.code(), error.to_string());
+        }
+        if let Some(previous) = self.online.insert(device, conn) {
+            // A device has one session: the newer connection replaces the older.
+            self.sessions.insert(previous, Session::Closing);
+            self.outputs.push_back(Output::Close {
+                conn: previous,
+                frame: Some(Frame::error(ErrorCode::ProtocolViolation, "replaced by a newer connection")),
+                close_code: close_code::NORMAL,
+            });
+        }
+        let last_seq = self.store.last_seq(device);
+        let resume = hello.resume_after_seq.min(last_seq);
+        self.store.acknowledge(device, resume);
+        self.sessions.insert(conn, Session::Active { device, pushed_up_to: resume, push_queued: false });
+        self.emit(
+            conn,
+            Frame::Welcome(frames::Welcome {
+                user_id: device.user,
+                device_id: device.device,
+                shard: self.identity.shard.0,
+                epoch: self.table.epoch(),
+                last_seq,
+            }),
+        );
+        self.outputs.push_back(Output::Authenticated { conn });
+        self.queue_push(conn);
+    }
+
+    fn on_send(&mut self, conn: ConnId, send: frames::Send, now_ms: u64) {
+        let Some(Session::Active { device: sender, .. }) = self.sessions.get(&conn) else { return };
+        let sender = *sender;
+        if send.payload.len() + DELIVER_OVERHEAD_BYTES > self.frame_bytes_max as usize {
+            let detail = format!("payload exceeds {} bytes", self.frame_bytes_max as usize - DELIVER_OVERHEAD_BYTES);
+            return self.refuse(conn, send.client_msg_id, ErrorCode::FrameTooLarge, 0, &detail);
+        }
+        let window = &mut self.senders.entry(sender).or_default().dedup;
+        match window.check(send.client_msg_id) {
+            Seen::Acknowledged(server_msg_id) => {
+                let ack = Frame::Ack(frames::Ack { client_msg_id: send.client_msg_id, server_msg_id });
+                return self.emit(conn, ack);
+            }
+            Seen::Pending => return,
+            Seen::New => {}
+        }
+        if window.pending() >= self.limits.sends_in_flight_per_device_max {
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, THROTTLE_RETRY_AFTER_MS, "too many sends in flight");
+        }
+        let home = self.table.home(UserId(send.to_user));
+        if home.node != self.identity.node {
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Internal, 0, "recipient is on another node");
+        }
+        let destination = home.shard.0;
+        if destination != self.identity.shard.0
+            && self.outbox[usize::from(destination)].len() >= self.limits.shard_outbox_messages_max as usize
+        {
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, THROTTLE_RETRY_AFTER_MS, "shard queue full");
+        }
+        window.begin(send.client_msg_id);
+        let server_msg_id = (u64::from(self.identity.shard.0) << 48) | self.next_message_counter;
+        self.next_message_counter += 1;
+        assert!(self.next_message_counter < 1 << 48, "server_msg_id counter exhausted");
+        let store = ShardMessage::Store {
+            origin_shard: self.identity.shard.0,
+            sender,
+            client_msg_id: send.client_msg_id,
+            server_msg_id,
+            sent_at_ms: now_ms,
+            to_user: send.to_user,
+            payload: send.payload,
+        };
+        self.route(destination, store);
+    }
+
+    fn on_delivery_ack(&mut self, conn: ConnId, up_to_seq: u64) {
+        let Some(Session::Active { device, pushed_up_to, .. }) = self.sessions.get(&conn) else { return };
+        // A client cannot acknowledge what it was never sent.
+        let up_to_seq = up_to_seq.min(*pushed_up_to);
+        self.store.acknowledge(*device, up_to_seq);
+    }
+
+    /// A message from shard `from` (or from this shard itself).
+    pub fn on_shard_message(&mut self, from: u16, message: ShardMessage) {
+        match message {
+            ShardMessage::Store { origin_shard, sender, client_msg_id, server_msg_id, sent_at_ms, to_user, payload } => {
+                debug_assert_eq!(origin_shard, from);
+                let home = self.table.home(UserId(to_user));
+                assert_eq!(home.shard, self.identity.shard, "Store for user {to_user} routed to the wrong shard");
+                let stored = StoredMessage {
+                    from_user: sender.user,
+                    from_device: sender.device,
+                    server_msg_id,
+                    sent_at_ms,
+                    payload,
+                };
+                let (result, ticket, devices) = self.store_for_user(sender, to_user, stored);
+                let outcome = ShardMessage::Stored { sender, client_msg_id, result };
+                self.awaiting_commit.push_back(Completion { ticket, origin_shard, stored: outcome, devices });
+            }
+            ShardMessage::Stored { sender, client_msg_id, result } => {
+                let acknowledged_max = self.limits.dedup_entries_per_device_max as usize;
+                if let Some(state) = self.senders.get_mut(&sender) {
+                    state.dedup.finish(client_msg_id, result.ok(), acknowledged_max);
+                }
+                let Some(&conn) = self.online.get(&sender) else { return };
+                match result {
+                    Ok(server_msg_id) => self.emit(conn, Frame::Ack(frames::Ack { client_msg_id, server_msg_id })),
+                    Err(refusal) => {
+                        let message = format!("send refused: {:?}", refusal.code);
+                        self.refuse(conn, client_msg_id, refusal.code, refusal.retry_after_ms, &message)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends one message to every device of `to_user`, all or nothing.
+    /// Returns the outcome, the ticket that must commit before answering, and
+    /// the devices to push to.
+    fn store_for_user(
+        &mut self,
+        sender: DeviceKey,
+        to_user: u64,
+        message: StoredMessage,
+    ) -> (Result<u64, Refusal>, Ticket, Vec<DeviceKey>) {
+        let committed = self.store.committed_ticket();
+        let devices: Vec<DeviceKey> = self
+            .store
+            .devices_of(to_user)
+            .iter()
+            .map(|&device| DeviceKey { user: to_user, device })
+            .filter(|device| *device != sender)
+            .collect();
+        let refuse = |code, retry_after_ms| (Err(Refusal { code, retry_after_ms }), committed, Vec::new());
+        if devices.is_empty() {
+            return refuse(ErrorCode::UnknownRecipient, 0);
+        }
+        for device in &devices {
+            if let Err(error) = self.store.has_room(*device, message.payload.len()) {
+                return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS);
+            }
+        }
+        let server_msg_id = message.server_msg_id;
+        let message = Rc::new(message);
+        let mut ticket = committed;
+        for device in &devices {
+            match self.store.append(*device, Rc::clone(&message)) {
+                Ok((_seq, appended)) => ticket = ticket.max(appended),
+                // has_room passed, so only a medium failure lands here; the
+                // devices appended so far keep the message (at-least-once)
+                // but the sender is told to retry, and dedup absorbs it.
+                Err(error @ StoreError::Unavailable(_)) => return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS),
+                Err(error) => return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS),
+            }
+        }
+        (Ok(server_msg_id), ticket, devices)
+    }
+
+    /// Releases everything the store has committed: answers to origins and
+    /// pushes to online recipients. Call after each batch of inputs.
+    pub fn flush_commits(&mut self) {
+        let committed = self.store.committed_ticket();
+        while self.awaiting_commit.front().is_some_and(|c| c.ticket <= committed) {
+            let Some(completion) = self.awaiting_commit.pop_front() else { break };
+            for device in &completion.devices {
+                if let Some(&conn) = self.online.get(device) {
+                    self.queue_push(conn);
+                }
+            }
+            self.route(completion.origin_shard, completion.stored);
+        }
+    }
+
+    fn route(&mut self, shard: u16, message: ShardMessage) {
+        if shard == self.identity.shard.0 {
+            self.on_shard_message(shard, message);
+        } else {
+            self.outbox[usize::from(shard)].push(message);
+        }
+    }
+
+    /// Takes up to `messages_max` queued messages for `shard`, oldest first.
+    pub fn take_outbox(&mut self, shard: u16, messages_max: usize) -> Vec<ShardMessage> {
+        let queue = &mut self.outbox[usize::from(shard)];
+        let count = queue.len().min(messages_max);
+        queue.drain(..count).collect()
+    }
+
+    /// Puts back a batch the channel refused, ahead of newer messages.
+    pub fn requeue_outbox(&mut self, shard: u16, batch: Vec<ShardMessage>) {
+        let queue = &mut self.outbox[usize::from(shard)];
+        let newer = std::mem::replace(queue, batch);
+        queue.extend(newer);
+    }
+
+    /// Whether any shard has messages waiting.
+    pub fn outbox_pending(&self) -> bool {
+        self.outbox.iter().any(|queue| !queue.is_empty())
+    }
+
+    /// Next output for the driver.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Next connection with messages to push.
+    pub fn poll_push_ready(&mut self) -> Option<ConnId> {
+        let conn = self.push_ready.pop_front()?;
+        if let Some(Session::Active { push_queued, .. }) = self.sessions.get_mut(&conn) {
+            *push_queued = false;
+        }
+        Some(conn)
+    }
+
+    /// The next committed message for `conn`'s push stream, or `None` when
+    /// it is up to date. The driver calls this while the stream has room.
+    pub fn next_push(&mut self, conn: ConnId) -> Option<Frame> {
+        let Some(Session::Active { device, pushed_up_to, .. }) = self.sessions.get_mut(&conn) else { return None };
+        let (seq, message) = self.store.next_after(*device, *pushed_up_to)?;
+        *pushed_up_to = seq;
+        Some(Frame::Deliver(frames::Deliver {
+            seq,
+            from_user: message.from_user,
+            from_device: message.from_device,
+            server_msg_id: message.server_msg_id,
+            sent_at_ms: message.sent_at_ms,
+            payload: message.payload.clone(),
+        }))
+    }
+
+    fn queue_push(&mut self, conn: ConnId) {
+        if let Some(Session::Active { push_queued, .. }) = self.sessions.get_mut(&conn) {
+            if !*push_queued {
+                *push_queued = true;
+                self.push_ready.push_back(conn);
+            }
+        }
+    }
+
+    fn emit(&mut self, conn: ConnId, frame: Frame) {
+        self.outputs.push_back(Output::Frame { conn, frame });
+    }
+
+    fn refuse(&mut self, conn: ConnId, client_msg_id: u64, code: ErrorCode, retry_after_ms: u32, message: &str) {
+        self.emit(
+            conn,
+            Frame::Error(frames::Error {
+                code: code as u16,
+                message: message.into(),
+                retry_after_ms,
+                client_msg_id: Some(client_msg_id),
+            }),
+        );
+    }
+
+    /// Sends a fatal error and closes the connection.
+    fn fail(&mut self, conn: ConnId, code: ErrorCode, detail: String) {
+        if let Some(Session::Active { device, .. }) = self.sessions.get(&conn) {
+            if self.online.get(device) == Some(&conn) {
+                let device = *device;
+                self.online.remove(&device);
+            }
+        }
+        if self.sessions.contains_key(&conn) {
+            self.sessions.insert(conn, Session::Closing);
+        }
+        self.outputs.push_back(Output::Close {
+            conn,
+            frame: Some(Frame::error(code, detail)),
+            close_code: close_code::PROTOCOL_ERROR,
+        });
+    }
+
+    fn redirect_to(&self, shard: ShardId) -> Frame {
+        Frame::Redirect(frames::Redirect {
+            epoch: self.table.epoch(),
+            address: self.identity.advertised_host.clone(),
+            port: self.identity.shard_ports[usize::from(shard.0)],
+        })
+    }
+
+    fn shard_map_frame(&self) -> Frame {
+        Frame::ShardMap(frames::ShardMap {
+            epoch: self.table.epoch(),
+            nodes: vec![frames::NodeEntry {
+                node_id: self.identity.node.0,
+                address: self.identity.advertised_host.clone(),
+                shard_ports: self.identity.shard_ports.clone(),
+            }],
+            slots: self
+                .table
+                .owners()
+                .iter()
+                .map(|owner| frames::SlotOwner { node: owner.node.0, shard: owner.shard.0 })
+                .collect(),
+        })
+    }
+
+    /// The frame size bound this core was built with.
+    pub fn frame_bytes_max(&self) -> u32 {
+        self.frame_bytes_max
+    }
+}

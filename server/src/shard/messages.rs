@@ -1,0 +1,55 @@
+//! Messages exchanged between shards. They are owned and `Send`: they are the
+//! only data that crosses cores.
+
+use iris_protocol::ErrorCode;
+
+/// A device, globally: (user, device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceKey {
+    /// The user.
+    pub user: u64,
+    /// The device within the user.
+    pub device: u32,
+}
+
+/// A refusal carried back to the sender's shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The wire code for the client.
+    pub code: ErrorCode,
+    /// Backoff hint for retryable codes.
+    pub retry_after_ms: u32,
+}
+
+/// One cross-shard message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardMessage {
+    /// Sender's shard -> recipient's home shard: store this for every device of `to_user`.
+    Store {
+        /// Shard to answer with [`ShardMessage::Stored`].
+        origin_shard: u16,
+        /// The sending device.
+        sender: DeviceKey,
+        /// The sender's id, echoed in the answer.
+        client_msg_id: u64,
+        /// Assigned by the origin shard.
+        server_msg_id: u64,
+        /// Acceptance time, ms since the Unix epoch.
+        sent_at_ms: u64,
+        /// The recipient user.
+        to_user: u64,
+        /// The opaque payload.
+        payload: Vec<u8>,
+    },
+    /// Recipient's shard -> sender's shard: the outcome of a Store, sent only
+    /// once the message is committed in every recipient mailbox.
+    Stored {
+        /// The sending device.
+        sender: DeviceKey,
+        /// The sender's id.
+        client_msg_id: u64,
+        /// `Ok(server_msg_id)` or why it was refused.
+        result: Result<u64, Refusal>,
+    },
+}

@@ -1,0 +1,20 @@
+//! Shard logic: plain, single-threaded state machines with no I/O, no clock
+//! and no runtime. The I/O driver (`crate::driver`) feeds them decoded frames,
+//! cross-shard messages and the current time, and carries out their outputs.
+//!
+//! # Layout
+//! - [`core`]: [`ShardCore`], one per shard: sessions, routing, dedup,
+//!   acks and pushes.
+//! - [`mailbox`]: the per-shard storage interface ([`MailboxStore`]) and its
+//!   in-memory implementation.
+//! - [`dedup`]: the bounded per-device window of recent client_msg_ids.
+//! - [`messages`]: the owned messages shards exchange.
+
+pub mod core;
+pub mod dedup;
+pub mod mailbox;
+pub mod messages;
+
+pub use self::core::{ConnId, CoreLimits, Output, ShardCore, ShardIdentity};
+pub use mailbox::{MailboxStore, MemoryStore};
+pub use messages::{DeviceKey, ShardMessage};
