@@ -1,1 +1,297 @@
+//! iris-client: the Iris client SDK (tokio + quinn) and the `iris` CLI.
+//!
+//! # Layout
+//! - this file: the public API ([`Client`], [`ClientConfig`], [`Delivered`],
+//!   [`ClientError`]) and TLS setup;
+//! - [`session`]: the background task that owns the QUIC connection: it finds
+//!   the home shard (following Redirect), authenticates, resends unacknowledged
+//!   sends after a reconnect, dedups deliveries by seq and sends cumulative
+//!   delivery acks.
+//!
+//! Guarantees: a [`Client::send`] that returns `Ok` was durably accepted by
+//! the server; a retried send keeps its client_msg_id, so the server stores it
+//! once. [`Client::recv`] yields each seq at most once per `Client`, in order;
+//! a message is acknowledged to the server only after `recv` returned it.
 
+pub mod session;
+
+use iris_protocol::ErrorCode;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Sends queued between the application and the session task. A full queue
+/// makes [`Client::send`] wait (backpressure to the caller).
+pub const COMMAND_QUEUE_MAX: usize = 1024;
+/// Deliveries buffered for the application; when full the session stops
+/// reading the push stream and QUIC flow control holds the server back.
+pub const DELIVERY_QUEUE_MAX: usize = 1024;
+
+/// How to reach and authenticate with the server.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of any shard of the server.
+    pub server: String,
+    /// PEM file with the CA (for the embedded default: `<data-dir>/tls/cert.pem`).
+    pub ca_path: PathBuf,
+    /// Access token from `irisd token`.
+    pub token: String,
+    /// Highest seq already processed by this device in an earlier run.
+    pub resume_after_seq: u64,
+    /// Frame bound; must not exceed the server's.
+    pub frame_bytes_max: u32,
+    /// How long one connection attempt (handshake + Hello) may take.
+    pub connect_timeout: Duration,
+    /// Attempts to connect before the first connect is reported as failed.
+    pub connect_attempts: u32,
+}
+
+impl ClientConfig {
+    /// A configuration with default limits.
+    pub fn new(server: impl Into<String>, ca_path: impl Into<PathBuf>, token: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            server: server.into(),
+            ca_path: ca_path.into(),
+            token: token.into(),
+            resume_after_seq: 0,
+            frame_bytes_max: iris_protocol::FRAME_BYTES_MAX_DEFAULT,
+            connect_timeout: Duration::from_secs(5),
+            connect_attempts: 3,
+        }
+    }
+}
+
+/// Errors of the SDK.
+#[derive(Debug, thiserror::Error, Clone)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The CA file could not be read or holds no certificate.
+    #[error("CA file {path}: {detail}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The server address does not resolve.
+    #[error("cannot resolve server address {0}")]
+    Resolve(String),
+    /// No connection could be made (unreachable, TLS failure, timeout).
+    #[error("cannot connect to {server}: {detail}")]
+    Connect {
+        /// The address tried.
+        server: String,
+        /// The last failure.
+        detail: String,
+    },
+    /// The server refused the request or the session.
+    #[error("server refused ({}): {message}", code.map_or("unknown code".to_string(), |c| format!("{c:?}")))]
+    Server {
+        /// The wire code (`None` if this build does not know it).
+        code: Option<ErrorCode>,
+        /// The server's detail text.
+        message: String,
+    },
+    /// The server broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The client was closed or its session ended for good.
+    #[error("client closed: {0}")]
+    Closed(String),
+}
+
+impl ClientError {
+    /// The server's error code, if this is a server refusal.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// A message received by this device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Delivered {
+    /// Per-device sequence number.
+    pub seq: u64,
+    /// Sender user.
+    pub from_user: u64,
+    /// Sender device.
+    pub from_device: u32,
+    /// Server-wide message id (same as in the sender's Ack).
+    pub server_msg_id: u64,
+    /// Server acceptance time, ms since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// The server's confirmation of a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Acked {
+    /// The id the SDK chose for the send.
+    pub client_msg_id: u64,
+    /// The server's id for the stored message.
+    pub server_msg_id: u64,
+}
+
+/// Facts about the current session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionInfo {
+    /// Authenticated user.
+    pub user_id: u64,
+    /// Authenticated device.
+    pub device_id: u32,
+    /// Shard serving the connection.
+    pub shard: u16,
+    /// Connections made so far (1 + reconnects).
+    pub connections: u64,
+}
+
+/// Commands from the API to the session task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Send a payload; answer on `reply` once acked or refused for good.
+    Send { to_user: u64, payload: Vec<u8>, reply: oneshot::Sender<Result<Acked, ClientError>> },
+    /// Send a DeliveryAck now and close the connection.
+    Close { reply: oneshot::Sender<()> },
+    /// Drop the current connection and reconnect (used by tests to exercise resume).
+    Reconnect,
+}
+
+/// State shared between the API and the session task.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Highest seq returned by [`Client::recv`].
+    pub(crate) processed_seq: AtomicU64,
+    /// Latest session facts.
+    pub(crate) info: std::sync::Mutex<SessionInfo>,
+}
+
+/// A connected device.
+#[derive(Debug)]
+pub struct Client {
+    /// To the session task.
+    commands: mpsc::Sender<Command>,
+    /// From the session task.
+    deliveries: mpsc::Receiver<Delivered>,
+    /// Shared progress.
+    shared: Arc<Shared>,
+    /// The session task's outcome (a fatal error ends it).
+    task: tokio::task::JoinHandle<Result<(), ClientError>>,
+}
+
+impl Client {
+    /// Connects to the device's home shard and authenticates. Fails if the
+    /// first connection cannot be made or the token is refused.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let tls = client_tls(&config.ca_path)?;
+        let shared = Arc::new(Shared::default());
+        shared.processed_seq.store(config.resume_after_seq, Ordering::Relaxed);
+        let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
+        let (delivery_sender, deliveries) = mpsc::channel(DELIVERY_QUEUE_MAX);
+        let (ready_sender, ready) = oneshot::channel();
+        let session = session::Session::new(config, tls, Arc::clone(&shared), command_receiver, delivery_sender);
+        let task = tokio::spawn(session.run(ready_sender));
+        match ready.await {
+            Ok(Ok(())) => Ok(Client { commands, deliveries, shared, task }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(match task.await {
+                Ok(Err(error)) => error,
+                _ => ClientError::Closed("session task ended during connect".into()),
+            }),
+        }
+    }
+
+    /// Sends `payload` to every device of `to_user`; returns once the server
+    /// has stored it. Retries (same client_msg_id) across reconnects and after
+    /// Throttle/MailboxFull; fails on refusals that a retry cannot fix.
+    pub async fn send(&self, to_user: u64, payload: Vec<u8>) -> Result<Acked, ClientError> {
+        let reply = self.send_nowait(to_user, payload).await?;
+        reply.await.map_err(|_| self.closed_error())?
+    }
+
+    /// Queues a send and returns the receiver of its outcome, so many sends
+    /// can be in flight at once.
+    pub async fn send_nowait(
+        &self,
+        to_user: u64,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<Acked, ClientError>>, ClientError> {
+        let (reply, outcome) = oneshot::channel();
+        self.commands.send(Command::Send { to_user, payload, reply }).await.map_err(|_| self.closed_error())?;
+        Ok(outcome)
+    }
+
+    /// The next message for this device, in seq order, each seq once.
+    /// Returning it marks it processed (acknowledged to the server in batches).
+    /// `None` once the session has ended for good.
+    pub async fn recv(&mut self) -> Option<Delivered> {
+        let delivered = self.deliveries.recv().await?;
+        self.shared.processed_seq.fetch_max(delivered.seq, Ordering::Relaxed);
+        Some(delivered)
+    }
+
+    /// Highest seq returned by [`Client::recv`] (persist it to resume later).
+    pub fn processed_seq(&self) -> u64 {
+        self.shared.processed_seq.load(Ordering::Relaxed)
+    }
+
+    /// Facts about the current session.
+    pub fn session_info(&self) -> SessionInfo {
+        self.shared.info.lock().map(|info| *info).unwrap_or_default()
+    }
+
+    /// Drops the connection and reconnects, resuming after the processed seq.
+    pub async fn reconnect(&self) -> Result<(), ClientError> {
+        self.commands.send(Command::Reconnect).await.map_err(|_| self.closed_error())
+    }
+
+    /// Acknowledges what was processed and closes the connection.
+    pub async fn close(self) -> Result<(), ClientError> {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Close { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        match self.task.await {
+            Ok(result) => result,
+            Err(error) => Err(ClientError::Closed(error.to_string())),
+        }
+    }
+
+    fn closed_error(&self) -> ClientError {
+        ClientError::Closed("session ended".into())
+    }
+}
+
+/// Builds the QUIC client configuration trusting the CA in `ca_path`.
+fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {
+    use rustls_pki_types::pem::PemObject;
+    let ca_error = |detail: String| ClientError::Ca { path: ca_path.to_path_buf(), detail };
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = rustls_pki_types::CertificateDer::pem_file_iter(ca_path).map_err(|e| ca_error(e.to_string()))?;
+    for certificate in certificates {
+        let certificate = certificate.map_err(|e| ca_error(e.to_string()))?;
+        roots.add(certificate).map_err(|e| ca_error(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(ca_error("no certificate found".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ca_error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![iris_protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| ca_error(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}

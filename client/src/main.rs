@@ -1,1 +1,128 @@
-fn main(){}
+//! `iris`: the command-line client.
+//!
+//! ```text
+//! iris send --to U TEXT            # prints the ack as JSON
+//! iris listen [--count N] [--timeout SECS]   # one JSON object per message
+//! ```
+//! Settings come from flags or IRIS_SERVER (host:port), IRIS_CA (PEM path)
+//! and IRIS_TOKEN.
+
+use clap::{Parser, Subcommand};
+use iris_client::{Client, ClientConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "iris", version, about = "Iris command-line client")]
+struct Cli {
+    /// Server address (any shard), host:port.
+    #[arg(long, env = "IRIS_SERVER", default_value = "127.0.0.1:7700", global = true)]
+    server: String,
+    /// CA certificate (PEM) to trust; for the embedded default: <data-dir>/tls/cert.pem.
+    #[arg(long, env = "IRIS_CA", default_value = "./iris-data/tls/cert.pem", global = true)]
+    ca: PathBuf,
+    /// Access token from `irisd token`.
+    #[arg(long, env = "IRIS_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Treat every message up to this seq as already processed.
+    #[arg(long, default_value_t = 0, global = true)]
+    resume_after_seq: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send TEXT to every device of user U and print the ack as JSON.
+    Send {
+        /// Recipient user id.
+        #[arg(long)]
+        to: u64,
+        /// Message text.
+        text: String,
+    },
+    /// Print received messages as JSON lines.
+    Listen {
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct ReceivedLine<'a> {
+    seq: u64,
+    from_user: u64,
+    from_device: u32,
+    server_msg_id: u64,
+    sent_at_ms: u64,
+    text: &'a str,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("iris: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("iris: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let token = cli.token.ok_or("no token: pass --token or set IRIS_TOKEN (mint one with `irisd token`)")?;
+    let mut config = ClientConfig::new(cli.server, cli.ca, token);
+    config.resume_after_seq = cli.resume_after_seq;
+    let mut client = Client::connect(config).await.map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Send { to, text } => {
+            let acked = client.send(to, text.into_bytes()).await.map_err(|e| e.to_string())?;
+            let line = serde_json::json!({
+                "to_user": to,
+                "client_msg_id": acked.client_msg_id,
+                "server_msg_id": acked.server_msg_id,
+            });
+            println!("{line}");
+        }
+        Command::Listen { count, timeout } => {
+            let deadline = timeout
+                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+                .map(|seconds| tokio::time::Instant::now() + Duration::from_secs_f64(seconds));
+            let mut received = 0u64;
+            while count.is_none_or(|count| received < count) {
+                let next = match deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, client.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                    None => client.recv().await,
+                };
+                let Some(message) = next else { break };
+                let text = String::from_utf8_lossy(&message.payload);
+                let line = ReceivedLine {
+                    seq: message.seq,
+                    from_user: message.from_user,
+                    from_device: message.from_device,
+                    server_msg_id: message.server_msg_id,
+                    sent_at_ms: message.sent_at_ms,
+                    text: &text,
+                };
+                println!("{}", serde_json::to_string(&line).map_err(|e| e.to_string())?);
+                received += 1;
+            }
+        }
+    }
+    client.close().await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,486 @@
+//! The session task: owns the QUIC connection of one [`crate::Client`].
+//!
+//! It connects (following Redirect to the home shard and remembering it),
+//! sends Hello with the processed seq, then multiplexes: sends from the
+//! application (at most `SEND_WINDOW_MAX` unacknowledged), responses on the
+//! request stream, Deliver frames on the push stream (deduplicated by seq),
+//! and a periodic cumulative DeliveryAck. When the connection is lost it
+//! reconnects with backoff and resends every unacknowledged send with its
+//! original client_msg_id, in the original order.
+
+use crate::{Acked, ClientConfig, ClientError, Command, Delivered, Shared};
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::{encode, ErrorCode, FrameDecoder};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Unacknowledged sends kept in flight. Below the server's default
+/// `sends_in_flight_per_device_max` (256) so a single client is never throttled
+/// for its window alone.
+pub const SEND_WINDOW_MAX: usize = 128;
+/// Decoded deliveries waiting for room in the application's queue; the push
+/// stream is not read while this many wait.
+const READY_DELIVERIES_MAX: usize = 256;
+/// Cadence of cumulative DeliveryAcks and of due retries.
+const TICK: Duration = Duration::from_millis(20);
+/// Redirects followed in one connection attempt before giving up.
+const REDIRECTS_MAX: usize = 3;
+/// Longest wait between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Bytes read from a stream per call.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A send not yet acknowledged.
+#[derive(Debug)]
+struct PendingSend {
+    /// Recipient.
+    to_user: u64,
+    /// Payload, kept for resending.
+    payload: Vec<u8>,
+    /// Where the outcome goes.
+    reply: oneshot::Sender<Result<Acked, ClientError>>,
+    /// Set after a retryable refusal: resend at this time.
+    retry_at: Option<Instant>,
+}
+
+/// A live, authenticated connection.
+struct Live {
+    connection: quinn::Connection,
+    request_send: quinn::SendStream,
+    request_recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+/// Why `serve` returned.
+enum Ended {
+    /// Closed on request (or the Client was dropped).
+    Closed,
+    /// Connection lost; reconnect.
+    Lost(String),
+    /// Unrecoverable (e.g. token refused).
+    Fatal(ClientError),
+}
+
+/// The task state.
+pub(crate) struct Session {
+    config: ClientConfig,
+    tls: quinn::ClientConfig,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    deliveries: mpsc::Sender<Delivered>,
+    /// Home shard address and TLS name, once known.
+    home: Option<(SocketAddr, String)>,
+    /// Next client_msg_id (random start, so ids of earlier runs of the same
+    /// device do not collide within the server's dedup window).
+    next_client_msg_id: u64,
+    /// Unacknowledged sends by id; bounded by `SEND_WINDOW_MAX`.
+    pending: HashMap<u64, PendingSend>,
+    /// Ids of `pending` in send order.
+    pending_order: VecDeque<u64>,
+    /// Highest seq handed to the application queue.
+    forwarded_seq: u64,
+    /// Highest seq acknowledged to the server.
+    acknowledged_seq: u64,
+    /// Decoded deliveries waiting for queue room.
+    ready: VecDeque<Delivered>,
+    /// Connections made.
+    connections: u64,
+}
+
+impl Session {
+    pub(crate) fn new(
+        config: ClientConfig,
+        tls: quinn::ClientConfig,
+        shared: Arc<Shared>,
+        commands: mpsc::Receiver<Command>,
+        deliveries: mpsc::Sender<Delivered>,
+    ) -> Session {
+        let resume = config.resume_after_seq;
+        Session {
+            config,
+            tls,
+            shared,
+            commands,
+            deliveries,
+            home: None,
+            next_client_msg_id: rand::random::<u64>() >> 1,
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            forwarded_seq: resume,
+            acknowledged_seq: resume,
+            ready: VecDeque::new(),
+            connections: 0,
+        }
+    }
+
+    pub(crate) async fn run(mut self, ready: oneshot::Sender<Result<(), ClientError>>) -> Result<(), ClientError> {
+        let mut ready = Some(ready);
+        let mut attempt: u32 = 0;
+        loop {
+            match self.connect_once().await {
+                Ok(live) => {
+                    attempt = 0;
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Ok(()));
+                    }
+                    match self.serve(live).await {
+                        Ended::Closed => return Ok(()),
+                        Ended::Lost(reason) => tracing::debug!(%reason, "connection lost; reconnecting"),
+                        Ended::Fatal(error) => return Err(self.fail_all(error)),
+                    }
+                }
+                Err(error) => {
+                    attempt += 1;
+                    let fatal = matches!(error, ClientError::Server { .. } | ClientError::Ca { .. });
+                    let first_failed = ready.is_some() && attempt >= self.config.connect_attempts;
+                    if fatal || first_failed {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(Err(error.clone()));
+                        }
+                        return Err(self.fail_all(error));
+                    }
+                    tracing::debug!(%error, attempt, "connect failed; retrying");
+                    // A redirect target that stopped answering may be stale.
+                    if attempt % 3 == 0 {
+                        self.home = None;
+                    }
+                }
+            }
+            let backoff = Duration::from_millis(50 << attempt.min(6)).min(BACKOFF_MAX);
+            tokio::time::sleep(backoff).await;
+            if self.commands.is_closed() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn fail_all(&mut self, error: ClientError) -> ClientError {
+        for (_, pending) in self.pending.drain() {
+            let _ = pending.reply.send(Err(error.clone()));
+        }
+        self.pending_order.clear();
+        error
+    }
+
+    async fn connect_once(&mut self) -> Result<Live, ClientError> {
+        let mut target = match &self.home {
+            Some(home) => home.clone(),
+            None => resolve(&self.config.server).await?,
+        };
+        for _ in 0..=REDIRECTS_MAX {
+            let attempt = tokio::time::timeout(self.config.connect_timeout, self.hello(&target)).await;
+            let outcome = attempt.map_err(|_| ClientError::Connect {
+                server: target.0.to_string(),
+                detail: "timed out".into(),
+            })??;
+            match outcome {
+                HelloOutcome::Welcome(live, welcome) => {
+                    self.home = Some(target);
+                    self.connections += 1;
+                    if let Ok(mut info) = self.shared.info.lock() {
+                        *info = crate::SessionInfo {
+                            user_id: welcome.user_id,
+                            device_id: welcome.device_id,
+                            shard: welcome.shard,
+                            connections: self.connections,
+                        };
+                    }
+                    return Ok(live);
+                }
+                HelloOutcome::Redirect(redirect) => {
+                    let host = redirect.address.clone();
+                    target = resolve(&join_host_port(&host, redirect.port)).await?;
+                }
+            }
+        }
+        Err(ClientError::Protocol("too many redirects".into()))
+    }
+
+    async fn hello(&self, target: &(SocketAddr, String)) -> Result<HelloOutcome, ClientError> {
+        let connect_error = |detail: String| ClientError::Connect { server: target.0.to_string(), detail };
+        let bind: SocketAddr = if target.0.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| connect_error("bad bind address".into()))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
+        endpoint.set_default_client_config(self.tls.clone());
+        let connection = endpoint
+            .connect(target.0, &target.1)
+            .map_err(|e| connect_error(e.to_string()))?
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (mut request_send, request_recv) =
+            connection.open_bi().await.map_err(|e| connect_error(e.to_string()))?;
+        let hello = Frame::Hello(frames::Hello {
+            token: self.config.token.clone(),
+            resume_after_seq: self.shared.processed_seq.load(Ordering::Relaxed),
+        });
+        let bytes = encode(&hello, self.config.frame_bytes_max).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        request_send.write_all(&bytes).await.map_err(|e| connect_error(e.to_string()))?;
+        let mut live = Live { connection, request_send, request_recv, decoder: FrameDecoder::new(self.config.frame_bytes_max) };
+        let mut buffer = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            match live.decoder.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+                Some(Frame::Welcome(welcome)) => return Ok(HelloOutcome::Welcome(live, welcome)),
+                Some(Frame::Redirect(redirect)) => {
+                    live.connection.close(quinn::VarInt::from_u32(iris_protocol::close_code::REDIRECTED), b"redirect");
+                    return Ok(HelloOutcome::Redirect(redirect));
+                }
+                Some(Frame::Error(error)) => return Err(server_error(&error)),
+                Some(other) => return Err(ClientError::Protocol(format!("unexpected {:?} before Welcome", other.kind()))),
+                None => {}
+            }
+            match live.request_recv.read(&mut buffer).await {
+                Ok(Some(count)) => live.decoder.feed(&buffer[..count]),
+                Ok(None) => return Err(connect_error("server closed the stream before Welcome".into())),
+                Err(error) => return Err(connect_error(error.to_string())),
+            }
+        }
+    }
+
+    async fn serve(&mut self, mut live: Live) -> Ended {
+        // Resend everything unacknowledged, in order, with the same ids.
+        let order: Vec<u64> = self.pending_order.iter().copied().collect();
+        for id in order {
+            if let Some(pending) = self.pending.get_mut(&id) {
+                pending.retry_at = None;
+                let frame = send_frame(id, pending);
+                if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                    return ended;
+                }
+            }
+        }
+        let mut push: Option<quinn::RecvStream> = None;
+        let mut push_decoder = FrameDecoder::new(self.config.frame_bytes_max);
+        let mut request_buffer = vec![0u8; READ_CHUNK_BYTES];
+        let mut push_buffer = vec![0u8; READ_CHUNK_BYTES];
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let deliveries = self.deliveries.clone();
+        loop {
+            let window_open = self.pending.len() < SEND_WINDOW_MAX;
+            let can_read_push = push.is_some() && self.ready.len() < READY_DELIVERIES_MAX;
+            tokio::select! {
+                command = self.commands.recv(), if window_open => match command {
+                    None => {
+                        self.flush_delivery_ack(&mut live).await.ok();
+                        live.connection.close(quinn::VarInt::from_u32(0), b"client dropped");
+                        return Ended::Closed;
+                    }
+                    Some(Command::Send { to_user, payload, reply }) => {
+                        let id = self.next_client_msg_id;
+                        self.next_client_msg_id = self.next_client_msg_id.wrapping_add(1);
+                        let pending = PendingSend { to_user, payload, reply, retry_at: None };
+                        let frame = send_frame(id, &pending);
+                        self.pending.insert(id, pending);
+                        self.pending_order.push_back(id);
+                        if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                            return ended;
+                        }
+                    }
+                    Some(Command::Close { reply }) => {
+                        self.flush_delivery_ack(&mut live).await.ok();
+                        let _ = live.request_send.finish();
+                        // Give the ack a moment to leave before closing.
+                        let _ = tokio::time::timeout(Duration::from_millis(200), live.request_send.stopped()).await;
+                        live.connection.close(quinn::VarInt::from_u32(0), b"client closed");
+                        let _ = reply.send(());
+                        return Ended::Closed;
+                    }
+                    Some(Command::Reconnect) => {
+                        live.connection.close(quinn::VarInt::from_u32(0), b"reconnect");
+                        return Ended::Lost("reconnect requested".into());
+                    }
+                },
+                read = live.request_recv.read(&mut request_buffer) => match read {
+                    Ok(Some(count)) => {
+                        live.decoder.feed(&request_buffer[..count]);
+                        loop {
+                            match live.decoder.next_frame() {
+                                Ok(Some(frame)) => {
+                                    if let Some(ended) = self.on_response(frame) {
+                                        return ended;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(error) => return Ended::Fatal(ClientError::Protocol(error.to_string())),
+                            }
+                        }
+                    }
+                    Ok(None) => return Ended::Lost("server finished the request stream".into()),
+                    Err(error) => return Ended::Lost(error.to_string()),
+                },
+                stream = live.connection.accept_uni(), if push.is_none() => match stream {
+                    Ok(stream) => push = Some(stream),
+                    Err(error) => return Ended::Lost(error.to_string()),
+                },
+                read = read_optional(&mut push, &mut push_buffer), if can_read_push => match read {
+                    Ok(Some(count)) => {
+                        push_decoder.feed(&push_buffer[..count]);
+                        loop {
+                            match push_decoder.next_frame() {
+                                Ok(Some(Frame::Deliver(deliver))) => self.on_deliver(deliver),
+                                Ok(Some(other)) => {
+                                    let detail = format!("unexpected {:?} on the push stream", other.kind());
+                                    return Ended::Fatal(ClientError::Protocol(detail));
+                                }
+                                Ok(None) => break,
+                                Err(error) => return Ended::Fatal(ClientError::Protocol(error.to_string())),
+                            }
+                        }
+                    }
+                    Ok(None) => return Ended::Lost("server finished the push stream".into()),
+                    Err(error) => return Ended::Lost(error.to_string()),
+                },
+                permit = deliveries.reserve(), if !self.ready.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(delivered) = self.ready.pop_front() {
+                            permit.send(delivered);
+                        }
+                    }
+                    Err(_) => {
+                        // The application dropped its receiver; keep serving sends.
+                        self.ready.clear();
+                    }
+                },
+                _ = tick.tick() => {
+                    if let Err(ended) = self.flush_delivery_ack(&mut live).await {
+                        return ended;
+                    }
+                    if let Err(ended) = self.resend_due(&mut live).await {
+                        return ended;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Handles a frame on the request stream; returns `Some` to end the connection.
+    fn on_response(&mut self, frame: Frame) -> Option<Ended> {
+        match frame {
+            Frame::Ack(ack) => {
+                if let Some(pending) = self.pending.remove(&ack.client_msg_id) {
+                    self.pending_order.retain(|id| *id != ack.client_msg_id);
+                    let _ = pending
+                        .reply
+                        .send(Ok(Acked { client_msg_id: ack.client_msg_id, server_msg_id: ack.server_msg_id }));
+                }
+                None
+            }
+            Frame::Error(error) => {
+                let code = ErrorCode::from_u16(error.code);
+                match error.client_msg_id {
+                    Some(id) => {
+                        let retryable = code.is_some_and(ErrorCode::is_retryable);
+                        if retryable {
+                            if let Some(pending) = self.pending.get_mut(&id) {
+                                let wait = Duration::from_millis(u64::from(error.retry_after_ms.max(10)));
+                                pending.retry_at = Some(Instant::now() + wait);
+                            }
+                        } else if let Some(pending) = self.pending.remove(&id) {
+                            self.pending_order.retain(|pending_id| *pending_id != id);
+                            let _ = pending.reply.send(Err(server_error(&error)));
+                        }
+                        None
+                    }
+                    None if code == Some(ErrorCode::ShuttingDown) => Some(Ended::Lost(error.message)),
+                    None => Some(Ended::Fatal(server_error(&error))),
+                }
+            }
+            Frame::Pong(_) => None,
+            other => Some(Ended::Fatal(ClientError::Protocol(format!("unexpected {:?} response", other.kind())))),
+        }
+    }
+
+    fn on_deliver(&mut self, deliver: frames::Deliver) {
+        if deliver.seq <= self.forwarded_seq {
+            return; // Already handed to the application (redelivery after reconnect).
+        }
+        self.forwarded_seq = deliver.seq;
+        self.ready.push_back(Delivered {
+            seq: deliver.seq,
+            from_user: deliver.from_user,
+            from_device: deliver.from_device,
+            server_msg_id: deliver.server_msg_id,
+            sent_at_ms: deliver.sent_at_ms,
+            payload: deliver.payload,
+        });
+    }
+
+    async fn flush_delivery_ack(&mut self, live: &mut Live) -> Result<(), Ended> {
+        let processed = self.shared.processed_seq.load(Ordering::Relaxed);
+        if processed > self.acknowledged_seq {
+            let frame = Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: processed });
+            write_frame(live, &frame, self.config.frame_bytes_max).await?;
+            self.acknowledged_seq = processed;
+        }
+        Ok(())
+    }
+
+    async fn resend_due(&mut self, live: &mut Live) -> Result<(), Ended> {
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .pending_order
+            .iter()
+            .copied()
+            .filter(|id| self.pending.get(id).and_then(|p| p.retry_at).is_some_and(|at| at <= now))
+            .collect();
+        for id in due {
+            if let Some(pending) = self.pending.get_mut(&id) {
+                pending.retry_at = None;
+                let frame = send_frame(id, pending);
+                write_frame(live, &frame, self.config.frame_bytes_max).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum HelloOutcome {
+    Welcome(Live, frames::Welcome),
+    Redirect(frames::Redirect),
+}
+
+fn send_frame(client_msg_id: u64, pending: &PendingSend) -> Frame {
+    Frame::Send(frames::Send { client_msg_id, to_user: pending.to_user, payload: pending.payload.clone() })
+}
+
+async fn write_frame(live: &mut Live, frame: &Frame, frame_bytes_max: u32) -> Result<(), Ended> {
+    let bytes = encode(frame, frame_bytes_max).map_err(|e| Ended::Fatal(ClientError::Protocol(e.to_string())))?;
+    live.request_send.write_all(&bytes).await.map_err(|e| Ended::Lost(e.to_string()))
+}
+
+async fn read_optional(
+    stream: &mut Option<quinn::RecvStream>,
+    buffer: &mut [u8],
+) -> Result<Option<usize>, quinn::ReadError> {
+    match stream {
+        Some(stream) => stream.read(buffer).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn server_error(error: &frames::Error) -> ClientError {
+    ClientError::Server { code: ErrorCode::from_u16(error.code), message: error.message.clone() }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Resolves `host:port` to an address and the TLS server name.
+pub(crate) async fn resolve(server: &str) -> Result<(SocketAddr, String), ClientError> {
+    let (host, _port) = server.rsplit_once(':').ok_or_else(|| ClientError::Resolve(server.to_string()))?;
+    let name = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let mut addresses = tokio::net::lookup_host(server).await.map_err(|_| ClientError::Resolve(server.to_string()))?;
+    let address = addresses.next().ok_or_else(|| ClientError::Resolve(server.to_string()))?;
+    Ok((address, name))
+}
