@@ -171,6 +171,35 @@ pub(crate) struct Shared {
     pub(crate) info: std::sync::Mutex<SessionInfo>,
 }
 
+/// The outcome of a queued send.
+pub type PendingAck = oneshot::Receiver<Result<Acked, ClientError>>;
+
+/// Sends on a [`Client`]'s session; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ClientSender {
+    /// To the session task.
+    commands: mpsc::Sender<Command>,
+}
+
+impl ClientSender {
+    /// See [`Client::send`].
+    pub async fn send(&self, to_user: u64, payload: Vec<u8>) -> Result<Acked, ClientError> {
+        let reply = self.send_nowait(to_user, payload).await?;
+        reply.await.map_err(|_| closed_error())?
+    }
+
+    /// See [`Client::send_nowait`].
+    pub async fn send_nowait(&self, to_user: u64, payload: Vec<u8>) -> Result<PendingAck, ClientError> {
+        let (reply, outcome) = oneshot::channel();
+        self.commands.send(Command::Send { to_user, payload, reply }).await.map_err(|_| closed_error())?;
+        Ok(outcome)
+    }
+}
+
+fn closed_error() -> ClientError {
+    ClientError::Closed("session ended".into())
+}
+
 /// A connected device.
 #[derive(Debug)]
 pub struct Client {
@@ -210,20 +239,19 @@ impl Client {
     /// has stored it. Retries (same client_msg_id) across reconnects and after
     /// Throttle/MailboxFull; fails on refusals that a retry cannot fix.
     pub async fn send(&self, to_user: u64, payload: Vec<u8>) -> Result<Acked, ClientError> {
-        let reply = self.send_nowait(to_user, payload).await?;
-        reply.await.map_err(|_| self.closed_error())?
+        self.sender().send(to_user, payload).await
     }
 
     /// Queues a send and returns the receiver of its outcome, so many sends
     /// can be in flight at once.
-    pub async fn send_nowait(
-        &self,
-        to_user: u64,
-        payload: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<Acked, ClientError>>, ClientError> {
-        let (reply, outcome) = oneshot::channel();
-        self.commands.send(Command::Send { to_user, payload, reply }).await.map_err(|_| self.closed_error())?;
-        Ok(outcome)
+    pub async fn send_nowait(&self, to_user: u64, payload: Vec<u8>) -> Result<PendingAck, ClientError> {
+        self.sender().send_nowait(to_user, payload).await
+    }
+
+    /// A cloneable handle that sends on this client's session, for use from
+    /// other tasks while this one receives.
+    pub fn sender(&self) -> ClientSender {
+        ClientSender { commands: self.commands.clone() }
     }
 
     /// The next message for this device, in seq order, each seq once.
@@ -247,7 +275,7 @@ impl Client {
 
     /// Drops the connection and reconnects, resuming after the processed seq.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        self.commands.send(Command::Reconnect).await.map_err(|_| self.closed_error())
+        self.commands.send(Command::Reconnect).await.map_err(|_| closed_error())
     }
 
     /// Acknowledges what was processed and closes the connection.
@@ -260,10 +288,6 @@ impl Client {
             Ok(result) => result,
             Err(error) => Err(ClientError::Closed(error.to_string())),
         }
-    }
-
-    fn closed_error(&self) -> ClientError {
-        ClientError::Closed("session ended".into())
     }
 }
 

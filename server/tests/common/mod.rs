@@ -1,0 +1,229 @@
+//! Test support: a real irisd child process on loopback, token minting, and
+//! a raw protocol client (quinn + iris-protocol frames) for the cases the SDK
+//! never produces (repeated ids, garbage bytes, wrong shards).
+
+#![allow(dead_code)]
+
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::{encode, FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
+use irisd::auth::{Claims, TokenAuthority};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A running irisd; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub data_dir: tempfile::TempDir,
+    pub base_port: u16,
+    pub shards: u16,
+}
+
+impl Server {
+    /// Starts irisd with `shards` shards on a free port range, with extra flags.
+    pub fn start(shards: u16) -> Server {
+        Self::start_with(shards, &[])
+    }
+
+    pub fn start_with(shards: u16, config_toml: &[&str]) -> Server {
+        let data_dir = tempfile::tempdir().expect("temporary directory");
+        for attempt in 0..20 {
+            let base_port = 20_000 + (rand_u64() % 30_000) as u16;
+            let mut command = Command::new(env!("CARGO_BIN_EXE_irisd"));
+            command
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(data_dir.path())
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{base_port}"))
+                .arg("--shards")
+                .arg(shards.to_string())
+                .env("IRIS_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            if !config_toml.is_empty() {
+                let path = data_dir.path().join("test-config.toml");
+                std::fs::write(&path, config_toml.join("\n")).expect("write config");
+                command.arg("--config").arg(&path);
+            }
+            let mut child = command.spawn().expect("spawn irisd");
+            let stdout = child.stdout.take().expect("stdout");
+            let mut ready = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("ready:") {
+                    ready = true;
+                    break;
+                }
+            }
+            if ready {
+                return Server { child, data_dir, base_port, shards };
+            }
+            let _ = child.wait();
+            eprintln!("irisd did not start on port {base_port} (attempt {attempt}); retrying");
+        }
+        panic!("irisd failed to start 20 times");
+    }
+
+    pub fn address(&self, shard: u16) -> String {
+        format!("127.0.0.1:{}", self.base_port + shard)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir.path().join("tls/cert.pem")
+    }
+
+    pub fn authority(&self) -> TokenAuthority {
+        TokenAuthority::load_or_create(&self.data_dir.path().join("keys/token-signing.key"), false)
+            .expect("token key")
+            .0
+    }
+
+    pub fn token(&self, user: u64, device: u32) -> String {
+        self.authority().mint(Claims { user_id: user, device_id: device, expires_at_s: now_s() + 3600 })
+    }
+
+    pub fn client_config(&self, user: u64, device: u32) -> iris_client::ClientConfig {
+        iris_client::ClientConfig::new(self.address(0), self.ca(), self.token(user, device))
+    }
+
+    /// Asserts the process is still alive.
+    pub fn assert_running(&mut self) {
+        assert!(self.child.try_wait().expect("try_wait").is_none(), "irisd exited");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos());
+    hasher.finish()
+}
+
+/// The home shard of `user` on a node with `shards` shards.
+pub fn home_shard(user: u64, shards: u16) -> u16 {
+    iris_shard_map::SlotTable::single_node(iris_shard_map::NodeId(0), shards, 1)
+        .unwrap()
+        .home(iris_shard_map::UserId(user))
+        .shard
+        .0
+}
+
+/// The first user id >= `from` homed on `shard`.
+pub fn user_on_shard(shard: u16, shards: u16, from: u64) -> u64 {
+    (from..).find(|user| home_shard(*user, shards) == shard).unwrap()
+}
+
+/// A raw protocol connection.
+pub struct Raw {
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub decoder: FrameDecoder,
+    pub push: Option<(quinn::RecvStream, FrameDecoder)>,
+    _endpoint: quinn::Endpoint,
+}
+
+pub fn client_tls(ca: &std::path::Path) -> quinn::ClientConfig {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![iris_protocol::ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap()))
+}
+
+impl Raw {
+    pub async fn connect(server: &Server, shard: u16) -> Raw {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(client_tls(&server.ca()));
+        let address: SocketAddr = server.address(shard).parse().unwrap();
+        let connection = endpoint.connect(address, "localhost").unwrap().await.expect("handshake");
+        let (send, recv) = connection.open_bi().await.unwrap();
+        Raw { connection, send, recv, decoder: FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT), push: None, _endpoint: endpoint }
+    }
+
+    pub async fn write_frame(&mut self, frame: &Frame) {
+        let bytes = encode(frame, FRAME_BYTES_MAX_DEFAULT).unwrap();
+        self.send.write_all(&bytes).await.unwrap();
+    }
+
+    pub async fn write_bytes(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    /// Next response frame, or `None` if the stream/connection ended first (10 s limit).
+    pub async fn read_frame(&mut self) -> Option<Frame> {
+        let mut buffer = vec![0u8; 65536];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(frame) = self.decoder.next_frame().expect("server sent an undecodable frame") {
+                return Some(frame);
+            }
+            match tokio::time::timeout_at(deadline, self.recv.read(&mut buffer)).await {
+                Ok(Ok(Some(count))) => self.decoder.feed(&buffer[..count]),
+                Ok(Ok(None)) | Ok(Err(_)) => return None,
+                Err(_) => panic!("no response within 10 s"),
+            }
+        }
+    }
+
+    /// Next Deliver on the push stream (opening it on first use), or `None` after `wait`.
+    pub async fn read_push(&mut self, wait: Duration) -> Option<frames::Deliver> {
+        let deadline = tokio::time::Instant::now() + wait;
+        if self.push.is_none() {
+            let stream = tokio::time::timeout_at(deadline, self.connection.accept_uni()).await.ok()?.ok()?;
+            self.push = Some((stream, FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT)));
+        }
+        let (stream, decoder) = self.push.as_mut()?;
+        let mut buffer = vec![0u8; 65536];
+        loop {
+            if let Some(frame) = decoder.next_frame().expect("undecodable push frame") {
+                match frame {
+                    Frame::Deliver(deliver) => return Some(deliver),
+                    other => panic!("unexpected push frame {other:?}"),
+                }
+            }
+            match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+                Ok(Ok(Some(count))) => decoder.feed(&buffer[..count]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Hello; returns the answer frame.
+    pub async fn hello(&mut self, token: &str, resume_after_seq: u64) -> Frame {
+        self.write_frame(&Frame::Hello(frames::Hello { token: token.into(), resume_after_seq })).await;
+        self.read_frame().await.expect("answer to Hello")
+    }
+
+    /// Waits until the server closes the connection; returns the application close code.
+    pub async fn closed_code(&self) -> Option<u64> {
+        match tokio::time::timeout(Duration::from_secs(10), self.connection.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(close)) => Some(close.error_code.into_inner()),
+            Ok(_) => None,
+            Err(_) => panic!("connection not closed within 10 s"),
+        }
+    }
+}
