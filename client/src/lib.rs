@@ -94,6 +94,14 @@ pub enum ClientError {
         /// The server's detail text.
         message: String,
     },
+    /// The payload is larger than a message may be; nothing was sent.
+    #[error("payload of {bytes} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The payload's size.
+        bytes: usize,
+        /// The largest allowed.
+        limit: usize,
+    },
     /// The server broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -179,6 +187,8 @@ pub type PendingAck = oneshot::Receiver<Result<Acked, ClientError>>;
 pub struct ClientSender {
     /// To the session task.
     commands: mpsc::Sender<Command>,
+    /// Largest payload accepted, from the frame bound.
+    payload_bytes_max: usize,
 }
 
 impl ClientSender {
@@ -190,6 +200,9 @@ impl ClientSender {
 
     /// See [`Client::send_nowait`].
     pub async fn send_nowait(&self, to_user: u64, payload: Vec<u8>) -> Result<PendingAck, ClientError> {
+        if payload.len() > self.payload_bytes_max {
+            return Err(ClientError::PayloadTooLarge { bytes: payload.len(), limit: self.payload_bytes_max });
+        }
         let (reply, outcome) = oneshot::channel();
         self.commands.send(Command::Send { to_user, payload, reply }).await.map_err(|_| closed_error())?;
         Ok(outcome)
@@ -205,6 +218,8 @@ fn closed_error() -> ClientError {
 pub struct Client {
     /// To the session task.
     commands: mpsc::Sender<Command>,
+    /// Largest payload accepted, from the frame bound.
+    payload_bytes_max: usize,
     /// From the session task.
     deliveries: mpsc::Receiver<Delivered>,
     /// Shared progress.
@@ -218,6 +233,7 @@ impl Client {
     /// first connection cannot be made or the token is refused.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let tls = client_tls(&config.ca_path)?;
+        let payload_bytes_max = iris_protocol::payload_bytes_max(config.frame_bytes_max);
         let shared = Arc::new(Shared::default());
         shared.processed_seq.store(config.resume_after_seq, Ordering::Relaxed);
         let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -226,7 +242,7 @@ impl Client {
         let session = session::Session::new(config, tls, Arc::clone(&shared), command_receiver, delivery_sender);
         let task = tokio::spawn(session.run(ready_sender));
         match ready.await {
-            Ok(Ok(())) => Ok(Client { commands, deliveries, shared, task }),
+            Ok(Ok(())) => Ok(Client { commands, payload_bytes_max, deliveries, shared, task }),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(match task.await {
                 Ok(Err(error)) => error,
@@ -251,7 +267,7 @@ impl Client {
     /// A cloneable handle that sends on this client's session, for use from
     /// other tasks while this one receives.
     pub fn sender(&self) -> ClientSender {
-        ClientSender { commands: self.commands.clone() }
+        ClientSender { commands: self.commands.clone(), payload_bytes_max: self.payload_bytes_max }
     }
 
     /// The next message for this device, in seq order, each seq once.

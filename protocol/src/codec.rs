@@ -32,6 +32,16 @@ pub const FRAME_BYTES_MAX_DEFAULT: u32 = 64 * 1024;
 /// 4096 slots (about 16 KiB) plus headroom.
 pub const FRAME_BYTES_MAX_FLOOR: u32 = 20 * 1024;
 
+/// Bytes a Deliver frame adds around its payload (header, fixed fields and
+/// rkyv framing, rounded up). A Send payload is accepted only if it fits in a
+/// Deliver under the same `frame_bytes_max`.
+pub const DELIVER_OVERHEAD_BYTES: usize = 64;
+
+/// The largest payload a Send may carry under `frame_bytes_max`.
+pub fn payload_bytes_max(frame_bytes_max: u32) -> usize {
+    (frame_bytes_max as usize).saturating_sub(DELIVER_OVERHEAD_BYTES)
+}
+
 /// Why bytes could not be turned into a frame. Every variant is caused by the
 /// peer; the receiver answers with the matching [`crate::ErrorCode`] and
 /// closes the stream, since the byte stream can no longer be trusted.

@@ -19,7 +19,7 @@ pub mod errors;
 pub mod frames;
 
 pub use codec::{
-    decode_body, encode, encode_into, DecodeError, EncodeError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT,
+    decode_body, encode, encode_into, payload_bytes_max, DELIVER_OVERHEAD_BYTES, DecodeError, EncodeError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT,
     FRAME_BYTES_MAX_FLOOR, HEADER_BYTES, PROTOCOL_VERSION,
 };
 pub use errors::ErrorCode;

@@ -156,10 +156,6 @@ pub struct ShardCore<S: MailboxStore> {
     next_message_counter: u64,
 }
 
-/// Bytes a Deliver frame adds around its payload (header, fixed fields and
-/// rkyv framing, rounded up), so a payload accepted in a Send always fits in
-/// the Deliver frame under the same `frame_bytes_max`.
-pub const DELIVER_OVERHEAD_BYTES: usize = 64;
 /// How long a throttled client should wait before retrying, in ms.
 const THROTTLE_RETRY_AFTER_MS: u32 = 100;
 /// How long a client should wait when a mailbox is full, in ms.
@@ -298,8 +294,9 @@ impl<S: MailboxStore> ShardCore<S> {
     fn on_send(&mut self, conn: ConnId, send: frames::Send, now_ms: u64) {
         let Some(Session::Active { device: sender, .. }) = self.sessions.get(&conn) else { return };
         let sender = *sender;
-        if send.payload.len() + DELIVER_OVERHEAD_BYTES > self.frame_bytes_max as usize {
-            let detail = format!("payload exceeds {} bytes", self.frame_bytes_max as usize - DELIVER_OVERHEAD_BYTES);
+        let payload_max = iris_protocol::payload_bytes_max(self.frame_bytes_max);
+        if send.payload.len() > payload_max {
+            let detail = format!("payload of {} bytes exceeds {payload_max} bytes", send.payload.len());
             return self.refuse(conn, send.client_msg_id, ErrorCode::FrameTooLarge, 0, &detail);
         }
         let window = &mut self.senders.entry(sender).or_default().dedup;
