@@ -19,8 +19,9 @@ pub mod errors;
 pub mod frames;
 
 pub use codec::{
-    decode_body, encode, encode_into, payload_bytes_max, DELIVER_OVERHEAD_BYTES, DecodeError, EncodeError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT,
-    FRAME_BYTES_MAX_FLOOR, HEADER_BYTES, PROTOCOL_VERSION,
+    decode_body, encode, encode_into, payload_bytes_max, DecodeError, EncodeError, FrameDecoder,
+    DELIVER_OVERHEAD_BYTES, FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_FLOOR, HEADER_BYTES,
+    PROTOCOL_VERSION,
 };
 pub use errors::ErrorCode;
 pub use frames::Frame;

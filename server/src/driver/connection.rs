@@ -110,7 +110,11 @@ pub struct Connection {
 
 impl Connection {
     /// Wraps a freshly accepted quinn connection.
-    pub fn new(quic: quinn_proto::Connection, frame_bytes_max: u32, limits: ConnectionLimits) -> Connection {
+    pub fn new(
+        quic: quinn_proto::Connection,
+        frame_bytes_max: u32,
+        limits: ConnectionLimits,
+    ) -> Connection {
         Connection {
             quic,
             dirty: false,
@@ -131,7 +135,13 @@ impl Connection {
     }
 
     /// Handles quinn's application events and feeds request frames to the core.
-    pub fn poll_events<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
+    pub fn poll_events<S: MailboxStore>(
+        &mut self,
+        now: Instant,
+        core: &mut ShardCore<S>,
+        conn: ConnId,
+        now_ms: u64,
+    ) {
         while let Some(event) = self.quic.poll() {
             match event {
                 Event::Stream(StreamEvent::Opened { dir }) => self.accept_streams(dir),
@@ -145,14 +155,22 @@ impl Connection {
                         self.pushes.blocked = false;
                     }
                 }
-                Event::Stream(StreamEvent::Finished { id }) => {
-                    if Some(id) == self.request && self.closing.is_some() {
-                        self.close_now(now);
-                    }
+                Event::Stream(StreamEvent::Finished { id })
+                    if Some(id) == self.request && self.closing.is_some() =>
+                {
+                    self.close_now(now);
                 }
-                Event::Stream(StreamEvent::Stopped { .. }) => self.close(now, close_code::NORMAL, "stream stopped"),
-                Event::Stream(StreamEvent::Available { dir: Dir::Uni }) if self.push_open_pending => self.open_push(),
-                Event::ConnectionLost { reason } => tracing::debug!(?conn, %reason, "connection lost"),
+                Event::Stream(StreamEvent::Stopped { .. }) => {
+                    self.close(now, close_code::NORMAL, "stream stopped")
+                }
+                Event::Stream(StreamEvent::Available { dir: Dir::Uni })
+                    if self.push_open_pending =>
+                {
+                    self.open_push()
+                }
+                Event::ConnectionLost { reason } => {
+                    tracing::debug!(?conn, %reason, "connection lost")
+                }
                 _ => {}
             }
         }
@@ -167,12 +185,21 @@ impl Connection {
             } else {
                 // The transport allows one bidirectional and no unidirectional
                 // client stream, so this is a misbehaving peer.
-                let _ = self.quic.recv_stream(id).stop(VarInt::from_u32(close_code::PROTOCOL_ERROR));
+                let _ = self
+                    .quic
+                    .recv_stream(id)
+                    .stop(VarInt::from_u32(close_code::PROTOCOL_ERROR));
             }
         }
     }
 
-    fn read_requests<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
+    fn read_requests<S: MailboxStore>(
+        &mut self,
+        now: Instant,
+        core: &mut ShardCore<S>,
+        conn: ConnId,
+        now_ms: u64,
+    ) {
         let Some(stream) = self.request else { return };
         if !self.request_readable || self.closing.is_some() || self.responses_full() {
             return;
@@ -235,11 +262,16 @@ impl Connection {
         match output {
             Output::Frame { frame, .. } => self.queue_response(&frame),
             Output::Authenticated { .. } => self.open_push(),
-            Output::Close { frame, close_code, .. } => {
+            Output::Close {
+                frame, close_code, ..
+            } => {
                 if let Some(frame) = frame {
                     self.queue_response(&frame);
                 }
-                self.closing = Some(Closing { close_code, finish_sent: false });
+                self.closing = Some(Closing {
+                    close_code,
+                    finish_sent: false,
+                });
                 self.close_deadline = Some(now + CLOSE_GRACE);
                 if self.request.is_none() {
                     self.close_now(now);
@@ -310,7 +342,10 @@ impl Connection {
     /// Whether the connection can make progress without new input.
     pub fn has_pending_work(&self) -> bool {
         let can_read = self.request_readable && self.closing.is_none() && !self.responses_full();
-        let can_push = self.push_wanted && self.push.is_some() && !self.pushes.blocked && self.closing.is_none();
+        let can_push = self.push_wanted
+            && self.push.is_some()
+            && !self.pushes.blocked
+            && self.closing.is_none();
         let can_respond = self.responses.pending() > 0 && !self.responses.blocked;
         can_read || can_push || can_respond
     }
@@ -324,11 +359,17 @@ impl Connection {
 
     fn close(&mut self, now: Instant, code: u32, reason: &'static str) {
         self.close_deadline = None;
-        self.quic.close(now, VarInt::from_u32(code), bytes::Bytes::from_static(reason.as_bytes()));
+        self.quic.close(
+            now,
+            VarInt::from_u32(code),
+            bytes::Bytes::from_static(reason.as_bytes()),
+        );
     }
 
     fn close_now(&mut self, now: Instant) {
-        let code = self.closing.map_or(close_code::NORMAL, |closing| closing.close_code);
+        let code = self
+            .closing
+            .map_or(close_code::NORMAL, |closing| closing.close_code);
         self.close(now, code, "closed by server");
     }
 }

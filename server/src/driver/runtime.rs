@@ -58,7 +58,9 @@ pub struct NodeSetup {
 
 impl std::fmt::Debug for NodeSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeSetup").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("NodeSetup")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,12 +70,15 @@ pub fn allowed_cpus() -> Result<Vec<usize>, StartError> {
     // writes at most size_of::<cpu_set_t>() bytes into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
-    let result = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let result =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if result != 0 {
         return Err(StartError::Affinity(std::io::Error::last_os_error()));
     }
     // SAFETY: CPU_ISSET reads the bitmask initialised above.
-    Ok((0..libc::CPU_SETSIZE as usize).filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) }).collect())
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) })
+        .collect())
 }
 
 /// A running node: the shard threads and the addresses they serve.
@@ -101,12 +106,16 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
     let setup = Arc::new(setup);
     let config = &setup.config;
     let cpus = allowed_cpus()?;
-    let addresses: Vec<SocketAddr> =
-        (0..shard_count).map(|k| SocketAddr::new(config.listen.ip(), config.listen.port() + k)).collect();
+    let addresses: Vec<SocketAddr> = (0..shard_count)
+        .map(|k| SocketAddr::new(config.listen.ip(), config.listen.port() + k))
+        .collect();
     let mut sockets = Vec::new();
     for (shard, address) in addresses.iter().enumerate() {
-        let socket =
-            bind_exclusive(*address).map_err(|source| StartError::Bind { shard: shard as u16, address: *address, source })?;
+        let socket = bind_exclusive(*address).map_err(|source| StartError::Bind {
+            shard: shard as u16,
+            address: *address,
+            source,
+        })?;
         sockets.push(socket);
     }
     let table = SlotTable::single_node(NodeId(0), shard_count, 1)?;
@@ -114,17 +123,19 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
     // One bounded channel per ordered pair (from, to).
     let capacity = config.limits.shard_channel_batches_max as usize;
     let count = usize::from(shard_count);
-    let mut senders: Vec<Vec<Option<SharedSender<ShardBatch>>>> = (0..count).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<(u16, SharedReceiver<ShardBatch>)>> = (0..count).map(|_| Vec::new()).collect();
-    for from in 0..count {
-        for to in 0..count {
+    let mut senders: Vec<Vec<Option<SharedSender<ShardBatch>>>> =
+        (0..count).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<(u16, SharedReceiver<ShardBatch>)>> =
+        (0..count).map(|_| Vec::new()).collect();
+    for (from, from_senders) in senders.iter_mut().enumerate() {
+        for (to, to_receivers) in receivers.iter_mut().enumerate() {
             if from == to {
-                senders[from].push(None);
+                from_senders.push(None);
                 continue;
             }
             let (sender, receiver) = shared_channel::new_bounded(capacity);
-            senders[from].push(Some(sender));
-            receivers[to].push((from as u16, receiver));
+            from_senders.push(Some(sender));
+            to_receivers.push((from as u16, receiver));
         }
     }
 
@@ -144,12 +155,27 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
             .name(&format!("shard-{shard}"))
             .io_memory(config.runtime.io_memory_bytes)
             .spawn(move || async move {
-                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers).await;
+                run_shard(
+                    shard,
+                    setup,
+                    table,
+                    ports,
+                    socket,
+                    shard_senders,
+                    shard_receivers,
+                )
+                .await;
             })
-            .map_err(|e| StartError::Executor { shard, detail: e.to_string() })?;
+            .map_err(|e| StartError::Executor {
+                shard,
+                detail: e.to_string(),
+            })?;
         executors.push(executor);
     }
-    Ok(RunningNode { addresses, executors })
+    Ok(RunningNode {
+        addresses,
+        executors,
+    })
 }
 
 async fn run_shard(
@@ -171,7 +197,9 @@ async fn run_shard(
         .collect();
     let receiver_tasks: Vec<_> = receivers
         .into_iter()
-        .map(|(from, receiver)| glommio::spawn_local(async move { (from, receiver.connect().await) }))
+        .map(|(from, receiver)| {
+            glommio::spawn_local(async move { (from, receiver.connect().await) })
+        })
         .collect();
     let mut connected_senders = Vec::new();
     for task in sender_tasks {
@@ -205,14 +233,33 @@ async fn run_shard(
         sends_in_flight_per_device_max: limits.sends_in_flight_per_device_max,
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
     };
-    let core = ShardCore::new(identity, table, setup.authority.clone(), core_limits, limits.frame_bytes_max, store);
+    let core = ShardCore::new(
+        identity,
+        table,
+        setup.authority.clone(),
+        core_limits,
+        limits.frame_bytes_max,
+        store,
+    );
     let server_config = quic_server_config(&setup);
-    let links = ShardLinks { senders: connected_senders, receivers: connected_receivers };
-    let connection_limits = ConnectionLimits { response_bytes_max: limits.connection_response_bytes_max as usize };
+    let links = ShardLinks {
+        senders: connected_senders,
+        receivers: connected_receivers,
+    };
+    let connection_limits = ConnectionLimits {
+        response_bytes_max: limits.connection_response_bytes_max as usize,
+    };
     tracing::info!(shard, address = ?udp.local_addr().ok(), gso_segments = udp.max_gso_segments(), "shard running");
-    ShardLoop::new(core, server_config, udp, links, limits.connections_per_shard_max as usize, connection_limits)
-        .run()
-        .await;
+    ShardLoop::new(
+        core,
+        server_config,
+        udp,
+        links,
+        limits.connections_per_shard_max as usize,
+        connection_limits,
+    )
+    .run()
+    .await;
 }
 
 /// The QUIC transport settings of client connections.

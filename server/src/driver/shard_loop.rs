@@ -93,7 +93,9 @@ pub struct ShardLoop<S: MailboxStore> {
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardLoop").field("connections", &self.connections.len()).finish_non_exhaustive()
+        f.debug_struct("ShardLoop")
+            .field("connections", &self.connections.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -114,7 +116,12 @@ impl<S: MailboxStore> ShardLoop<S> {
         connections_max: usize,
         connection_limits: ConnectionLimits,
     ) -> ShardLoop<S> {
-        let endpoint = Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), Some(server_config), true, None);
+        let endpoint = Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            Some(server_config),
+            true,
+            None,
+        );
         ShardLoop {
             core,
             endpoint,
@@ -184,7 +191,8 @@ impl<S: MailboxStore> ShardLoop<S> {
         };
         let channels = future::poll_fn(|cx| {
             for (from, receiver) in receivers.iter_mut() {
-                if let Poll::Ready(batch) = futures_lite::Stream::poll_next(Pin::new(receiver), cx) {
+                if let Poll::Ready(batch) = futures_lite::Stream::poll_next(Pin::new(receiver), cx)
+                {
                     return Poll::Ready(Wake::Batch(*from, batch));
                 }
             }
@@ -194,7 +202,9 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     fn now_ms() -> u64 {
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
     }
 
     fn receive_datagrams(&mut self, now: Instant) -> bool {
@@ -213,7 +223,8 @@ impl<S: MailboxStore> ShardLoop<S> {
                 let (meta, bytes) = self.udp.received(index);
                 // Copy out so the receive buffers can be reused while quinn
                 // keeps the packet; a GRO batch splits into `stride` segments.
-                let segments: Vec<BytesMut> = bytes.chunks(meta.stride).map(BytesMut::from).collect();
+                let segments: Vec<BytesMut> =
+                    bytes.chunks(meta.stride).map(BytesMut::from).collect();
                 for segment in segments {
                     self.handle_datagram(now, meta, segment);
                 }
@@ -224,7 +235,14 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn handle_datagram(&mut self, now: Instant, meta: super::udp::Received, data: BytesMut) {
         self.scratch.clear();
-        let event = self.endpoint.handle(now, meta.from, meta.local_ip, meta.ecn, data, &mut self.scratch);
+        let event = self.endpoint.handle(
+            now,
+            meta.from,
+            meta.local_ip,
+            meta.ecn,
+            data,
+            &mut self.scratch,
+        );
         match event {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(connection) = self.connections.get_mut(&handle) {
@@ -240,7 +258,11 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
                 match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
                     Ok((handle, quic)) => {
-                        let connection = Connection::new(quic, self.core.frame_bytes_max(), self.connection_limits);
+                        let connection = Connection::new(
+                            quic,
+                            self.core.frame_bytes_max(),
+                            self.connection_limits,
+                        );
                         self.connections.insert(handle, connection);
                         self.core.on_connection(ConnId(handle.0 as u64));
                         self.mark_dirty(handle);
@@ -262,7 +284,8 @@ impl<S: MailboxStore> ShardLoop<S> {
         let mut buffer = self.buffer_pool.pop().unwrap_or_default();
         buffer.clear();
         buffer.extend_from_slice(&self.scratch[..transmit.size]);
-        self.transmits.push_back(OutgoingDatagram { transmit, buffer });
+        self.transmits
+            .push_back(OutgoingDatagram { transmit, buffer });
     }
 
     fn receive_shard_batches(&mut self) -> bool {
@@ -332,7 +355,9 @@ impl<S: MailboxStore> ShardLoop<S> {
         let now_ms = Self::now_ms();
         for index in 0..self.dirty.len() {
             let handle = self.dirty[index];
-            let Some(connection) = self.connections.get_mut(&handle) else { continue };
+            let Some(connection) = self.connections.get_mut(&handle) else {
+                continue;
+            };
             while let Some(event) = connection.quic.poll_endpoint_events() {
                 if let Some(reply) = self.endpoint.handle_event(handle, event) {
                     connection.quic.handle_event(reply);
@@ -347,10 +372,14 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn apply_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
             let conn = match &output {
-                Output::Frame { conn, .. } | Output::Authenticated { conn } | Output::Close { conn, .. } => *conn,
+                Output::Frame { conn, .. }
+                | Output::Authenticated { conn }
+                | Output::Close { conn, .. } => *conn,
             };
             let handle = ConnectionHandle(conn.0 as usize);
-            let Some(connection) = self.connections.get_mut(&handle) else { continue };
+            let Some(connection) = self.connections.get_mut(&handle) else {
+                continue;
+            };
             connection.apply(output, Instant::now());
             self.mark_dirty(handle);
         }
@@ -372,7 +401,9 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn send_shard_batches(&mut self) -> bool {
         let mut blocked = false;
         for shard in 0..self.links.senders.len() {
-            let Some(sender) = &self.links.senders[shard] else { continue };
+            let Some(sender) = &self.links.senders[shard] else {
+                continue;
+            };
             let shard = shard as u16;
             loop {
                 let batch = self.core.take_outbox(shard, CROSS_SHARD_BATCH_MESSAGES_MAX);
@@ -381,7 +412,9 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
                 if let Err(error) = sender.try_send(batch) {
                     match error {
-                        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(batch)) => {
+                        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(
+                            batch,
+                        )) => {
                             self.core.requeue_outbox(shard, batch);
                             blocked = true;
                         }
@@ -402,13 +435,20 @@ impl<S: MailboxStore> ShardLoop<S> {
         let mut starved = false;
         let dirty = std::mem::take(&mut self.dirty);
         for handle in dirty {
-            let Some(connection) = self.connections.get_mut(&handle) else { continue };
+            let Some(connection) = self.connections.get_mut(&handle) else {
+                continue;
+            };
             connection.dirty = false;
             while self.transmits.len() < TRANSMIT_QUEUE_MAX {
                 let mut buffer = self.buffer_pool.pop().unwrap_or_default();
                 buffer.clear();
-                match connection.quic.poll_transmit(now, max_segments, &mut buffer) {
-                    Some(transmit) => self.transmits.push_back(OutgoingDatagram { transmit, buffer }),
+                match connection
+                    .quic
+                    .poll_transmit(now, max_segments, &mut buffer)
+                {
+                    Some(transmit) => self
+                        .transmits
+                        .push_back(OutgoingDatagram { transmit, buffer }),
                     None => {
                         self.buffer_pool.push(buffer);
                         break;
@@ -432,7 +472,10 @@ impl<S: MailboxStore> ShardLoop<S> {
                 self.core.on_connection_closed(ConnId(handle.0 as u64));
                 continue;
             }
-            let next = [connection.quic.poll_timeout(), connection.close_deadline].into_iter().flatten().min();
+            let next = [connection.quic.poll_timeout(), connection.close_deadline]
+                .into_iter()
+                .flatten()
+                .min();
             if next != connection.deadline {
                 if let Some(old) = connection.deadline {
                     self.timers.remove(&(old, handle));
@@ -442,11 +485,9 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
                 connection.deadline = next;
             }
-            if connection.has_pending_work() {
-                if !connection.dirty {
-                    connection.dirty = true;
-                    self.dirty.push(handle);
-                }
+            if connection.has_pending_work() && !connection.dirty {
+                connection.dirty = true;
+                self.dirty.push(handle);
             }
         }
         starved
@@ -454,7 +495,10 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn send_datagrams(&mut self) -> bool {
         while let Some(outgoing) = self.transmits.front() {
-            match self.udp.send(&outgoing.transmit, &outgoing.buffer[..outgoing.transmit.size]) {
+            match self.udp.send(
+                &outgoing.transmit,
+                &outgoing.buffer[..outgoing.transmit.size],
+            ) {
                 Ok(()) => {
                     if let Some(done) = self.transmits.pop_front() {
                         if self.buffer_pool.len() < TRANSMIT_QUEUE_MAX {

@@ -1,0 +1,64 @@
+//! One Send from a connected device to another device on the same shard:
+//! dedup window, routing, mailbox append, commit release, Ack, and the pull of
+//! the Deliver frame, all in the shard core without sockets.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use iris_protocol::frames::{self, Frame};
+use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
+use irisd::auth::{Claims, TokenAuthority};
+use irisd::shard::mailbox::StoreLimits;
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, ShardCore, ShardIdentity};
+
+fn message_path(c: &mut Criterion) {
+    let authority = TokenAuthority::from_secret([1; 32]);
+    let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
+    let identity = ShardIdentity {
+        node: NodeId(0),
+        shard: ShardId(0),
+        advertised_host: "127.0.0.1".into(),
+        shard_ports: vec![7700],
+    };
+    let limits = CoreLimits {
+        dedup_entries_per_device_max: 256,
+        sends_in_flight_per_device_max: 256,
+        shard_outbox_messages_max: 1024,
+    };
+    let store = MemoryStore::new(StoreLimits {
+        devices_per_user_max: 5,
+        devices_per_shard_max: 1000,
+        mailbox_messages_max: 1_000_000,
+        mailbox_bytes_max: 1 << 32,
+    });
+    let mut core = ShardCore::new(identity, table.clone(), authority.clone(), limits, 65536, store);
+    let (sender, receiver) = (ConnId(1), ConnId(2));
+    for (conn, user) in [(sender, 1u64), (receiver, 2u64)] {
+        assert_eq!(table.home(UserId(user)).shard.0, 0);
+        let token = authority.mint(Claims { user_id: user, device_id: 1, expires_at_s: u64::MAX });
+        core.on_connection(conn);
+        core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), 0);
+    }
+    while core.poll_output().is_some() {}
+    let mut client_msg_id = 0u64;
+    let mut group = c.benchmark_group("message_path");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("send_store_ack_deliver_150B", |b| {
+        b.iter(|| {
+            client_msg_id += 1;
+            let send = Frame::Send(frames::Send { client_msg_id, to_user: 2, payload: vec![7; 150] });
+            core.on_frame(sender, send, 1);
+            core.flush_commits();
+            let ack = core.poll_output();
+            debug_assert!(matches!(ack, Some(irisd::shard::Output::Frame { .. })));
+            while core.poll_push_ready().is_some() {}
+            let deliver = core.next_push(receiver);
+            if let Some(Frame::Deliver(deliver)) = &deliver {
+                core.on_frame(receiver, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: deliver.seq }), 1);
+            }
+            black_box((ack, deliver))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, message_path);
+criterion_main!(benches);
