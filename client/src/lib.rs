@@ -50,11 +50,7 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// A configuration with default limits.
-    pub fn new(
-        server: impl Into<String>,
-        ca_path: impl Into<PathBuf>,
-        token: impl Into<String>,
-    ) -> ClientConfig {
+    pub fn new(server: impl Into<String>, ca_path: impl Into<PathBuf>, token: impl Into<String>) -> ClientConfig {
         ClientConfig {
             server: server.into(),
             ca_path: ca_path.into(),
@@ -167,11 +163,7 @@ pub struct SessionInfo {
 #[derive(Debug)]
 pub(crate) enum Command {
     /// Send a payload; answer on `reply` once acked or refused for good.
-    Send {
-        to_user: u64,
-        payload: Vec<u8>,
-        reply: oneshot::Sender<Result<Acked, ClientError>>,
-    },
+    Send { to_user: u64, payload: Vec<u8>, reply: oneshot::Sender<Result<Acked, ClientError>> },
     /// Send a DeliveryAck now and close the connection.
     Close { reply: oneshot::Sender<()> },
     /// Drop the current connection and reconnect (used by tests to exercise resume).
@@ -207,26 +199,12 @@ impl ClientSender {
     }
 
     /// See [`Client::send_nowait`].
-    pub async fn send_nowait(
-        &self,
-        to_user: u64,
-        payload: Vec<u8>,
-    ) -> Result<PendingAck, ClientError> {
+    pub async fn send_nowait(&self, to_user: u64, payload: Vec<u8>) -> Result<PendingAck, ClientError> {
         if payload.len() > self.payload_bytes_max {
-            return Err(ClientError::PayloadTooLarge {
-                bytes: payload.len(),
-                limit: self.payload_bytes_max,
-            });
+            return Err(ClientError::PayloadTooLarge { bytes: payload.len(), limit: self.payload_bytes_max });
         }
         let (reply, outcome) = oneshot::channel();
-        self.commands
-            .send(Command::Send {
-                to_user,
-                payload,
-                reply,
-            })
-            .await
-            .map_err(|_| closed_error())?;
+        self.commands.send(Command::Send { to_user, payload, reply }).await.map_err(|_| closed_error())?;
         Ok(outcome)
     }
 }
@@ -257,28 +235,14 @@ impl Client {
         let tls = client_tls(&config.ca_path)?;
         let payload_bytes_max = iris_protocol::payload_bytes_max(config.frame_bytes_max);
         let shared = Arc::new(Shared::default());
-        shared
-            .processed_seq
-            .store(config.resume_after_seq, Ordering::Relaxed);
+        shared.processed_seq.store(config.resume_after_seq, Ordering::Relaxed);
         let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (delivery_sender, deliveries) = mpsc::channel(DELIVERY_QUEUE_MAX);
         let (ready_sender, ready) = oneshot::channel();
-        let session = session::Session::new(
-            config,
-            tls,
-            Arc::clone(&shared),
-            command_receiver,
-            delivery_sender,
-        );
+        let session = session::Session::new(config, tls, Arc::clone(&shared), command_receiver, delivery_sender);
         let task = tokio::spawn(session.run(ready_sender));
         match ready.await {
-            Ok(Ok(())) => Ok(Client {
-                commands,
-                payload_bytes_max,
-                deliveries,
-                shared,
-                task,
-            }),
+            Ok(Ok(())) => Ok(Client { commands, payload_bytes_max, deliveries, shared, task }),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(match task.await {
                 Ok(Err(error)) => error,
@@ -296,21 +260,14 @@ impl Client {
 
     /// Queues a send and returns the receiver of its outcome, so many sends
     /// can be in flight at once.
-    pub async fn send_nowait(
-        &self,
-        to_user: u64,
-        payload: Vec<u8>,
-    ) -> Result<PendingAck, ClientError> {
+    pub async fn send_nowait(&self, to_user: u64, payload: Vec<u8>) -> Result<PendingAck, ClientError> {
         self.sender().send_nowait(to_user, payload).await
     }
 
     /// A cloneable handle that sends on this client's session, for use from
     /// other tasks while this one receives.
     pub fn sender(&self) -> ClientSender {
-        ClientSender {
-            commands: self.commands.clone(),
-            payload_bytes_max: self.payload_bytes_max,
-        }
+        ClientSender { commands: self.commands.clone(), payload_bytes_max: self.payload_bytes_max }
     }
 
     /// The next message for this device, in seq order, each seq once.
@@ -318,9 +275,7 @@ impl Client {
     /// `None` once the session has ended for good.
     pub async fn recv(&mut self) -> Option<Delivered> {
         let delivered = self.deliveries.recv().await?;
-        self.shared
-            .processed_seq
-            .fetch_max(delivered.seq, Ordering::Relaxed);
+        self.shared.processed_seq.fetch_max(delivered.seq, Ordering::Relaxed);
         Some(delivered)
     }
 
@@ -331,19 +286,12 @@ impl Client {
 
     /// Facts about the current session.
     pub fn session_info(&self) -> SessionInfo {
-        self.shared
-            .info
-            .lock()
-            .map(|info| *info)
-            .unwrap_or_default()
+        self.shared.info.lock().map(|info| *info).unwrap_or_default()
     }
 
     /// Drops the connection and reconnects, resuming after the processed seq.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        self.commands
-            .send(Command::Reconnect)
-            .await
-            .map_err(|_| closed_error())
+        self.commands.send(Command::Reconnect).await.map_err(|_| closed_error())
     }
 
     /// Acknowledges what was processed and closes the connection.
@@ -362,18 +310,12 @@ impl Client {
 /// Builds the QUIC client configuration trusting the CA in `ca_path`.
 fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {
     use rustls_pki_types::pem::PemObject;
-    let ca_error = |detail: String| ClientError::Ca {
-        path: ca_path.to_path_buf(),
-        detail,
-    };
+    let ca_error = |detail: String| ClientError::Ca { path: ca_path.to_path_buf(), detail };
     let mut roots = rustls::RootCertStore::empty();
-    let certificates = rustls_pki_types::CertificateDer::pem_file_iter(ca_path)
-        .map_err(|e| ca_error(e.to_string()))?;
+    let certificates = rustls_pki_types::CertificateDer::pem_file_iter(ca_path).map_err(|e| ca_error(e.to_string()))?;
     for certificate in certificates {
         let certificate = certificate.map_err(|e| ca_error(e.to_string()))?;
-        roots
-            .add(certificate)
-            .map_err(|e| ca_error(e.to_string()))?;
+        roots.add(certificate).map_err(|e| ca_error(e.to_string()))?;
     }
     if roots.is_empty() {
         return Err(ca_error("no certificate found".into()));
@@ -385,8 +327,7 @@ fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     crypto.alpn_protocols = vec![iris_protocol::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-        .map_err(|e| ca_error(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| ca_error(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(10)));

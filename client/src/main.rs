@@ -17,20 +17,10 @@ use std::time::Duration;
 #[command(name = "iris", version, about = "Iris command-line client")]
 struct Cli {
     /// Server address (any shard), host:port.
-    #[arg(
-        long,
-        env = "IRIS_SERVER",
-        default_value = "127.0.0.1:7700",
-        global = true
-    )]
+    #[arg(long, env = "IRIS_SERVER", default_value = "127.0.0.1:7700", global = true)]
     server: String,
     /// CA certificate (PEM) to trust; for the embedded default: <data-dir>/tls/cert.pem.
-    #[arg(
-        long,
-        env = "IRIS_CA",
-        default_value = "./iris-data/tls/cert.pem",
-        global = true
-    )]
+    #[arg(long, env = "IRIS_CA", default_value = "./iris-data/tls/cert.pem", global = true)]
     ca: PathBuf,
     /// Access token from `irisd token`.
     #[arg(long, env = "IRIS_TOKEN", global = true, hide_env_values = true)]
@@ -75,10 +65,7 @@ struct ReceivedLine<'a> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("iris: cannot start the runtime: {error}");
@@ -95,18 +82,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let token = cli
-        .token
-        .ok_or("no token: pass --token or set IRIS_TOKEN (mint one with `irisd token`)")?;
+    let token = cli.token.ok_or("no token: pass --token or set IRIS_TOKEN (mint one with `irisd token`)")?;
     let mut config = ClientConfig::new(cli.server, cli.ca, token);
     config.resume_after_seq = cli.resume_after_seq;
     let mut client = Client::connect(config).await.map_err(|e| e.to_string())?;
     match cli.command {
         Command::Send { to, text } => {
-            let acked = client
-                .send(to, text.into_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
+            let acked = client.send(to, text.into_bytes()).await.map_err(|e| e.to_string())?;
             let line = serde_json::json!({
                 "to_user": to,
                 "client_msg_id": acked.client_msg_id,
@@ -121,12 +103,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut received = 0u64;
             while count.is_none_or(|count| received < count) {
                 let next = match deadline {
-                    Some(deadline) => {
-                        match tokio::time::timeout_at(deadline, client.recv()).await {
-                            Ok(next) => next,
-                            Err(_) => break,
-                        }
-                    }
+                    Some(deadline) => match tokio::time::timeout_at(deadline, client.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
                     None => client.recv().await,
                 };
                 let Some(message) = next else { break };
@@ -139,10 +119,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     sent_at_ms: message.sent_at_ms,
                     text: &text,
                 };
-                println!(
-                    "{}",
-                    serde_json::to_string(&line).map_err(|e| e.to_string())?
-                );
+                println!("{}", serde_json::to_string(&line).map_err(|e| e.to_string())?);
                 received += 1;
             }
         }

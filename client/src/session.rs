@@ -118,10 +118,7 @@ impl Session {
         }
     }
 
-    pub(crate) async fn run(
-        mut self,
-        ready: oneshot::Sender<Result<(), ClientError>>,
-    ) -> Result<(), ClientError> {
+    pub(crate) async fn run(mut self, ready: oneshot::Sender<Result<(), ClientError>>) -> Result<(), ClientError> {
         let mut ready = Some(ready);
         let mut attempt: u32 = 0;
         loop {
@@ -141,8 +138,7 @@ impl Session {
                 }
                 Err(error) => {
                     attempt += 1;
-                    let fatal =
-                        matches!(error, ClientError::Server { .. } | ClientError::Ca { .. });
+                    let fatal = matches!(error, ClientError::Server { .. } | ClientError::Ca { .. });
                     let first_failed = ready.is_some() && attempt >= self.config.connect_attempts;
                     if fatal || first_failed {
                         if let Some(ready) = ready.take() {
@@ -179,12 +175,9 @@ impl Session {
             None => resolve(&self.config.server).await?,
         };
         for _ in 0..=REDIRECTS_MAX {
-            let attempt =
-                tokio::time::timeout(self.config.connect_timeout, self.hello(&target)).await;
-            let outcome = attempt.map_err(|_| ClientError::Connect {
-                server: target.0.to_string(),
-                detail: "timed out".into(),
-            })??;
+            let attempt = tokio::time::timeout(self.config.connect_timeout, self.hello(&target)).await;
+            let outcome = attempt
+                .map_err(|_| ClientError::Connect { server: target.0.to_string(), detail: "timed out".into() })??;
             match outcome {
                 HelloOutcome::Welcome(live, welcome) => {
                     self.home = Some(target);
@@ -209,76 +202,43 @@ impl Session {
     }
 
     async fn hello(&self, target: &(SocketAddr, String)) -> Result<HelloOutcome, ClientError> {
-        let connect_error = |detail: String| ClientError::Connect {
-            server: target.0.to_string(),
-            detail,
-        };
-        let bind: SocketAddr = if target.0.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        }
-        .parse()
-        .map_err(|_| connect_error("bad bind address".into()))?;
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
+        let connect_error = |detail: String| ClientError::Connect { server: target.0.to_string(), detail };
+        let bind: SocketAddr = if target.0.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| connect_error("bad bind address".into()))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
         endpoint.set_default_client_config(self.tls.clone());
         let connection = endpoint
             .connect(target.0, &target.1)
             .map_err(|e| connect_error(e.to_string()))?
             .await
             .map_err(|e| connect_error(e.to_string()))?;
-        let (mut request_send, request_recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| connect_error(e.to_string()))?;
+        let (mut request_send, request_recv) = connection.open_bi().await.map_err(|e| connect_error(e.to_string()))?;
         let hello = Frame::Hello(frames::Hello {
             token: self.config.token.clone(),
             resume_after_seq: self.shared.processed_seq.load(Ordering::Relaxed),
         });
-        let bytes = encode(&hello, self.config.frame_bytes_max)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        request_send
-            .write_all(&bytes)
-            .await
-            .map_err(|e| connect_error(e.to_string()))?;
-        let mut live = Live {
-            connection,
-            request_send,
-            request_recv,
-            decoder: FrameDecoder::new(self.config.frame_bytes_max),
-        };
+        let bytes = encode(&hello, self.config.frame_bytes_max).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        request_send.write_all(&bytes).await.map_err(|e| connect_error(e.to_string()))?;
+        let mut live =
+            Live { connection, request_send, request_recv, decoder: FrameDecoder::new(self.config.frame_bytes_max) };
         let mut buffer = vec![0u8; READ_CHUNK_BYTES];
         loop {
-            match live
-                .decoder
-                .next_frame()
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-            {
+            match live.decoder.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
                 Some(Frame::Welcome(welcome)) => return Ok(HelloOutcome::Welcome(live, welcome)),
                 Some(Frame::Redirect(redirect)) => {
-                    live.connection.close(
-                        quinn::VarInt::from_u32(iris_protocol::close_code::REDIRECTED),
-                        b"redirect",
-                    );
+                    live.connection.close(quinn::VarInt::from_u32(iris_protocol::close_code::REDIRECTED), b"redirect");
                     return Ok(HelloOutcome::Redirect(redirect));
                 }
                 Some(Frame::Error(error)) => return Err(server_error(&error)),
                 Some(other) => {
-                    return Err(ClientError::Protocol(format!(
-                        "unexpected {:?} before Welcome",
-                        other.kind()
-                    )))
+                    return Err(ClientError::Protocol(format!("unexpected {:?} before Welcome", other.kind())))
                 }
                 None => {}
             }
             match live.request_recv.read(&mut buffer).await {
                 Ok(Some(count)) => live.decoder.feed(&buffer[..count]),
-                Ok(None) => {
-                    return Err(connect_error(
-                        "server closed the stream before Welcome".into(),
-                    ))
-                }
+                Ok(None) => return Err(connect_error("server closed the stream before Welcome".into())),
                 Err(error) => return Err(connect_error(error.to_string())),
             }
         }
@@ -291,9 +251,7 @@ impl Session {
             if let Some(pending) = self.pending.get_mut(&id) {
                 pending.retry_at = None;
                 let frame = send_frame(id, pending);
-                if let Err(ended) =
-                    write_frame(&mut live, &frame, self.config.frame_bytes_max).await
-                {
+                if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
                     return ended;
                 }
             }
@@ -409,10 +367,9 @@ impl Session {
             Frame::Ack(ack) => {
                 if let Some(pending) = self.pending.remove(&ack.client_msg_id) {
                     self.pending_order.retain(|id| *id != ack.client_msg_id);
-                    let _ = pending.reply.send(Ok(Acked {
-                        client_msg_id: ack.client_msg_id,
-                        server_msg_id: ack.server_msg_id,
-                    }));
+                    let _ = pending
+                        .reply
+                        .send(Ok(Acked { client_msg_id: ack.client_msg_id, server_msg_id: ack.server_msg_id }));
                 }
                 None
             }
@@ -423,8 +380,7 @@ impl Session {
                         let retryable = code.is_some_and(ErrorCode::is_retryable);
                         if retryable {
                             if let Some(pending) = self.pending.get_mut(&id) {
-                                let wait =
-                                    Duration::from_millis(u64::from(error.retry_after_ms.max(10)));
+                                let wait = Duration::from_millis(u64::from(error.retry_after_ms.max(10)));
                                 pending.retry_at = Some(Instant::now() + wait);
                             }
                         } else if let Some(pending) = self.pending.remove(&id) {
@@ -433,17 +389,12 @@ impl Session {
                         }
                         None
                     }
-                    None if code == Some(ErrorCode::ShuttingDown) => {
-                        Some(Ended::Lost(error.message))
-                    }
+                    None if code == Some(ErrorCode::ShuttingDown) => Some(Ended::Lost(error.message)),
                     None => Some(Ended::Fatal(server_error(&error))),
                 }
             }
             Frame::Pong(_) => None,
-            other => Some(Ended::Fatal(ClientError::Protocol(format!(
-                "unexpected {:?} response",
-                other.kind()
-            )))),
+            other => Some(Ended::Fatal(ClientError::Protocol(format!("unexpected {:?} response", other.kind())))),
         }
     }
 
@@ -465,9 +416,7 @@ impl Session {
     async fn flush_delivery_ack(&mut self, live: &mut Live) -> Result<(), Ended> {
         let processed = self.shared.processed_seq.load(Ordering::Relaxed);
         if processed > self.acknowledged_seq {
-            let frame = Frame::DeliveryAck(frames::DeliveryAck {
-                up_to_seq: processed,
-            });
+            let frame = Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: processed });
             write_frame(live, &frame, self.config.frame_bytes_max).await?;
             self.acknowledged_seq = processed;
         }
@@ -480,12 +429,7 @@ impl Session {
             .pending_order
             .iter()
             .copied()
-            .filter(|id| {
-                self.pending
-                    .get(id)
-                    .and_then(|p| p.retry_at)
-                    .is_some_and(|at| at <= now)
-            })
+            .filter(|id| self.pending.get(id).and_then(|p| p.retry_at).is_some_and(|at| at <= now))
             .collect();
         for id in due {
             if let Some(pending) = self.pending.get_mut(&id) {
@@ -504,20 +448,12 @@ enum HelloOutcome {
 }
 
 fn send_frame(client_msg_id: u64, pending: &PendingSend) -> Frame {
-    Frame::Send(frames::Send {
-        client_msg_id,
-        to_user: pending.to_user,
-        payload: pending.payload.clone(),
-    })
+    Frame::Send(frames::Send { client_msg_id, to_user: pending.to_user, payload: pending.payload.clone() })
 }
 
 async fn write_frame(live: &mut Live, frame: &Frame, frame_bytes_max: u32) -> Result<(), Ended> {
-    let bytes = encode(frame, frame_bytes_max)
-        .map_err(|e| Ended::Fatal(ClientError::Protocol(e.to_string())))?;
-    live.request_send
-        .write_all(&bytes)
-        .await
-        .map_err(|e| Ended::Lost(e.to_string()))
+    let bytes = encode(frame, frame_bytes_max).map_err(|e| Ended::Fatal(ClientError::Protocol(e.to_string())))?;
+    live.request_send.write_all(&bytes).await.map_err(|e| Ended::Lost(e.to_string()))
 }
 
 async fn read_optional(
@@ -531,10 +467,7 @@ async fn read_optional(
 }
 
 fn server_error(error: &frames::Error) -> ClientError {
-    ClientError::Server {
-        code: ErrorCode::from_u16(error.code),
-        message: error.message.clone(),
-    }
+    ClientError::Server { code: ErrorCode::from_u16(error.code), message: error.message.clone() }
 }
 
 fn join_host_port(host: &str, port: u16) -> String {
@@ -547,18 +480,9 @@ fn join_host_port(host: &str, port: u16) -> String {
 
 /// Resolves `host:port` to an address and the TLS server name.
 pub(crate) async fn resolve(server: &str) -> Result<(SocketAddr, String), ClientError> {
-    let (host, _port) = server
-        .rsplit_once(':')
-        .ok_or_else(|| ClientError::Resolve(server.to_string()))?;
-    let name = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let mut addresses = tokio::net::lookup_host(server)
-        .await
-        .map_err(|_| ClientError::Resolve(server.to_string()))?;
-    let address = addresses
-        .next()
-        .ok_or_else(|| ClientError::Resolve(server.to_string()))?;
+    let (host, _port) = server.rsplit_once(':').ok_or_else(|| ClientError::Resolve(server.to_string()))?;
+    let name = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let mut addresses = tokio::net::lookup_host(server).await.map_err(|_| ClientError::Resolve(server.to_string()))?;
+    let address = addresses.next().ok_or_else(|| ClientError::Resolve(server.to_string()))?;
     Ok((address, name))
 }

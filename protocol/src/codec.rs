@@ -107,11 +107,7 @@ pub enum EncodeError {
 
 /// Appends the encoding of `frame` to `out`. Fails, leaving `out` unchanged,
 /// if the frame would exceed `frame_bytes_max`.
-pub fn encode_into(
-    frame: &Frame,
-    frame_bytes_max: u32,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
+pub fn encode_into(frame: &Frame, frame_bytes_max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let body = match frame {
         Frame::Hello(f) => to_bytes(f),
         Frame::Welcome(f) => to_bytes(f),
@@ -128,10 +124,7 @@ pub fn encode_into(
     }?;
     let length = body.len() + 2;
     if length > frame_bytes_max as usize {
-        return Err(EncodeError::FrameTooLarge {
-            length,
-            limit: frame_bytes_max,
-        });
+        return Err(EncodeError::FrameTooLarge { length, limit: frame_bytes_max });
     }
     out.reserve(LENGTH_PREFIX_BYTES + length);
     // `length` fits in u32: it is at most `frame_bytes_max`, a u32.
@@ -152,11 +145,7 @@ pub fn encode(frame: &Frame, frame_bytes_max: u32) -> Result<Vec<u8>, EncodeErro
 fn to_bytes<T>(value: &T) -> Result<rkyv::util::AlignedVec, EncodeError>
 where
     T: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<
-            rkyv::util::AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rancor::Error,
-        >,
+        rkyv::api::high::HighSerializer<rkyv::util::AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
     >,
 {
     rkyv::to_bytes::<rancor::Error>(value).map_err(|e| EncodeError::Serialize(e.to_string()))
@@ -168,45 +157,24 @@ pub fn decode_body(version: u8, kind_byte: u8, body: &[u8]) -> Result<Frame, Dec
         return Err(DecodeError::UnsupportedVersion(version));
     }
     let kind = FrameKind::from_byte(kind_byte).ok_or(DecodeError::UnknownFrameKind(kind_byte))?;
-    let malformed = |e: rancor::Error| DecodeError::Malformed {
-        kind,
-        detail: e.to_string(),
-    };
+    let malformed = |e: rancor::Error| DecodeError::Malformed { kind, detail: e.to_string() };
     Ok(match kind {
-        FrameKind::Hello => {
-            Frame::Hello(rkyv::from_bytes::<frames::Hello, _>(body).map_err(malformed)?)
+        FrameKind::Hello => Frame::Hello(rkyv::from_bytes::<frames::Hello, _>(body).map_err(malformed)?),
+        FrameKind::Welcome => Frame::Welcome(rkyv::from_bytes::<frames::Welcome, _>(body).map_err(malformed)?),
+        FrameKind::Redirect => Frame::Redirect(rkyv::from_bytes::<frames::Redirect, _>(body).map_err(malformed)?),
+        FrameKind::ShardMapRequest => {
+            Frame::ShardMapRequest(rkyv::from_bytes::<frames::ShardMapRequest, _>(body).map_err(malformed)?)
         }
-        FrameKind::Welcome => {
-            Frame::Welcome(rkyv::from_bytes::<frames::Welcome, _>(body).map_err(malformed)?)
-        }
-        FrameKind::Redirect => {
-            Frame::Redirect(rkyv::from_bytes::<frames::Redirect, _>(body).map_err(malformed)?)
-        }
-        FrameKind::ShardMapRequest => Frame::ShardMapRequest(
-            rkyv::from_bytes::<frames::ShardMapRequest, _>(body).map_err(malformed)?,
-        ),
-        FrameKind::ShardMap => {
-            Frame::ShardMap(rkyv::from_bytes::<frames::ShardMap, _>(body).map_err(malformed)?)
-        }
-        FrameKind::Send => {
-            Frame::Send(rkyv::from_bytes::<frames::Send, _>(body).map_err(malformed)?)
-        }
+        FrameKind::ShardMap => Frame::ShardMap(rkyv::from_bytes::<frames::ShardMap, _>(body).map_err(malformed)?),
+        FrameKind::Send => Frame::Send(rkyv::from_bytes::<frames::Send, _>(body).map_err(malformed)?),
         FrameKind::Ack => Frame::Ack(rkyv::from_bytes::<frames::Ack, _>(body).map_err(malformed)?),
-        FrameKind::Deliver => {
-            Frame::Deliver(rkyv::from_bytes::<frames::Deliver, _>(body).map_err(malformed)?)
-        }
+        FrameKind::Deliver => Frame::Deliver(rkyv::from_bytes::<frames::Deliver, _>(body).map_err(malformed)?),
         FrameKind::DeliveryAck => {
             Frame::DeliveryAck(rkyv::from_bytes::<frames::DeliveryAck, _>(body).map_err(malformed)?)
         }
-        FrameKind::Error => {
-            Frame::Error(rkyv::from_bytes::<frames::Error, _>(body).map_err(malformed)?)
-        }
-        FrameKind::Ping => {
-            Frame::Ping(rkyv::from_bytes::<frames::Ping, _>(body).map_err(malformed)?)
-        }
-        FrameKind::Pong => {
-            Frame::Pong(rkyv::from_bytes::<frames::Pong, _>(body).map_err(malformed)?)
-        }
+        FrameKind::Error => Frame::Error(rkyv::from_bytes::<frames::Error, _>(body).map_err(malformed)?),
+        FrameKind::Ping => Frame::Ping(rkyv::from_bytes::<frames::Ping, _>(body).map_err(malformed)?),
+        FrameKind::Pong => Frame::Pong(rkyv::from_bytes::<frames::Pong, _>(body).map_err(malformed)?),
     })
 }
 
@@ -232,12 +200,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames longer than `frame_bytes_max`.
     pub fn new(frame_bytes_max: u32) -> FrameDecoder {
-        FrameDecoder {
-            buffer: Vec::new(),
-            start: 0,
-            frame_bytes_max,
-            failed: false,
-        }
+        FrameDecoder { buffer: Vec::new(), start: 0, frame_bytes_max, failed: false }
     }
 
     /// Appends received bytes. Call [`FrameDecoder::next_frame`] until it
@@ -291,10 +254,7 @@ impl FrameDecoder {
 
     fn check_length(&self, length: u32) -> Result<(), DecodeError> {
         if length > self.frame_bytes_max {
-            return Err(DecodeError::FrameTooLarge {
-                length,
-                limit: self.frame_bytes_max,
-            });
+            return Err(DecodeError::FrameTooLarge { length, limit: self.frame_bytes_max });
         }
         if (length as usize) < HEADER_BYTES - LENGTH_PREFIX_BYTES {
             return Err(DecodeError::FrameTooShort(length));

@@ -256,11 +256,6 @@ impl Frame {
 
     /// Builds an Error frame from a code and a message.
     pub fn error(code: crate::ErrorCode, message: impl Into<String>) -> Frame {
-        Frame::Error(Error {
-            code: code as u16,
-            message: message.into(),
-            retry_after_ms: 0,
-            client_msg_id: None,
-        })
+        Frame::Error(Error { code: code as u16, message: message.into(), retry_after_ms: 0, client_msg_id: None })
     }
 }

@@ -5,46 +5,17 @@ use iris_protocol::{encode, DecodeError, ErrorCode, Frame, FrameDecoder, FRAME_B
 
 fn all_frames() -> Vec<Frame> {
     vec![
-        Frame::Hello(Hello {
-            token: "tok".into(),
-            resume_after_seq: 42,
-        }),
-        Frame::Welcome(Welcome {
-            user_id: 7,
-            device_id: 2,
-            shard: 1,
-            epoch: 3,
-            last_seq: 99,
-        }),
-        Frame::Redirect(Redirect {
-            epoch: 1,
-            address: "127.0.0.1".into(),
-            port: 7701,
-        }),
+        Frame::Hello(Hello { token: "tok".into(), resume_after_seq: 42 }),
+        Frame::Welcome(Welcome { user_id: 7, device_id: 2, shard: 1, epoch: 3, last_seq: 99 }),
+        Frame::Redirect(Redirect { epoch: 1, address: "127.0.0.1".into(), port: 7701 }),
         Frame::ShardMapRequest(ShardMapRequest {}),
         Frame::ShardMap(ShardMap {
             epoch: 5,
-            nodes: vec![NodeEntry {
-                node_id: 0,
-                address: "::1".into(),
-                shard_ports: vec![7700, 7701],
-            }],
-            slots: (0..4096)
-                .map(|i| SlotOwner {
-                    node: 0,
-                    shard: (i % 2) as u16,
-                })
-                .collect(),
+            nodes: vec![NodeEntry { node_id: 0, address: "::1".into(), shard_ports: vec![7700, 7701] }],
+            slots: (0..4096).map(|i| SlotOwner { node: 0, shard: (i % 2) as u16 }).collect(),
         }),
-        Frame::Send(Send {
-            client_msg_id: 1,
-            to_user: 2,
-            payload: vec![0xAB; 1000],
-        }),
-        Frame::Ack(Ack {
-            client_msg_id: 1,
-            server_msg_id: u64::MAX,
-        }),
+        Frame::Send(Send { client_msg_id: 1, to_user: 2, payload: vec![0xAB; 1000] }),
+        Frame::Ack(Ack { client_msg_id: 1, server_msg_id: u64::MAX }),
         Frame::Deliver(Deliver {
             seq: 3,
             from_user: 4,
@@ -54,12 +25,7 @@ fn all_frames() -> Vec<Frame> {
             payload: b"hello".to_vec(),
         }),
         Frame::DeliveryAck(DeliveryAck { up_to_seq: 10 }),
-        Frame::Error(Error {
-            code: 8,
-            message: "no".into(),
-            retry_after_ms: 5,
-            client_msg_id: Some(9),
-        }),
+        Frame::Error(Error { code: 8, message: "no".into(), retry_after_ms: 5, client_msg_id: Some(9) }),
         Frame::Ping(Ping { nonce: 11 }),
         Frame::Pong(Pong { nonce: 12 }),
     ]
@@ -89,23 +55,13 @@ fn oversized_length_prefix_is_refused_before_the_body_arrives() {
     let mut decoder = FrameDecoder::new(1024);
     decoder.feed(&(1025u32).to_le_bytes());
     let error = decoder.next_frame().unwrap_err();
-    assert_eq!(
-        error,
-        DecodeError::FrameTooLarge {
-            length: 1025,
-            limit: 1024
-        }
-    );
+    assert_eq!(error, DecodeError::FrameTooLarge { length: 1025, limit: 1024 });
     assert_eq!(error.code(), ErrorCode::FrameTooLarge);
 }
 
 #[test]
 fn encoding_refuses_a_frame_over_the_limit() {
-    let frame = Frame::Send(Send {
-        client_msg_id: 1,
-        to_user: 2,
-        payload: vec![0; 2048],
-    });
+    let frame = Frame::Send(Send { client_msg_id: 1, to_user: 2, payload: vec![0; 2048] });
     assert!(encode(&frame, 1024).is_err());
 }
 
@@ -115,33 +71,19 @@ fn unknown_kind_and_version_are_typed_errors() {
     good[5] = 200;
     let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
     decoder.feed(&good);
-    assert_eq!(
-        decoder.next_frame().unwrap_err(),
-        DecodeError::UnknownFrameKind(200)
-    );
+    assert_eq!(decoder.next_frame().unwrap_err(), DecodeError::UnknownFrameKind(200));
 
     let mut bad_version = encode(&Frame::Ping(Ping { nonce: 1 }), FRAME_BYTES_MAX_DEFAULT).unwrap();
     bad_version[4] = 9;
     let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
     decoder.feed(&bad_version);
-    assert_eq!(
-        decoder.next_frame().unwrap_err().code(),
-        ErrorCode::UnsupportedVersion
-    );
+    assert_eq!(decoder.next_frame().unwrap_err().code(), ErrorCode::UnsupportedVersion);
 }
 
 #[test]
 fn a_truncated_body_inside_a_valid_header_is_bad_frame() {
     // A Send whose String/Vec pointers point outside the body must not validate.
-    let wire = encode(
-        &Frame::Send(Send {
-            client_msg_id: 1,
-            to_user: 2,
-            payload: vec![7; 64],
-        }),
-        4096,
-    )
-    .unwrap();
+    let wire = encode(&Frame::Send(Send { client_msg_id: 1, to_user: 2, payload: vec![7; 64] }), 4096).unwrap();
     let body_len = wire.len() - 6;
     let mut cut = Vec::new();
     let short = (body_len / 2) as u32 + 2;
@@ -149,19 +91,13 @@ fn a_truncated_body_inside_a_valid_header_is_bad_frame() {
     cut.extend_from_slice(&wire[4..4 + short as usize]);
     let mut decoder = FrameDecoder::new(4096);
     decoder.feed(&cut);
-    assert_eq!(
-        decoder.next_frame().unwrap_err().code(),
-        ErrorCode::BadFrame
-    );
+    assert_eq!(decoder.next_frame().unwrap_err().code(), ErrorCode::BadFrame);
 }
 
 /// Seeded garbage: the decoder must return frames or typed errors, never panic.
 #[test]
 fn random_garbage_never_panics() {
-    let seed: u64 = std::env::var("IRIS_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x1215);
+    let seed: u64 = std::env::var("IRIS_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x1215);
     println!("seed = {seed}");
     let mut state = seed;
     let mut next = move || {
@@ -172,10 +108,7 @@ fn random_garbage_never_panics() {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let templates: Vec<Vec<u8>> = all_frames()
-        .iter()
-        .map(|f| encode(f, FRAME_BYTES_MAX_DEFAULT).unwrap())
-        .collect();
+    let templates: Vec<Vec<u8>> = all_frames().iter().map(|f| encode(f, FRAME_BYTES_MAX_DEFAULT).unwrap()).collect();
     let mut errors = 0;
     for round in 0..20_000 {
         let mut bytes = templates[round % templates.len()].clone();

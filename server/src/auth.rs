@@ -78,20 +78,12 @@ pub struct TokenAuthority {
 
 impl TokenAuthority {
     /// Loads the key at `path`, creating it if `create` and it does not exist.
-    pub fn load_or_create(
-        path: &Path,
-        create: bool,
-    ) -> Result<(TokenAuthority, bool), KeyFileError> {
-        let io = |source| KeyFileError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+    pub fn load_or_create(path: &Path, create: bool) -> Result<(TokenAuthority, bool), KeyFileError> {
+        let io = |source| KeyFileError::Io { path: path.display().to_string(), source };
         match std::fs::read(path) {
             Ok(bytes) => {
-                let secret: [u8; 32] = bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| KeyFileError::BadKey(path.display().to_string()))?;
+                let secret: [u8; 32] =
+                    bytes.as_slice().try_into().map_err(|_| KeyFileError::BadKey(path.display().to_string()))?;
                 Ok((TokenAuthority::from_secret(secret), false))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
@@ -111,10 +103,7 @@ impl TokenAuthority {
     pub fn from_secret(secret: [u8; 32]) -> TokenAuthority {
         let signing_key = SigningKey::from_bytes(&secret);
         let verifying_key = signing_key.verifying_key();
-        TokenAuthority {
-            signing_key,
-            verifying_key,
-        }
+        TokenAuthority { signing_key, verifying_key }
     }
 
     /// Mints a token for `claims`.
@@ -134,18 +123,14 @@ impl TokenAuthority {
         if token.len() > TOKEN_TEXT_BYTES_MAX {
             return Err(TokenError::Malformed);
         }
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token)
-            .map_err(|_| TokenError::Malformed)?;
+        let bytes =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| TokenError::Malformed)?;
         if bytes.len() != TOKEN_BYTES || bytes[0] != TOKEN_VERSION {
             return Err(TokenError::Malformed);
         }
         let (claims_bytes, signature_bytes) = bytes.split_at(CLAIMS_BYTES);
-        let signature =
-            Signature::from_slice(signature_bytes).map_err(|_| TokenError::Malformed)?;
-        self.verifying_key
-            .verify(claims_bytes, &signature)
-            .map_err(|_| TokenError::BadSignature)?;
+        let signature = Signature::from_slice(signature_bytes).map_err(|_| TokenError::Malformed)?;
+        self.verifying_key.verify(claims_bytes, &signature).map_err(|_| TokenError::BadSignature)?;
         let field = |range: std::ops::Range<usize>| &claims_bytes[range];
         // Lengths are fixed by the check on TOKEN_BYTES above.
         let claims = Claims {
@@ -154,9 +139,7 @@ impl TokenAuthority {
             expires_at_s: u64::from_le_bytes(field(13..21).try_into().expect("8 bytes")),
         };
         if claims.expires_at_s <= now_s {
-            return Err(TokenError::Expired {
-                expires_at_s: claims.expires_at_s,
-            });
+            return Err(TokenError::Expired { expires_at_s: claims.expires_at_s });
         }
         Ok(claims)
     }
@@ -169,35 +152,17 @@ mod tests {
     #[test]
     fn tokens_verify_and_reject_tampering_expiry_and_foreign_keys() {
         let authority = TokenAuthority::from_secret([7; 32]);
-        let claims = Claims {
-            user_id: 42,
-            device_id: 3,
-            expires_at_s: 1000,
-        };
+        let claims = Claims { user_id: 42, device_id: 3, expires_at_s: 1000 };
         let token = authority.mint(claims);
         assert_eq!(authority.verify(&token, 999), Ok(claims));
-        assert_eq!(
-            authority.verify(&token, 1000),
-            Err(TokenError::Expired { expires_at_s: 1000 })
-        );
+        assert_eq!(authority.verify(&token, 1000), Err(TokenError::Expired { expires_at_s: 1000 }));
         let other = TokenAuthority::from_secret([8; 32]);
         assert_eq!(other.verify(&token, 1), Err(TokenError::BadSignature));
-        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&token)
-            .unwrap();
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&token).unwrap();
         raw[1] ^= 1;
         let tampered = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
-        assert_eq!(
-            authority.verify(&tampered, 1),
-            Err(TokenError::BadSignature)
-        );
-        assert_eq!(
-            authority.verify("not a token!", 1),
-            Err(TokenError::Malformed)
-        );
-        assert_eq!(
-            authority.verify(&"A".repeat(500), 1),
-            Err(TokenError::Malformed)
-        );
+        assert_eq!(authority.verify(&tampered, 1), Err(TokenError::BadSignature));
+        assert_eq!(authority.verify("not a token!", 1), Err(TokenError::Malformed));
+        assert_eq!(authority.verify(&"A".repeat(500), 1), Err(TokenError::Malformed));
     }
 }

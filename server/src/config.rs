@@ -91,8 +91,10 @@ pub struct RuntimeConfig {
     pub io_memory_bytes: usize,
     /// Pin shard k to the k-th CPU of the affinity mask.
     pub pin_cores: bool,
-    /// QUIC idle timeout in milliseconds (clients send Ping to stay connected).
+    /// QUIC idle timeout in milliseconds (clients keep connections alive with QUIC pings).
     pub idle_timeout_ms: u32,
+    /// A connection that has not authenticated within this many milliseconds is closed.
+    pub hello_timeout_ms: u32,
 }
 
 impl Default for Config {
@@ -136,9 +138,12 @@ impl Default for Limits {
 impl Default for RuntimeConfig {
     fn default() -> RuntimeConfig {
         RuntimeConfig {
-            io_memory_bytes: 10 * 1024 * 1024,
+            // glommio's I/O buffers; the UDP path barely uses them. 2 MiB keeps
+            // two shards under the 8 MiB locked-memory limit of non-root users.
+            io_memory_bytes: 2 * 1024 * 1024,
             pin_cores: true,
             idle_timeout_ms: 30_000,
+            hello_timeout_ms: 10_000,
         }
     }
 }
@@ -149,14 +154,8 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            detail: e.to_string(),
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), detail: e.to_string() })
     }
 
     /// Checks every value; call after flags are applied.
@@ -168,17 +167,10 @@ impl Config {
                 return invalid(format!("shards = {shards}: must be 1..=1024"));
             }
         }
-        if u32::from(self.listen.port()) + u32::from(self.shards.unwrap_or(1)) > 65_536
-            || self.listen.port() == 0
-        {
-            return invalid(format!(
-                "listen port {} leaves no room for one port per shard",
-                self.listen.port()
-            ));
+        if u32::from(self.listen.port()) + u32::from(self.shards.unwrap_or(1)) > 65_536 || self.listen.port() == 0 {
+            return invalid(format!("listen port {} leaves no room for one port per shard", self.listen.port()));
         }
-        if limits.frame_bytes_max < iris_protocol::FRAME_BYTES_MAX_FLOOR
-            || limits.frame_bytes_max > 16 * 1024 * 1024
-        {
+        if limits.frame_bytes_max < iris_protocol::FRAME_BYTES_MAX_FLOOR || limits.frame_bytes_max > 16 * 1024 * 1024 {
             return invalid(format!(
                 "limits.frame_bytes_max = {}: must be {}..=16777216",
                 limits.frame_bytes_max,
@@ -189,26 +181,11 @@ impl Config {
             ("devices_per_user_max", limits.devices_per_user_max),
             ("devices_per_shard_max", limits.devices_per_shard_max),
             ("mailbox_messages_max", limits.mailbox_messages_max),
-            (
-                "dedup_entries_per_device_max",
-                limits.dedup_entries_per_device_max,
-            ),
-            (
-                "sends_in_flight_per_device_max",
-                limits.sends_in_flight_per_device_max,
-            ),
-            (
-                "connections_per_shard_max",
-                limits.connections_per_shard_max,
-            ),
-            (
-                "shard_channel_batches_max",
-                limits.shard_channel_batches_max,
-            ),
-            (
-                "shard_outbox_messages_max",
-                limits.shard_outbox_messages_max,
-            ),
+            ("dedup_entries_per_device_max", limits.dedup_entries_per_device_max),
+            ("sends_in_flight_per_device_max", limits.sends_in_flight_per_device_max),
+            ("connections_per_shard_max", limits.connections_per_shard_max),
+            ("shard_channel_batches_max", limits.shard_channel_batches_max),
+            ("shard_outbox_messages_max", limits.shard_outbox_messages_max),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -216,38 +193,29 @@ impl Config {
             }
         }
         if limits.devices_per_user_max > 64 {
-            return invalid(format!(
-                "limits.devices_per_user_max = {}: at most 64",
-                limits.devices_per_user_max
-            ));
+            return invalid(format!("limits.devices_per_user_max = {}: at most 64", limits.devices_per_user_max));
         }
         if limits.connection_response_bytes_max < limits.frame_bytes_max {
-            return invalid(
-                "limits.connection_response_bytes_max must be at least limits.frame_bytes_max"
-                    .into(),
-            );
+            return invalid("limits.connection_response_bytes_max must be at least limits.frame_bytes_max".into());
         }
         if limits.mailbox_bytes_max < u64::from(limits.frame_bytes_max) {
-            return invalid(
-                "limits.mailbox_bytes_max must be at least limits.frame_bytes_max".into(),
-            );
+            return invalid("limits.mailbox_bytes_max must be at least limits.frame_bytes_max".into());
         }
         if self.runtime.io_memory_bytes < 512 * 1024 {
-            return invalid(
-                "runtime.io_memory_bytes must be at least 524288 (glommio's minimum)".into(),
-            );
+            return invalid("runtime.io_memory_bytes must be at least 524288 (glommio's minimum)".into());
         }
         if self.runtime.idle_timeout_ms < 1000 {
             return invalid("runtime.idle_timeout_ms must be at least 1000".into());
+        }
+        if self.runtime.hello_timeout_ms < 100 {
+            return invalid("runtime.hello_timeout_ms must be at least 100".into());
         }
         Ok(())
     }
 
     /// The host clients are told to use.
     pub fn advertised_host(&self) -> String {
-        self.advertise_address
-            .clone()
-            .unwrap_or_else(|| self.listen.ip().to_string())
+        self.advertise_address.clone().unwrap_or_else(|| self.listen.ip().to_string())
     }
 }
 
@@ -260,18 +228,10 @@ mod tests {
         Config::default().validate().unwrap();
         let mut config = Config::default();
         config.limits.frame_bytes_max = 10;
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("frame_bytes_max"));
+        assert!(config.validate().unwrap_err().to_string().contains("frame_bytes_max"));
         let parsed: Result<Config, _> = toml::from_str("shards = 2\n[limits]\nno_such_limit = 1\n");
         assert!(parsed.unwrap_err().to_string().contains("no_such_limit"));
-        let parsed: Config =
-            toml::from_str("shards = 3\n[limits]\nmailbox_messages_max = 7\n").unwrap();
-        assert_eq!(
-            (parsed.shards, parsed.limits.mailbox_messages_max),
-            (Some(3), 7)
-        );
+        let parsed: Config = toml::from_str("shards = 3\n[limits]\nmailbox_messages_max = 7\n").unwrap();
+        assert_eq!((parsed.shards, parsed.limits.mailbox_messages_max), (Some(3), 7));
     }
 }

@@ -54,18 +54,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve {
-            config,
-            data_dir,
-            listen,
-            shards,
-        } => serve(config, data_dir, listen, shards),
-        Command::Token {
-            data_dir,
-            user,
-            device,
-            ttl,
-        } => token(&data_dir, user, device, ttl),
+        Command::Serve { config, data_dir, listen, shards } => serve(config, data_dir, listen, shards),
+        Command::Token { data_dir, user, device, ttl } => token(&data_dir, user, device, ttl),
     }
 }
 
@@ -90,16 +80,10 @@ fn token(data_dir: &Path, user: u64, device: u32, ttl: u64) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     println!(
         "{}",
-        authority.mint(Claims {
-            user_id: user,
-            device_id: device,
-            expires_at_s: now_s.saturating_add(ttl)
-        })
+        authority.mint(Claims { user_id: user, device_id: device, expires_at_s: now_s.saturating_add(ttl) })
     );
     ExitCode::SUCCESS
 }
@@ -111,10 +95,7 @@ fn serve(
     shards: Option<u16>,
 ) -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("IRIS_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IRIS_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -147,24 +128,16 @@ fn serve(
         return fail(error.to_string());
     }
     if let Err(error) = std::fs::create_dir_all(&config.data_dir) {
-        return fail(format!(
-            "creating data directory {}: {error}",
-            config.data_dir.display()
-        ));
+        return fail(format!("creating data directory {}: {error}", config.data_dir.display()));
     }
 
     let tls = TlsFiles::in_data_dir(&config.data_dir);
-    let mut names = vec![
-        "localhost".to_string(),
-        config.listen.ip().to_string(),
-        config.advertised_host(),
-    ];
+    let mut names = vec!["localhost".to_string(), config.listen.ip().to_string(), config.advertised_host()];
     names.dedup();
     match tls.create_if_missing(names) {
-        Ok(true) => println!(
-            "irisd: created a self-signed TLS certificate: {} (clients use it as IRIS_CA)",
-            tls.cert.display()
-        ),
+        Ok(true) => {
+            println!("irisd: created a self-signed TLS certificate: {} (clients use it as IRIS_CA)", tls.cert.display())
+        }
         Ok(false) => {}
         Err(error) => return fail(error.to_string()),
     }
@@ -186,22 +159,11 @@ fn serve(
         Err(error) => return fail(error.to_string()),
     };
 
-    let node = match runtime::start(
-        NodeSetup {
-            config: config.clone(),
-            authority,
-            crypto,
-        },
-        shard_count,
-    ) {
+    let node = match runtime::start(NodeSetup { config: config.clone(), authority, crypto }, shard_count) {
         Ok(node) => node,
         Err(error) => return fail(error.to_string()),
     };
-    let first = node
-        .addresses
-        .first()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let first = node.addresses.first().map(ToString::to_string).unwrap_or_default();
     println!(
         "irisd: ready: {shard_count} shard(s) on {first} (ports {}..={}), data in {}, CA {}",
         config.listen.port(),

@@ -46,10 +46,7 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// The default locations under `data_dir`.
     pub fn in_data_dir(data_dir: &Path) -> TlsFiles {
-        TlsFiles {
-            cert: data_dir.join("tls/cert.pem"),
-            key: data_dir.join("tls/key.pem"),
-        }
+        TlsFiles { cert: data_dir.join("tls/cert.pem"), key: data_dir.join("tls/key.pem") }
     }
 
     /// Creates a self-signed certificate for `names` if neither file exists.
@@ -68,19 +65,13 @@ impl TlsFiles {
         let generated = rcgen::generate_simple_self_signed(names)?;
         crate::files::write_private(&self.key, generated.signing_key.serialize_pem().as_bytes())
             .map_err(io(&self.key))?;
-        crate::files::write_public(&self.cert, generated.cert.pem().as_bytes())
-            .map_err(io(&self.cert))?;
+        crate::files::write_public(&self.cert, generated.cert.pem().as_bytes()).map_err(io(&self.cert))?;
         Ok(true)
     }
 
     /// Builds the QUIC server crypto configuration (ALPN `iris/1`).
-    pub fn quic_server_config(
-        &self,
-    ) -> Result<Arc<quinn_proto::crypto::rustls::QuicServerConfig>, TlsError> {
-        let pem = |path: &Path, detail: String| TlsError::Pem {
-            path: path.to_path_buf(),
-            detail,
-        };
+    pub fn quic_server_config(&self) -> Result<Arc<quinn_proto::crypto::rustls::QuicServerConfig>, TlsError> {
+        let pem = |path: &Path, detail: String| TlsError::Pem { path: path.to_path_buf(), detail };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
             .map_err(|e| pem(&self.cert, e.to_string()))?
             .collect::<Result<_, _>>()
@@ -88,8 +79,7 @@ impl TlsFiles {
         if chain.is_empty() {
             return Err(pem(&self.cert, "no certificate found".into()));
         }
-        let key =
-            PrivateKeyDer::from_pem_file(&self.key).map_err(|e| pem(&self.key, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| pem(&self.key, e.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])

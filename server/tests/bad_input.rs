@@ -23,20 +23,10 @@ async fn assert_still_serving(server: &mut Server) {
     server.assert_running();
     let sender = user_on_shard(0, 2, 9000);
     let receiver = user_on_shard(1, 2, 9000);
-    let mut receiving = Client::connect(server.client_config(receiver, 1))
-        .await
-        .expect("connect receiver");
-    let sending = Client::connect(server.client_config(sender, 1))
-        .await
-        .expect("connect sender");
-    sending
-        .send(receiver, b"still here".to_vec())
-        .await
-        .expect("send after bad input");
-    let message = tokio::time::timeout(Duration::from_secs(10), receiving.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut receiving = Client::connect(server.client_config(receiver, 1)).await.expect("connect receiver");
+    let sending = Client::connect(server.client_config(sender, 1)).await.expect("connect sender");
+    sending.send(receiver, b"still here".to_vec()).await.expect("send after bad input");
+    let message = tokio::time::timeout(Duration::from_secs(10), receiving.recv()).await.unwrap().unwrap();
     assert_eq!(message.payload, b"still here");
     receiving.close().await.unwrap();
     sending.close().await.unwrap();
@@ -48,42 +38,19 @@ async fn bad_tokens_are_refused_and_the_connection_closed() {
     let user = user_on_shard(0, 2, 100);
 
     let mut raw = Raw::connect(&server, 0).await;
-    assert_eq!(
-        error_code(Some(raw.hello("definitely-not-a-token", 0).await)),
-        ErrorCode::InvalidToken
-    );
-    assert_eq!(
-        raw.closed_code().await,
-        Some(u64::from(close_code::PROTOCOL_ERROR))
-    );
+    assert_eq!(error_code(Some(raw.hello("definitely-not-a-token", 0).await)), ErrorCode::InvalidToken);
+    assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
 
     // Signed by another key.
     let foreign = irisd::auth::TokenAuthority::from_secret([9; 32]);
-    let forged = foreign.mint(Claims {
-        user_id: user,
-        device_id: 1,
-        expires_at_s: now_s() + 60,
-    });
+    let forged = foreign.mint(Claims { user_id: user, device_id: 1, expires_at_s: now_s() + 60 });
     let mut raw = Raw::connect(&server, 0).await;
-    assert_eq!(
-        error_code(Some(raw.hello(&forged, 0).await)),
-        ErrorCode::InvalidToken
-    );
+    assert_eq!(error_code(Some(raw.hello(&forged, 0).await)), ErrorCode::InvalidToken);
 
-    let expired = server.authority().mint(Claims {
-        user_id: user,
-        device_id: 1,
-        expires_at_s: now_s() - 1,
-    });
+    let expired = server.authority().mint(Claims { user_id: user, device_id: 1, expires_at_s: now_s() - 1 });
     let mut raw = Raw::connect(&server, 0).await;
-    assert_eq!(
-        error_code(Some(raw.hello(&expired, 0).await)),
-        ErrorCode::TokenExpired
-    );
-    assert_eq!(
-        raw.closed_code().await,
-        Some(u64::from(close_code::PROTOCOL_ERROR))
-    );
+    assert_eq!(error_code(Some(raw.hello(&expired, 0).await)), ErrorCode::TokenExpired);
+    assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
 
     // The SDK reports it as a typed, non-retryable failure.
     let mut config = server.client_config(user, 1);
@@ -101,10 +68,7 @@ async fn oversized_garbage_and_unknown_frames_get_typed_errors() {
     let mut raw = Raw::connect(&server, 0).await;
     raw.write_bytes(&(10 * 1024 * 1024u32).to_le_bytes()).await;
     assert_eq!(error_code(raw.read_frame().await), ErrorCode::FrameTooLarge);
-    assert_eq!(
-        raw.closed_code().await,
-        Some(u64::from(close_code::PROTOCOL_ERROR))
-    );
+    assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
 
     // Garbage that parses as a header with a body that does not validate.
     let mut raw = Raw::connect(&server, 0).await;
@@ -115,43 +79,21 @@ async fn oversized_garbage_and_unknown_frames_get_typed_errors() {
 
     // An unknown frame kind.
     let mut raw = Raw::connect(&server, 0).await;
-    raw.write_bytes(&[2, 0, 0, 0, iris_protocol::PROTOCOL_VERSION, 250])
-        .await;
-    assert_eq!(
-        error_code(raw.read_frame().await),
-        ErrorCode::UnknownFrameType
-    );
+    raw.write_bytes(&[2, 0, 0, 0, iris_protocol::PROTOCOL_VERSION, 250]).await;
+    assert_eq!(error_code(raw.read_frame().await), ErrorCode::UnknownFrameType);
 
     // An unsupported protocol version.
     let mut raw = Raw::connect(&server, 0).await;
     raw.write_bytes(&[2, 0, 0, 0, 99, 11]).await;
-    assert_eq!(
-        error_code(raw.read_frame().await),
-        ErrorCode::UnsupportedVersion
-    );
+    assert_eq!(error_code(raw.read_frame().await), ErrorCode::UnsupportedVersion);
 
     // A server-only frame from a client, and a Send before Hello.
     let mut raw = Raw::connect(&server, 0).await;
-    raw.write_frame(&Frame::Ack(frames::Ack {
-        client_msg_id: 1,
-        server_msg_id: 2,
-    }))
-    .await;
-    assert_eq!(
-        error_code(raw.read_frame().await),
-        ErrorCode::ProtocolViolation
-    );
+    raw.write_frame(&Frame::Ack(frames::Ack { client_msg_id: 1, server_msg_id: 2 })).await;
+    assert_eq!(error_code(raw.read_frame().await), ErrorCode::ProtocolViolation);
     let mut raw = Raw::connect(&server, 0).await;
-    raw.write_frame(&Frame::Send(frames::Send {
-        client_msg_id: 1,
-        to_user: 2,
-        payload: vec![],
-    }))
-    .await;
-    assert_eq!(
-        error_code(raw.read_frame().await),
-        ErrorCode::ProtocolViolation
-    );
+    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 1, to_user: 2, payload: vec![] })).await;
+    assert_eq!(error_code(raw.read_frame().await), ErrorCode::ProtocolViolation);
 
     // Random bytes of every shape, many connections at once.
     let mut seed = common::rand_u64();
@@ -161,9 +103,7 @@ async fn oversized_garbage_and_unknown_frames_get_typed_errors() {
         let mut raw = Raw::connect(&server, (seed % 2) as u16).await;
         let mut bytes = Vec::new();
         for _ in 0..(seed % 300) {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             bytes.push((seed >> 33) as u8);
         }
         raw.write_bytes(&bytes).await;
@@ -180,74 +120,41 @@ async fn a_send_to_a_user_without_devices_is_refused_but_the_session_goes_on() {
     let sender = user_on_shard(0, 2, 200);
     let nobody = user_on_shard(1, 2, 7_000_000);
     let mut raw = Raw::connect(&server, 0).await;
-    assert!(matches!(
-        raw.hello(&server.token(sender, 1), 0).await,
-        Frame::Welcome(_)
-    ));
-    raw.write_frame(&Frame::Send(frames::Send {
-        client_msg_id: 5,
-        to_user: nobody,
-        payload: b"hi".to_vec(),
-    }))
-    .await;
+    assert!(matches!(raw.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
+    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 5, to_user: nobody, payload: b"hi".to_vec() })).await;
     match raw.read_frame().await {
         Some(Frame::Error(error)) => {
-            assert_eq!(
-                ErrorCode::from_u16(error.code),
-                Some(ErrorCode::UnknownRecipient)
-            );
+            assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::UnknownRecipient));
             assert_eq!(error.client_msg_id, Some(5));
         }
         other => panic!("expected Error, got {other:?}"),
     }
     // Same connection keeps working.
-    raw.write_frame(&Frame::Ping(frames::Ping { nonce: 42 }))
-        .await;
-    assert_eq!(
-        raw.read_frame().await,
-        Some(Frame::Pong(frames::Pong { nonce: 42 }))
-    );
+    raw.write_frame(&Frame::Ping(frames::Ping { nonce: 42 })).await;
+    assert_eq!(raw.read_frame().await, Some(Frame::Pong(frames::Pong { nonce: 42 })));
 
     // Through the SDK: a typed, final error.
-    let client = Client::connect(server.client_config(sender, 2))
-        .await
-        .unwrap();
+    let client = Client::connect(server.client_config(sender, 2)).await.unwrap();
     let error = client.send(nobody, b"hi".to_vec()).await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::UnknownRecipient));
     // A payload too large for a Deliver frame: the SDK refuses it locally...
     let error = client.send(sender, vec![0u8; 65_500]).await.unwrap_err();
-    assert!(
-        matches!(error, iris_client::ClientError::PayloadTooLarge { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, iris_client::ClientError::PayloadTooLarge { .. }), "{error:?}");
     // ...and the server refuses it (without closing) when a raw client sends it.
     let limit = iris_protocol::payload_bytes_max(iris_protocol::FRAME_BYTES_MAX_DEFAULT);
-    raw.write_frame(&Frame::Send(frames::Send {
-        client_msg_id: 6,
-        to_user: sender,
-        payload: vec![1; limit + 1],
-    }))
-    .await;
+    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 6, to_user: sender, payload: vec![1; limit + 1] }))
+        .await;
     let refused = raw.read_frame().await;
     assert!(
         matches!(&refused, Some(Frame::Error(e)) if e.code == ErrorCode::FrameTooLarge as u16 && e.client_msg_id == Some(6)),
         "{refused:?}"
     );
-    raw.write_frame(&Frame::Ping(frames::Ping { nonce: 43 }))
-        .await;
-    assert_eq!(
-        raw.read_frame().await,
-        Some(Frame::Pong(frames::Pong { nonce: 43 }))
-    );
+    raw.write_frame(&Frame::Ping(frames::Ping { nonce: 43 })).await;
+    assert_eq!(raw.read_frame().await, Some(Frame::Pong(frames::Pong { nonce: 43 })));
     // The session survived the refused send.
     let receiver = user_on_shard(1, 2, 250);
-    let _registered = Client::connect(server.client_config(receiver, 1))
-        .await
-        .unwrap();
-    client
-        .send(receiver, b"fine".to_vec())
-        .await
-        .expect("session still usable");
+    let _registered = Client::connect(server.client_config(receiver, 1)).await.unwrap();
+    client.send(receiver, b"fine".to_vec()).await.expect("session still usable");
     assert_still_serving(&mut server).await;
 }
 
@@ -255,15 +162,18 @@ async fn a_send_to_a_user_without_devices_is_refused_but_the_session_goes_on() {
 async fn too_many_devices_are_refused() {
     let mut server = Server::start_with(2, &["[limits]", "devices_per_user_max = 2"]);
     let user = user_on_shard(0, 2, 300);
-    let _one = Client::connect(server.client_config(user, 1))
-        .await
-        .unwrap();
-    let _two = Client::connect(server.client_config(user, 2))
-        .await
-        .unwrap();
-    let error = Client::connect(server.client_config(user, 3))
-        .await
-        .unwrap_err();
+    let _one = Client::connect(server.client_config(user, 1)).await.unwrap();
+    let _two = Client::connect(server.client_config(user, 2)).await.unwrap();
+    let error = Client::connect(server.client_config(user, 3)).await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::TooManyDevices));
+    assert_still_serving(&mut server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_says_hello_is_closed() {
+    let mut server = Server::start_with(2, &["[runtime]", "hello_timeout_ms = 300"]);
+    let raw = Raw::connect(&server, 0).await;
+    // The connection is up (keep-alives would hold it open), but no Hello is sent.
+    assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
     assert_still_serving(&mut server).await;
 }

@@ -12,9 +12,7 @@ use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::StoreLimits;
-use irisd::shard::{
-    ConnId, CoreLimits, MemoryStore, Output, ShardCore, ShardIdentity, ShardMessage,
-};
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, Output, ShardCore, ShardIdentity, ShardMessage};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 const SHARDS: u16 = 3;
@@ -89,14 +87,7 @@ impl Sim {
                     mailbox_messages_max: 100_000,
                     mailbox_bytes_max: 1 << 30,
                 });
-                ShardCore::new(
-                    identity,
-                    table.clone(),
-                    authority.clone(),
-                    limits,
-                    65536,
-                    store,
-                )
+                ShardCore::new(identity, table.clone(), authority.clone(), limits, 65536, store)
             })
             .collect();
         let mut devices = Vec::new();
@@ -136,22 +127,12 @@ impl Sim {
         // Sometimes knock on the wrong shard first: it must redirect.
         let device = &self.devices[index];
         let misroute = may_misroute && self.rng.below(4) == 0;
-        let shard = if misroute {
-            (device.home + 1) % SHARDS
-        } else {
-            device.home
-        };
+        let shard = if misroute { (device.home + 1) % SHARDS } else { device.home };
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        let token = self.authority.mint(Claims {
-            user_id: device.user,
-            device_id: device.device,
-            expires_at_s: u64::MAX,
-        });
-        let hello = Frame::Hello(frames::Hello {
-            token,
-            resume_after_seq: device.processed_seq,
-        });
+        let token =
+            self.authority.mint(Claims { user_id: device.user, device_id: device.device, expires_at_s: u64::MAX });
+        let hello = Frame::Hello(frames::Hello { token, resume_after_seq: device.processed_seq });
         self.conn_owner.insert((shard, conn), index);
         self.cores[shard as usize].on_connection(conn);
         self.cores[shard as usize].on_frame(conn, hello, self.now_ms);
@@ -160,11 +141,7 @@ impl Sim {
             // Resend everything unacknowledged with the same ids, in order.
             let pending: Vec<_> = self.devices[index].pending.iter().cloned().collect();
             for (id, to_user, payload) in pending {
-                let send = Frame::Send(frames::Send {
-                    client_msg_id: id,
-                    to_user,
-                    payload,
-                });
+                let send = Frame::Send(frames::Send { client_msg_id: id, to_user, payload });
                 self.cores[shard as usize].on_frame(conn, send, self.now_ms);
             }
         }
@@ -187,17 +164,12 @@ impl Sim {
         }
         let to_user = 1 + self.rng.below(USERS);
         let device = &mut self.devices[index];
-        let payload =
-            format!("{}/{}/{}", device.user, device.device, device.next_number).into_bytes();
+        let payload = format!("{}/{}/{}", device.user, device.device, device.next_number).into_bytes();
         device.next_number += 1;
         let id = device.next_id;
         device.next_id += 1;
         device.pending.push_back((id, to_user, payload.clone()));
-        let send = Frame::Send(frames::Send {
-            client_msg_id: id,
-            to_user,
-            payload,
-        });
+        let send = Frame::Send(frames::Send { client_msg_id: id, to_user, payload });
         self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
     }
 
@@ -207,11 +179,7 @@ impl Sim {
         };
         let device = &self.devices[index];
         if let Some((id, to_user, payload)) = device.pending.front().cloned() {
-            let send = Frame::Send(frames::Send {
-                client_msg_id: id,
-                to_user,
-                payload,
-            });
+            let send = Frame::Send(frames::Send { client_msg_id: id, to_user, payload });
             self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
         }
     }
@@ -231,9 +199,7 @@ impl Sim {
                 continue; // seq dedup, as the SDK does
             }
             device.processed_seq = deliver.seq;
-            device
-                .received
-                .push(String::from_utf8(deliver.payload).unwrap());
+            device.received.push(String::from_utf8(deliver.payload).unwrap());
         }
     }
 
@@ -242,30 +208,19 @@ impl Sim {
             return;
         };
         let device = &self.devices[index];
-        let ack = Frame::DeliveryAck(frames::DeliveryAck {
-            up_to_seq: device.processed_seq,
-        });
+        let ack = Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: device.processed_seq });
         self.cores[device.home as usize].on_frame(conn, ack, self.now_ms);
     }
 
     fn step_link(&mut self) {
-        let busy: Vec<(u16, u16)> = self
-            .links
-            .iter()
-            .filter(|(_, q)| !q.is_empty())
-            .map(|(k, _)| *k)
-            .collect();
+        let busy: Vec<(u16, u16)> = self.links.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
         if busy.is_empty() {
             return;
         }
         let (from, to) = busy[self.rng.below(busy.len() as u64) as usize];
         let count = 1 + self.rng.below(4);
         for _ in 0..count {
-            let Some(message) = self
-                .links
-                .get_mut(&(from, to))
-                .and_then(VecDeque::pop_front)
-            else {
+            let Some(message) = self.links.get_mut(&(from, to)).and_then(VecDeque::pop_front) else {
                 break;
             };
             self.cores[to as usize].on_shard_message(from, message);
@@ -299,20 +254,10 @@ impl Sim {
                 let device = &mut self.devices[index];
                 match frame {
                     Frame::Ack(ack) => {
-                        if let Some(position) = device
-                            .pending
-                            .iter()
-                            .position(|(id, ..)| *id == ack.client_msg_id)
-                        {
+                        if let Some(position) = device.pending.iter().position(|(id, ..)| *id == ack.client_msg_id) {
                             let (_, to_user, payload) = device.pending.remove(position).unwrap();
-                            let entry = (
-                                String::from_utf8(payload).unwrap(),
-                                to_user,
-                                (device.user, device.device),
-                            );
-                            if let Some(previous) =
-                                self.acked.insert(ack.server_msg_id, entry.clone())
-                            {
+                            let entry = (String::from_utf8(payload).unwrap(), to_user, (device.user, device.device));
+                            if let Some(previous) = self.acked.insert(ack.server_msg_id, entry.clone()) {
                                 assert_eq!(previous, entry, "one server_msg_id for two messages");
                             }
                         }
@@ -324,17 +269,10 @@ impl Sim {
             }
             Output::Close { conn, frame, .. } => {
                 let redirect = matches!(frame, Some(Frame::Redirect(_)));
-                assert!(
-                    redirect,
-                    "only redirects close connections here, got {frame:?}"
-                );
+                assert!(redirect, "only redirects close connections here, got {frame:?}");
                 self.conn_owner.remove(&(shard, conn));
                 self.cores[shard as usize].on_connection_closed(conn);
-                if let Some(&index) = self
-                    .devices
-                    .iter()
-                    .position(|d| d.conn == Some(conn) && d.home == shard)
-                    .as_ref()
+                if let Some(&index) = self.devices.iter().position(|d| d.conn == Some(conn) && d.home == shard).as_ref()
                 {
                     self.devices[index].conn = None;
                 }
@@ -392,25 +330,14 @@ impl Sim {
     }
 
     fn check(&self) {
-        assert!(
-            self.devices.iter().all(|d| d.pending.is_empty()),
-            "sends never acknowledged"
-        );
-        assert!(
-            self.acked.len() > 100,
-            "the simulation acknowledged only {} sends",
-            self.acked.len()
-        );
-        let acked_payloads: std::collections::HashSet<&str> =
-            self.acked.values().map(|(p, ..)| p.as_str()).collect();
+        assert!(self.devices.iter().all(|d| d.pending.is_empty()), "sends never acknowledged");
+        assert!(self.acked.len() > 100, "the simulation acknowledged only {} sends", self.acked.len());
+        let acked_payloads: std::collections::HashSet<&str> = self.acked.values().map(|(p, ..)| p.as_str()).collect();
         for device in &self.devices {
             let mut last_from: HashMap<(u64, u64), u64> = HashMap::new();
             for payload in &device.received {
                 // Only acknowledged messages are delivered.
-                assert!(
-                    acked_payloads.contains(payload.as_str()),
-                    "{payload} delivered but never acked"
-                );
+                assert!(acked_payloads.contains(payload.as_str()), "{payload} delivered but never acked");
                 // In order per sending device.
                 let parts: Vec<u64> = payload.split('/').map(|p| p.parse().unwrap()).collect();
                 if let Some(previous) = last_from.insert((parts[0], parts[1]), parts[2]) {
@@ -427,17 +354,9 @@ impl Sim {
         // Every acknowledged message reached every device of its recipient
         // (but the sending device itself) exactly once.
         for (payload, to_user, sender) in self.acked.values() {
-            for device in self
-                .devices
-                .iter()
-                .filter(|d| d.user == *to_user && (d.user, d.device) != *sender)
-            {
+            for device in self.devices.iter().filter(|d| d.user == *to_user && (d.user, d.device) != *sender) {
                 let copies = device.received.iter().filter(|p| *p == payload).count();
-                assert_eq!(
-                    copies, 1,
-                    "device {}/{} got {payload} {copies} times",
-                    device.user, device.device
-                );
+                assert_eq!(copies, 1, "device {}/{} got {payload} {copies} times", device.user, device.device);
             }
         }
     }

@@ -11,22 +11,11 @@ async fn send_many(client: &ClientSender, to_user: u64, count: u64, tag: &str) -
     let mut outcomes = Vec::new();
     for index in 0..count {
         let payload = format!("{tag}:{index}").into_bytes();
-        outcomes.push(
-            client
-                .send_nowait(to_user, payload)
-                .await
-                .expect("queue send"),
-        );
+        outcomes.push(client.send_nowait(to_user, payload).await.expect("queue send"));
     }
     let mut server_ids = Vec::new();
     for outcome in outcomes {
-        server_ids.push(
-            outcome
-                .await
-                .expect("outcome")
-                .expect("acked")
-                .server_msg_id,
-        );
+        server_ids.push(outcome.await.expect("outcome").expect("acked").server_msg_id);
     }
     server_ids
 }
@@ -38,11 +27,7 @@ async fn receive_in_order(client: &mut Client, count: u64, tag: &str) {
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for message {expected} of {tag}"))
             .expect("session ended");
-        assert!(
-            message.seq > last_seq,
-            "seq went from {last_seq} to {}",
-            message.seq
-        );
+        assert!(message.seq > last_seq, "seq went from {last_seq} to {}", message.seq);
         last_seq = message.seq;
         assert_eq!(
             String::from_utf8(message.payload).unwrap(),
@@ -57,16 +42,10 @@ async fn two_users_on_different_shards_exchange_10000_messages_each_way() {
     let server = Server::start(2);
     let alice = user_on_shard(0, 2, 1000);
     let bob = user_on_shard(1, 2, 1000);
-    let mut alice_client = Client::connect(server.client_config(alice, 1))
-        .await
-        .unwrap();
+    let mut alice_client = Client::connect(server.client_config(alice, 1)).await.unwrap();
     let mut bob_client = Client::connect(server.client_config(bob, 1)).await.unwrap();
     assert_eq!(alice_client.session_info().shard, 0);
-    assert_eq!(
-        bob_client.session_info().shard,
-        1,
-        "client should have followed the redirect to shard 1"
-    );
+    assert_eq!(bob_client.session_info().shard, 1, "client should have followed the redirect to shard 1");
 
     const COUNT: u64 = 10_000;
     let (alice_sender, bob_sender) = (alice_client.sender(), bob_client.sender());
@@ -93,19 +72,13 @@ async fn an_offline_device_receives_everything_on_reconnect() {
     let sender = user_on_shard(0, 2, 2000);
     let receiver = user_on_shard(1, 2, 2000);
     // Register the receiver's device, acknowledge nothing, go offline.
-    let first = Client::connect(server.client_config(receiver, 7))
-        .await
-        .unwrap();
+    let first = Client::connect(server.client_config(receiver, 7)).await.unwrap();
     first.close().await.unwrap();
 
-    let sending = Client::connect(server.client_config(sender, 1))
-        .await
-        .unwrap();
+    let sending = Client::connect(server.client_config(sender, 1)).await.unwrap();
     send_many(&sending.sender(), receiver, 500, "offline").await;
 
-    let mut back = Client::connect(server.client_config(receiver, 7))
-        .await
-        .unwrap();
+    let mut back = Client::connect(server.client_config(receiver, 7)).await.unwrap();
     receive_in_order(&mut back, 300, "offline").await;
     let processed = back.processed_seq();
     back.close().await.unwrap();
@@ -119,10 +92,7 @@ async fn an_offline_device_receives_everything_on_reconnect() {
     assert_eq!(String::from_utf8(next.payload).unwrap(), "offline:300");
     for index in 301..500 {
         let message = resumed.recv().await.unwrap();
-        assert_eq!(
-            String::from_utf8(message.payload).unwrap(),
-            format!("offline:{index}")
-        );
+        assert_eq!(String::from_utf8(message.payload).unwrap(), format!("offline:{index}"));
     }
     // The SDK reconnect path (connection dropped mid-session) also resumes without loss.
     send_many(&sending.sender(), receiver, 50, "again").await;
@@ -137,15 +107,9 @@ async fn a_send_reaches_every_device_of_the_recipient() {
     let receiver = user_on_shard(0, 2, 3000);
     let mut devices = Vec::new();
     for device in 1..=3 {
-        devices.push(
-            Client::connect(server.client_config(receiver, device))
-                .await
-                .unwrap(),
-        );
+        devices.push(Client::connect(server.client_config(receiver, device)).await.unwrap());
     }
-    let sending = Client::connect(server.client_config(sender, 1))
-        .await
-        .unwrap();
+    let sending = Client::connect(server.client_config(sender, 1)).await.unwrap();
     send_many(&sending.sender(), receiver, 100, "multi").await;
     for device in &mut devices {
         receive_in_order(device, 100, "multi").await;
@@ -158,71 +122,33 @@ async fn a_repeated_client_msg_id_is_stored_and_delivered_once() {
     let sender = user_on_shard(0, 2, 4000);
     let receiver = user_on_shard(1, 2, 4000);
     let mut receiving = Raw::connect(&server, 1).await;
-    assert!(matches!(
-        receiving.hello(&server.token(receiver, 1), 0).await,
-        Frame::Welcome(_)
-    ));
+    assert!(matches!(receiving.hello(&server.token(receiver, 1), 0).await, Frame::Welcome(_)));
 
     let mut sending = Raw::connect(&server, 0).await;
-    assert!(matches!(
-        sending.hello(&server.token(sender, 1), 0).await,
-        Frame::Welcome(_)
-    ));
-    let send = Frame::Send(frames::Send {
-        client_msg_id: 77,
-        to_user: receiver,
-        payload: b"once".to_vec(),
-    });
+    assert!(matches!(sending.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
+    let send = Frame::Send(frames::Send { client_msg_id: 77, to_user: receiver, payload: b"once".to_vec() });
     sending.write_frame(&send).await;
-    let Some(Frame::Ack(first)) = sending.read_frame().await else {
-        panic!("expected Ack")
-    };
+    let Some(Frame::Ack(first)) = sending.read_frame().await else { panic!("expected Ack") };
     // Same id again, on the same connection and after a reconnect.
     sending.write_frame(&send).await;
-    let Some(Frame::Ack(second)) = sending.read_frame().await else {
-        panic!("expected Ack")
-    };
+    let Some(Frame::Ack(second)) = sending.read_frame().await else { panic!("expected Ack") };
     assert_eq!(first, second, "a retry gets the original ack");
     drop(sending);
     let mut again = Raw::connect(&server, 0).await;
-    assert!(matches!(
-        again.hello(&server.token(sender, 1), 0).await,
-        Frame::Welcome(_)
-    ));
+    assert!(matches!(again.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
     again.write_frame(&send).await;
-    let Some(Frame::Ack(third)) = again.read_frame().await else {
-        panic!("expected Ack")
-    };
+    let Some(Frame::Ack(third)) = again.read_frame().await else { panic!("expected Ack") };
     assert_eq!(first, third);
     // A new id goes through as a new message.
-    let next = Frame::Send(frames::Send {
-        client_msg_id: 78,
-        to_user: receiver,
-        payload: b"twice".to_vec(),
-    });
+    let next = Frame::Send(frames::Send { client_msg_id: 78, to_user: receiver, payload: b"twice".to_vec() });
     again.write_frame(&next).await;
     assert!(matches!(again.read_frame().await, Some(Frame::Ack(_))));
 
-    let one = receiving
-        .read_push(Duration::from_secs(5))
-        .await
-        .expect("first delivery");
-    assert_eq!(
-        (one.seq, one.payload.as_slice(), one.server_msg_id),
-        (1, &b"once"[..], first.server_msg_id)
-    );
-    let two = receiving
-        .read_push(Duration::from_secs(5))
-        .await
-        .expect("second delivery");
+    let one = receiving.read_push(Duration::from_secs(5)).await.expect("first delivery");
+    assert_eq!((one.seq, one.payload.as_slice(), one.server_msg_id), (1, &b"once"[..], first.server_msg_id));
+    let two = receiving.read_push(Duration::from_secs(5)).await.expect("second delivery");
     assert_eq!((two.seq, two.payload.as_slice()), (2, &b"twice"[..]));
-    assert!(
-        receiving
-            .read_push(Duration::from_millis(300))
-            .await
-            .is_none(),
-        "duplicate delivered"
-    );
+    assert!(receiving.read_push(Duration::from_millis(300)).await.is_none(), "duplicate delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,16 +156,10 @@ async fn hello_on_the_wrong_shard_is_redirected_and_the_shard_map_agrees() {
     let server = Server::start(2);
     let user = user_on_shard(1, 2, 5000);
     let mut raw = Raw::connect(&server, 0).await;
-    raw.write_frame(&Frame::ShardMapRequest(frames::ShardMapRequest {}))
-        .await;
-    let Some(Frame::ShardMap(map)) = raw.read_frame().await else {
-        panic!("expected ShardMap")
-    };
+    raw.write_frame(&Frame::ShardMapRequest(frames::ShardMapRequest {})).await;
+    let Some(Frame::ShardMap(map)) = raw.read_frame().await else { panic!("expected ShardMap") };
     assert_eq!(map.slots.len(), iris_shard_map::SLOT_COUNT as usize);
-    assert_eq!(
-        map.nodes[0].shard_ports,
-        vec![server.base_port, server.base_port + 1]
-    );
+    assert_eq!(map.nodes[0].shard_ports, vec![server.base_port, server.base_port + 1]);
     let slot = iris_shard_map::slot_for_user(iris_shard_map::UserId(user));
     assert_eq!(map.slots[slot.0 as usize].shard, 1);
 
@@ -251,12 +171,7 @@ async fn hello_on_the_wrong_shard_is_redirected_and_the_shard_map_agrees() {
         }
         other => panic!("expected Redirect, got {other:?}"),
     }
-    assert_eq!(
-        raw.closed_code().await,
-        Some(u64::from(iris_protocol::close_code::REDIRECTED))
-    );
+    assert_eq!(raw.closed_code().await, Some(u64::from(iris_protocol::close_code::REDIRECTED)));
     let mut home = Raw::connect(&server, 1).await;
-    assert!(
-        matches!(home.hello(&server.token(user, 1), 0).await, Frame::Welcome(w) if w.shard == 1)
-    );
+    assert!(matches!(home.hello(&server.token(user, 1), 0).await, Frame::Welcome(w) if w.shard == 1));
 }

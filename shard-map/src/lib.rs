@@ -66,10 +66,7 @@ pub fn slot_for_user(user: UserId) -> Slot {
 /// `buckets` buckets such that growing from n to n+1 buckets moves only
 /// about 1/(n+1) of the keys, all of them into the new bucket.
 pub fn jump_consistent_hash(key: u64, buckets: u32) -> u32 {
-    assert!(
-        buckets > 0,
-        "jump_consistent_hash needs at least one bucket"
-    );
+    assert!(buckets > 0, "jump_consistent_hash needs at least one bucket");
     let mut key = key;
     let mut bucket: i64 = -1;
     let mut next: i64 = 0;
@@ -97,10 +94,7 @@ impl SlotTable {
             return Err(ShardMapError::NoShards);
         }
         let owners = (0..SLOT_COUNT)
-            .map(|slot| Owner {
-                node,
-                shard: ShardId(jump_consistent_hash(u64::from(slot), u32::from(shards)) as u16),
-            })
+            .map(|slot| Owner { node, shard: ShardId(jump_consistent_hash(u64::from(slot), u32::from(shards)) as u16) })
             .collect();
         Ok(SlotTable { epoch, owners })
     }

@@ -27,6 +27,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub struct ConnectionLimits {
     /// Response bytes buffered before the request stream is paused.
     pub response_bytes_max: usize,
+    /// How long a new connection may take to authenticate before it is
+    /// closed, so an idle unauthenticated peer cannot hold a connection slot.
+    pub hello_timeout: Duration,
 }
 
 /// Bytes waiting for a stream, with the part already written.
@@ -81,7 +84,8 @@ pub struct Connection {
     pub dirty: bool,
     /// The deadline registered in the loop's timer set.
     pub deadline: Option<Instant>,
-    /// When a closing connection is closed regardless.
+    /// When the connection is closed regardless: `hello_timeout` after accept
+    /// until it authenticates, CLOSE_GRACE after a fatal error or redirect.
     pub close_deadline: Option<Instant>,
     /// The core has messages to push.
     pub push_wanted: bool,
@@ -112,6 +116,7 @@ impl Connection {
     /// Wraps a freshly accepted quinn connection.
     pub fn new(
         quic: quinn_proto::Connection,
+        now: Instant,
         frame_bytes_max: u32,
         limits: ConnectionLimits,
     ) -> Connection {
@@ -119,7 +124,7 @@ impl Connection {
             quic,
             dirty: false,
             deadline: None,
-            close_deadline: None,
+            close_deadline: Some(now + limits.hello_timeout),
             push_wanted: false,
             request: None,
             request_readable: false,
@@ -135,13 +140,7 @@ impl Connection {
     }
 
     /// Handles quinn's application events and feeds request frames to the core.
-    pub fn poll_events<S: MailboxStore>(
-        &mut self,
-        now: Instant,
-        core: &mut ShardCore<S>,
-        conn: ConnId,
-        now_ms: u64,
-    ) {
+    pub fn poll_events<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
         while let Some(event) = self.quic.poll() {
             match event {
                 Event::Stream(StreamEvent::Opened { dir }) => self.accept_streams(dir),
@@ -155,19 +154,11 @@ impl Connection {
                         self.pushes.blocked = false;
                     }
                 }
-                Event::Stream(StreamEvent::Finished { id })
-                    if Some(id) == self.request && self.closing.is_some() =>
-                {
+                Event::Stream(StreamEvent::Finished { id }) if Some(id) == self.request && self.closing.is_some() => {
                     self.close_now(now);
                 }
-                Event::Stream(StreamEvent::Stopped { .. }) => {
-                    self.close(now, close_code::NORMAL, "stream stopped")
-                }
-                Event::Stream(StreamEvent::Available { dir: Dir::Uni })
-                    if self.push_open_pending =>
-                {
-                    self.open_push()
-                }
+                Event::Stream(StreamEvent::Stopped { .. }) => self.close(now, close_code::NORMAL, "stream stopped"),
+                Event::Stream(StreamEvent::Available { dir: Dir::Uni }) if self.push_open_pending => self.open_push(),
                 Event::ConnectionLost { reason } => {
                     tracing::debug!(?conn, %reason, "connection lost")
                 }
@@ -185,21 +176,12 @@ impl Connection {
             } else {
                 // The transport allows one bidirectional and no unidirectional
                 // client stream, so this is a misbehaving peer.
-                let _ = self
-                    .quic
-                    .recv_stream(id)
-                    .stop(VarInt::from_u32(close_code::PROTOCOL_ERROR));
+                let _ = self.quic.recv_stream(id).stop(VarInt::from_u32(close_code::PROTOCOL_ERROR));
             }
         }
     }
 
-    fn read_requests<S: MailboxStore>(
-        &mut self,
-        now: Instant,
-        core: &mut ShardCore<S>,
-        conn: ConnId,
-        now_ms: u64,
-    ) {
+    fn read_requests<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
         let Some(stream) = self.request else { return };
         if !self.request_readable || self.closing.is_some() || self.responses_full() {
             return;
@@ -261,17 +243,17 @@ impl Connection {
     pub fn apply(&mut self, output: Output, now: Instant) {
         match output {
             Output::Frame { frame, .. } => self.queue_response(&frame),
-            Output::Authenticated { .. } => self.open_push(),
-            Output::Close {
-                frame, close_code, ..
-            } => {
+            Output::Authenticated { .. } => {
+                if self.closing.is_none() {
+                    self.close_deadline = None;
+                }
+                self.open_push();
+            }
+            Output::Close { frame, close_code, .. } => {
                 if let Some(frame) = frame {
                     self.queue_response(&frame);
                 }
-                self.closing = Some(Closing {
-                    close_code,
-                    finish_sent: false,
-                });
+                self.closing = Some(Closing { close_code, finish_sent: false });
                 self.close_deadline = Some(now + CLOSE_GRACE);
                 if self.request.is_none() {
                     self.close_now(now);
@@ -342,10 +324,7 @@ impl Connection {
     /// Whether the connection can make progress without new input.
     pub fn has_pending_work(&self) -> bool {
         let can_read = self.request_readable && self.closing.is_none() && !self.responses_full();
-        let can_push = self.push_wanted
-            && self.push.is_some()
-            && !self.pushes.blocked
-            && self.closing.is_none();
+        let can_push = self.push_wanted && self.push.is_some() && !self.pushes.blocked && self.closing.is_none();
         let can_respond = self.responses.pending() > 0 && !self.responses.blocked;
         can_read || can_push || can_respond
     }
@@ -353,23 +332,21 @@ impl Connection {
     /// Called when the loop's timer for this connection fires.
     pub fn on_close_deadline(&mut self, now: Instant) {
         if self.close_deadline.is_some_and(|deadline| deadline <= now) {
-            self.close_now(now);
+            if self.closing.is_none() {
+                self.close(now, close_code::PROTOCOL_ERROR, "no Hello in time");
+            } else {
+                self.close_now(now);
+            }
         }
     }
 
     fn close(&mut self, now: Instant, code: u32, reason: &'static str) {
         self.close_deadline = None;
-        self.quic.close(
-            now,
-            VarInt::from_u32(code),
-            bytes::Bytes::from_static(reason.as_bytes()),
-        );
+        self.quic.close(now, VarInt::from_u32(code), bytes::Bytes::from_static(reason.as_bytes()));
     }
 
     fn close_now(&mut self, now: Instant) {
-        let code = self
-            .closing
-            .map_or(close_code::NORMAL, |closing| closing.close_code);
+        let code = self.closing.map_or(close_code::NORMAL, |closing| closing.close_code);
         self.close(now, code, "closed by server");
     }
 }

@@ -58,9 +58,7 @@ pub struct NodeSetup {
 
 impl std::fmt::Debug for NodeSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeSetup")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("NodeSetup").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -70,15 +68,12 @@ pub fn allowed_cpus() -> Result<Vec<usize>, StartError> {
     // writes at most size_of::<cpu_set_t>() bytes into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
-    let result =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let result = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if result != 0 {
         return Err(StartError::Affinity(std::io::Error::last_os_error()));
     }
     // SAFETY: CPU_ISSET reads the bitmask initialised above.
-    Ok((0..libc::CPU_SETSIZE as usize)
-        .filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) })
-        .collect())
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) }).collect())
 }
 
 /// A running node: the shard threads and the addresses they serve.
@@ -106,9 +101,8 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
     let setup = Arc::new(setup);
     let config = &setup.config;
     let cpus = allowed_cpus()?;
-    let addresses: Vec<SocketAddr> = (0..shard_count)
-        .map(|k| SocketAddr::new(config.listen.ip(), config.listen.port() + k))
-        .collect();
+    let addresses: Vec<SocketAddr> =
+        (0..shard_count).map(|k| SocketAddr::new(config.listen.ip(), config.listen.port() + k)).collect();
     let mut sockets = Vec::new();
     for (shard, address) in addresses.iter().enumerate() {
         let socket = bind_exclusive(*address).map_err(|source| StartError::Bind {
@@ -123,10 +117,8 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
     // One bounded channel per ordered pair (from, to).
     let capacity = config.limits.shard_channel_batches_max as usize;
     let count = usize::from(shard_count);
-    let mut senders: Vec<Vec<Option<SharedSender<ShardBatch>>>> =
-        (0..count).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<(u16, SharedReceiver<ShardBatch>)>> =
-        (0..count).map(|_| Vec::new()).collect();
+    let mut senders: Vec<Vec<Option<SharedSender<ShardBatch>>>> = (0..count).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<(u16, SharedReceiver<ShardBatch>)>> = (0..count).map(|_| Vec::new()).collect();
     for (from, from_senders) in senders.iter_mut().enumerate() {
         for (to, to_receivers) in receivers.iter_mut().enumerate() {
             if from == to {
@@ -155,27 +147,12 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
             .name(&format!("shard-{shard}"))
             .io_memory(config.runtime.io_memory_bytes)
             .spawn(move || async move {
-                run_shard(
-                    shard,
-                    setup,
-                    table,
-                    ports,
-                    socket,
-                    shard_senders,
-                    shard_receivers,
-                )
-                .await;
+                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers).await;
             })
-            .map_err(|e| StartError::Executor {
-                shard,
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| StartError::Executor { shard, detail: e.to_string() })?;
         executors.push(executor);
     }
-    Ok(RunningNode {
-        addresses,
-        executors,
-    })
+    Ok(RunningNode { addresses, executors })
 }
 
 async fn run_shard(
@@ -191,15 +168,11 @@ async fn run_shard(
     let limits = &config.limits;
     // A connect waits for the other side to connect too, so all of them run
     // as concurrent tasks (connecting one by one would deadlock the shards).
-    let sender_tasks: Vec<_> = senders
-        .into_iter()
-        .map(|sender| glommio::spawn_local(async move { Some(sender?.connect().await) }))
-        .collect();
+    let sender_tasks: Vec<_> =
+        senders.into_iter().map(|sender| glommio::spawn_local(async move { Some(sender?.connect().await) })).collect();
     let receiver_tasks: Vec<_> = receivers
         .into_iter()
-        .map(|(from, receiver)| {
-            glommio::spawn_local(async move { (from, receiver.connect().await) })
-        })
+        .map(|(from, receiver)| glommio::spawn_local(async move { (from, receiver.connect().await) }))
         .collect();
     let mut connected_senders = Vec::new();
     for task in sender_tasks {
@@ -233,33 +206,17 @@ async fn run_shard(
         sends_in_flight_per_device_max: limits.sends_in_flight_per_device_max,
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
     };
-    let core = ShardCore::new(
-        identity,
-        table,
-        setup.authority.clone(),
-        core_limits,
-        limits.frame_bytes_max,
-        store,
-    );
+    let core = ShardCore::new(identity, table, setup.authority.clone(), core_limits, limits.frame_bytes_max, store);
     let server_config = quic_server_config(&setup);
-    let links = ShardLinks {
-        senders: connected_senders,
-        receivers: connected_receivers,
-    };
+    let links = ShardLinks { senders: connected_senders, receivers: connected_receivers };
     let connection_limits = ConnectionLimits {
         response_bytes_max: limits.connection_response_bytes_max as usize,
+        hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
     };
     tracing::info!(shard, address = ?udp.local_addr().ok(), gso_segments = udp.max_gso_segments(), "shard running");
-    ShardLoop::new(
-        core,
-        server_config,
-        udp,
-        links,
-        limits.connections_per_shard_max as usize,
-        connection_limits,
-    )
-    .run()
-    .await;
+    ShardLoop::new(core, server_config, udp, links, limits.connections_per_shard_max as usize, connection_limits)
+        .run()
+        .await;
 }
 
 /// The QUIC transport settings of client connections.
@@ -270,6 +227,19 @@ fn quic_server_config(setup: &NodeSetup) -> Arc<quinn_proto::ServerConfig> {
     transport.max_concurrent_uni_streams(quinn_proto::VarInt::from_u32(0));
     let idle = Duration::from_millis(u64::from(setup.config.runtime.idle_timeout_ms));
     transport.max_idle_timeout(idle.try_into().ok());
+    // Memory a peer can pin per connection (quinn's defaults allow 1.25 MiB
+    // of receive buffer per stream and 10 MiB of send buffer):
+    // - receive: one request stream, 256 KiB (four maximum-size frames in flight);
+    // - send: 256 KiB across the request and push streams; Deliver frames are
+    //   pulled from the mailbox only while this has room, so a slow reader
+    //   costs at most this much here, its backlog stays in its mailbox;
+    // - unreliable datagrams are not used, so none are buffered.
+    // Worst case ~0.5 MiB per connection; idle connections use far less.
+    let window = quinn_proto::VarInt::from_u32(256 * 1024);
+    transport.stream_receive_window(window);
+    transport.receive_window(window);
+    transport.send_window(256 * 1024);
+    transport.datagram_receive_buffer_size(None);
     let mut server_config = quinn_proto::ServerConfig::with_crypto(setup.crypto.clone());
     server_config.transport_config(Arc::new(transport));
     Arc::new(server_config)

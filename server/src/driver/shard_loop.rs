@@ -93,9 +93,7 @@ pub struct ShardLoop<S: MailboxStore> {
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardLoop")
-            .field("connections", &self.connections.len())
-            .finish_non_exhaustive()
+        f.debug_struct("ShardLoop").field("connections", &self.connections.len()).finish_non_exhaustive()
     }
 }
 
@@ -116,12 +114,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         connections_max: usize,
         connection_limits: ConnectionLimits,
     ) -> ShardLoop<S> {
-        let endpoint = Endpoint::new(
-            Arc::new(quinn_proto::EndpointConfig::default()),
-            Some(server_config),
-            true,
-            None,
-        );
+        let endpoint = Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), Some(server_config), true, None);
         ShardLoop {
             core,
             endpoint,
@@ -191,8 +184,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         };
         let channels = future::poll_fn(|cx| {
             for (from, receiver) in receivers.iter_mut() {
-                if let Poll::Ready(batch) = futures_lite::Stream::poll_next(Pin::new(receiver), cx)
-                {
+                if let Poll::Ready(batch) = futures_lite::Stream::poll_next(Pin::new(receiver), cx) {
                     return Poll::Ready(Wake::Batch(*from, batch));
                 }
             }
@@ -202,9 +194,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     fn now_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
     fn receive_datagrams(&mut self, now: Instant) -> bool {
@@ -223,8 +213,7 @@ impl<S: MailboxStore> ShardLoop<S> {
                 let (meta, bytes) = self.udp.received(index);
                 // Copy out so the receive buffers can be reused while quinn
                 // keeps the packet; a GRO batch splits into `stride` segments.
-                let segments: Vec<BytesMut> =
-                    bytes.chunks(meta.stride).map(BytesMut::from).collect();
+                let segments: Vec<BytesMut> = bytes.chunks(meta.stride).map(BytesMut::from).collect();
                 for segment in segments {
                     self.handle_datagram(now, meta, segment);
                 }
@@ -235,14 +224,7 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn handle_datagram(&mut self, now: Instant, meta: super::udp::Received, data: BytesMut) {
         self.scratch.clear();
-        let event = self.endpoint.handle(
-            now,
-            meta.from,
-            meta.local_ip,
-            meta.ecn,
-            data,
-            &mut self.scratch,
-        );
+        let event = self.endpoint.handle(now, meta.from, meta.local_ip, meta.ecn, data, &mut self.scratch);
         match event {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(connection) = self.connections.get_mut(&handle) {
@@ -258,11 +240,8 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
                 match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
                     Ok((handle, quic)) => {
-                        let connection = Connection::new(
-                            quic,
-                            self.core.frame_bytes_max(),
-                            self.connection_limits,
-                        );
+                        let connection =
+                            Connection::new(quic, now, self.core.frame_bytes_max(), self.connection_limits);
                         self.connections.insert(handle, connection);
                         self.core.on_connection(ConnId(handle.0 as u64));
                         self.mark_dirty(handle);
@@ -284,8 +263,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         let mut buffer = self.buffer_pool.pop().unwrap_or_default();
         buffer.clear();
         buffer.extend_from_slice(&self.scratch[..transmit.size]);
-        self.transmits
-            .push_back(OutgoingDatagram { transmit, buffer });
+        self.transmits.push_back(OutgoingDatagram { transmit, buffer });
     }
 
     fn receive_shard_batches(&mut self) -> bool {
@@ -372,9 +350,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn apply_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
             let conn = match &output {
-                Output::Frame { conn, .. }
-                | Output::Authenticated { conn }
-                | Output::Close { conn, .. } => *conn,
+                Output::Frame { conn, .. } | Output::Authenticated { conn } | Output::Close { conn, .. } => *conn,
             };
             let handle = ConnectionHandle(conn.0 as usize);
             let Some(connection) = self.connections.get_mut(&handle) else {
@@ -412,9 +388,7 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
                 if let Err(error) = sender.try_send(batch) {
                     match error {
-                        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(
-                            batch,
-                        )) => {
+                        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(batch)) => {
                             self.core.requeue_outbox(shard, batch);
                             blocked = true;
                         }
@@ -442,13 +416,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             while self.transmits.len() < TRANSMIT_QUEUE_MAX {
                 let mut buffer = self.buffer_pool.pop().unwrap_or_default();
                 buffer.clear();
-                match connection
-                    .quic
-                    .poll_transmit(now, max_segments, &mut buffer)
-                {
-                    Some(transmit) => self
-                        .transmits
-                        .push_back(OutgoingDatagram { transmit, buffer }),
+                match connection.quic.poll_transmit(now, max_segments, &mut buffer) {
+                    Some(transmit) => self.transmits.push_back(OutgoingDatagram { transmit, buffer }),
                     None => {
                         self.buffer_pool.push(buffer);
                         break;
@@ -472,10 +441,7 @@ impl<S: MailboxStore> ShardLoop<S> {
                 self.core.on_connection_closed(ConnId(handle.0 as u64));
                 continue;
             }
-            let next = [connection.quic.poll_timeout(), connection.close_deadline]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [connection.quic.poll_timeout(), connection.close_deadline].into_iter().flatten().min();
             if next != connection.deadline {
                 if let Some(old) = connection.deadline {
                     self.timers.remove(&(old, handle));
@@ -495,10 +461,7 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn send_datagrams(&mut self) -> bool {
         while let Some(outgoing) = self.transmits.front() {
-            match self.udp.send(
-                &outgoing.transmit,
-                &outgoing.buffer[..outgoing.transmit.size],
-            ) {
+            match self.udp.send(&outgoing.transmit, &outgoing.buffer[..outgoing.transmit.size]) {
                 Ok(()) => {
                     if let Some(done) = self.transmits.pop_front() {
                         if self.buffer_pool.len() < TRANSMIT_QUEUE_MAX {

@@ -72,15 +72,12 @@ impl UdpIo {
         let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
         // SAFETY: `fd` was just released by its only owner, so glommio's
         // socket becomes its sole owner and closes it on drop.
-        let readiness =
-            unsafe { <glommio::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let readiness = unsafe { <glommio::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         Ok(UdpIo {
             readiness,
             socket: plain,
             state,
-            buffers: (0..RECV_BATCH_DATAGRAMS)
-                .map(|_| vec![0u8; RECV_BUFFER_BYTES])
-                .collect(),
+            buffers: (0..RECV_BATCH_DATAGRAMS).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect(),
             metas: vec![quinn_udp::RecvMeta::default(); RECV_BATCH_DATAGRAMS],
         })
     }
@@ -106,15 +103,8 @@ impl UdpIo {
     /// Reads one batch without blocking. Returns how many slots were filled
     /// (0 when nothing is waiting); read them with [`UdpIo::received`].
     pub fn receive_batch(&mut self) -> io::Result<usize> {
-        let mut slices: Vec<IoSliceMut<'_>> = self
-            .buffers
-            .iter_mut()
-            .map(|b| IoSliceMut::new(b))
-            .collect();
-        match self
-            .state
-            .recv((&self.socket).into(), &mut slices, &mut self.metas)
-        {
+        let mut slices: Vec<IoSliceMut<'_>> = self.buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        match self.state.recv((&self.socket).into(), &mut slices, &mut self.metas) {
             Ok(count) => Ok(count),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(0),
@@ -128,9 +118,7 @@ impl UdpIo {
         let received = Received {
             from: meta.addr,
             local_ip: meta.dst_ip,
-            ecn: meta
-                .ecn
-                .and_then(|ecn| quinn_proto::EcnCodepoint::from_bits(ecn as u8)),
+            ecn: meta.ecn.and_then(|ecn| quinn_proto::EcnCodepoint::from_bits(ecn as u8)),
             len: meta.len,
             stride: meta.stride.max(1),
         };
@@ -142,9 +130,7 @@ impl UdpIo {
     pub fn send(&self, transmit: &quinn_proto::Transmit, contents: &[u8]) -> io::Result<()> {
         let udp_transmit = quinn_udp::Transmit {
             destination: transmit.destination,
-            ecn: transmit
-                .ecn
-                .and_then(|ecn| quinn_udp::EcnCodepoint::from_bits(ecn as u8)),
+            ecn: transmit.ecn.and_then(|ecn| quinn_udp::EcnCodepoint::from_bits(ecn as u8)),
             contents,
             segment_size: transmit.segment_size,
             src_ip: transmit.src_ip,

@@ -171,10 +171,7 @@ impl<S: MailboxStore> ShardCore<S> {
         frame_bytes_max: u32,
         store: S,
     ) -> ShardCore<S> {
-        assert!(
-            usize::from(identity.shard.0) < identity.shard_ports.len(),
-            "shard index outside the port list"
-        );
+        assert!(usize::from(identity.shard.0) < identity.shard_ports.len(), "shard index outside the port list");
         let shard_count = identity.shard_ports.len();
         ShardCore {
             identity,
@@ -207,10 +204,7 @@ impl<S: MailboxStore> ShardCore<S> {
     /// A new connection exists.
     pub fn on_connection(&mut self, conn: ConnId) {
         let previous = self.sessions.insert(conn, Session::AwaitingHello);
-        assert!(
-            previous.is_none(),
-            "connection id {conn:?} reused while live"
-        );
+        assert!(previous.is_none(), "connection id {conn:?} reused while live");
     }
 
     /// The connection is gone (closed by either side or timed out).
@@ -257,11 +251,7 @@ impl<S: MailboxStore> ShardCore<S> {
         let claims = match self.authority.verify(&hello.token, now_ms / 1000) {
             Ok(claims) => claims,
             Err(TokenError::Expired { expires_at_s }) => {
-                return self.fail(
-                    conn,
-                    ErrorCode::TokenExpired,
-                    format!("token expired at {expires_at_s}"),
-                );
+                return self.fail(conn, ErrorCode::TokenExpired, format!("token expired at {expires_at_s}"));
             }
             Err(error) => return self.fail(conn, ErrorCode::InvalidToken, error.to_string()),
         };
@@ -269,17 +259,10 @@ impl<S: MailboxStore> ShardCore<S> {
         if home.node != self.identity.node || home.shard != self.identity.shard {
             let redirect = self.redirect_to(home.shard);
             self.sessions.insert(conn, Session::Closing);
-            self.outputs.push_back(Output::Close {
-                conn,
-                frame: Some(redirect),
-                close_code: close_code::REDIRECTED,
-            });
+            self.outputs.push_back(Output::Close { conn, frame: Some(redirect), close_code: close_code::REDIRECTED });
             return;
         }
-        let device = DeviceKey {
-            user: claims.user_id,
-            device: claims.device_id,
-        };
+        let device = DeviceKey { user: claims.user_id, device: claims.device_id };
         if let Err(error) = self.store.register_device(device) {
             return self.fail(conn, error.code(), error.to_string());
         }
@@ -288,24 +271,14 @@ impl<S: MailboxStore> ShardCore<S> {
             self.sessions.insert(previous, Session::Closing);
             self.outputs.push_back(Output::Close {
                 conn: previous,
-                frame: Some(Frame::error(
-                    ErrorCode::ProtocolViolation,
-                    "replaced by a newer connection",
-                )),
+                frame: Some(Frame::error(ErrorCode::ProtocolViolation, "replaced by a newer connection")),
                 close_code: close_code::NORMAL,
             });
         }
         let last_seq = self.store.last_seq(device);
         let resume = hello.resume_after_seq.min(last_seq);
         self.store.acknowledge(device, resume);
-        self.sessions.insert(
-            conn,
-            Session::Active {
-                device,
-                pushed_up_to: resume,
-                push_queued: false,
-            },
-        );
+        self.sessions.insert(conn, Session::Active { device, pushed_up_to: resume, push_queued: false });
         self.emit(
             conn,
             Frame::Welcome(frames::Welcome {
@@ -327,25 +300,13 @@ impl<S: MailboxStore> ShardCore<S> {
         let sender = *sender;
         let payload_max = iris_protocol::payload_bytes_max(self.frame_bytes_max);
         if send.payload.len() > payload_max {
-            let detail = format!(
-                "payload of {} bytes exceeds {payload_max} bytes",
-                send.payload.len()
-            );
-            return self.refuse(
-                conn,
-                send.client_msg_id,
-                ErrorCode::FrameTooLarge,
-                0,
-                &detail,
-            );
+            let detail = format!("payload of {} bytes exceeds {payload_max} bytes", send.payload.len());
+            return self.refuse(conn, send.client_msg_id, ErrorCode::FrameTooLarge, 0, &detail);
         }
         let window = &mut self.senders.entry(sender).or_default().dedup;
         match window.check(send.client_msg_id) {
             Seen::Acknowledged(server_msg_id) => {
-                let ack = Frame::Ack(frames::Ack {
-                    client_msg_id: send.client_msg_id,
-                    server_msg_id,
-                });
+                let ack = Frame::Ack(frames::Ack { client_msg_id: send.client_msg_id, server_msg_id });
                 return self.emit(conn, ack);
             }
             Seen::Pending => return,
@@ -362,18 +323,11 @@ impl<S: MailboxStore> ShardCore<S> {
         }
         let home = self.table.home(UserId(send.to_user));
         if home.node != self.identity.node {
-            return self.refuse(
-                conn,
-                send.client_msg_id,
-                ErrorCode::Internal,
-                0,
-                "recipient is on another node",
-            );
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Internal, 0, "recipient is on another node");
         }
         let destination = home.shard.0;
         if destination != self.identity.shard.0
-            && self.outbox[usize::from(destination)].len()
-                >= self.limits.shard_outbox_messages_max as usize
+            && self.outbox[usize::from(destination)].len() >= self.limits.shard_outbox_messages_max as usize
         {
             return self.refuse(
                 conn,
@@ -386,10 +340,7 @@ impl<S: MailboxStore> ShardCore<S> {
         window.begin(send.client_msg_id);
         let server_msg_id = (u64::from(self.identity.shard.0) << 48) | self.next_message_counter;
         self.next_message_counter += 1;
-        assert!(
-            self.next_message_counter < 1 << 48,
-            "server_msg_id counter exhausted"
-        );
+        assert!(self.next_message_counter < 1 << 48, "server_msg_id counter exhausted");
         let store = ShardMessage::Store {
             origin_shard: self.identity.shard.0,
             sender,
@@ -403,12 +354,7 @@ impl<S: MailboxStore> ShardCore<S> {
     }
 
     fn on_delivery_ack(&mut self, conn: ConnId, up_to_seq: u64) {
-        let Some(Session::Active {
-            device,
-            pushed_up_to,
-            ..
-        }) = self.sessions.get(&conn)
-        else {
+        let Some(Session::Active { device, pushed_up_to, .. }) = self.sessions.get(&conn) else {
             return;
         };
         // A client cannot acknowledge what it was never sent.
@@ -430,10 +376,7 @@ impl<S: MailboxStore> ShardCore<S> {
             } => {
                 debug_assert_eq!(origin_shard, from);
                 let home = self.table.home(UserId(to_user));
-                assert_eq!(
-                    home.shard, self.identity.shard,
-                    "Store for user {to_user} routed to the wrong shard"
-                );
+                assert_eq!(home.shard, self.identity.shard, "Store for user {to_user} routed to the wrong shard");
                 let stored = StoredMessage {
                     from_user: sender.user,
                     from_device: sender.device,
@@ -442,49 +385,22 @@ impl<S: MailboxStore> ShardCore<S> {
                     payload,
                 };
                 let (result, ticket, devices) = self.store_for_user(sender, to_user, stored);
-                let outcome = ShardMessage::Stored {
-                    sender,
-                    client_msg_id,
-                    result,
-                };
-                self.awaiting_commit.push_back(Completion {
-                    ticket,
-                    origin_shard,
-                    stored: outcome,
-                    devices,
-                });
+                let outcome = ShardMessage::Stored { sender, client_msg_id, result };
+                self.awaiting_commit.push_back(Completion { ticket, origin_shard, stored: outcome, devices });
             }
-            ShardMessage::Stored {
-                sender,
-                client_msg_id,
-                result,
-            } => {
+            ShardMessage::Stored { sender, client_msg_id, result } => {
                 let acknowledged_max = self.limits.dedup_entries_per_device_max as usize;
                 if let Some(state) = self.senders.get_mut(&sender) {
-                    state
-                        .dedup
-                        .finish(client_msg_id, result.ok(), acknowledged_max);
+                    state.dedup.finish(client_msg_id, result.ok(), acknowledged_max);
                 }
                 let Some(&conn) = self.online.get(&sender) else {
                     return;
                 };
                 match result {
-                    Ok(server_msg_id) => self.emit(
-                        conn,
-                        Frame::Ack(frames::Ack {
-                            client_msg_id,
-                            server_msg_id,
-                        }),
-                    ),
+                    Ok(server_msg_id) => self.emit(conn, Frame::Ack(frames::Ack { client_msg_id, server_msg_id })),
                     Err(refusal) => {
                         let message = format!("send refused: {:?}", refusal.code);
-                        self.refuse(
-                            conn,
-                            client_msg_id,
-                            refusal.code,
-                            refusal.retry_after_ms,
-                            &message,
-                        )
+                        self.refuse(conn, client_msg_id, refusal.code, refusal.retry_after_ms, &message)
                     }
                 }
             }
@@ -505,22 +421,10 @@ impl<S: MailboxStore> ShardCore<S> {
             .store
             .devices_of(to_user)
             .iter()
-            .map(|&device| DeviceKey {
-                user: to_user,
-                device,
-            })
+            .map(|&device| DeviceKey { user: to_user, device })
             .filter(|device| *device != sender)
             .collect();
-        let refuse = |code, retry_after_ms| {
-            (
-                Err(Refusal {
-                    code,
-                    retry_after_ms,
-                }),
-                committed,
-                Vec::new(),
-            )
-        };
+        let refuse = |code, retry_after_ms| (Err(Refusal { code, retry_after_ms }), committed, Vec::new());
         if devices.is_empty() {
             return refuse(ErrorCode::UnknownRecipient, 0);
         }
@@ -538,9 +442,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 // has_room passed, so only a medium failure lands here; the
                 // devices appended so far keep the message (at-least-once)
                 // but the sender is told to retry, and dedup absorbs it.
-                Err(error @ StoreError::Unavailable(_)) => {
-                    return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS)
-                }
+                Err(error @ StoreError::Unavailable(_)) => return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS),
                 Err(error) => return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS),
             }
         }
@@ -551,11 +453,7 @@ impl<S: MailboxStore> ShardCore<S> {
     /// pushes to online recipients. Call after each batch of inputs.
     pub fn flush_commits(&mut self) {
         let committed = self.store.committed_ticket();
-        while self
-            .awaiting_commit
-            .front()
-            .is_some_and(|c| c.ticket <= committed)
-        {
+        while self.awaiting_commit.front().is_some_and(|c| c.ticket <= committed) {
             let Some(completion) = self.awaiting_commit.pop_front() else {
                 break;
             };
@@ -612,12 +510,7 @@ impl<S: MailboxStore> ShardCore<S> {
     /// The next committed message for `conn`'s push stream, or `None` when
     /// it is up to date. The driver calls this while the stream has room.
     pub fn next_push(&mut self, conn: ConnId) -> Option<Frame> {
-        let Some(Session::Active {
-            device,
-            pushed_up_to,
-            ..
-        }) = self.sessions.get_mut(&conn)
-        else {
+        let Some(Session::Active { device, pushed_up_to, .. }) = self.sessions.get_mut(&conn) else {
             return None;
         };
         let (seq, message) = self.store.next_after(*device, *pushed_up_to)?;
@@ -645,14 +538,7 @@ impl<S: MailboxStore> ShardCore<S> {
         self.outputs.push_back(Output::Frame { conn, frame });
     }
 
-    fn refuse(
-        &mut self,
-        conn: ConnId,
-        client_msg_id: u64,
-        code: ErrorCode,
-        retry_after_ms: u32,
-        message: &str,
-    ) {
+    fn refuse(&mut self, conn: ConnId, client_msg_id: u64, code: ErrorCode, retry_after_ms: u32, message: &str) {
         self.emit(
             conn,
             Frame::Error(frames::Error {
@@ -702,10 +588,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 .table
                 .owners()
                 .iter()
-                .map(|owner| frames::SlotOwner {
-                    node: owner.node.0,
-                    shard: owner.shard.0,
-                })
+                .map(|owner| frames::SlotOwner { node: owner.node.0, shard: owner.shard.0 })
                 .collect(),
         })
     }

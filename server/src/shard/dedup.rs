@@ -34,10 +34,7 @@ pub struct DedupWindow {
 impl DedupWindow {
     /// What is known of `client_msg_id`.
     pub fn check(&self, client_msg_id: u64) -> Seen {
-        self.entries
-            .get(&client_msg_id)
-            .copied()
-            .unwrap_or(Seen::New)
+        self.entries.get(&client_msg_id).copied().unwrap_or(Seen::New)
     }
 
     /// Ids accepted and not yet answered.
@@ -54,12 +51,7 @@ impl DedupWindow {
 
     /// Records the outcome of a pending id: remembered when stored, forgotten
     /// when refused (so a retry is processed again).
-    pub fn finish(
-        &mut self,
-        client_msg_id: u64,
-        server_msg_id: Option<u64>,
-        acknowledged_max: usize,
-    ) {
+    pub fn finish(&mut self, client_msg_id: u64, server_msg_id: Option<u64>, acknowledged_max: usize) {
         if self.entries.get(&client_msg_id) != Some(&Seen::Pending) {
             // Not pending: an answer for an id this window no longer tracks
             // (cannot happen while answers follow requests; ignored to be safe).
@@ -107,11 +99,7 @@ mod tests {
         window.finish(3, Some(300), 2);
         window.begin(4);
         window.finish(4, Some(400), 2);
-        assert_eq!(
-            window.check(1),
-            Seen::New,
-            "oldest acknowledged id forgotten"
-        );
+        assert_eq!(window.check(1), Seen::New, "oldest acknowledged id forgotten");
         assert_eq!(window.check(4), Seen::Acknowledged(400));
         assert_eq!(window.pending(), 0);
     }

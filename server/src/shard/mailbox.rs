@@ -83,11 +83,7 @@ pub trait MailboxStore {
     /// Whether `device` could take one more message of `payload_bytes`.
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError>;
     /// Appends to a registered device's mailbox; returns its new seq and the ticket.
-    fn append(
-        &mut self,
-        device: DeviceKey,
-        message: Rc<StoredMessage>,
-    ) -> Result<(u64, Ticket), StoreError>;
+    fn append(&mut self, device: DeviceKey, message: Rc<StoredMessage>) -> Result<(u64, Ticket), StoreError>;
     /// Forgets every message of `device` with seq <= `up_to_seq`.
     fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64);
     /// The first message with seq > `after_seq`, if any is stored.
@@ -127,12 +123,7 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// An empty store with these bounds.
     pub fn new(limits: StoreLimits) -> MemoryStore {
-        MemoryStore {
-            limits,
-            users: HashMap::new(),
-            mailboxes: HashMap::new(),
-            last_ticket: 0,
-        }
+        MemoryStore { limits, users: HashMap::new(), mailboxes: HashMap::new(), last_ticket: 0 }
     }
 }
 
@@ -169,16 +160,9 @@ impl MailboxStore for MemoryStore {
         Ok(())
     }
 
-    fn append(
-        &mut self,
-        device: DeviceKey,
-        message: Rc<StoredMessage>,
-    ) -> Result<(u64, Ticket), StoreError> {
+    fn append(&mut self, device: DeviceKey, message: Rc<StoredMessage>) -> Result<(u64, Ticket), StoreError> {
         self.has_room(device, message.payload.len())?;
-        let mailbox = self
-            .mailboxes
-            .get_mut(&device)
-            .ok_or(StoreError::Unavailable("unregistered device".into()))?;
+        let mailbox = self.mailboxes.get_mut(&device).ok_or(StoreError::Unavailable("unregistered device".into()))?;
         mailbox.last_seq += 1;
         mailbox.bytes += message.payload.len() as u64;
         mailbox.messages.push_back((mailbox.last_seq, message));

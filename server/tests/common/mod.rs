@@ -60,12 +60,7 @@ impl Server {
                 }
             }
             if ready {
-                return Server {
-                    child,
-                    data_dir,
-                    base_port,
-                    shards,
-                };
+                return Server { child, data_dir, base_port, shards };
             }
             let _ = child.wait();
             eprintln!("irisd did not start on port {base_port} (attempt {attempt}); retrying");
@@ -88,11 +83,7 @@ impl Server {
     }
 
     pub fn token(&self, user: u64, device: u32) -> String {
-        self.authority().mint(Claims {
-            user_id: user,
-            device_id: device,
-            expires_at_s: now_s() + 3600,
-        })
+        self.authority().mint(Claims { user_id: user, device_id: device, expires_at_s: now_s() + 3600 })
     }
 
     pub fn client_config(&self, user: u64, device: u32) -> iris_client::ClientConfig {
@@ -101,10 +92,7 @@ impl Server {
 
     /// Asserts the process is still alive.
     pub fn assert_running(&mut self) {
-        assert!(
-            self.child.try_wait().expect("try_wait").is_none(),
-            "irisd exited"
-        );
+        assert!(self.child.try_wait().expect("try_wait").is_none(), "irisd exited");
     }
 }
 
@@ -116,21 +104,13 @@ impl Drop for Server {
 }
 
 pub fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
 }
 
 pub fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
+    hasher.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos());
     hasher.finish()
 }
 
@@ -145,9 +125,7 @@ pub fn home_shard(user: u64, shards: u16) -> u16 {
 
 /// The first user id >= `from` homed on `shard`.
 pub fn user_on_shard(shard: u16, shards: u16, from: u64) -> u64 {
-    (from..)
-        .find(|user| home_shard(*user, shards) == shard)
-        .unwrap()
+    (from..).find(|user| home_shard(*user, shards) == shard).unwrap()
 }
 
 /// A raw protocol connection.
@@ -173,9 +151,7 @@ pub fn client_tls(ca: &std::path::Path) -> quinn::ClientConfig {
         .with_root_certificates(roots)
         .with_no_client_auth();
     crypto.alpn_protocols = vec![iris_protocol::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
-    ))
+    quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap()))
 }
 
 impl Raw {
@@ -183,11 +159,7 @@ impl Raw {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(client_tls(&server.ca()));
         let address: SocketAddr = server.address(shard).parse().unwrap();
-        let connection = endpoint
-            .connect(address, "localhost")
-            .unwrap()
-            .await
-            .expect("handshake");
+        let connection = endpoint.connect(address, "localhost").unwrap().await.expect("handshake");
         let (send, recv) = connection.open_bi().await.unwrap();
         Raw {
             connection,
@@ -213,11 +185,7 @@ impl Raw {
         let mut buffer = vec![0u8; 65536];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(frame) = self
-                .decoder
-                .next_frame()
-                .expect("server sent an undecodable frame")
-            {
+            if let Some(frame) = self.decoder.next_frame().expect("server sent an undecodable frame") {
                 return Some(frame);
             }
             match tokio::time::timeout_at(deadline, self.recv.read(&mut buffer)).await {
@@ -232,10 +200,7 @@ impl Raw {
     pub async fn read_push(&mut self, wait: Duration) -> Option<frames::Deliver> {
         let deadline = tokio::time::Instant::now() + wait;
         if self.push.is_none() {
-            let stream = tokio::time::timeout_at(deadline, self.connection.accept_uni())
-                .await
-                .ok()?
-                .ok()?;
+            let stream = tokio::time::timeout_at(deadline, self.connection.accept_uni()).await.ok()?.ok()?;
             self.push = Some((stream, FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT)));
         }
         let (stream, decoder) = self.push.as_mut()?;
@@ -256,20 +221,14 @@ impl Raw {
 
     /// Hello; returns the answer frame.
     pub async fn hello(&mut self, token: &str, resume_after_seq: u64) -> Frame {
-        self.write_frame(&Frame::Hello(frames::Hello {
-            token: token.into(),
-            resume_after_seq,
-        }))
-        .await;
+        self.write_frame(&Frame::Hello(frames::Hello { token: token.into(), resume_after_seq })).await;
         self.read_frame().await.expect("answer to Hello")
     }
 
     /// Waits until the server closes the connection; returns the application close code.
     pub async fn closed_code(&self) -> Option<u64> {
         match tokio::time::timeout(Duration::from_secs(10), self.connection.closed()).await {
-            Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
-                Some(close.error_code.into_inner())
-            }
+            Ok(quinn::ConnectionError::ApplicationClosed(close)) => Some(close.error_code.into_inner()),
             Ok(_) => None,
             Err(_) => panic!("connection not closed within 10 s"),
         }
