@@ -1,0 +1,152 @@
+//! The `iris` CLI against a real irisd: two processes exchange a message, and
+//! mistakes give a one-line error and a non-zero exit.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn iris() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_iris"))
+}
+
+/// irisd is built next to iris by `cargo test --workspace`.
+fn irisd() -> PathBuf {
+    let path = iris().with_file_name("irisd");
+    assert!(path.exists(), "{} missing: run the suite with `cargo test --workspace`", path.display());
+    path
+}
+
+struct Daemon {
+    child: Child,
+    data_dir: tempfile::TempDir,
+    server: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_irisd() -> Daemon {
+    let data_dir = tempfile::tempdir().unwrap();
+    for attempt in 0..20u64 {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+        let port = 20_000 + ((nanos / 1000 + attempt * 7919) % 30_000) as u16;
+        let mut child = Command::new(irisd())
+            .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(data_dir.path())
+            .env("IRIS_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = BufReader::new(stdout).lines().map_while(Result::ok).any(|line| line.contains("ready:"));
+        if ready {
+            return Daemon { child, data_dir, server: format!("127.0.0.1:{port}") };
+        }
+        let _ = child.wait();
+    }
+    panic!("irisd did not start");
+}
+
+fn token(daemon: &Daemon, user: u64, device: u32) -> String {
+    let output = Command::new(irisd())
+        .args(["token", "--user", &user.to_string(), "--device", &device.to_string(), "--data-dir"])
+        .arg(daemon.data_dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "irisd token failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+fn iris_command(daemon: &Daemon, token: &str) -> Command {
+    let mut command = Command::new(iris());
+    command
+        .env("IRIS_SERVER", &daemon.server)
+        .env("IRIS_CA", daemon.data_dir.path().join("tls/cert.pem"))
+        .env("IRIS_TOKEN", token);
+    command
+}
+
+fn run(mut command: Command) -> Output {
+    command.output().unwrap()
+}
+
+#[test]
+fn two_iris_processes_exchange_a_message() {
+    let daemon = start_irisd();
+    let (alice, bob) = (token(&daemon, 1, 1), token(&daemon, 2, 1));
+    let mut listen = iris_command(&daemon, &bob);
+    listen.args(["listen", "--count", "2", "--timeout", "20"]).stdout(Stdio::piped());
+    let listener = listen.spawn().unwrap();
+
+    // The listener registers bob's device on its first Hello; until then a
+    // send is refused with UnknownRecipient, so retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sent = loop {
+        let mut send = iris_command(&daemon, &alice);
+        send.args(["send", "--to", "2", "hello bob"]);
+        let output = run(send);
+        if output.status.success() {
+            break output;
+        }
+        assert!(Instant::now() < deadline, "send kept failing: {}", String::from_utf8_lossy(&output.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ack: serde_json::Value = serde_json::from_slice(&sent.stdout).expect("ack is JSON");
+    let mut second = iris_command(&daemon, &alice);
+    second.args(["send", "--to", "2", "second"]);
+    assert!(run(second).status.success());
+
+    let output = listener.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["text"], "hello bob");
+    assert_eq!(lines[0]["from_user"], 1);
+    assert_eq!(lines[0]["server_msg_id"], ack["server_msg_id"]);
+    assert_eq!(lines[1]["text"], "second");
+    assert!(lines[1]["seq"].as_u64() > lines[0]["seq"].as_u64());
+
+    // Both were acknowledged by the listener: a new listen sees nothing.
+    let mut again = iris_command(&daemon, &bob);
+    again.args(["listen", "--timeout", "0.5"]);
+    let output = run(again);
+    assert!(output.status.success());
+    assert!(output.stdout.is_empty(), "redelivered: {}", String::from_utf8_lossy(&output.stdout));
+}
+
+#[test]
+fn mistakes_give_one_line_errors_and_a_failure_exit() {
+    let daemon = start_irisd();
+    let alice = token(&daemon, 1, 1);
+
+    let mut bad_token = iris_command(&daemon, "not-a-token");
+    bad_token.args(["send", "--to", "2", "x"]);
+    let output = run(bad_token);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("InvalidToken") && stderr.lines().count() == 1, "{stderr}");
+
+    let mut bad_ca = iris_command(&daemon, &alice);
+    bad_ca.env("IRIS_CA", "/nonexistent/ca.pem").args(["send", "--to", "2", "x"]);
+    let output = run(bad_ca);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/ca.pem"));
+
+    let mut no_recipient = iris_command(&daemon, &alice);
+    no_recipient.args(["send", "--to", "424242", "x"]);
+    let output = run(no_recipient);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("UnknownRecipient"));
+
+    let mut no_token = Command::new(iris());
+    no_token.env_remove("IRIS_TOKEN").args(["listen"]);
+    let output = run(no_token);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("IRIS_TOKEN"));
+}
