@@ -107,7 +107,7 @@ struct Mailbox {
 
 /// In-memory store: everything is "committed" as soon as it is appended.
 /// Memory: bounded by the registry bound times the per-device mailbox bounds;
-/// see docs/decisions/0003-in-memory-mailboxes.md.
+/// see docs/decisions/0004-mailbox-semantics.md.
 #[derive(Debug)]
 pub struct MemoryStore {
     /// Enforced bounds.
