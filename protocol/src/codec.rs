@@ -178,6 +178,9 @@ pub fn decode_body(version: u8, kind_byte: u8, body: &[u8]) -> Result<Frame, Dec
     })
 }
 
+/// Capacity a drained decoder buffer may keep; larger ones are released.
+const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
+
 /// Incremental decoder for one byte stream.
 ///
 /// Memory bound: the internal buffer never holds more than one partial frame
@@ -207,6 +210,11 @@ impl FrameDecoder {
     /// returns `Ok(None)` afterwards.
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buffer.len() {
+            // Everything was consumed: drop a large buffer so an idle
+            // connection does not keep the memory of its largest frame.
+            if self.buffer.capacity() > IDLE_BUFFER_BYTES_MAX {
+                self.buffer = Vec::new();
+            }
             self.buffer.clear();
             self.start = 0;
         } else if self.start > self.buffer.len() / 2 {

@@ -22,6 +22,9 @@ const PUSH_FRAMES_PER_DRIVE: usize = 256;
 /// Error or Redirect before the connection is closed regardless.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Capacity a drained outgoing buffer may keep; larger ones are released.
+const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
+
 /// Per-connection bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -59,6 +62,10 @@ impl Outgoing {
                 }
                 Err(_) => return false,
             }
+        }
+        // Drained: release a large buffer so idle connections stay small.
+        if self.bytes.capacity() > IDLE_BUFFER_BYTES_MAX {
+            self.bytes = Vec::new();
         }
         self.bytes.clear();
         self.written = 0;
@@ -160,7 +167,10 @@ impl Connection {
                 Event::Stream(StreamEvent::Stopped { .. }) => self.close(now, close_code::NORMAL, "stream stopped"),
                 Event::Stream(StreamEvent::Available { dir: Dir::Uni }) if self.push_open_pending => self.open_push(),
                 Event::ConnectionLost { reason } => {
-                    tracing::debug!(?conn, %reason, "connection lost")
+                    tracing::debug!(?conn, %reason, "connection lost");
+                    // Stop routing pushes here now rather than when quinn
+                    // finally drains the connection (3 PTOs later).
+                    core.on_connection_closed(conn);
                 }
                 _ => {}
             }
