@@ -28,6 +28,7 @@ fn message_path(c: &mut Criterion) {
         devices_per_shard_max: 1000,
         mailbox_messages_max: 1_000_000,
         mailbox_bytes_max: 1 << 32,
+        stored_dedup_entries_max: 100_000,
     });
     let mut core = ShardCore::new(identity, table.clone(), authority.clone(), limits, 65536, store);
     let (sender, receiver) = (ConnId(1), ConnId(2));

@@ -67,6 +67,10 @@ pub struct Limits {
     /// Remembered (client_msg_id -> server_msg_id) entries per sending device;
     /// the oldest acknowledged entry is forgotten first.
     pub dedup_entries_per_device_max: u32,
+    /// Recipient-side memory of (sender device, client_msg_id) -> stored id,
+    /// per shard, so a retry after a crash is not stored twice; the oldest is
+    /// forgotten first. About 60 bytes per entry.
+    pub stored_dedup_entries_max: u32,
     /// Sends of one device accepted but not yet acknowledged. Over it: Throttle.
     pub sends_in_flight_per_device_max: u32,
     /// Client connections per shard. Over it: new connections are refused.
@@ -125,6 +129,9 @@ impl Default for Limits {
             // covers its retry window with room to spare, at ~24 B per entry.
             dedup_entries_per_device_max: 256,
             sends_in_flight_per_device_max: 256,
+            // 256k entries, ~16 MiB per shard: covers every send of the last
+            // seconds to minutes at full load, the window in which clients retry.
+            stored_dedup_entries_max: 262_144,
             connections_per_shard_max: 100_000,
             connection_response_bytes_max: 256 * 1024,
             // 64 batches of up to 256 messages: 16k messages in flight between
@@ -183,6 +190,7 @@ impl Config {
             ("mailbox_messages_max", limits.mailbox_messages_max),
             ("dedup_entries_per_device_max", limits.dedup_entries_per_device_max),
             ("sends_in_flight_per_device_max", limits.sends_in_flight_per_device_max),
+            ("stored_dedup_entries_max", limits.stored_dedup_entries_max),
             ("connections_per_shard_max", limits.connections_per_shard_max),
             ("shard_channel_batches_max", limits.shard_channel_batches_max),
             ("shard_outbox_messages_max", limits.shard_outbox_messages_max),

@@ -86,6 +86,7 @@ impl Sim {
                     devices_per_shard_max: 1000,
                     mailbox_messages_max: 100_000,
                     mailbox_bytes_max: 1 << 30,
+                    stored_dedup_entries_max: 100_000,
                 });
                 ShardCore::new(identity, table.clone(), authority.clone(), limits, 65536, store)
             })

@@ -194,6 +194,7 @@ async fn run_shard(
         devices_per_shard_max: limits.devices_per_shard_max,
         mailbox_messages_max: limits.mailbox_messages_max,
         mailbox_bytes_max: limits.mailbox_bytes_max,
+        stored_dedup_entries_max: limits.stored_dedup_entries_max,
     });
     let identity = ShardIdentity {
         node: NodeId(0),

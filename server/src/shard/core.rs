@@ -19,7 +19,7 @@
 //!    Ack (or Error) to the sender device's current connection.
 
 use super::dedup::{DedupWindow, Seen};
-use super::mailbox::{MailboxStore, StoreError, StoredMessage, Ticket};
+use super::mailbox::{MailboxStore, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use crate::auth::{TokenAuthority, TokenError};
 use iris_protocol::frames::{self, Frame};
@@ -158,6 +158,8 @@ pub struct ShardCore<S: MailboxStore> {
 
 /// How long a throttled client should wait before retrying, in ms.
 const THROTTLE_RETRY_AFTER_MS: u32 = 100;
+/// How long a client should wait after a storage failure, in ms.
+const STORAGE_RETRY_AFTER_MS: u32 = 500;
 /// How long a client should wait when a mailbox is full, in ms.
 const MAILBOX_FULL_RETRY_AFTER_MS: u32 = 1000;
 
@@ -380,8 +382,10 @@ impl<S: MailboxStore> ShardCore<S> {
                 let stored = StoredMessage {
                     from_user: sender.user,
                     from_device: sender.device,
+                    client_msg_id,
                     server_msg_id,
                     sent_at_ms,
+                    to_user,
                     payload,
                 };
                 let (result, ticket, devices) = self.store_for_user(sender, to_user, stored);
@@ -424,6 +428,12 @@ impl<S: MailboxStore> ShardCore<S> {
             .map(|&device| DeviceKey { user: to_user, device })
             .filter(|device| *device != sender)
             .collect();
+        // A retry of a message this shard already stored (the sender may have
+        // lost its Ack to a crash or a reconnect): answer with the original
+        // id once the original is committed.
+        if let Some((server_msg_id, ticket)) = self.store.find_stored(sender, message.client_msg_id) {
+            return (Ok(server_msg_id), ticket, devices);
+        }
         let refuse = |code, retry_after_ms| (Err(Refusal { code, retry_after_ms }), committed, Vec::new());
         if devices.is_empty() {
             return refuse(ErrorCode::UnknownRecipient, 0);
@@ -434,19 +444,10 @@ impl<S: MailboxStore> ShardCore<S> {
             }
         }
         let server_msg_id = message.server_msg_id;
-        let message = Rc::new(message);
-        let mut ticket = committed;
-        for device in &devices {
-            match self.store.append(*device, Rc::clone(&message)) {
-                Ok((_seq, appended)) => ticket = ticket.max(appended),
-                // has_room passed, so only a medium failure lands here; the
-                // devices appended so far keep the message (at-least-once)
-                // but the sender is told to retry, and dedup absorbs it.
-                Err(error @ StoreError::Unavailable(_)) => return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS),
-                Err(error) => return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS),
-            }
+        match self.store.store_message(Rc::new(message), &devices) {
+            Ok(ticket) => (Ok(server_msg_id), ticket, devices),
+            Err(error) => refuse(error.code(), STORAGE_RETRY_AFTER_MS),
         }
-        (Ok(server_msg_id), ticket, devices)
     }
 
     /// Releases everything the store has committed: answers to origins and
@@ -454,9 +455,22 @@ impl<S: MailboxStore> ShardCore<S> {
     pub fn flush_commits(&mut self) {
         let committed = self.store.committed_ticket();
         while self.awaiting_commit.front().is_some_and(|c| c.ticket <= committed) {
-            let Some(completion) = self.awaiting_commit.pop_front() else {
+            let Some(mut completion) = self.awaiting_commit.pop_front() else {
                 break;
             };
+            if self.store.ticket_failed(completion.ticket) {
+                // The write that held this message failed: nothing was
+                // stored, so the sender is told to retry.
+                if let ShardMessage::Stored { result, .. } = &mut completion.stored {
+                    if result.is_ok() {
+                        *result = Err(Refusal {
+                            code: ErrorCode::StorageUnavailable,
+                            retry_after_ms: STORAGE_RETRY_AFTER_MS,
+                        });
+                    }
+                }
+                completion.devices.clear();
+            }
             for device in &completion.devices {
                 if let Some(&conn) = self.online.get(device) {
                     self.queue_push(conn);

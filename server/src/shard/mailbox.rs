@@ -1,11 +1,12 @@
-//! The per-shard storage interface and its in-memory implementation.
+//! The per-shard storage interface, the in-memory mailbox index shared by
+//! every store, and the memory-only store.
 //!
-//! The message path talks to storage only through [`MailboxStore`]. Appends
-//! return a commit ticket; the shard releases an Ack (and pushes the message)
-//! only once [`MailboxStore::committed_ticket`] has reached that ticket. The
-//! in-memory store commits at once; the durable log (a later capability)
-//! implements the same trait with group commit, without touching the message
-//! path.
+//! The message path talks to storage only through [`MailboxStore`]. Stores
+//! hand out a commit ticket for every change; the shard releases an Ack (and
+//! pushes the message) only once [`MailboxStore::committed_ticket`] has
+//! reached the message's ticket, and [`MailboxStore::next_after`] never
+//! returns a message that is not committed. [`MemoryStore`] commits at once;
+//! the durable log (`crate::storage::LogStore`) commits with group commit.
 
 use super::messages::DeviceKey;
 use iris_protocol::ErrorCode;
@@ -19,12 +20,23 @@ pub struct StoredMessage {
     pub from_user: u64,
     /// Sending device.
     pub from_device: u32,
+    /// The sender's id (recipient-side dedup of retries after a crash).
+    pub client_msg_id: u64,
     /// Server-wide id.
     pub server_msg_id: u64,
     /// Acceptance time, ms since the Unix epoch.
     pub sent_at_ms: u64,
+    /// Recipient user.
+    pub to_user: u64,
     /// Opaque payload.
     pub payload: Vec<u8>,
+}
+
+impl StoredMessage {
+    /// The sending device.
+    pub fn sender(&self) -> DeviceKey {
+        DeviceKey { user: self.from_user, device: self.from_device }
+    }
 }
 
 /// Why the store refused an operation. Each maps to a wire code.
@@ -40,7 +52,7 @@ pub enum StoreError {
     /// The shard holds the maximum number of devices.
     #[error("shard device registry is full")]
     RegistryFull,
-    /// The underlying medium failed (durable stores only).
+    /// The underlying medium failed or is full.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
 }
@@ -68,10 +80,13 @@ pub struct StoreLimits {
     pub mailbox_messages_max: u32,
     /// Undelivered payload bytes per device.
     pub mailbox_bytes_max: u64,
+    /// Recipient-side dedup entries per shard (sender device, client_msg_id);
+    /// the oldest is forgotten first. About 60 bytes each.
+    pub stored_dedup_entries_max: u32,
 }
 
-/// A commit ticket: appends are durable once the store's committed ticket
-/// is at least the append's ticket.
+/// A commit ticket: changes are durable once the store's committed ticket
+/// is at least their ticket. Tickets increase by one per change.
 pub type Ticket = u64;
 
 /// Storage of one shard: the device registry and the device mailboxes.
@@ -82,53 +97,86 @@ pub trait MailboxStore {
     fn devices_of(&self, user: u64) -> &[u32];
     /// Whether `device` could take one more message of `payload_bytes`.
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError>;
-    /// Appends to a registered device's mailbox; returns its new seq and the ticket.
-    fn append(&mut self, device: DeviceKey, message: Rc<StoredMessage>) -> Result<(u64, Ticket), StoreError>;
+    /// If `sender` already stored `client_msg_id` here: its server_msg_id and ticket.
+    fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)>;
+    /// Appends `message` to the mailboxes of `devices` (registered, with room).
+    fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError>;
     /// Forgets every message of `device` with seq <= `up_to_seq`.
     fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64);
-    /// The first message with seq > `after_seq`, if any is stored.
+    /// The first committed message with seq > `after_seq`, if any.
     fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)>;
     /// Highest seq assigned to `device` (0 if none).
     fn last_seq(&self, device: DeviceKey) -> u64;
-    /// Highest ticket that is durable.
+    /// Every ticket up to this one has an outcome (durable or failed).
     fn committed_ticket(&self) -> Ticket;
+    /// Whether the change with this (committed) ticket failed to become durable.
+    fn ticket_failed(&self, _ticket: Ticket) -> bool {
+        false
+    }
+}
+
+/// One stored message in one device's mailbox.
+#[derive(Debug, Clone)]
+pub struct MailboxEntry {
+    /// Seq in this mailbox.
+    pub seq: u64,
+    /// Ticket of the change that stored it.
+    pub ticket: Ticket,
+    /// Log segment holding it (0 for memory-only stores).
+    pub segment: u64,
+    /// The shared body.
+    pub message: Rc<StoredMessage>,
 }
 
 /// One device's mailbox.
 #[derive(Debug, Default)]
-struct Mailbox {
-    /// Unacknowledged messages in seq order; seqs are consecutive.
-    messages: VecDeque<(u64, Rc<StoredMessage>)>,
-    /// Payload bytes held in `messages`.
-    bytes: u64,
+pub struct Mailbox {
+    /// Unacknowledged messages in seq order.
+    pub entries: VecDeque<MailboxEntry>,
+    /// Payload bytes held in `entries`.
+    pub bytes: u64,
     /// Highest seq assigned.
-    last_seq: u64,
+    pub last_seq: u64,
+    /// Highest seq acknowledged.
+    pub acked_seq: u64,
 }
 
-/// In-memory store: everything is "committed" as soon as it is appended.
-/// Memory: bounded by the registry bound times the per-device mailbox bounds;
-/// see docs/decisions/0004-mailbox-semantics.md.
+/// The in-memory state every store keeps: registry, mailboxes and the
+/// recipient-side dedup window. Stores add durability around it.
 #[derive(Debug)]
-pub struct MemoryStore {
+pub struct MailboxIndex {
     /// Enforced bounds.
     limits: StoreLimits,
     /// Devices of each user homed here.
     users: HashMap<u64, Vec<u32>>,
     /// Mailbox of each registered device.
     mailboxes: HashMap<DeviceKey, Mailbox>,
-    /// Last ticket handed out (and committed).
-    last_ticket: Ticket,
+    /// (sender, client_msg_id) -> (server_msg_id, ticket), bounded by
+    /// `stored_dedup_entries_max`.
+    stored: HashMap<(DeviceKey, u64), (u64, Ticket)>,
+    /// Keys of `stored`, oldest first.
+    stored_order: VecDeque<(DeviceKey, u64)>,
 }
 
-impl MemoryStore {
-    /// An empty store with these bounds.
-    pub fn new(limits: StoreLimits) -> MemoryStore {
-        MemoryStore { limits, users: HashMap::new(), mailboxes: HashMap::new(), last_ticket: 0 }
+impl MailboxIndex {
+    /// An empty index.
+    pub fn new(limits: StoreLimits) -> MailboxIndex {
+        MailboxIndex {
+            limits,
+            users: HashMap::new(),
+            mailboxes: HashMap::new(),
+            stored: HashMap::new(),
+            stored_order: VecDeque::new(),
+        }
     }
-}
 
-impl MailboxStore for MemoryStore {
-    fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
+    /// The bounds.
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    /// Registers `device`; returns whether it was new.
+    pub fn register(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
         if self.mailboxes.contains_key(&device) {
             return Ok(false);
         }
@@ -144,15 +192,34 @@ impl MailboxStore for MemoryStore {
         Ok(true)
     }
 
-    fn devices_of(&self, user: u64) -> &[u32] {
+    /// Registers `device` during recovery, ignoring the per-user and
+    /// per-shard bounds (they were enforced when it first registered).
+    pub fn register_recovered(&mut self, device: DeviceKey) {
+        if !self.mailboxes.contains_key(&device) {
+            self.users.entry(device.user).or_default().push(device.device);
+            self.mailboxes.insert(device, Mailbox::default());
+        }
+    }
+
+    /// Devices of `user`.
+    pub fn devices_of(&self, user: u64) -> &[u32] {
         self.users.get(&user).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
-        let Some(mailbox) = self.mailboxes.get(&device) else {
-            return Ok(());
-        };
-        if mailbox.messages.len() >= self.limits.mailbox_messages_max as usize
+    /// Every registered device with its mailbox.
+    pub fn mailboxes(&self) -> impl Iterator<Item = (&DeviceKey, &Mailbox)> {
+        self.mailboxes.iter()
+    }
+
+    /// Every recipient-side dedup entry, oldest first.
+    pub fn stored_entries(&self) -> impl Iterator<Item = (DeviceKey, u64, u64)> + '_ {
+        self.stored_order.iter().filter_map(|key| self.stored.get(key).map(|(id, _)| (key.0, key.1, *id)))
+    }
+
+    /// See [`MailboxStore::has_room`].
+    pub fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
+        let Some(mailbox) = self.mailboxes.get(&device) else { return Ok(()) };
+        if mailbox.entries.len() >= self.limits.mailbox_messages_max as usize
             || mailbox.bytes + payload_bytes as u64 > self.limits.mailbox_bytes_max
         {
             return Err(StoreError::MailboxFull(device));
@@ -160,40 +227,172 @@ impl MailboxStore for MemoryStore {
         Ok(())
     }
 
-    fn append(&mut self, device: DeviceKey, message: Rc<StoredMessage>) -> Result<(u64, Ticket), StoreError> {
-        self.has_room(device, message.payload.len())?;
-        let mailbox = self.mailboxes.get_mut(&device).ok_or(StoreError::Unavailable("unregistered device".into()))?;
-        mailbox.last_seq += 1;
-        mailbox.bytes += message.payload.len() as u64;
-        mailbox.messages.push_back((mailbox.last_seq, message));
-        self.last_ticket += 1;
-        Ok((mailbox.last_seq, self.last_ticket))
+    /// See [`MailboxStore::find_stored`].
+    pub fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
+        self.stored.get(&(sender, client_msg_id)).copied()
     }
 
-    fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64) {
-        let Some(mailbox) = self.mailboxes.get_mut(&device) else {
-            return;
-        };
-        while let Some((seq, message)) = mailbox.messages.front() {
-            if *seq > up_to_seq {
-                break;
+    /// Remembers that `sender`'s `client_msg_id` was stored as `server_msg_id`.
+    pub fn remember_stored(&mut self, sender: DeviceKey, client_msg_id: u64, server_msg_id: u64, ticket: Ticket) {
+        let key = (sender, client_msg_id);
+        if self.stored.insert(key, (server_msg_id, ticket)).is_none() {
+            self.stored_order.push_back(key);
+        }
+        while self.stored_order.len() > self.limits.stored_dedup_entries_max as usize {
+            if let Some(oldest) = self.stored_order.pop_front() {
+                self.stored.remove(&oldest);
             }
-            mailbox.bytes -= message.payload.len() as u64;
-            mailbox.messages.pop_front();
         }
     }
 
-    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)> {
+    /// Assigns the next seq of `device` to `message`. The device must be registered.
+    pub fn append(&mut self, device: DeviceKey, message: &Rc<StoredMessage>, ticket: Ticket, segment: u64) -> u64 {
+        let mailbox = self.mailboxes.get_mut(&device).expect("append to a registered device");
+        mailbox.last_seq += 1;
+        let seq = mailbox.last_seq;
+        self.insert(device, seq, message, ticket, segment);
+        seq
+    }
+
+    /// Puts `message` at `seq` in `device`'s mailbox (recovery: seqs come from the log).
+    /// Ignores seqs already acknowledged or already present.
+    pub fn insert(&mut self, device: DeviceKey, seq: u64, message: &Rc<StoredMessage>, ticket: Ticket, segment: u64) {
+        self.register_recovered(device);
+        let mailbox = self.mailboxes.get_mut(&device).expect("registered above");
+        mailbox.last_seq = mailbox.last_seq.max(seq);
+        if seq <= mailbox.acked_seq || mailbox.entries.back().is_some_and(|entry| entry.seq >= seq) {
+            return;
+        }
+        mailbox.bytes += message.payload.len() as u64;
+        mailbox.entries.push_back(MailboxEntry { seq, ticket, segment, message: Rc::clone(message) });
+    }
+
+    /// Raises `device`'s last seq (recovery from a checkpoint).
+    pub fn raise_last_seq(&mut self, device: DeviceKey, last_seq: u64) {
+        self.register_recovered(device);
+        if let Some(mailbox) = self.mailboxes.get_mut(&device) {
+            mailbox.last_seq = mailbox.last_seq.max(last_seq);
+        }
+    }
+
+    /// Drops entries with seq <= `up_to_seq`; returns the dropped entries.
+    pub fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64) -> Vec<MailboxEntry> {
+        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return Vec::new() };
+        let up_to_seq = up_to_seq.min(mailbox.last_seq);
+        mailbox.acked_seq = mailbox.acked_seq.max(up_to_seq);
+        let mut dropped = Vec::new();
+        while mailbox.entries.front().is_some_and(|entry| entry.seq <= up_to_seq) {
+            if let Some(entry) = mailbox.entries.pop_front() {
+                mailbox.bytes -= entry.message.payload.len() as u64;
+                dropped.push(entry);
+            }
+        }
+        dropped
+    }
+
+    /// Removes every entry whose ticket is in `first..=last` (their changes
+    /// failed to become durable), and the dedup entries that point at them.
+    pub fn remove_tickets(&mut self, first: Ticket, last: Ticket) -> Vec<MailboxEntry> {
+        let mut removed = Vec::new();
+        for mailbox in self.mailboxes.values_mut() {
+            let before = mailbox.entries.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for entry in mailbox.entries.drain(..) {
+                if (first..=last).contains(&entry.ticket) {
+                    mailbox.bytes -= entry.message.payload.len() as u64;
+                    removed.push(entry);
+                } else {
+                    kept.push_back(entry);
+                }
+            }
+            mailbox.entries = kept;
+        }
+        self.stored.retain(|_, (_, ticket)| !(first..=last).contains(ticket));
+        let stored = &self.stored;
+        self.stored_order.retain(|key| stored.contains_key(key));
+        removed
+    }
+
+    /// The first entry of `device` with seq > `after_seq` whose ticket is <= `committed`.
+    pub fn next_after(&self, device: DeviceKey, after_seq: u64, committed: Ticket) -> Option<(u64, Rc<StoredMessage>)> {
         let mailbox = self.mailboxes.get(&device)?;
-        let (first_seq, _) = mailbox.messages.front()?;
-        let index = after_seq.saturating_add(1).saturating_sub(*first_seq);
-        let (seq, message) = mailbox.messages.get(usize::try_from(index).ok()?)?;
-        debug_assert!(*seq > after_seq);
-        Some((*seq, Rc::clone(message)))
+        let first_seq = mailbox.entries.front()?.seq;
+        // Seqs are increasing but may have gaps (failed writes), so start at
+        // the position a gap-free mailbox would have and step back if needed.
+        let guess = usize::try_from(after_seq.saturating_add(1).saturating_sub(first_seq)).unwrap_or(usize::MAX);
+        let mut index = guess.min(mailbox.entries.len());
+        while index > 0 && mailbox.entries[index - 1].seq > after_seq {
+            index -= 1;
+        }
+        let entry = mailbox.entries.get(index)?;
+        debug_assert!(entry.seq > after_seq);
+        (entry.ticket <= committed).then(|| (entry.seq, Rc::clone(&entry.message)))
+    }
+
+    /// Highest seq assigned to `device`.
+    pub fn last_seq(&self, device: DeviceKey) -> u64 {
+        self.mailboxes.get(&device).map_or(0, |mailbox| mailbox.last_seq)
+    }
+
+    /// Highest seq acknowledged by `device`.
+    pub fn acked_seq(&self, device: DeviceKey) -> u64 {
+        self.mailboxes.get(&device).map_or(0, |mailbox| mailbox.acked_seq)
+    }
+}
+
+/// Memory-only store (`durability = "none"`): every change is committed as
+/// soon as it is made, and everything is lost when the process stops.
+#[derive(Debug)]
+pub struct MemoryStore {
+    /// Registry, mailboxes and dedup window.
+    index: MailboxIndex,
+    /// Last ticket handed out (and committed).
+    last_ticket: Ticket,
+}
+
+impl MemoryStore {
+    /// An empty store with these bounds.
+    pub fn new(limits: StoreLimits) -> MemoryStore {
+        MemoryStore { index: MailboxIndex::new(limits), last_ticket: 0 }
+    }
+}
+
+impl MailboxStore for MemoryStore {
+    fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
+        self.index.register(device)
+    }
+
+    fn devices_of(&self, user: u64) -> &[u32] {
+        self.index.devices_of(user)
+    }
+
+    fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
+        self.index.has_room(device, payload_bytes)
+    }
+
+    fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
+        self.index.find_stored(sender, client_msg_id)
+    }
+
+    fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
+        self.last_ticket += 1;
+        for device in devices {
+            self.index.append(*device, &message, self.last_ticket, 0);
+        }
+        self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, self.last_ticket);
+        Ok(self.last_ticket)
+    }
+
+    fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64) {
+        self.index.acknowledge(device, up_to_seq);
+    }
+
+    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)> {
+        self.index.next_after(device, after_seq, self.last_ticket)
     }
 
     fn last_seq(&self, device: DeviceKey) -> u64 {
-        self.mailboxes.get(&device).map_or(0, |m| m.last_seq)
+        self.index.last_seq(device)
     }
 
     fn committed_ticket(&self) -> Ticket {
