@@ -22,3 +22,8 @@ pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()?;
     std::fs::rename(&temporary, path)
 }
+
+/// fsyncs a directory so entries created or renamed in it are durable.
+pub fn sync_directory(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}

@@ -15,4 +15,5 @@ pub mod config;
 pub mod driver;
 pub mod files;
 pub mod shard;
+pub mod storage;
 pub mod tls;

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use irisd::auth::{Claims, TokenAuthority};
-use irisd::config::Config;
+use irisd::config::{Config, Durability};
 use irisd::driver::runtime::{self, NodeSetup};
 use irisd::tls::TlsFiles;
 use std::net::SocketAddr;
@@ -129,6 +129,21 @@ fn serve(
     }
     if let Err(error) = std::fs::create_dir_all(&config.data_dir) {
         return fail(format!("creating data directory {}: {error}", config.data_dir.display()));
+    }
+
+    match config.storage.durability {
+        Durability::Fsync => {
+            // Checked before anything is written into the directory.
+            if let Err(error) = irisd::storage::layout::open_layout(&config.data_dir, shard_count) {
+                return fail(error.to_string());
+            }
+        }
+        Durability::None => {
+            eprintln!(
+                "irisd: WARNING: storage.durability = \"none\": messages are kept in memory only and are LOST \
+                 when irisd stops. Acks do not mean durably stored. Use this for benchmarks only."
+            );
+        }
     }
 
     let tls = TlsFiles::in_data_dir(&config.data_dir);

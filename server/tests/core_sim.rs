@@ -75,6 +75,7 @@ impl Sim {
                     shard: ShardId(shard),
                     advertised_host: "127.0.0.1".into(),
                     shard_ports: ports.clone(),
+                    boot: 1,
                 };
                 let limits = CoreLimits {
                     dedup_entries_per_device_max: 64,

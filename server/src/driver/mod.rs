@@ -10,6 +10,7 @@
 //! - [`udp`]: batched UDP I/O (GSO/GRO) with glommio readiness.
 
 pub mod connection;
+pub mod log_writer;
 pub mod runtime;
 pub mod shard_loop;
 pub mod udp;

@@ -3,12 +3,18 @@
 //! store and core, plus one bounded channel per ordered pair of shards.
 
 use super::connection::ConnectionLimits;
+use super::log_writer::{run_writer, WriterStart};
 use super::shard_loop::{ShardBatch, ShardLinks, ShardLoop};
+use super::shard_loop::{WriterLink, WRITER_QUEUE_MAX};
 use super::udp::{bind_exclusive, UdpIo};
 use crate::auth::TokenAuthority;
 use crate::config::Config;
+use crate::config::Durability;
 use crate::shard::mailbox::StoreLimits;
-use crate::shard::{CoreLimits, MemoryStore, ShardCore, ShardIdentity};
+use crate::shard::{CoreLimits, MailboxStore, MemoryStore, ShardCore, ShardIdentity};
+use crate::storage::layout;
+use crate::storage::record::Scan;
+use crate::storage::{LogLimits, LogStore};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use iris_shard_map::{NodeId, ShardId, SlotTable};
 use quinn_proto::crypto::rustls::QuicServerConfig;
@@ -41,6 +47,9 @@ pub enum StartError {
         /// glommio's message.
         detail: String,
     },
+    /// A shard could not recover its storage or set up its socket.
+    #[error("{0}")]
+    Shard(String),
     /// The slot table could not be built.
     #[error("shard map: {0}")]
     ShardMap(#[from] iris_shard_map::ShardMapError),
@@ -131,6 +140,7 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
         }
     }
 
+    let (ready_sender, ready_receiver) = std::sync::mpsc::channel();
     let mut executors = Vec::new();
     let mut shard_inputs: Vec<_> = sockets.into_iter().zip(senders).zip(receivers).collect();
     for (index, ((socket, shard_senders), shard_receivers)) in shard_inputs.drain(..).enumerate() {
@@ -143,18 +153,29 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
         let setup = Arc::clone(&setup);
         let table = table.clone();
         let ports: Vec<u16> = addresses.iter().map(SocketAddr::port).collect();
+        let ready = ready_sender.clone();
         let executor = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{shard}"))
             .io_memory(config.runtime.io_memory_bytes)
             .spawn(move || async move {
-                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers).await;
+                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers, ready).await;
             })
             .map_err(|e| StartError::Executor { shard, detail: e.to_string() })?;
         executors.push(executor);
     }
+    // Serve only once every shard has recovered and is running.
+    drop(ready_sender);
+    for _ in 0..shard_count {
+        match ready_receiver.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(detail)) => return Err(StartError::Shard(detail)),
+            Err(_) => return Err(StartError::Shard("a shard stopped during start".into())),
+        }
+    }
     Ok(RunningNode { addresses, executors })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     shard: u16,
     setup: Arc<NodeSetup>,
@@ -163,6 +184,7 @@ async fn run_shard(
     socket: socket2::Socket,
     senders: Vec<Option<SharedSender<ShardBatch>>>,
     receivers: Vec<(u16, SharedReceiver<ShardBatch>)>,
+    ready: std::sync::mpsc::Sender<Result<u16, String>>,
 ) {
     let config = &setup.config;
     let limits = &config.limits;
@@ -184,40 +206,134 @@ async fn run_shard(
     }
     let udp = match UdpIo::new(socket) {
         Ok(udp) => udp,
-        Err(error) => {
-            tracing::error!(shard, %error, "shard socket setup failed");
-            std::process::exit(1);
-        }
+        Err(error) => return report_failure(&ready, shard, format!("socket setup: {error}")),
     };
-    let store = MemoryStore::new(StoreLimits {
+    let store_limits = StoreLimits {
         devices_per_user_max: limits.devices_per_user_max,
         devices_per_shard_max: limits.devices_per_shard_max,
         mailbox_messages_max: limits.mailbox_messages_max,
         mailbox_bytes_max: limits.mailbox_bytes_max,
         stored_dedup_entries_max: limits.stored_dedup_entries_max,
-    });
-    let identity = ShardIdentity {
-        node: NodeId(0),
-        shard: ShardId(shard),
-        advertised_host: config.advertised_host(),
-        shard_ports: ports,
     };
     let core_limits = CoreLimits {
         dedup_entries_per_device_max: limits.dedup_entries_per_device_max,
         sends_in_flight_per_device_max: limits.sends_in_flight_per_device_max,
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
     };
-    let core = ShardCore::new(identity, table, setup.authority.clone(), core_limits, limits.frame_bytes_max, store);
-    let server_config = quic_server_config(&setup);
-    let links = ShardLinks { senders: connected_senders, receivers: connected_receivers };
-    let connection_limits = ConnectionLimits {
-        response_bytes_max: limits.connection_response_bytes_max as usize,
-        hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
+    let dir = layout::shard_dir(&config.data_dir, shard);
+    let boot = match layout::next_boot(&dir) {
+        Ok(boot) => boot,
+        Err(error) => return report_failure(&ready, shard, error.to_string()),
     };
-    tracing::info!(shard, address = ?udp.local_addr().ok(), gso_segments = udp.max_gso_segments(), "shard running");
-    ShardLoop::new(core, server_config, udp, links, limits.connections_per_shard_max as usize, connection_limits)
-        .run()
-        .await;
+    let identity = ShardIdentity {
+        node: NodeId(0),
+        shard: ShardId(shard),
+        advertised_host: config.advertised_host(),
+        shard_ports: ports,
+        boot,
+    };
+    let parts = LoopParts {
+        server_config: quic_server_config(&setup),
+        udp,
+        links: ShardLinks { senders: connected_senders, receivers: connected_receivers },
+        connections_max: limits.connections_per_shard_max as usize,
+        connection_limits: ConnectionLimits {
+            response_bytes_max: limits.connection_response_bytes_max as usize,
+            hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
+        },
+    };
+    let authority = setup.authority.clone();
+    match config.storage.durability {
+        Durability::None => {
+            let store = MemoryStore::new(store_limits);
+            let core = ShardCore::new(identity, table, authority, core_limits, limits.frame_bytes_max, store);
+            serve(shard, core, parts, None, &ready).await;
+        }
+        Durability::Fsync => {
+            let started = std::time::Instant::now();
+            let segments = match layout::read_segments(&dir) {
+                Ok(segments) => segments,
+                Err(error) => return report_failure(&ready, shard, error.to_string()),
+            };
+            let start = segments.last().map(|last| WriterStart {
+                segment: last.segment,
+                valid_end: last.scan.valid_end as u64,
+                tail: last.tail.clone(),
+            });
+            let scans: Vec<(u64, Scan)> = segments.into_iter().map(|segment| (segment.segment, segment.scan)).collect();
+            let log_limits = LogLimits {
+                segment_bytes_max: config.storage.segment_bytes_max,
+                commit_bytes_max: config.storage.commit_bytes_max as usize,
+            };
+            let (store, report) = LogStore::recover(store_limits, log_limits, &scans);
+            drop(scans);
+            tracing::info!(
+                shard,
+                boot,
+                segments = report.segments,
+                records = report.records,
+                devices = report.devices,
+                undelivered = report.live_entries,
+                corrupt_records = report.corrupt_records,
+                torn_bytes = report.torn_bytes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "log recovered"
+            );
+            let (commands, command_receiver) = flume::bounded(WRITER_QUEUE_MAX);
+            let (event_sender, events) = flume::bounded(WRITER_QUEUE_MAX);
+            glommio::spawn_local(run_writer(dir, start, command_receiver, event_sender)).detach();
+            let writer = WriterLink {
+                commands,
+                events,
+                commit_delay: Duration::from_micros(u64::from(config.storage.commit_delay_us)),
+                commit_bytes_max: config.storage.commit_bytes_max as usize,
+            };
+            let core = ShardCore::new(identity, table, authority, core_limits, limits.frame_bytes_max, store);
+            serve(shard, core, parts, Some(writer), &ready).await;
+        }
+    }
+}
+
+/// What a shard loop needs besides its core.
+struct LoopParts {
+    server_config: Arc<quinn_proto::ServerConfig>,
+    udp: UdpIo,
+    links: ShardLinks,
+    connections_max: usize,
+    connection_limits: ConnectionLimits,
+}
+
+async fn serve<S: MailboxStore>(
+    shard: u16,
+    core: ShardCore<S>,
+    parts: LoopParts,
+    writer: Option<WriterLink>,
+    ready: &std::sync::mpsc::Sender<Result<u16, String>>,
+) {
+    tracing::info!(
+        shard,
+        address = ?parts.udp.local_addr().ok(),
+        gso_segments = parts.udp.max_gso_segments(),
+        durable = writer.is_some(),
+        "shard running"
+    );
+    let _ = ready.send(Ok(shard));
+    ShardLoop::new(
+        core,
+        parts.server_config,
+        parts.udp,
+        parts.links,
+        parts.connections_max,
+        parts.connection_limits,
+        writer,
+    )
+    .run()
+    .await;
+}
+
+fn report_failure(ready: &std::sync::mpsc::Sender<Result<u16, String>>, shard: u16, error: String) {
+    tracing::error!(shard, %error, "shard failed to start");
+    let _ = ready.send(Err(format!("shard {shard}: {error}")));
 }
 
 /// The QUIC transport settings of client connections.

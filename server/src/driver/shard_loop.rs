@@ -12,6 +12,7 @@
 //! left over, in which case the loop yields to the executor and goes on.
 
 use super::connection::{Connection, ConnectionLimits};
+use super::log_writer::{WriterCommand, WriterEvent};
 use super::udp::UdpIo;
 use crate::shard::{ConnId, MailboxStore, Output, ShardCore, ShardMessage};
 use bytes::BytesMut;
@@ -19,6 +20,7 @@ use futures_lite::future;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 use quinn_proto::{ConnectionHandle, DatagramEvent, Endpoint, ServerConfig};
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -63,6 +65,23 @@ pub struct ShardLinks {
     pub receivers: Vec<(u16, ConnectedReceiver<ShardBatch>)>,
 }
 
+/// The shard's log writer task, when the store is durable.
+#[derive(Debug)]
+pub struct WriterLink {
+    /// Commands to the writer (capacity `WRITER_QUEUE_MAX`).
+    pub commands: flume::Sender<WriterCommand>,
+    /// Completions from the writer (capacity `WRITER_QUEUE_MAX`).
+    pub events: flume::Receiver<WriterEvent>,
+    /// Wait this long for more records before writing an idle log.
+    pub commit_delay: Duration,
+    /// Write at once when this many bytes are pending.
+    pub commit_bytes_max: usize,
+}
+
+/// Capacity of the writer's command queue: one write in flight plus
+/// segment deletions, which are rare (one per reclaimed segment).
+pub const WRITER_QUEUE_MAX: usize = 64;
+
 /// Everything one shard's loop owns.
 pub struct ShardLoop<S: MailboxStore> {
     /// The message path.
@@ -89,6 +108,12 @@ pub struct ShardLoop<S: MailboxStore> {
     links: ShardLinks,
     /// Scratch buffer for endpoint responses.
     scratch: Vec<u8>,
+    /// The log writer, if the store is durable.
+    writer: Option<WriterLink>,
+    /// A chunk is being written; the next waits for it (group commit).
+    write_in_flight: bool,
+    /// When records started waiting for the writer (for `commit_delay`).
+    pending_since: Option<Instant>,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -102,6 +127,7 @@ enum Wake {
     Socket,
     Timer,
     Batch(u16, Option<ShardBatch>),
+    Writer(Option<WriterEvent>),
 }
 
 impl<S: MailboxStore> ShardLoop<S> {
@@ -113,6 +139,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         links: ShardLinks,
         connections_max: usize,
         connection_limits: ConnectionLimits,
+        writer: Option<WriterLink>,
     ) -> ShardLoop<S> {
         let endpoint = Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), Some(server_config), true, None);
         ShardLoop {
@@ -128,6 +155,9 @@ impl<S: MailboxStore> ShardLoop<S> {
             udp,
             links,
             scratch: Vec::new(),
+            writer,
+            write_in_flight: false,
+            pending_since: None,
         }
     }
 
@@ -139,9 +169,10 @@ impl<S: MailboxStore> ShardLoop<S> {
                 future::yield_now().await;
                 continue;
             }
-            let wake = self.wait().await;
-            if let Wake::Batch(from, batch) = wake {
-                self.accept_batch(from, batch);
+            match self.wait().await {
+                Wake::Batch(from, batch) => self.accept_batch(from, batch),
+                Wake::Writer(event) => self.accept_writer_event(event),
+                Wake::Socket | Wake::Timer => {}
             }
         }
     }
@@ -151,10 +182,12 @@ impl<S: MailboxStore> ShardLoop<S> {
         let now = Instant::now();
         let mut busy = self.receive_datagrams(now);
         busy |= self.receive_shard_batches();
+        self.receive_writer_events();
         self.fire_timers(now);
         self.drive_dirty(now);
         self.core.flush_commits();
         self.apply_outputs();
+        self.submit_writes(now);
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
@@ -162,7 +195,11 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     async fn wait(&mut self) -> Wake {
-        let deadline = self.timers.first().map(|(deadline, _)| *deadline);
+        let mut deadline = self.timers.first().map(|(deadline, _)| *deadline);
+        if let (Some(since), Some(writer), false) = (self.pending_since, &self.writer, self.write_in_flight) {
+            let due = since + writer.commit_delay;
+            deadline = Some(deadline.map_or(due, |d| d.min(due)));
+        }
         let backlog = !self.transmits.is_empty() || self.core.outbox_pending();
         let sleep_for = match (deadline, backlog) {
             (_, true) => Some(BACKOFF),
@@ -171,6 +208,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         };
         let udp = &self.udp;
         let receivers = &mut self.links.receivers;
+        let writer_events = self.writer.as_ref().map(|writer| writer.events.recv_async());
         let socket = async {
             udp.readable().await;
             Wake::Socket
@@ -182,7 +220,13 @@ impl<S: MailboxStore> ShardLoop<S> {
             }
             Wake::Timer
         };
+        let mut writer_events = writer_events;
         let channels = future::poll_fn(|cx| {
+            if let Some(events) = writer_events.as_mut() {
+                if let Poll::Ready(event) = Pin::new(events).poll(cx) {
+                    return Poll::Ready(Wake::Writer(event.ok()));
+                }
+            }
             for (from, receiver) in receivers.iter_mut() {
                 if let Poll::Ready(batch) = futures_lite::Stream::poll_next(Pin::new(receiver), cx) {
                     return Poll::Ready(Wake::Batch(*from, batch));
@@ -195,6 +239,74 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn now_ms() -> u64 {
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Applies every completion the writer has reported.
+    fn receive_writer_events(&mut self) {
+        loop {
+            let Some(writer) = self.writer.as_ref() else { return };
+            match writer.events.try_recv() {
+                Ok(event) => self.accept_writer_event(Some(event)),
+                Err(flume::TryRecvError::Empty) => return,
+                Err(flume::TryRecvError::Disconnected) => return self.accept_writer_event(None),
+            }
+        }
+    }
+
+    fn accept_writer_event(&mut self, event: Option<WriterEvent>) {
+        match event {
+            Some(WriterEvent::Durable { segment, last_ticket }) => {
+                self.write_in_flight = false;
+                self.core.store_mut().on_write_durable(segment, last_ticket);
+            }
+            Some(WriterEvent::Failed { segment, first_ticket, last_ticket, .. }) => {
+                self.write_in_flight = false;
+                self.core.store_mut().on_write_failed(segment, first_ticket, last_ticket);
+            }
+            None => {
+                tracing::error!("log writer stopped; no further sends can be acknowledged");
+                self.writer = None;
+            }
+        }
+    }
+
+    /// Hands the next chunk to the writer when it is idle (group commit:
+    /// whatever accumulated during the previous sync goes in one write), and
+    /// reclaimed segments for deletion.
+    fn submit_writes(&mut self, now: Instant) {
+        let Some(writer) = &self.writer else { return };
+        let store = self.core.store_mut();
+        if !self.write_in_flight {
+            let pending = store.pending_write_bytes();
+            if pending == 0 {
+                self.pending_since = None;
+            } else {
+                let since = *self.pending_since.get_or_insert(now);
+                let due = writer.commit_delay.is_zero()
+                    || pending >= writer.commit_bytes_max
+                    || now >= since + writer.commit_delay;
+                if due {
+                    if let Some(chunk) = store.take_write() {
+                        match writer.commands.try_send(WriterCommand::Write(chunk)) {
+                            Ok(()) => {
+                                self.write_in_flight = true;
+                                self.pending_since = (store.pending_write_bytes() > 0).then_some(now);
+                            }
+                            Err(error) => {
+                                // The queue holds one write at most, so only a
+                                // stopped writer refuses; its sends stay unacked.
+                                tracing::error!(%error, "log writer refused a chunk");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for segment in store.take_reclaimable() {
+            if writer.commands.try_send(WriterCommand::Delete(segment)).is_err() {
+                tracing::warn!(segment, "writer queue full; segment will be reclaimed at the next start");
+            }
+        }
     }
 
     fn receive_datagrams(&mut self, now: Instant) -> bool {

@@ -43,7 +43,15 @@ pub struct ShardIdentity {
     pub advertised_host: String,
     /// UDP port of every shard of this node, indexed by shard.
     pub shard_ports: Vec<u16>,
+    /// This shard's boot counter (persisted, incremented at every start), so
+    /// server_msg_ids never repeat across restarts.
+    pub boot: u64,
 }
+
+/// server_msg_id layout: shard (10 bits) | boot mod 2^14 (14 bits) | counter (40 bits).
+/// 2^40 ids per shard per boot is 12 days at a million messages per second.
+const MESSAGE_COUNTER_BITS: u32 = 40;
+const BOOT_BITS: u32 = 14;
 
 /// Bounds enforced by the core (storage bounds live in the store).
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +182,7 @@ impl<S: MailboxStore> ShardCore<S> {
         store: S,
     ) -> ShardCore<S> {
         assert!(usize::from(identity.shard.0) < identity.shard_ports.len(), "shard index outside the port list");
+        assert!(identity.shard.0 < 1 << 10, "shard index does not fit the server_msg_id layout");
         let shard_count = identity.shard_ports.len();
         ShardCore {
             identity,
@@ -193,9 +202,14 @@ impl<S: MailboxStore> ShardCore<S> {
         }
     }
 
-    /// The store (for inspection and for the driver's commit calls).
+    /// The store (for inspection).
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The store, for the driver's write and commit calls.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
     }
 
     /// Live connections.
@@ -340,9 +354,12 @@ impl<S: MailboxStore> ShardCore<S> {
             );
         }
         window.begin(send.client_msg_id);
-        let server_msg_id = (u64::from(self.identity.shard.0) << 48) | self.next_message_counter;
+        let boot = self.identity.boot % (1 << BOOT_BITS);
+        let server_msg_id = (u64::from(self.identity.shard.0) << (MESSAGE_COUNTER_BITS + BOOT_BITS))
+            | (boot << MESSAGE_COUNTER_BITS)
+            | self.next_message_counter;
         self.next_message_counter += 1;
-        assert!(self.next_message_counter < 1 << 48, "server_msg_id counter exhausted");
+        assert!(self.next_message_counter < 1 << MESSAGE_COUNTER_BITS, "server_msg_id counter exhausted");
         let store = ShardMessage::Store {
             origin_shard: self.identity.shard.0,
             sender,

@@ -113,6 +113,39 @@ pub trait MailboxStore {
     fn ticket_failed(&self, _ticket: Ticket) -> bool {
         false
     }
+
+    // The driver side of durable stores; memory-only stores keep the defaults.
+
+    /// The oldest chunk of encoded records to write, if any.
+    fn take_write(&mut self) -> Option<WriteChunk> {
+        None
+    }
+    /// Bytes waiting to be written.
+    fn pending_write_bytes(&self) -> usize {
+        0
+    }
+    /// The driver made the chunk ending at `last_ticket` durable.
+    fn on_write_durable(&mut self, _segment: u64, _last_ticket: Ticket) {}
+    /// The driver failed to make the chunk durable; its changes are dropped.
+    fn on_write_failed(&mut self, _segment: u64, _first_ticket: Ticket, _last_ticket: Ticket) {}
+    /// Segments that may be deleted now.
+    fn take_reclaimable(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+/// Encoded log records for one segment, handed by a durable store to the
+/// driver: one write and one fdatasync each.
+#[derive(Debug)]
+pub struct WriteChunk {
+    /// Target segment.
+    pub segment: u64,
+    /// Records, back to back.
+    pub bytes: Vec<u8>,
+    /// First ticket in the chunk.
+    pub first_ticket: Ticket,
+    /// Last ticket in the chunk.
+    pub last_ticket: Ticket,
 }
 
 /// One stored message in one device's mailbox.
@@ -255,16 +288,24 @@ impl MailboxIndex {
     }
 
     /// Puts `message` at `seq` in `device`'s mailbox (recovery: seqs come from the log).
-    /// Ignores seqs already acknowledged or already present.
-    pub fn insert(&mut self, device: DeviceKey, seq: u64, message: &Rc<StoredMessage>, ticket: Ticket, segment: u64) {
+    /// Ignores seqs already acknowledged or already present; returns whether it was added.
+    pub fn insert(
+        &mut self,
+        device: DeviceKey,
+        seq: u64,
+        message: &Rc<StoredMessage>,
+        ticket: Ticket,
+        segment: u64,
+    ) -> bool {
         self.register_recovered(device);
         let mailbox = self.mailboxes.get_mut(&device).expect("registered above");
         mailbox.last_seq = mailbox.last_seq.max(seq);
         if seq <= mailbox.acked_seq || mailbox.entries.back().is_some_and(|entry| entry.seq >= seq) {
-            return;
+            return false;
         }
         mailbox.bytes += message.payload.len() as u64;
         mailbox.entries.push_back(MailboxEntry { seq, ticket, segment, message: Rc::clone(message) });
+        true
     }
 
     /// Raises `device`'s last seq (recovery from a checkpoint).

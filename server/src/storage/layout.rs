@@ -1,0 +1,218 @@
+//! The data directory: its layout file, the per-shard log directories and
+//! boot counters, and reading segments at start.
+//!
+//! ```text
+//! <data-dir>/layout.toml            format_version, shard_count, slot_count
+//! <data-dir>/shard-<k>/boot         boot counter of shard k (u64, text)
+//! <data-dir>/shard-<k>/seg-<n>.log  log segments, n ascending
+//! ```
+//!
+//! This runs before the shards serve, with plain blocking file I/O.
+
+use super::record::{scan_segment, Scan};
+use std::path::{Path, PathBuf};
+
+/// Format version of the data directory written by this build.
+pub const DATA_FORMAT_VERSION: u32 = 1;
+
+/// Errors opening a data directory. All are printed and irisd exits; none
+/// modifies the directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The layout file does not parse.
+    #[error("{path}: not a valid layout file: {detail}")]
+    BadLayout {
+        /// The file.
+        path: PathBuf,
+        /// Parser message.
+        detail: String,
+    },
+    /// Written by an incompatible version.
+    #[error(
+        "data directory {dir} has format version {found}; this irisd reads version {DATA_FORMAT_VERSION} only. \
+         Nothing was modified: use the irisd release that wrote it, or another --data-dir"
+    )]
+    IncompatibleVersion {
+        /// The directory.
+        dir: PathBuf,
+        /// Version found.
+        found: u32,
+    },
+    /// Written with another shard count.
+    #[error(
+        "data directory {dir} was written by {found} shards but {configured} were requested. \
+         Moving slots between shard logs is not supported yet; nothing was modified. \
+         Start it with: irisd serve --data-dir {dir} --shards {found}"
+    )]
+    ShardCountMismatch {
+        /// The directory.
+        dir: PathBuf,
+        /// Shard count in the layout file.
+        found: u16,
+        /// Shard count requested.
+        configured: u16,
+    },
+    /// Log directories exist but no layout file: not a directory this build wrote.
+    #[error("data directory {0} holds shard logs but no layout.toml; refusing to guess its layout")]
+    MissingLayout(PathBuf),
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct LayoutFile {
+    format_version: u32,
+    shard_count: u16,
+    slot_count: u32,
+}
+
+/// Checks (or, for a new directory, writes) the layout file.
+pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError> {
+    let path = data_dir.join("layout.toml");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayoutError::Io { path, source }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let version = text
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|table| table.get("format_version").and_then(|v| v.as_integer()));
+            if let Some(version) = version {
+                if version != i64::from(DATA_FORMAT_VERSION) {
+                    return Err(LayoutError::IncompatibleVersion {
+                        dir: data_dir.to_path_buf(),
+                        found: u32::try_from(version).unwrap_or(u32::MAX),
+                    });
+                }
+            }
+            let layout: LayoutFile = toml::from_str(&text)
+                .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?;
+            if layout.shard_count != shard_count {
+                return Err(LayoutError::ShardCountMismatch {
+                    dir: data_dir.to_path_buf(),
+                    found: layout.shard_count,
+                    configured: shard_count,
+                });
+            }
+            if layout.slot_count != iris_shard_map::SLOT_COUNT {
+                return Err(LayoutError::BadLayout { path, detail: format!("slot_count {}", layout.slot_count) });
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            if shard_dir(data_dir, 0).exists() {
+                return Err(LayoutError::MissingLayout(data_dir.to_path_buf()));
+            }
+            let layout =
+                LayoutFile { format_version: DATA_FORMAT_VERSION, shard_count, slot_count: iris_shard_map::SLOT_COUNT };
+            let text = toml::to_string(&layout)
+                .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?;
+            crate::files::write_public(&path, text.as_bytes()).map_err(io(&path))?;
+            crate::files::sync_directory(data_dir).map_err(io(data_dir))
+        }
+        Err(error) => Err(io(&path)(error)),
+    }
+}
+
+/// The log directory of shard `shard`.
+pub fn shard_dir(data_dir: &Path, shard: u16) -> PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+/// Path of segment `segment` in `dir`.
+pub fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("seg-{segment:016}.log"))
+}
+
+/// Increments and returns the shard's boot counter (durably), creating the
+/// shard directory on first start.
+pub fn next_boot(dir: &Path) -> Result<u64, LayoutError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayoutError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join("boot");
+    let previous = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(error) => return Err(io(&path)(error)),
+    };
+    let boot = previous + 1;
+    crate::files::write_public(&path, boot.to_string().as_bytes()).map_err(io(&path))?;
+    crate::files::sync_directory(dir).map_err(io(dir))?;
+    Ok(boot)
+}
+
+/// A segment as found at start.
+#[derive(Debug)]
+pub struct RecoveredSegment {
+    /// Segment number.
+    pub segment: u64,
+    /// What the scanner found.
+    pub scan: Scan,
+    /// The bytes of the last partial 4 KiB block up to `scan.valid_end`
+    /// (the writer rewrites that block when it appends).
+    pub tail: Vec<u8>,
+}
+
+/// Reads and scans every segment of `dir`, ascending. A torn tail of the
+/// last segment is cut off the file (it holds only unacknowledged writes);
+/// corrupt records elsewhere are reported by the scan and skipped.
+pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayoutError::Io { path, source }
+    };
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(number) = name.strip_prefix("seg-").and_then(|rest| rest.strip_suffix(".log")) {
+            if let Ok(number) = number.parse::<u64>() {
+                numbers.push(number);
+            }
+        }
+    }
+    numbers.sort_unstable();
+    let mut segments = Vec::new();
+    for (position, number) in numbers.iter().enumerate() {
+        let path = segment_path(dir, *number);
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let scan = scan_segment(&bytes);
+        for span in &scan.corrupt {
+            tracing::error!(
+                segment = %path.display(), offset = span.offset, length = span.length, error = %span.error,
+                "corrupt log record skipped"
+            );
+        }
+        if let Some(tail) = &scan.torn_tail {
+            let last = position + 1 == numbers.len();
+            tracing::warn!(
+                segment = %path.display(), offset = tail.offset, length = tail.length, error = %tail.error, last,
+                "torn tail truncated at the last valid record"
+            );
+            let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+            file.set_len(scan.valid_end as u64).map_err(io(&path))?;
+            file.sync_all().map_err(io(&path))?;
+        }
+        let tail_start = scan.valid_end - scan.valid_end % 4096;
+        let tail = bytes[tail_start..scan.valid_end].to_vec();
+        segments.push(RecoveredSegment { segment: *number, scan, tail });
+    }
+    Ok(segments)
+}

@@ -1,0 +1,375 @@
+//! [`LogStore`]: the durable [`MailboxStore`]. Pure: it encodes every change
+//! as a log record into pending write chunks, decides the segment layout,
+//! and learns from the driver which chunks reached the disk. The driver
+//! (`crate::driver::log_writer`) does the I/O.
+//!
+//! Segments: records never span segments. When appending a record would push
+//! the current segment past `segment_bytes_max`, the store starts the next
+//! segment with a checkpoint of every device's seq state and of the
+//! recipient-side dedup window. From then on no older segment holds state
+//! that is not also in a newer one, except its still-undelivered messages,
+//! so an older segment can be deleted as soon as all of its messages are
+//! acknowledged.
+
+use super::record::{
+    encode_record, Acknowledged, DedupEntry, DeviceRegistered, DeviceState, MessageStored, RecipientSeq, Record, Scan,
+};
+use crate::shard::mailbox::{
+    MailboxEntry, MailboxIndex, MailboxStore, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
+};
+use crate::shard::DeviceKey;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+/// Layout bounds of the log.
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimits {
+    /// A segment is closed once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// A write chunk is closed once it holds this many bytes (one write + one
+    /// fdatasync each).
+    pub commit_bytes_max: usize,
+}
+
+/// What recovery found, for the start-up log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments read.
+    pub segments: usize,
+    /// Valid records replayed.
+    pub records: u64,
+    /// Corrupt records skipped.
+    pub corrupt_records: u64,
+    /// Bytes cut off torn tails.
+    pub torn_bytes: u64,
+    /// Registered devices after replay.
+    pub devices: u64,
+    /// Undelivered (device, message) entries after replay.
+    pub live_entries: u64,
+}
+
+/// The durable store of one shard.
+#[derive(Debug)]
+pub struct LogStore {
+    /// Registry, mailboxes, dedup window.
+    index: MailboxIndex,
+    /// Layout bounds.
+    limits: LogLimits,
+    /// Segment that new records go to.
+    current_segment: u64,
+    /// Bytes assigned to `current_segment` (written or pending).
+    current_segment_bytes: u64,
+    /// Chunks not yet handed to the writer, oldest first.
+    pending: VecDeque<WriteChunk>,
+    /// Last ticket handed out.
+    last_ticket: Ticket,
+    /// Every ticket up to here has an outcome.
+    committed: Ticket,
+    /// Newest segment with a durable chunk; older empty segments may go.
+    committed_segment: u64,
+    /// Ticket ranges whose chunk failed, kept until the core has seen them.
+    failed: VecDeque<(Ticket, Ticket)>,
+    /// Undelivered mailbox entries per segment, for reclaim. Segments with
+    /// no entry here but on disk hold no live message.
+    live_by_segment: BTreeMap<u64, u64>,
+    /// Segments that exist on disk (recovered or written), ascending.
+    on_disk: std::collections::BTreeSet<u64>,
+    /// Corrupt records seen (recovery), for the metric.
+    corrupt_records: u64,
+}
+
+/// Failed ranges remembered; the core checks them in the same loop
+/// iteration in which a failure is reported, so a few are plenty.
+const FAILED_RANGES_MAX: usize = 256;
+
+impl LogStore {
+    /// An empty log (first start).
+    pub fn new(store_limits: StoreLimits, limits: LogLimits) -> LogStore {
+        LogStore {
+            index: MailboxIndex::new(store_limits),
+            limits,
+            current_segment: 1,
+            current_segment_bytes: 0,
+            pending: VecDeque::new(),
+            last_ticket: 0,
+            committed: 0,
+            committed_segment: 1,
+            failed: VecDeque::new(),
+            live_by_segment: BTreeMap::new(),
+            on_disk: Default::default(),
+            corrupt_records: 0,
+        }
+    }
+
+    /// Rebuilds the store from scanned segments (ascending ids). Appending
+    /// continues in the last one, after its last valid record.
+    pub fn recover(
+        store_limits: StoreLimits,
+        limits: LogLimits,
+        segments: &[(u64, Scan)],
+    ) -> (LogStore, RecoveryReport) {
+        let mut store = LogStore::new(store_limits, limits);
+        let mut report = RecoveryReport { segments: segments.len(), ..RecoveryReport::default() };
+        for (segment, scan) in segments {
+            store.on_disk.insert(*segment);
+            report.corrupt_records += scan.corrupt.len() as u64;
+            report.torn_bytes += scan.torn_tail.as_ref().map_or(0, |tail| tail.length as u64);
+            for (_, record) in &scan.records {
+                store.replay(*segment, record);
+                report.records += 1;
+            }
+        }
+        if let Some((segment, scan)) = segments.last() {
+            store.current_segment = *segment;
+            store.current_segment_bytes = scan.valid_end as u64;
+            store.committed_segment = *segment;
+        }
+        store.corrupt_records = report.corrupt_records;
+        report.devices = store.index.mailboxes().count() as u64;
+        report.live_entries = store.live_by_segment.values().sum();
+        (store, report)
+    }
+
+    fn replay(&mut self, segment: u64, record: &Record) {
+        match record {
+            Record::DeviceRegistered(r) => self.index.register_recovered(DeviceKey { user: r.user, device: r.device }),
+            Record::MessageStored(r) => {
+                let message = Rc::new(StoredMessage {
+                    from_user: r.from_user,
+                    from_device: r.from_device,
+                    client_msg_id: r.client_msg_id,
+                    server_msg_id: r.server_msg_id,
+                    sent_at_ms: r.sent_at_ms,
+                    to_user: r.to_user,
+                    payload: r.payload.clone(),
+                });
+                for recipient in &r.recipients {
+                    let device = DeviceKey { user: r.to_user, device: recipient.device };
+                    if self.index.insert(device, recipient.seq, &message, 0, segment) {
+                        *self.live_by_segment.entry(segment).or_default() += 1;
+                    }
+                }
+                self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
+            }
+            Record::Acknowledged(r) => {
+                let dropped = self.index.acknowledge(DeviceKey { user: r.user, device: r.device }, r.up_to_seq);
+                self.forget_entries(&dropped);
+            }
+            Record::DeviceState(r) => {
+                let device = DeviceKey { user: r.user, device: r.device };
+                self.index.raise_last_seq(device, r.last_seq);
+                let dropped = self.index.acknowledge(device, r.acked_seq);
+                self.forget_entries(&dropped);
+            }
+            Record::DedupEntry(r) => {
+                let sender = DeviceKey { user: r.from_user, device: r.from_device };
+                self.index.remember_stored(sender, r.client_msg_id, r.server_msg_id, 0);
+            }
+        }
+    }
+
+    fn forget_entries(&mut self, entries: &[MailboxEntry]) {
+        for entry in entries {
+            if let Some(live) = self.live_by_segment.get_mut(&entry.segment) {
+                *live -= 1;
+                if *live == 0 {
+                    self.live_by_segment.remove(&entry.segment);
+                }
+            }
+        }
+    }
+
+    /// Appends one record; returns its ticket and the segment it went to.
+    fn append(&mut self, record: &Record) -> (Ticket, u64) {
+        let mut bytes = Vec::new();
+        encode_record(record, &mut bytes);
+        if self.current_segment_bytes > 0
+            && self.current_segment_bytes + bytes.len() as u64 > self.limits.segment_bytes_max
+        {
+            self.start_segment();
+        }
+        let ticket = self.push_bytes(&bytes);
+        (ticket, self.current_segment)
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) -> Ticket {
+        self.last_ticket += 1;
+        let ticket = self.last_ticket;
+        let reuse = self.pending.back().is_some_and(|chunk| {
+            chunk.segment == self.current_segment && chunk.bytes.len() < self.limits.commit_bytes_max
+        });
+        if !reuse {
+            self.pending.push_back(WriteChunk {
+                segment: self.current_segment,
+                bytes: Vec::new(),
+                first_ticket: ticket,
+                last_ticket: ticket,
+            });
+        }
+        let chunk = self.pending.back_mut().expect("a chunk was ensured above");
+        chunk.bytes.extend_from_slice(bytes);
+        chunk.last_ticket = ticket;
+        self.current_segment_bytes += bytes.len() as u64;
+        ticket
+    }
+
+    /// Opens the next segment with a checkpoint of all seq and dedup state.
+    fn start_segment(&mut self) {
+        self.current_segment += 1;
+        self.current_segment_bytes = 0;
+        let mut checkpoint = Vec::new();
+        for (device, mailbox) in self.index.mailboxes() {
+            let state = DeviceState {
+                user: device.user,
+                device: device.device,
+                last_seq: mailbox.last_seq,
+                acked_seq: mailbox.acked_seq,
+            };
+            encode_record(&Record::DeviceState(state), &mut checkpoint);
+        }
+        for (sender, client_msg_id, server_msg_id) in self.index.stored_entries() {
+            let entry = DedupEntry { from_user: sender.user, from_device: sender.device, client_msg_id, server_msg_id };
+            encode_record(&Record::DedupEntry(entry), &mut checkpoint);
+        }
+        if checkpoint.is_empty() {
+            return;
+        }
+        // The checkpoint is one ticket: it becomes durable as a whole.
+        self.push_bytes(&checkpoint);
+    }
+
+    /// Segments believed to be on disk.
+    pub fn segments_on_disk(&self) -> usize {
+        self.on_disk.len()
+    }
+
+    /// Corrupt records skipped during recovery.
+    pub fn corrupt_records(&self) -> u64 {
+        self.corrupt_records
+    }
+}
+
+impl MailboxStore for LogStore {
+    fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
+        let new = self.index.register(device)?;
+        if new {
+            self.append(&Record::DeviceRegistered(DeviceRegistered { user: device.user, device: device.device }));
+        }
+        Ok(new)
+    }
+
+    fn devices_of(&self, user: u64) -> &[u32] {
+        self.index.devices_of(user)
+    }
+
+    fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
+        self.index.has_room(device, payload_bytes)
+    }
+
+    fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
+        self.index.find_stored(sender, client_msg_id)
+    }
+
+    fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
+        let recipients: Vec<RecipientSeq> = devices
+            .iter()
+            .map(|device| {
+                debug_assert_eq!(device.user, message.to_user);
+                RecipientSeq { device: device.device, seq: self.index.last_seq(*device) + 1 }
+            })
+            .collect();
+        let record = Record::MessageStored(MessageStored {
+            server_msg_id: message.server_msg_id,
+            from_user: message.from_user,
+            from_device: message.from_device,
+            client_msg_id: message.client_msg_id,
+            sent_at_ms: message.sent_at_ms,
+            to_user: message.to_user,
+            recipients: recipients.clone(),
+            payload: message.payload.clone(),
+        });
+        let (ticket, segment) = self.append(&record);
+        for (device, recipient) in devices.iter().zip(&recipients) {
+            let seq = self.index.append(*device, &message, ticket, segment);
+            assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
+        }
+        *self.live_by_segment.entry(segment).or_default() += devices.len() as u64;
+        self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, ticket);
+        Ok(ticket)
+    }
+
+    fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64) {
+        if up_to_seq <= self.index.acked_seq(device) {
+            return;
+        }
+        let dropped = self.index.acknowledge(device, up_to_seq);
+        self.forget_entries(&dropped);
+        let up_to_seq = self.index.acked_seq(device);
+        self.append(&Record::Acknowledged(Acknowledged { user: device.user, device: device.device, up_to_seq }));
+    }
+
+    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)> {
+        self.index.next_after(device, after_seq, self.committed)
+    }
+
+    fn last_seq(&self, device: DeviceKey) -> u64 {
+        self.index.last_seq(device)
+    }
+
+    fn committed_ticket(&self) -> Ticket {
+        self.committed
+    }
+
+    fn ticket_failed(&self, ticket: Ticket) -> bool {
+        self.failed.iter().any(|(first, last)| (*first..=*last).contains(&ticket))
+    }
+
+    /// The oldest chunk to write, if any.
+    fn take_write(&mut self) -> Option<WriteChunk> {
+        self.pending.pop_front()
+    }
+
+    /// Bytes waiting to be written.
+    fn pending_write_bytes(&self) -> usize {
+        self.pending.iter().map(|chunk| chunk.bytes.len()).sum()
+    }
+
+    /// The writer made `chunk` durable.
+    fn on_write_durable(&mut self, segment: u64, last_ticket: Ticket) {
+        assert!(last_ticket > self.committed, "chunks complete in order");
+        self.committed = last_ticket;
+        self.committed_segment = self.committed_segment.max(segment);
+        self.on_disk.insert(segment);
+    }
+
+    /// The writer could not make the chunk durable: its changes are dropped.
+    fn on_write_failed(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
+        assert!(last_ticket > self.committed, "chunks complete in order");
+        let removed = self.index.remove_tickets(first_ticket, last_ticket);
+        self.forget_entries(&removed);
+        self.failed.push_back((first_ticket, last_ticket));
+        while self.failed.len() > FAILED_RANGES_MAX {
+            self.failed.pop_front();
+        }
+        self.committed = last_ticket;
+        // The segment may exist partially; the writer rewrites from its last
+        // durable end, so it is tracked like any other.
+        self.on_disk.insert(segment);
+    }
+
+    /// Segments that can be deleted now: older than the newest durable
+    /// segment (whose head checkpoint covers them) and holding no
+    /// undelivered message. They are forgotten once returned.
+    fn take_reclaimable(&mut self) -> Vec<u64> {
+        let reclaimable: Vec<u64> = self
+            .on_disk
+            .iter()
+            .copied()
+            .filter(|segment| *segment < self.committed_segment && !self.live_by_segment.contains_key(segment))
+            .collect();
+        for segment in &reclaimable {
+            self.on_disk.remove(segment);
+        }
+        reclaimable
+    }
+}

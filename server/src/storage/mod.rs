@@ -1,0 +1,16 @@
+//! Durable storage: the per-shard log. docs/storage.md describes the format,
+//! group commit, recovery and reclaim.
+//!
+//! # Layout
+//! - [`record`]: the record format and the segment scanner (pure).
+//! - [`log_store`]: [`LogStore`], the durable `MailboxStore` (pure: it
+//!   produces write chunks and learns their outcome from the driver).
+//! - [`layout`]: the data directory's layout file, format version and shard
+//!   count checks, boot counters, and reading segments at start (blocking
+//!   file I/O, run before a shard serves).
+
+pub mod layout;
+pub mod log_store;
+pub mod record;
+
+pub use log_store::{LogLimits, LogStore, RecoveryReport};
