@@ -79,23 +79,12 @@ pub struct TokenAuthority {
 impl TokenAuthority {
     /// Loads the key at `path`, creating it if `create` and it does not exist.
     pub fn load_or_create(path: &Path, create: bool) -> Result<(TokenAuthority, bool), KeyFileError> {
-        let io = |source| KeyFileError::Io { path: path.display().to_string(), source };
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let secret: [u8; 32] =
-                    bytes.as_slice().try_into().map_err(|_| KeyFileError::BadKey(path.display().to_string()))?;
-                Ok((TokenAuthority::from_secret(secret), false))
+        match crate::files::load_or_create_secret(path, create) {
+            Ok((secret, created)) => Ok((TokenAuthority::from_secret(secret), created)),
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                Err(KeyFileError::BadKey(path.display().to_string()))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                let mut secret = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(io)?;
-                }
-                crate::files::write_private(path, &secret).map_err(io)?;
-                Ok((TokenAuthority::from_secret(secret), true))
-            }
-            Err(e) => Err(io(e)),
+            Err(source) => Err(KeyFileError::Io { path: path.display().to_string(), source }),
         }
     }
 

@@ -27,3 +27,26 @@ pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn sync_directory(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
+
+/// Reads a 32-byte secret from `path`, creating it (random, mode 0600) if it
+/// does not exist and `create` is set. Returns the secret and whether it was created.
+pub fn load_or_create_secret(path: &Path, create: bool) -> std::io::Result<([u8; 32], bool)> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte secret")
+            })?;
+            Ok((secret, false))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
+            let mut secret = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            write_private(path, &secret)?;
+            Ok((secret, true))
+        }
+        Err(error) => Err(error),
+    }
+}

@@ -174,7 +174,13 @@ fn serve(
         Err(error) => return fail(error.to_string()),
     };
 
-    let node = match runtime::start(NodeSetup { config: config.clone(), authority, crypto }, shard_count) {
+    let reset_path = config.data_dir.join("keys/stateless-reset.key");
+    let reset_secret = match irisd::files::load_or_create_secret(&reset_path, true) {
+        Ok((secret, _)) => secret,
+        Err(error) => return fail(format!("{}: {error}", reset_path.display())),
+    };
+    let setup = NodeSetup { config: config.clone(), authority, crypto, reset_secret };
+    let node = match runtime::start(setup, shard_count) {
         Ok(node) => node,
         Err(error) => return fail(error.to_string()),
     };

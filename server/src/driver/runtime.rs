@@ -63,6 +63,10 @@ pub struct NodeSetup {
     pub authority: TokenAuthority,
     /// rustls server configuration for QUIC.
     pub crypto: Arc<QuicServerConfig>,
+    /// Key for QUIC stateless reset tokens, persisted in the data directory so
+    /// that after a restart clients of the previous process are reset at once
+    /// instead of waiting for their idle timeout.
+    pub reset_secret: [u8; 32],
 }
 
 impl std::fmt::Debug for NodeSetup {
@@ -232,7 +236,9 @@ async fn run_shard(
         shard_ports: ports,
         boot,
     };
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &setup.reset_secret);
     let parts = LoopParts {
+        endpoint_config: Arc::new(quinn_proto::EndpointConfig::new(Arc::new(reset_key))),
         server_config: quic_server_config(&setup),
         udp,
         links: ShardLinks { senders: connected_senders, receivers: connected_receivers },
@@ -296,6 +302,7 @@ async fn run_shard(
 
 /// What a shard loop needs besides its core.
 struct LoopParts {
+    endpoint_config: Arc<quinn_proto::EndpointConfig>,
     server_config: Arc<quinn_proto::ServerConfig>,
     udp: UdpIo,
     links: ShardLinks,
@@ -320,6 +327,7 @@ async fn serve<S: MailboxStore>(
     let _ = ready.send(Ok(shard));
     ShardLoop::new(
         core,
+        parts.endpoint_config,
         parts.server_config,
         parts.udp,
         parts.links,

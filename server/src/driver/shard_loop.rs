@@ -134,6 +134,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     /// A loop over a bound socket.
     pub fn new(
         core: ShardCore<S>,
+        endpoint_config: Arc<quinn_proto::EndpointConfig>,
         server_config: Arc<ServerConfig>,
         udp: UdpIo,
         links: ShardLinks,
@@ -141,7 +142,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         connection_limits: ConnectionLimits,
         writer: Option<WriterLink>,
     ) -> ShardLoop<S> {
-        let endpoint = Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), Some(server_config), true, None);
+        let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         ShardLoop {
             core,
             endpoint,

@@ -30,42 +30,35 @@ impl Server {
 
     pub fn start_with(shards: u16, config_toml: &[&str]) -> Server {
         let data_dir = tempfile::tempdir().expect("temporary directory");
+        if !config_toml.is_empty() {
+            std::fs::write(data_dir.path().join("test-config.toml"), config_toml.join("\n")).expect("write config");
+        }
         for attempt in 0..20 {
             let base_port = 20_000 + (rand_u64() % 30_000) as u16;
-            let mut command = Command::new(env!("CARGO_BIN_EXE_irisd"));
-            command
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(data_dir.path())
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{base_port}"))
-                .arg("--shards")
-                .arg(shards.to_string())
-                .env("IRIS_LOG", "warn")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-            if !config_toml.is_empty() {
-                let path = data_dir.path().join("test-config.toml");
-                std::fs::write(&path, config_toml.join("\n")).expect("write config");
-                command.arg("--config").arg(&path);
-            }
-            let mut child = command.spawn().expect("spawn irisd");
-            let stdout = child.stdout.take().expect("stdout");
-            let mut ready = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("ready:") {
-                    ready = true;
-                    break;
-                }
-            }
-            if ready {
+            if let Some(child) = spawn_irisd(data_dir.path(), base_port, shards) {
                 return Server { child, data_dir, base_port, shards };
             }
-            let _ = child.wait();
             eprintln!("irisd did not start on port {base_port} (attempt {attempt}); retrying");
         }
         panic!("irisd failed to start 20 times");
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        for _ in 0..50 {
+            if let Some(child) = spawn_irisd(self.data_dir.path(), self.base_port, self.shards) {
+                self.child = child;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("irisd did not restart");
     }
 
     pub fn address(&self, shard: u16) -> String {
@@ -101,6 +94,37 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `irisd serve` and waits for its ready line; `None` if it exited first.
+fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16) -> Option<Child> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_irisd"));
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{base_port}"))
+        .arg("--shards")
+        .arg(shards.to_string())
+        .env("IRIS_LOG", std::env::var("IRIS_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let config = data_dir.join("test-config.toml");
+    if config.exists() {
+        command.arg("--config").arg(&config);
+    }
+    let mut child = command.spawn().expect("spawn irisd");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:"));
+    if ready {
+        // Keep draining stdout so irisd never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        return Some(child);
+    }
+    let _ = child.wait();
+    None
 }
 
 pub fn now_s() -> u64 {
