@@ -33,9 +33,10 @@ pub fn sync_directory(path: &Path) -> std::io::Result<()> {
 pub fn load_or_create_secret(path: &Path, create: bool) -> std::io::Result<([u8; 32], bool)> {
     match std::fs::read(path) {
         Ok(bytes) => {
-            let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte secret")
-            })?;
+            let secret: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte secret"))?;
             Ok((secret, false))
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {

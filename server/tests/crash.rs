@@ -21,10 +21,7 @@ const WINDOW: usize = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_repeated_sigkill() {
-    let seed: u64 = std::env::var("IRIS_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(common::rand_u64);
+    let seed: u64 = std::env::var("IRIS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(common::rand_u64);
     println!("crash test seed = {seed} (IRIS_CRASH_SEED={seed} repeats the kill schedule)");
     let server = Server::start(2);
 
@@ -129,7 +126,10 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
             let (sender, number) = payload.split_once(':').unwrap();
             let number: u64 = number.parse().unwrap();
             if let Some(previous) = last_by_sender.insert(sender, number) {
-                assert!(number > previous, "user {user} device {device}: {sender}:{number} after {previous} (seed {seed})");
+                assert!(
+                    number > previous,
+                    "user {user} device {device}: {sender}:{number} after {previous} (seed {seed})"
+                );
             }
         }
         let expected = acked.iter().filter(|(to, _)| to == user).count();

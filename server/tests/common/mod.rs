@@ -14,10 +14,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// A data directory: a temporary one, or a given path.
+pub struct DataDir {
+    path: PathBuf,
+    _temporary: Option<tempfile::TempDir>,
+}
+
+impl DataDir {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
 /// A running irisd; killed on drop.
 pub struct Server {
     pub child: Child,
-    pub data_dir: tempfile::TempDir,
+    pub data_dir: DataDir,
     pub base_port: u16,
     pub shards: u16,
 }
@@ -29,7 +41,18 @@ impl Server {
     }
 
     pub fn start_with(shards: u16, config_toml: &[&str]) -> Server {
-        let data_dir = tempfile::tempdir().expect("temporary directory");
+        let temporary = tempfile::tempdir().expect("temporary directory");
+        let data_dir = DataDir { path: temporary.path().to_path_buf(), _temporary: Some(temporary) };
+        Self::start_at(shards, data_dir, config_toml)
+    }
+
+    /// Starts irisd on a data directory at `path` (created if missing).
+    pub fn start_in(shards: u16, path: PathBuf) -> Server {
+        std::fs::create_dir_all(&path).expect("create data directory");
+        Self::start_at(shards, DataDir { path, _temporary: None }, &[])
+    }
+
+    fn start_at(shards: u16, data_dir: DataDir, config_toml: &[&str]) -> Server {
         if !config_toml.is_empty() {
             std::fs::write(data_dir.path().join("test-config.toml"), config_toml.join("\n")).expect("write config");
         }

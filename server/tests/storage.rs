@@ -1,0 +1,272 @@
+//! Faults of the durable log with real processes and real files: a torn
+//! tail, flipped bits, an incompatible data directory, a full disk, and
+//! reclaim of delivered segments across a restart.
+
+mod common;
+
+use common::{user_on_shard, Raw, Server};
+use iris_client::Client;
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::ErrorCode;
+use irisd::storage::layout::shard_dir;
+use irisd::storage::record::{scan_segment, Record};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn segments(server: &Server, shard: u16) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(shard_dir(server.data_dir.path(), shard))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "log"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Sends `count` messages "m{i}" from `sender` to `recipient` and waits for their acks.
+async fn send_numbered(server: &Server, sender: u64, recipient: u64, count: usize) {
+    let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    for index in 0..count {
+        client.send(recipient, format!("m{index}").into_bytes()).await.unwrap();
+    }
+    client.close().await.unwrap();
+}
+
+async fn receive_all(server: &Server, user: u64, device: u32, quiet: Duration) -> Vec<String> {
+    let mut client = Client::connect(server.client_config(user, device)).await.unwrap();
+    let mut texts = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(quiet, client.recv()).await {
+        texts.push(String::from_utf8(message.payload).unwrap());
+    }
+    client.close().await.unwrap();
+    texts
+}
+
+/// Registers a device and disconnects it.
+async fn register(server: &Server, user: u64, device: u32) {
+    Client::connect(server.client_config(user, device)).await.unwrap().close().await.unwrap();
+}
+
+fn valid_end(path: &Path) -> usize {
+    scan_segment(&std::fs::read(path).unwrap()).valid_end
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_truncated_and_everything_before_it_survives() {
+    let mut server = Server::start(1);
+    let (sender, recipient) = (1, 2);
+    register(&server, recipient, 1).await;
+    send_numbered(&server, sender, recipient, 50).await;
+    server.kill9();
+
+    // A write that was cut short: a record header and half a body after the last record.
+    let path = segments(&server, 0).pop().unwrap();
+    let end = valid_end(&path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut torn = Vec::new();
+    let record = Record::Acknowledged(irisd::storage::record::Acknowledged { user: 2, device: 1, up_to_seq: 40 });
+    irisd::storage::record::encode_record(&record, &mut torn);
+    // Keep the header and the first bytes of the body: the rest never reached the disk.
+    torn.truncate(irisd::storage::record::RECORD_HEADER_BYTES + 3);
+    bytes.splice(end..end + torn.len(), torn.iter().copied());
+    std::fs::write(&path, &bytes).unwrap();
+
+    server.restart();
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, end, "torn tail not truncated");
+    let texts = receive_all(&server, recipient, 1, Duration::from_millis(500)).await;
+    let expected: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected, "the torn ack must not apply; every message must survive");
+    // The log keeps working after the truncation.
+    send_numbered(&server, sender, recipient, 1).await;
+    assert_eq!(receive_all(&server, recipient, 1, Duration::from_millis(500)).await, vec!["m0".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_skipped_and_the_rest_recovered() {
+    let mut server = Server::start(1);
+    let (sender, recipient) = (1, 2);
+    register(&server, recipient, 1).await;
+    send_numbered(&server, sender, recipient, 20).await;
+    server.kill9();
+
+    let path = segments(&server, 0).pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let scan = scan_segment(&bytes);
+    // Flip bits inside the payload of the message "m7".
+    let (offset, _) = scan
+        .records
+        .iter()
+        .find(|(_, record)| matches!(record, Record::MessageStored(m) if m.payload == b"m7"))
+        .expect("m7 is in the log");
+    bytes[offset + 20] ^= 0x5A;
+    std::fs::write(&path, &bytes).unwrap();
+
+    server.restart();
+    server.assert_running();
+    let texts = receive_all(&server, recipient, 1, Duration::from_millis(500)).await;
+    let expected: Vec<String> = (0..20).filter(|i| *i != 7).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_or_mismatched_data_directory_is_refused_untouched() {
+    let mut server = Server::start(2);
+    register(&server, 5, 1).await;
+    server.kill9();
+    let layout = server.data_dir.path().join("layout.toml");
+    let text = std::fs::read_to_string(&layout).unwrap();
+    std::fs::write(&layout, text.replace("format_version = 1", "format_version = 99")).unwrap();
+    let before = snapshot(server.data_dir.path());
+
+    let output = irisd_serve(&server, 2);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("format version 99"), "{stderr}");
+    assert_eq!(snapshot(server.data_dir.path()), before, "a refused data directory was modified");
+
+    std::fs::write(&layout, text).unwrap();
+    let output = irisd_serve(&server, 3);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--shards 2"), "{stderr}");
+    server.restart();
+    server.assert_running();
+}
+
+fn irisd_serve(server: &Server, shards: u16) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--listen", &server.address(0), "--shards", &shards.to_string(), "--data-dir"])
+        .arg(server.data_dir.path())
+        .output()
+        .unwrap()
+}
+
+/// Every file under `dir` with its contents.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_segments_are_reclaimed_and_seqs_survive_a_restart() {
+    let mut server = Server::start_with(1, &["[storage]", "segment_bytes_max = 1048576"]);
+    let (sender, recipient) = (1, 2);
+    register(&server, recipient, 1).await;
+    let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    let payload = vec![b'x'; 2000];
+    let mut pending = Vec::new();
+    for _ in 0..2000 {
+        pending.push(client.send_nowait(recipient, payload.clone()).await.unwrap());
+    }
+    for outcome in pending {
+        outcome.await.unwrap().unwrap();
+    }
+    assert!(segments(&server, 0).len() >= 4, "4 MB of messages should span several 1 MiB segments");
+
+    let mut receiver = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    let mut last_seq = 0;
+    for _ in 0..2000 {
+        last_seq = receiver.recv().await.unwrap().seq;
+    }
+    receiver.close().await.unwrap();
+    // Acks are logged; one more send rolls the log forward so older segments can go.
+    for _ in 0..600 {
+        client.send(sender + 100, vec![0; 10]).await.ok();
+        client.send(recipient, payload.clone()).await.unwrap();
+        if segments(&server, 0).len() <= 2 {
+            break;
+        }
+    }
+    assert!(segments(&server, 0).len() <= 2, "delivered segments were not reclaimed: {:?}", segments(&server, 0));
+    client.close().await.unwrap();
+
+    server.kill9();
+    server.restart();
+    let mut receiver = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), receiver.recv()).await.unwrap().unwrap();
+    assert!(next.seq > last_seq, "seq went back after reclaim and restart: {} <= {last_seq}", next.seq);
+}
+
+/// A size-limited tmpfs, unmounted on drop (also when the test panics).
+struct TmpfsMount(tempfile::TempDir);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_sends_and_recovers_when_space_returns() {
+    let directory = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(directory.path())
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "mounting a size-limited tmpfs needs root (see docs/storage.md)");
+    let mount = TmpfsMount(directory);
+    let mount_path = mount.0.path().to_path_buf();
+
+    let mut server = Server::start_in(1, mount_path.join("data"));
+    let (sender, recipient) = (user_on_shard(0, 1, 1), user_on_shard(0, 1, 2));
+    register(&server, recipient, 1).await;
+    // Leave about 256 KiB free.
+    let filler = mount_path.join("filler");
+    let free = fs_free_bytes(&mount_path);
+    std::fs::write(&filler, vec![0u8; (free - 256 * 1024) as usize]).unwrap();
+
+    let mut raw = Raw::connect(&server, 0).await;
+    assert!(matches!(raw.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
+    let payload = vec![7u8; 60_000];
+    let send = |id: u64| Frame::Send(frames::Send { client_msg_id: id, to_user: recipient, payload: payload.clone() });
+    let mut refused = None;
+    let mut acked = Vec::new();
+    for id in 1..=20u64 {
+        raw.write_frame(&send(id)).await;
+        match raw.read_frame().await {
+            Some(Frame::Ack(ack)) => acked.push(ack.client_msg_id),
+            Some(Frame::Error(error)) => {
+                assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::StorageUnavailable), "{error:?}");
+                assert_eq!(error.client_msg_id, Some(id));
+                refused = Some(id);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let refused = refused.expect("the disk never filled up");
+    server.assert_running();
+
+    std::fs::remove_file(&filler).unwrap();
+    // The same id again: stored now.
+    raw.write_frame(&send(refused)).await;
+    match raw.read_frame().await {
+        Some(Frame::Ack(ack)) => acked.push(ack.client_msg_id),
+        other => panic!("expected an Ack once space returned, got {other:?}"),
+    }
+    let received = receive_all(&server, recipient, 1, Duration::from_millis(500)).await;
+    assert_eq!(received.len(), acked.len(), "exactly the acknowledged sends are delivered");
+    server.kill9();
+    server.restart();
+    server.assert_running();
+    drop(server);
+    drop(mount);
+}
+
+fn fs_free_bytes(path: &Path) -> u64 {
+    let output = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(path).output().unwrap();
+    String::from_utf8(output.stdout).unwrap().lines().nth(1).unwrap().trim().parse().unwrap()
+}
