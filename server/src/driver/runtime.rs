@@ -4,7 +4,7 @@
 
 use super::connection::ConnectionLimits;
 use super::log_writer::{run_writer, WriterStart};
-use super::shard_loop::{ShardBatch, ShardLinks, ShardLoop};
+use super::shard_loop::{LoopParts, ShardBatch, ShardLinks, ShardLoop};
 use super::shard_loop::{WriterLink, WRITER_QUEUE_MAX};
 use super::udp::{bind_exclusive, UdpIo};
 use crate::auth::TokenAuthority;
@@ -300,16 +300,6 @@ async fn run_shard(
     }
 }
 
-/// What a shard loop needs besides its core.
-struct LoopParts {
-    endpoint_config: Arc<quinn_proto::EndpointConfig>,
-    server_config: Arc<quinn_proto::ServerConfig>,
-    udp: UdpIo,
-    links: ShardLinks,
-    connections_max: usize,
-    connection_limits: ConnectionLimits,
-}
-
 async fn serve<S: MailboxStore>(
     shard: u16,
     core: ShardCore<S>,
@@ -325,18 +315,7 @@ async fn serve<S: MailboxStore>(
         "shard running"
     );
     let _ = ready.send(Ok(shard));
-    ShardLoop::new(
-        core,
-        parts.endpoint_config,
-        parts.server_config,
-        parts.udp,
-        parts.links,
-        parts.connections_max,
-        parts.connection_limits,
-        writer,
-    )
-    .run()
-    .await;
+    ShardLoop::new(core, parts, writer).run().await;
 }
 
 fn report_failure(ready: &std::sync::mpsc::Sender<Result<u16, String>>, shard: u16, error: String) {

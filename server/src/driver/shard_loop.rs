@@ -82,6 +82,23 @@ pub struct WriterLink {
 /// segment deletions, which are rare (one per reclaimed segment).
 pub const WRITER_QUEUE_MAX: usize = 64;
 
+/// What a shard loop needs besides its core and log writer.
+#[derive(Debug)]
+pub struct LoopParts {
+    /// Endpoint settings (with the persistent stateless-reset key).
+    pub endpoint_config: Arc<quinn_proto::EndpointConfig>,
+    /// TLS and transport settings for client connections.
+    pub server_config: Arc<ServerConfig>,
+    /// The shard's socket.
+    pub udp: UdpIo,
+    /// Channels to the other shards.
+    pub links: ShardLinks,
+    /// Bound on live connections.
+    pub connections_max: usize,
+    /// Per-connection bounds.
+    pub connection_limits: ConnectionLimits,
+}
+
 /// Everything one shard's loop owns.
 pub struct ShardLoop<S: MailboxStore> {
     /// The message path.
@@ -132,16 +149,8 @@ enum Wake {
 
 impl<S: MailboxStore> ShardLoop<S> {
     /// A loop over a bound socket.
-    pub fn new(
-        core: ShardCore<S>,
-        endpoint_config: Arc<quinn_proto::EndpointConfig>,
-        server_config: Arc<ServerConfig>,
-        udp: UdpIo,
-        links: ShardLinks,
-        connections_max: usize,
-        connection_limits: ConnectionLimits,
-        writer: Option<WriterLink>,
-    ) -> ShardLoop<S> {
+    pub fn new(core: ShardCore<S>, parts: LoopParts, writer: Option<WriterLink>) -> ShardLoop<S> {
+        let LoopParts { endpoint_config, server_config, udp, links, connections_max, connection_limits } = parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         ShardLoop {
             core,
