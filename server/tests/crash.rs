@@ -19,6 +19,9 @@ const DEVICES_PER_RECIPIENT: u32 = 2;
 const KILLS: usize = 24;
 const WINDOW: usize = 32;
 
+/// Payloads one device received, in order.
+type ReceivedLog = Arc<Mutex<Vec<String>>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_repeated_sigkill() {
     let seed: u64 = std::env::var("IRIS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(common::rand_u64);
@@ -30,7 +33,7 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
     let senders: Vec<u64> = (0..SENDERS).map(|i| user_on_shard((i % 2) as u16, 2, 1_000 + 100 * i as u64)).collect();
 
     let stop_receiving = Arc::new(AtomicBool::new(false));
-    let mut received: Vec<(u64, u32, Arc<Mutex<Vec<String>>>)> = Vec::new();
+    let mut received: Vec<(u64, u32, ReceivedLog)> = Vec::new();
     let mut receiver_tasks = Vec::new();
     for recipient in recipients {
         for device in 1..=DEVICES_PER_RECIPIENT {
