@@ -20,8 +20,7 @@ fn store() -> LogStore {
         mailbox_bytes_max: u64::MAX,
         stored_dedup_entries_max: 1 << 16,
     };
-    let mut store =
-        LogStore::new(limits, LogLimits { segment_bytes_max: 1 << 30, commit_bytes_max: 1 << 20 });
+    let mut store = LogStore::new(limits, LogLimits { segment_bytes_max: 1 << 30, commit_bytes_max: 1 << 20 });
     store.register_device(DeviceKey { user: 2, device: 1 }).unwrap();
     store
 }

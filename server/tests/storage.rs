@@ -8,7 +8,7 @@ use common::{user_on_shard, Raw, Server};
 use iris_client::Client;
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::ErrorCode;
-use irisd::storage::layout::shard_dir;
+use irisd::storage::layout::{segment_path, shard_dir};
 use irisd::storage::record::{scan_segment, Record};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -160,11 +160,15 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivered_segments_are_reclaimed_and_seqs_survive_a_restart() {
+async fn delivered_segments_are_reclaimed_compacted_and_seqs_survive_a_restart() {
     let mut server = Server::start_with(1, &["[storage]", "segment_bytes_max = 1048576"]);
-    let (sender, recipient) = (1, 2);
+    let (sender, recipient, offline) = (1, 2, 3);
     register(&server, recipient, 1).await;
+    register(&server, offline, 1).await;
     let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    // One undelivered message in the first segment: without compaction it
+    // would pin that segment forever.
+    client.send(offline, b"pinned".to_vec()).await.unwrap();
     let payload = vec![b'x'; 2000];
     let mut pending = Vec::new();
     for _ in 0..2000 {
@@ -190,10 +194,14 @@ async fn delivered_segments_are_reclaimed_and_seqs_survive_a_restart() {
         }
     }
     assert!(segments(&server, 0).len() <= 2, "delivered segments were not reclaimed: {:?}", segments(&server, 0));
+    let first = segment_path(&shard_dir(server.data_dir.path(), 0), 1);
+    assert!(!first.exists(), "the segment holding only the pinned message was not compacted away");
     client.close().await.unwrap();
 
     server.kill9();
     server.restart();
+    let pinned = receive_all(&server, offline, 1, Duration::from_millis(500)).await;
+    assert_eq!(pinned, vec!["pinned".to_string()], "the compacted message must survive exactly once");
     let mut receiver = Client::connect(server.client_config(recipient, 1)).await.unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), receiver.recv()).await.unwrap().unwrap();
     assert!(next.seq > last_seq, "seq went back after reclaim and restart: {} <= {last_seq}", next.seq);

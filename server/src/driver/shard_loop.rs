@@ -287,6 +287,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         let Some(writer) = &self.writer else { return };
         let store = self.core.store_mut();
         if !self.write_in_flight {
+            store.maintain();
             let pending = store.pending_write_bytes();
             if pending == 0 {
                 self.pending_since = None;

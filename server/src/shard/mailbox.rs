@@ -132,6 +132,8 @@ pub trait MailboxStore {
     fn take_reclaimable(&mut self) -> Vec<u64> {
         Vec::new()
     }
+    /// Background upkeep between writes (log compaction).
+    fn maintain(&mut self) {}
 }
 
 /// Encoded log records for one segment, handed by a durable store to the
@@ -287,8 +289,9 @@ impl MailboxIndex {
         seq
     }
 
-    /// Puts `message` at `seq` in `device`'s mailbox (recovery: seqs come from the log).
-    /// Ignores seqs already acknowledged or already present; returns whether it was added.
+    /// Puts `message` at `seq` in `device`'s mailbox (recovery: seqs come from the log,
+    /// and a compacted copy may come after newer messages). Ignores seqs already
+    /// acknowledged or already present; returns whether it was added.
     pub fn insert(
         &mut self,
         device: DeviceKey,
@@ -300,11 +303,43 @@ impl MailboxIndex {
         self.register_recovered(device);
         let mailbox = self.mailboxes.get_mut(&device).expect("registered above");
         mailbox.last_seq = mailbox.last_seq.max(seq);
-        if seq <= mailbox.acked_seq || mailbox.entries.back().is_some_and(|entry| entry.seq >= seq) {
+        if seq <= mailbox.acked_seq {
             return false;
         }
+        let entry = MailboxEntry { seq, ticket, segment, message: Rc::clone(message) };
+        if mailbox.entries.back().is_none_or(|last| last.seq < seq) {
+            mailbox.entries.push_back(entry);
+        } else {
+            match mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq) {
+                Ok(_) => return false,
+                Err(position) => mailbox.entries.insert(position, entry),
+            }
+        }
         mailbox.bytes += message.payload.len() as u64;
-        mailbox.entries.push_back(MailboxEntry { seq, ticket, segment, message: Rc::clone(message) });
+        true
+    }
+
+    /// Every entry held in log segment `segment`: (device, seq, message).
+    pub fn entries_in_segment(&self, segment: u64) -> Vec<(DeviceKey, u64, Rc<StoredMessage>)> {
+        let mut found = Vec::new();
+        for (device, mailbox) in &self.mailboxes {
+            for entry in mailbox.entries.iter().filter(|entry| entry.segment == segment) {
+                found.push((*device, entry.seq, Rc::clone(&entry.message)));
+            }
+        }
+        found
+    }
+
+    /// Records that the entry (device, seq) now lives in segment `to` (it was
+    /// copied there by compaction). Returns false if it is gone or elsewhere.
+    pub fn relocate(&mut self, device: DeviceKey, seq: u64, from: u64, to: u64) -> bool {
+        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return false };
+        let Ok(position) = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq) else { return false };
+        let entry = &mut mailbox.entries[position];
+        if entry.segment != from {
+            return false;
+        }
+        entry.segment = to;
         true
     }
 

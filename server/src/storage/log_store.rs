@@ -69,14 +69,42 @@ pub struct LogStore {
     committed_segment: u64,
     /// Ticket ranges whose chunk failed, kept until the core has seen them.
     failed: VecDeque<(Ticket, Ticket)>,
-    /// Undelivered mailbox entries per segment, for reclaim. Segments with
-    /// no entry here but on disk hold no live message.
-    live_by_segment: BTreeMap<u64, u64>,
+    /// Undelivered mailbox entries per segment, for reclaim and compaction.
+    /// Segments with no entry here but on disk hold no live message.
+    live_by_segment: BTreeMap<u64, SegmentLive>,
+    /// The compaction whose copies are being written, if any.
+    compaction: Option<Compaction>,
     /// Segments that exist on disk (recovered or written), ascending.
     on_disk: std::collections::BTreeSet<u64>,
     /// Corrupt records seen (recovery), for the metric.
     corrupt_records: u64,
 }
+
+/// Live data of one segment.
+#[derive(Debug, Default, Clone, Copy)]
+struct SegmentLive {
+    /// Undelivered (device, message) entries.
+    entries: u64,
+    /// Their payload bytes (a message for two devices counts twice).
+    bytes: u64,
+}
+
+/// A segment whose live messages are being copied to the head of the log.
+#[derive(Debug)]
+struct Compaction {
+    /// The mostly dead segment.
+    from: u64,
+    /// The last ticket of the copies; when it is durable the entries move.
+    last_ticket: Ticket,
+    /// (device, seq, payload bytes, segment the copy went to).
+    moves: Vec<(DeviceKey, u64, u64, u64)>,
+}
+
+/// A sealed segment whose live payload is below this fraction of
+/// `segment_bytes_max` (1/4) is compacted: copying at most a quarter segment
+/// frees a whole one, so disk use stays under ~1.33x the live data plus the
+/// segments still filling.
+const COMPACT_LIVE_FRACTION_DIVISOR: u64 = 4;
 
 /// Failed ranges remembered; the core checks them in the same loop
 /// iteration in which a failure is reported, so a few are plenty.
@@ -96,6 +124,7 @@ impl LogStore {
             committed_segment: 1,
             failed: VecDeque::new(),
             live_by_segment: BTreeMap::new(),
+            compaction: None,
             on_disk: Default::default(),
             corrupt_records: 0,
         }
@@ -126,7 +155,7 @@ impl LogStore {
         }
         store.corrupt_records = report.corrupt_records;
         report.devices = store.index.mailboxes().count() as u64;
-        report.live_entries = store.live_by_segment.values().sum();
+        report.live_entries = store.live_by_segment.values().map(|live| live.entries).sum();
         (store, report)
     }
 
@@ -146,7 +175,7 @@ impl LogStore {
                 for recipient in &r.recipients {
                     let device = DeviceKey { user: r.to_user, device: recipient.device };
                     if self.index.insert(device, recipient.seq, &message, 0, segment) {
-                        *self.live_by_segment.entry(segment).or_default() += 1;
+                        self.live_add(segment, message.payload.len() as u64);
                     }
                 }
                 self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
@@ -170,13 +199,66 @@ impl LogStore {
 
     fn forget_entries(&mut self, entries: &[MailboxEntry]) {
         for entry in entries {
-            if let Some(live) = self.live_by_segment.get_mut(&entry.segment) {
-                *live -= 1;
-                if *live == 0 {
-                    self.live_by_segment.remove(&entry.segment);
-                }
+            self.live_remove(entry.segment, entry.message.payload.len() as u64);
+        }
+    }
+
+    fn live_add(&mut self, segment: u64, bytes: u64) {
+        let live = self.live_by_segment.entry(segment).or_default();
+        live.entries += 1;
+        live.bytes += bytes;
+    }
+
+    fn live_remove(&mut self, segment: u64, bytes: u64) {
+        if let Some(live) = self.live_by_segment.get_mut(&segment) {
+            live.entries -= 1;
+            live.bytes = live.bytes.saturating_sub(bytes);
+            if live.entries == 0 {
+                self.live_by_segment.remove(&segment);
             }
         }
+    }
+
+    /// Starts compacting one mostly dead sealed segment: its live messages
+    /// are appended again (same seqs) at the head of the log. Once those
+    /// copies are durable the entries count against the new segment, and the
+    /// old one is reclaimed like any delivered segment.
+    fn start_compaction(&mut self) {
+        let threshold = self.limits.segment_bytes_max / COMPACT_LIVE_FRACTION_DIVISOR;
+        let candidate = self
+            .live_by_segment
+            .iter()
+            .find(|(segment, live)| **segment < self.current_segment && live.bytes < threshold)
+            .map(|(segment, _)| *segment);
+        let Some(from) = candidate else { return };
+        // One record per message, listing the devices that still hold it.
+        let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
+        for (device, seq, message) in self.index.entries_in_segment(from) {
+            let slot = by_message.entry(message.server_msg_id).or_insert_with(|| (Rc::clone(&message), Vec::new()));
+            slot.1.push(RecipientSeq { device: device.device, seq });
+        }
+        let mut moves = Vec::new();
+        let mut last_ticket = self.last_ticket;
+        for (_, (message, recipients)) in by_message {
+            let record = Record::MessageStored(MessageStored {
+                server_msg_id: message.server_msg_id,
+                from_user: message.from_user,
+                from_device: message.from_device,
+                client_msg_id: message.client_msg_id,
+                sent_at_ms: message.sent_at_ms,
+                to_user: message.to_user,
+                recipients: recipients.clone(),
+                payload: message.payload.clone(),
+            });
+            let (ticket, segment) = self.append(&record);
+            last_ticket = ticket;
+            for recipient in recipients {
+                let device = DeviceKey { user: message.to_user, device: recipient.device };
+                moves.push((device, recipient.seq, message.payload.len() as u64, segment));
+            }
+        }
+        tracing::debug!(from, copies = moves.len(), "compacting log segment");
+        self.compaction = Some(Compaction { from, last_ticket, moves });
     }
 
     /// Appends one record; returns its ticket and the segment it went to.
@@ -293,7 +375,9 @@ impl MailboxStore for LogStore {
             let seq = self.index.append(*device, &message, ticket, segment);
             assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
         }
-        *self.live_by_segment.entry(segment).or_default() += devices.len() as u64;
+        for _ in devices {
+            self.live_add(segment, message.payload.len() as u64);
+        }
         self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, ticket);
         Ok(ticket)
     }
@@ -340,6 +424,16 @@ impl MailboxStore for LogStore {
         self.committed = last_ticket;
         self.committed_segment = self.committed_segment.max(segment);
         self.on_disk.insert(segment);
+        if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
+            let compaction = self.compaction.take().expect("checked above");
+            for (device, seq, bytes, to) in compaction.moves {
+                // Entries acknowledged meanwhile are gone: nothing to move.
+                if self.index.relocate(device, seq, compaction.from, to) {
+                    self.live_remove(compaction.from, bytes);
+                    self.live_add(to, bytes);
+                }
+            }
+        }
     }
 
     /// The writer could not make the chunk durable: its changes are dropped.
@@ -347,6 +441,11 @@ impl MailboxStore for LogStore {
         assert!(last_ticket > self.committed, "chunks complete in order");
         let removed = self.index.remove_tickets(first_ticket, last_ticket);
         self.forget_entries(&removed);
+        if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket >= first_ticket) {
+            // Some copies did not reach the disk: the entries stay where they
+            // are, and a later pass tries again.
+            self.compaction = None;
+        }
         self.failed.push_back((first_ticket, last_ticket));
         while self.failed.len() > FAILED_RANGES_MAX {
             self.failed.pop_front();
@@ -366,10 +465,17 @@ impl MailboxStore for LogStore {
             .iter()
             .copied()
             .filter(|segment| *segment < self.committed_segment && !self.live_by_segment.contains_key(segment))
+            .filter(|segment| self.compaction.as_ref().is_none_or(|compaction| compaction.from != *segment))
             .collect();
         for segment in &reclaimable {
             self.on_disk.remove(segment);
         }
         reclaimable
+    }
+
+    fn maintain(&mut self) {
+        if self.compaction.is_none() && self.pending_write_bytes() < self.limits.commit_bytes_max {
+            self.start_compaction();
+        }
     }
 }
