@@ -1,0 +1,216 @@
+//! `iris-perf`: load generator and performance harness for Iris.
+//!
+//! ```text
+//! iris-perf pairs --spawn-server --durability fsync --pairs 50 --rate 200 --duration 10 --json out.json
+//! ```
+//!
+//! # Layout
+//! - [`server`]: spawning irisd pinned to its CPUs, and /proc CPU and RSS readings.
+//! - [`pairs`]: the open-loop pairs scenario.
+//! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
+
+mod pairs;
+mod report;
+mod server;
+
+use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "iris-perf", version, about = "Iris performance harness")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ServerArgs {
+    /// Start an irisd for this run (on a fresh data directory) instead of using a running one.
+    #[arg(long)]
+    spawn_server: bool,
+    /// irisd binary for --spawn-server (default: next to iris-perf).
+    #[arg(long)]
+    irisd: Option<PathBuf>,
+    /// CPUs the spawned server may use (taskset list). Default "0".
+    #[arg(long, default_value = "0")]
+    server_cpus: String,
+    /// CPUs the load generator pins itself to. Default "1"; "none" disables pinning.
+    #[arg(long, default_value = "1")]
+    loadgen_cpus: String,
+    /// storage.durability of the spawned server: fsync or none.
+    #[arg(long, default_value = "fsync")]
+    durability: String,
+    /// Port of shard 0 of the spawned server.
+    #[arg(long, default_value_t = 17700)]
+    port: u16,
+    /// Extra arguments passed to `irisd serve` (repeatable).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// A running server (host:port) when not spawning one.
+    #[arg(long)]
+    server: Option<String>,
+    /// Its data directory (for the CA and the token key) when not spawning one.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Its process id, to read its CPU and memory use.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// N pairs of users sending to each other at a fixed rate (open loop).
+    Pairs {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Number of pairs.
+        #[arg(long, default_value_t = 50)]
+        pairs: u32,
+        /// Messages per second per user.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 150)]
+        payload: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Label for the report.
+        #[arg(long)]
+        label: Option<String>,
+        /// Load generator threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("iris-perf: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let Command::Pairs { server, pairs, rate, payload, duration, json, label, threads } = cli.command;
+    if !(duration.is_finite() && duration > 0.0 && duration <= 86_400.0) {
+        return Err(format!("--duration {duration}: must be between 0 and 86400 seconds"));
+    }
+    if threads == 0 || threads > 64 {
+        return Err("--threads must be 1..=64".into());
+    }
+    if server.durability != "fsync" && server.durability != "none" {
+        return Err(format!("--durability {}: must be fsync or none", server.durability));
+    }
+    if server.loadgen_cpus != "none" {
+        pin_to_cpus(&server.loadgen_cpus)?;
+    }
+    let (spawned, target, pid) = target(&server)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let options = pairs::PairsOptions {
+        pairs,
+        rate_per_user: rate,
+        payload_bytes: payload,
+        duration: Duration::from_secs_f64(duration),
+        first_user: 1_000_000,
+    };
+    let server_cpu_before = pid.and_then(server::process_cpu_seconds);
+    let own_cpu_before = server::own_cpu_seconds();
+    let outcome = runtime.block_on(pairs::run(&target, options))?;
+    let server_cpu =
+        pid.and_then(server::process_cpu_seconds).zip(server_cpu_before).map(|(after, before)| after - before);
+    let delivered = outcome.counts.delivered;
+    let mut parameters = BTreeMap::new();
+    parameters.insert("pairs".into(), pairs.to_string());
+    parameters.insert("rate_per_user".into(), rate.to_string());
+    parameters.insert("offered_per_second".into(), format!("{:.0}", 2.0 * f64::from(pairs) * rate));
+    parameters.insert("payload_bytes".into(), payload.to_string());
+    parameters.insert("duration_s".into(), duration.to_string());
+    parameters.insert("durability".into(), if server.spawn_server { server.durability.clone() } else { "?".into() });
+    parameters.insert("server_cpus".into(), server.server_cpus.clone());
+    parameters.insert("loadgen_cpus".into(), server.loadgen_cpus.clone());
+    let report = report::Report {
+        scenario: "pairs".into(),
+        label: label.unwrap_or_else(|| format!("iris {}", server.durability)),
+        parameters,
+        counts: outcome.counts.clone(),
+        send_seconds: outcome.send_seconds,
+        acked_per_second: outcome.counts.acked as f64 / outcome.send_seconds,
+        delivered_per_second: delivered as f64 / outcome.send_seconds,
+        ack_latency: report::Percentiles::of(&outcome.latencies.ack),
+        deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
+        server_cpu_seconds: server_cpu,
+        delivered_per_server_cpu_second: server_cpu.filter(|cpu| *cpu > 0.0).map(|cpu| delivered as f64 / cpu),
+        server_cpu_us_per_delivered: server_cpu.filter(|_| delivered > 0).map(|cpu| cpu * 1e6 / delivered as f64),
+        server_rss_bytes: pid.and_then(server::process_rss_bytes),
+        loadgen_cpu_seconds: server::own_cpu_seconds() - own_cpu_before,
+    };
+    report.print_summary();
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    drop(spawned);
+    Ok(())
+}
+
+/// The server to drive: spawned, or given by flags.
+fn target(args: &ServerArgs) -> Result<(Option<server::SpawnedServer>, pairs::Target, Option<u32>), String> {
+    let (spawned, address, data_dir, pid) = if args.spawn_server {
+        let irisd = match &args.irisd {
+            Some(path) => path.clone(),
+            None => std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("irisd"),
+        };
+        let options = server::SpawnOptions {
+            irisd,
+            port: args.port,
+            cpus: Some(args.server_cpus.clone()).filter(|cpus| cpus != "none"),
+            config: vec!["[storage]".into(), format!("durability = \"{}\"", args.durability)],
+            args: args.server_args.clone(),
+        };
+        let spawned = server::SpawnedServer::start(&options)?;
+        let (address, data_dir, pid) = (spawned.address.clone(), spawned.data_dir().to_path_buf(), spawned.pid());
+        (Some(spawned), address, data_dir, Some(pid))
+    } else {
+        let address = args.server.clone().ok_or("pass --spawn-server, or --server and --data-dir")?;
+        let data_dir = args.data_dir.clone().ok_or("--data-dir is needed to mint tokens for a running server")?;
+        (None, address, data_dir, args.server_pid)
+    };
+    let key = data_dir.join("keys/token-signing.key");
+    let (authority, _) = irisd::auth::TokenAuthority::load_or_create(&key, false).map_err(|e| e.to_string())?;
+    let target = pairs::Target { address, ca: data_dir.join("tls/cert.pem"), authority };
+    Ok((spawned, target, pid))
+}
+
+/// Pins this process to the CPUs in `list` ("1" or "1,3").
+fn pin_to_cpus(list: &str) -> Result<(), String> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for part in list.split(',') {
+        let cpu: usize = part.trim().parse().map_err(|_| format!("bad CPU list {list:?}"))?;
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(format!("CPU {cpu} out of range"));
+        }
+        // SAFETY: cpu is below CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is this process; the set is initialised.
+    let result = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if result != 0 {
+        return Err(format!("pinning to CPUs {list}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! The `pairs` scenario: 2N users in pairs, each sending to its partner at a
+//! fixed rate (open loop), for a fixed duration.
+//!
+//! Open loop: message k of a user is due at `start + k / rate` whether or not
+//! earlier ones were answered, and latency is measured from that intended
+//! time, so a stalled server shows up as latency instead of being hidden by
+//! a sender that waited (coordinated omission). The intended time travels in
+//! the first 8 bytes of the payload, so the receiver measures send -> deliver
+//! the same way.
+
+use crate::report::{Counts, Latencies};
+use hdrhistogram::Histogram;
+use iris_client::{Client, ClientConfig, PendingAck};
+use irisd::auth::{Claims, TokenAuthority};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// host:port of any shard.
+    pub address: String,
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// Mints tokens for the simulated users.
+    pub authority: TokenAuthority,
+}
+
+/// Scenario parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct PairsOptions {
+    /// Number of pairs (2 users each).
+    pub pairs: u32,
+    /// Messages per second per user.
+    pub rate_per_user: f64,
+    /// Payload size (at least 8 bytes: the timestamp).
+    pub payload_bytes: usize,
+    /// How long senders send.
+    pub duration: Duration,
+    /// First user id (users are first_user .. first_user + 2 * pairs).
+    pub first_user: u64,
+}
+
+/// What one run measured.
+#[derive(Debug)]
+pub struct PairsOutcome {
+    /// Message counts.
+    pub counts: Counts,
+    /// Send -> ack and send -> deliver latencies.
+    pub latencies: Latencies,
+    /// Wall time of the sending phase.
+    pub send_seconds: f64,
+}
+
+/// Sends awaiting their ack per user. The SDK keeps at most 128 in flight
+/// and queues 1,024 more; beyond this the sender waits (and the wait shows
+/// up as latency, since latency is measured from the intended send time).
+const PENDING_ACKS_MAX: usize = 4096;
+
+/// Longest wait for outstanding acks and deliveries after sending stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn histogram() -> Histogram<u64> {
+    // 1 us .. 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Runs the scenario against `target`.
+pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome, String> {
+    if options.pairs == 0 || options.rate_per_user <= 0.0 || !options.rate_per_user.is_finite() {
+        return Err("pairs and rate must be positive".into());
+    }
+    if options.payload_bytes < 8 {
+        return Err("payload must be at least 8 bytes (it carries the send timestamp)".into());
+    }
+    let users: Vec<u64> = (0..2 * u64::from(options.pairs)).map(|i| options.first_user + i).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        let token = target.authority.mint(Claims { user_id: *user, device_id: 1, expires_at_s: u64::MAX / 2 });
+        let config = ClientConfig::new(target.address.clone(), target.ca.clone(), token);
+        let client = Client::connect(config).await.map_err(|e| format!("user {user} cannot connect: {e}"))?;
+        clients.push(client);
+    }
+    let start = Instant::now();
+    let sending = Arc::new(AtomicBool::new(true));
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for (index, mut client) in clients.into_iter().enumerate() {
+        let partner = users[index ^ 1];
+        let sender = client.sender();
+        let (pending_sender, pending_receiver) = mpsc::channel(PENDING_ACKS_MAX);
+        senders.push(tokio::spawn(send_loop(sender, partner, options, start, pending_sender)));
+        receivers.push(tokio::spawn(ack_loop(pending_receiver, start)));
+        let sending = Arc::clone(&sending);
+        receivers.push(tokio::spawn(async move {
+            let mut delivered = histogram();
+            let mut count = 0u64;
+            loop {
+                let next = tokio::time::timeout(Duration::from_millis(500), client.recv()).await;
+                match next {
+                    Ok(Some(message)) => {
+                        let intended = u64::from_le_bytes(message.payload[..8].try_into().unwrap_or([0; 8]));
+                        let now = start.elapsed().as_micros() as u64;
+                        let _ = delivered.record(now.saturating_sub(intended).max(1));
+                        count += 1;
+                    }
+                    Ok(None) => break,
+                    Err(_) if !sending.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            let _ = client.close().await;
+            Outcome::Delivered { count, histogram: delivered }
+        }));
+    }
+    let mut counts = Counts::default();
+    for sender in senders {
+        counts.sent += sender.await.map_err(|e| e.to_string())?;
+    }
+    let send_seconds = start.elapsed().as_secs_f64();
+    sending.store(false, Ordering::Relaxed);
+    let mut latencies = Latencies { ack: histogram(), deliver: histogram() };
+    let drain = async {
+        for task in receivers {
+            match task.await.map_err(|e| e.to_string())? {
+                Outcome::Acked { count, errors, histogram } => {
+                    counts.acked += count;
+                    for (code, n) in errors {
+                        *counts.errors.entry(code).or_default() += n;
+                    }
+                    latencies.ack.add(&histogram).map_err(|e| e.to_string())?;
+                }
+                Outcome::Delivered { count, histogram } => {
+                    counts.delivered += count;
+                    latencies.deliver.add(&histogram).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok::<(), String>(())
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(5), drain)
+        .await
+        .map_err(|_| "acks or deliveries still outstanding after the drain timeout".to_string())??;
+    Ok(PairsOutcome { counts, latencies, send_seconds })
+}
+
+enum Outcome {
+    Acked { count: u64, errors: BTreeMap<String, u64>, histogram: Histogram<u64> },
+    Delivered { count: u64, histogram: Histogram<u64> },
+}
+
+/// Sends at the scheduled times; returns how many it sent.
+async fn send_loop(
+    sender: iris_client::ClientSender,
+    partner: u64,
+    options: PairsOptions,
+    start: Instant,
+    pending: mpsc::Sender<(u64, PendingAck)>,
+) -> u64 {
+    let interval = Duration::from_secs_f64(1.0 / options.rate_per_user);
+    let mut sent = 0u64;
+    let mut payload = vec![0u8; options.payload_bytes];
+    loop {
+        let due = interval.mul_f64(sent as f64);
+        if due >= options.duration {
+            break;
+        }
+        tokio::time::sleep_until((start + due).into()).await;
+        let intended = due.as_micros() as u64;
+        payload[..8].copy_from_slice(&intended.to_le_bytes());
+        match sender.send_nowait(partner, payload.clone()).await {
+            Ok(outcome) => {
+                if pending.send((intended, outcome)).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    sent
+}
+
+/// Awaits acks in send order and records send -> ack latency.
+async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant) -> Outcome {
+    let mut acked = histogram();
+    let mut count = 0;
+    let mut errors = BTreeMap::new();
+    while let Some((intended, outcome)) = pending.recv().await {
+        match tokio::time::timeout(DRAIN_TIMEOUT, outcome).await {
+            Ok(Ok(Ok(_))) => {
+                let now = start.elapsed().as_micros() as u64;
+                let _ = acked.record(now.saturating_sub(intended).max(1));
+                count += 1;
+            }
+            Ok(Ok(Err(error))) => {
+                let code = error.code().map_or_else(|| "client".to_string(), |code| format!("{code:?}"));
+                *errors.entry(code).or_default() += 1;
+            }
+            Ok(Err(_)) => *errors.entry("session-closed".to_string()).or_default() += 1,
+            Err(_) => *errors.entry("ack-timeout".to_string()).or_default() += 1,
+        }
+    }
+    Outcome::Acked { count, errors, histogram: acked }
+}

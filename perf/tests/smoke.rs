@@ -1,0 +1,45 @@
+//! A few-second run of each scenario against a spawned irisd, so the harness
+//! keeps working. Asserts completeness, never speed.
+
+use std::process::Command;
+
+fn iris_perf() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_iris-perf"))
+}
+
+fn free_port() -> u16 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    20_000 + (nanos % 30_000) as u16
+}
+
+#[test]
+fn pairs_smoke_with_both_durabilities() {
+    for durability in ["fsync", "none"] {
+        let json = tempfile::NamedTempFile::new().unwrap();
+        let output = iris_perf()
+            .args(["pairs", "--spawn-server", "--pairs", "2", "--rate", "50", "--duration", "1"])
+            .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--durability", durability])
+            .args(["--port", &free_port().to_string(), "--json"])
+            .arg(json.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+        let counts = &report["counts"];
+        assert_eq!(counts["sent"], 200, "{report}");
+        assert_eq!(counts["acked"], counts["sent"]);
+        assert_eq!(counts["delivered"], counts["sent"]);
+        assert!(report["ack_latency"]["p50_us"].as_u64().unwrap() > 0);
+        assert!(report["server_cpu_seconds"].as_f64().is_some());
+    }
+}
+
+#[test]
+fn impossible_parameters_fail_with_one_line() {
+    let output = iris_perf().args(["pairs", "--spawn-server", "--duration", "0"]).output().unwrap();
+    assert!(!output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().count(), 1);
+    let output = iris_perf().args(["pairs", "--server", "127.0.0.1:1"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--data-dir"));
+}
