@@ -148,8 +148,10 @@ fn run(cli: Cli) -> Result<(), String> {
         parameters,
         counts: outcome.counts.clone(),
         send_seconds: outcome.send_seconds,
-        acked_per_second: outcome.counts.acked as f64 / outcome.send_seconds,
-        delivered_per_second: delivered as f64 / outcome.send_seconds,
+        // Over the time until the last ack (delivery) arrived, so a server that
+        // falls behind is not credited with the offered rate.
+        acked_per_second: outcome.counts.acked as f64 / outcome.send_seconds.max(outcome.last_ack_seconds),
+        delivered_per_second: delivered as f64 / outcome.send_seconds.max(outcome.last_delivery_seconds),
         ack_latency: report::Percentiles::of(&outcome.latencies.ack),
         deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
         server_cpu_seconds: server_cpu,

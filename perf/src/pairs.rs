@@ -54,6 +54,10 @@ pub struct PairsOutcome {
     pub latencies: Latencies,
     /// Wall time of the sending phase.
     pub send_seconds: f64,
+    /// When the last ack arrived, seconds after the start.
+    pub last_ack_seconds: f64,
+    /// When the last delivery arrived, seconds after the start.
+    pub last_delivery_seconds: f64,
 }
 
 /// Sends awaiting their ack per user. The SDK keeps at most 128 in flight
@@ -99,6 +103,7 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
         receivers.push(tokio::spawn(async move {
             let mut delivered = histogram();
             let mut count = 0u64;
+            let mut last_seconds = 0.0f64;
             loop {
                 let next = tokio::time::timeout(Duration::from_millis(500), client.recv()).await;
                 match next {
@@ -107,6 +112,7 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
                         let now = start.elapsed().as_micros() as u64;
                         let _ = delivered.record(now.saturating_sub(intended).max(1));
                         count += 1;
+                        last_seconds = start.elapsed().as_secs_f64();
                     }
                     Ok(None) => break,
                     Err(_) if !sending.load(Ordering::Relaxed) => break,
@@ -114,7 +120,7 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
                 }
             }
             let _ = client.close().await;
-            Outcome::Delivered { count, histogram: delivered }
+            Outcome::Delivered { count, histogram: delivered, last_seconds }
         }));
     }
     let mut counts = Counts::default();
@@ -124,18 +130,21 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
     let send_seconds = start.elapsed().as_secs_f64();
     sending.store(false, Ordering::Relaxed);
     let mut latencies = Latencies { ack: histogram(), deliver: histogram() };
+    let (mut last_ack_seconds, mut last_delivery_seconds) = (0.0f64, 0.0f64);
     let drain = async {
         for task in receivers {
             match task.await.map_err(|e| e.to_string())? {
-                Outcome::Acked { count, errors, histogram } => {
+                Outcome::Acked { count, errors, histogram, last_seconds } => {
                     counts.acked += count;
+                    last_ack_seconds = last_ack_seconds.max(last_seconds);
                     for (code, n) in errors {
                         *counts.errors.entry(code).or_default() += n;
                     }
                     latencies.ack.add(&histogram).map_err(|e| e.to_string())?;
                 }
-                Outcome::Delivered { count, histogram } => {
+                Outcome::Delivered { count, histogram, last_seconds } => {
                     counts.delivered += count;
+                    last_delivery_seconds = last_delivery_seconds.max(last_seconds);
                     latencies.deliver.add(&histogram).map_err(|e| e.to_string())?;
                 }
             }
@@ -145,12 +154,12 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
     tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(5), drain)
         .await
         .map_err(|_| "acks or deliveries still outstanding after the drain timeout".to_string())??;
-    Ok(PairsOutcome { counts, latencies, send_seconds })
+    Ok(PairsOutcome { counts, latencies, send_seconds, last_ack_seconds, last_delivery_seconds })
 }
 
 enum Outcome {
-    Acked { count: u64, errors: BTreeMap<String, u64>, histogram: Histogram<u64> },
-    Delivered { count: u64, histogram: Histogram<u64> },
+    Acked { count: u64, errors: BTreeMap<String, u64>, histogram: Histogram<u64>, last_seconds: f64 },
+    Delivered { count: u64, histogram: Histogram<u64>, last_seconds: f64 },
 }
 
 /// Sends at the scheduled times; returns how many it sent.
@@ -190,12 +199,14 @@ async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant
     let mut acked = histogram();
     let mut count = 0;
     let mut errors = BTreeMap::new();
+    let mut last_seconds = 0.0f64;
     while let Some((intended, outcome)) = pending.recv().await {
         match tokio::time::timeout(DRAIN_TIMEOUT, outcome).await {
             Ok(Ok(Ok(_))) => {
                 let now = start.elapsed().as_micros() as u64;
                 let _ = acked.record(now.saturating_sub(intended).max(1));
                 count += 1;
+                last_seconds = start.elapsed().as_secs_f64();
             }
             Ok(Ok(Err(error))) => {
                 let code = error.code().map_or_else(|| "client".to_string(), |code| format!("{code:?}"));
@@ -205,5 +216,5 @@ async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant
             Err(_) => *errors.entry("ack-timeout".to_string()).or_default() += 1,
         }
     }
-    Outcome::Acked { count, errors, histogram: acked }
+    Outcome::Acked { count, errors, histogram: acked, last_seconds }
 }

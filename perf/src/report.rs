@@ -71,9 +71,9 @@ pub struct Report {
     pub counts: Counts,
     /// Seconds of the sending phase.
     pub send_seconds: f64,
-    /// Acked messages per second over the sending phase.
+    /// Acked messages per second, from the start to the last ack.
     pub acked_per_second: f64,
-    /// Delivered messages per second over the sending phase.
+    /// Delivered messages per second, from the start to the last delivery.
     pub delivered_per_second: f64,
     /// Send -> ack latency.
     pub ack_latency: Percentiles,
