@@ -44,6 +44,9 @@ pub struct Config {
     pub advertise_address: Option<String>,
     /// Number of shards; `None` means one per CPU in irisd's affinity mask.
     pub shards: Option<u16>,
+    /// Admin endpoint (`GET /metrics` in Prometheus format, `GET /health`);
+    /// off unless set. Bind it to a private address.
+    pub admin_listen: Option<SocketAddr>,
     /// Limits on everything a peer can make the server hold.
     pub limits: Limits,
     /// Runtime tuning.
@@ -150,6 +153,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             advertise_address: None,
             shards: None,
+            admin_listen: None,
             limits: Limits::default(),
             runtime: RuntimeConfig::default(),
             storage: StorageConfig::default(),

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod driver;
 pub mod files;
+pub mod metrics;
 pub mod shard;
 pub mod storage;
 pub mod tls;

@@ -192,6 +192,9 @@ fn serve(
         config.data_dir.display(),
         tls.cert.display()
     );
+    if let Some(admin) = node.admin {
+        println!("irisd: admin endpoint on http://{admin}/metrics and /health");
+    }
     node.wait();
     ExitCode::SUCCESS
 }

@@ -40,6 +40,8 @@ pub enum WriterEvent {
         segment: u64,
         /// Its last ticket.
         last_ticket: u64,
+        /// Bytes of records it carried.
+        bytes: u64,
     },
     /// The chunk could not be written or synced.
     Failed {
@@ -90,7 +92,11 @@ pub async fn run_writer(
         match command {
             WriterCommand::Write(chunk) => {
                 let event = match writer.write(&chunk, &mut resume).await {
-                    Ok(()) => WriterEvent::Durable { segment: chunk.segment, last_ticket: chunk.last_ticket },
+                    Ok(()) => WriterEvent::Durable {
+                        segment: chunk.segment,
+                        last_ticket: chunk.last_ticket,
+                        bytes: chunk.bytes.len() as u64,
+                    },
                     Err(error) => {
                         tracing::error!(segment = chunk.segment, %error, "log write failed; sends in it are refused");
                         WriterEvent::Failed {

@@ -10,6 +10,7 @@ use super::udp::{bind_exclusive, UdpIo};
 use crate::auth::TokenAuthority;
 use crate::config::Config;
 use crate::config::Durability;
+use crate::metrics::ShardMetrics;
 use crate::shard::mailbox::StoreLimits;
 use crate::shard::{CoreLimits, MailboxStore, MemoryStore, ShardCore, ShardIdentity};
 use crate::storage::layout;
@@ -50,6 +51,14 @@ pub enum StartError {
     /// A shard could not recover its storage or set up its socket.
     #[error("{0}")]
     Shard(String),
+    /// The admin endpoint could not be bound.
+    #[error("cannot bind the admin endpoint to {address}: {source}")]
+    Admin {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The slot table could not be built.
     #[error("shard map: {0}")]
     ShardMap(#[from] iris_shard_map::ShardMapError),
@@ -94,6 +103,8 @@ pub fn allowed_cpus() -> Result<Vec<usize>, StartError> {
 pub struct RunningNode {
     /// Shard k listens on `addresses[k]`.
     pub addresses: Vec<SocketAddr>,
+    /// Where the admin endpoint (metrics, health) listens, if enabled.
+    pub admin: Option<SocketAddr>,
     /// Executor handles, joined by [`RunningNode::wait`].
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -145,6 +156,7 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
     }
 
     let (ready_sender, ready_receiver) = std::sync::mpsc::channel();
+    let shard_metrics: Vec<Arc<ShardMetrics>> = (0..shard_count).map(|_| Arc::default()).collect();
     let mut executors = Vec::new();
     let mut shard_inputs: Vec<_> = sockets.into_iter().zip(senders).zip(receivers).collect();
     for (index, ((socket, shard_senders), shard_receivers)) in shard_inputs.drain(..).enumerate() {
@@ -158,11 +170,12 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
         let table = table.clone();
         let ports: Vec<u16> = addresses.iter().map(SocketAddr::port).collect();
         let ready = ready_sender.clone();
+        let metrics = Arc::clone(&shard_metrics[index]);
         let executor = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{shard}"))
             .io_memory(config.runtime.io_memory_bytes)
             .spawn(move || async move {
-                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers, ready).await;
+                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers, ready, metrics).await;
             })
             .map_err(|e| StartError::Executor { shard, detail: e.to_string() })?;
         executors.push(executor);
@@ -176,7 +189,14 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
             Err(_) => return Err(StartError::Shard("a shard stopped during start".into())),
         }
     }
-    Ok(RunningNode { addresses, executors })
+    let admin = match config.admin_listen {
+        Some(address) => Some(
+            crate::metrics::serve_admin(address, shard_metrics)
+                .map_err(|source| StartError::Admin { address, source })?,
+        ),
+        None => None,
+    };
+    Ok(RunningNode { addresses, admin, executors })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -189,6 +209,7 @@ async fn run_shard(
     senders: Vec<Option<SharedSender<ShardBatch>>>,
     receivers: Vec<(u16, SharedReceiver<ShardBatch>)>,
     ready: std::sync::mpsc::Sender<Result<u16, String>>,
+    metrics: Arc<ShardMetrics>,
 ) {
     let config = &setup.config;
     let limits = &config.limits;
@@ -247,6 +268,7 @@ async fn run_shard(
             response_bytes_max: limits.connection_response_bytes_max as usize,
             hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
         },
+        metrics: Arc::clone(&metrics),
     };
     let authority = setup.authority.clone();
     match config.storage.durability {
@@ -273,6 +295,9 @@ async fn run_shard(
             };
             let (store, report) = LogStore::recover(store_limits, log_limits, &scans);
             drop(scans);
+            ShardMetrics::set(&metrics.log_corrupt_records, report.corrupt_records);
+            ShardMetrics::set(&metrics.log_torn_bytes, report.torn_bytes);
+            ShardMetrics::set(&metrics.log_recovery_ms, started.elapsed().as_millis() as u64);
             tracing::info!(
                 shard,
                 boot,

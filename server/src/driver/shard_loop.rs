@@ -14,6 +14,7 @@
 use super::connection::{Connection, ConnectionLimits};
 use super::log_writer::{WriterCommand, WriterEvent};
 use super::udp::UdpIo;
+use crate::metrics::ShardMetrics;
 use crate::shard::{ConnId, MailboxStore, Output, ShardCore, ShardMessage};
 use bytes::BytesMut;
 use futures_lite::future;
@@ -97,6 +98,8 @@ pub struct LoopParts {
     pub connections_max: usize,
     /// Per-connection bounds.
     pub connection_limits: ConnectionLimits,
+    /// This shard's counters, read by the admin endpoint.
+    pub metrics: Arc<ShardMetrics>,
 }
 
 /// Everything one shard's loop owns.
@@ -127,6 +130,8 @@ pub struct ShardLoop<S: MailboxStore> {
     scratch: Vec<u8>,
     /// The log writer, if the store is durable.
     writer: Option<WriterLink>,
+    /// Counters exported by the admin endpoint.
+    metrics: Arc<ShardMetrics>,
     /// A chunk is being written; the next waits for it (group commit).
     write_in_flight: bool,
     /// When records started waiting for the writer (for `commit_delay`).
@@ -150,7 +155,8 @@ enum Wake {
 impl<S: MailboxStore> ShardLoop<S> {
     /// A loop over a bound socket.
     pub fn new(core: ShardCore<S>, parts: LoopParts, writer: Option<WriterLink>) -> ShardLoop<S> {
-        let LoopParts { endpoint_config, server_config, udp, links, connections_max, connection_limits } = parts;
+        let LoopParts { endpoint_config, server_config, udp, links, connections_max, connection_limits, metrics } =
+            parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         ShardLoop {
             core,
@@ -166,6 +172,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             links,
             scratch: Vec::new(),
             writer,
+            metrics,
             write_in_flight: false,
             pending_since: None,
         }
@@ -201,7 +208,20 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
+        self.publish_metrics();
         busy || !self.dirty.is_empty()
+    }
+
+    /// Copies the core's counters to the exported ones (a few relaxed stores).
+    fn publish_metrics(&self) {
+        let stats = self.core.stats();
+        let metrics = &self.metrics;
+        ShardMetrics::set(&metrics.connections, self.connections.len() as u64);
+        ShardMetrics::set(&metrics.sends_accepted_total, stats.sends_accepted);
+        ShardMetrics::set(&metrics.messages_stored_total, stats.messages_stored);
+        ShardMetrics::set(&metrics.duplicates_total, stats.duplicates);
+        ShardMetrics::set(&metrics.sends_refused_total, stats.sends_refused);
+        ShardMetrics::set(&metrics.deliveries_total, stats.deliveries);
     }
 
     async fn wait(&mut self) -> Wake {
@@ -265,12 +285,15 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn accept_writer_event(&mut self, event: Option<WriterEvent>) {
         match event {
-            Some(WriterEvent::Durable { segment, last_ticket }) => {
+            Some(WriterEvent::Durable { segment, last_ticket, bytes }) => {
                 self.write_in_flight = false;
+                ShardMetrics::add(&self.metrics.log_writes_total, 1);
+                ShardMetrics::add(&self.metrics.log_bytes_total, bytes);
                 self.core.store_mut().on_write_durable(segment, last_ticket);
             }
             Some(WriterEvent::Failed { segment, first_ticket, last_ticket, .. }) => {
                 self.write_in_flight = false;
+                ShardMetrics::add(&self.metrics.log_write_failures_total, 1);
                 self.core.store_mut().on_write_failed(segment, first_ticket, last_ticket);
             }
             None => {
@@ -314,6 +337,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             }
         }
         for segment in store.take_reclaimable() {
+            ShardMetrics::add(&self.metrics.log_segments_reclaimed_total, 1);
             if writer.commands.try_send(WriterCommand::Delete(segment)).is_err() {
                 tracing::warn!(segment, "writer queue full; segment will be reclaimed at the next start");
             }

@@ -130,9 +130,26 @@ struct Sender {
     dedup: DedupWindow,
 }
 
+/// Counters of the message path (exported as metrics by the driver).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CoreStats {
+    /// Sends accepted from devices homed here.
+    pub sends_accepted: u64,
+    /// Messages stored in this shard's mailboxes.
+    pub messages_stored: u64,
+    /// Retries answered from a dedup window instead of being stored again.
+    pub duplicates: u64,
+    /// Sends refused with an Error.
+    pub sends_refused: u64,
+    /// Deliver frames handed to push streams.
+    pub deliveries: u64,
+}
+
 /// The message path of one shard.
 #[derive(Debug)]
 pub struct ShardCore<S: MailboxStore> {
+    /// Counters.
+    stats: CoreStats,
     /// Placement and addresses.
     identity: ShardIdentity,
     /// Slot table copy; all shards of a node share the same epoch.
@@ -185,6 +202,7 @@ impl<S: MailboxStore> ShardCore<S> {
         assert!(identity.shard.0 < 1 << 10, "shard index does not fit the server_msg_id layout");
         let shard_count = identity.shard_ports.len();
         ShardCore {
+            stats: CoreStats::default(),
             identity,
             table,
             authority,
@@ -210,6 +228,11 @@ impl<S: MailboxStore> ShardCore<S> {
     /// The store, for the driver's write and commit calls.
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.store
+    }
+
+    /// Counters of the message path.
+    pub fn stats(&self) -> CoreStats {
+        self.stats
     }
 
     /// Live connections.
@@ -322,6 +345,7 @@ impl<S: MailboxStore> ShardCore<S> {
         let window = &mut self.senders.entry(sender).or_default().dedup;
         match window.check(send.client_msg_id) {
             Seen::Acknowledged(server_msg_id) => {
+                self.stats.duplicates += 1;
                 let ack = Frame::Ack(frames::Ack { client_msg_id: send.client_msg_id, server_msg_id });
                 return self.emit(conn, ack);
             }
@@ -354,6 +378,7 @@ impl<S: MailboxStore> ShardCore<S> {
             );
         }
         window.begin(send.client_msg_id);
+        self.stats.sends_accepted += 1;
         let boot = self.identity.boot % (1 << BOOT_BITS);
         let server_msg_id = (u64::from(self.identity.shard.0) << (MESSAGE_COUNTER_BITS + BOOT_BITS))
             | (boot << MESSAGE_COUNTER_BITS)
@@ -449,6 +474,7 @@ impl<S: MailboxStore> ShardCore<S> {
         // lost its Ack to a crash or a reconnect): answer with the original
         // id once the original is committed.
         if let Some((server_msg_id, ticket)) = self.store.find_stored(sender, message.client_msg_id) {
+            self.stats.duplicates += 1;
             return (Ok(server_msg_id), ticket, devices);
         }
         let refuse = |code, retry_after_ms| (Err(Refusal { code, retry_after_ms }), committed, Vec::new());
@@ -462,7 +488,10 @@ impl<S: MailboxStore> ShardCore<S> {
         }
         let server_msg_id = message.server_msg_id;
         match self.store.store_message(Rc::new(message), &devices) {
-            Ok(ticket) => (Ok(server_msg_id), ticket, devices),
+            Ok(ticket) => {
+                self.stats.messages_stored += 1;
+                (Ok(server_msg_id), ticket, devices)
+            }
             Err(error) => refuse(error.code(), STORAGE_RETRY_AFTER_MS),
         }
     }
@@ -546,6 +575,7 @@ impl<S: MailboxStore> ShardCore<S> {
         };
         let (seq, message) = self.store.next_after(*device, *pushed_up_to)?;
         *pushed_up_to = seq;
+        self.stats.deliveries += 1;
         Some(Frame::Deliver(frames::Deliver {
             seq,
             from_user: message.from_user,
@@ -570,6 +600,7 @@ impl<S: MailboxStore> ShardCore<S> {
     }
 
     fn refuse(&mut self, conn: ConnId, client_msg_id: u64, code: ErrorCode, retry_after_ms: u32, message: &str) {
+        self.stats.sends_refused += 1;
         self.emit(
             conn,
             Frame::Error(frames::Error {

@@ -15,6 +15,6 @@ pub mod dedup;
 pub mod mailbox;
 pub mod messages;
 
-pub use self::core::{ConnId, CoreLimits, Output, ShardCore, ShardIdentity};
+pub use self::core::{ConnId, CoreLimits, CoreStats, Output, ShardCore, ShardIdentity};
 pub use mailbox::{MailboxStore, MemoryStore};
 pub use messages::{DeviceKey, ShardMessage};
