@@ -134,20 +134,21 @@ impl Writer {
         let path = segment_path(&self.dir, segment);
         let existed = path.exists();
         let file = OpenOptions::new().read(true).write(true).create(true).dma_open(&path).await?;
-        match resume.take().filter(|start| start.segment == segment) {
+        if !existed {
+            crate::files::sync_directory(&self.dir)?;
+        }
+        // Only now, with nothing left to fail, take the resume point: a failed
+        // open is retried with it, so the recovered records are never overwritten.
+        match resume.take_if(|start| start.segment == segment) {
             Some(start) => {
                 self.end = start.valid_end;
                 self.tail = start.tail;
             }
             None => {
-                // A new segment, or one a failed write left behind: its
-                // valid records (if any) are not in this store, start over.
+                // A new segment (the store never returns to an older one).
                 self.end = 0;
                 self.tail.clear();
             }
-        }
-        if !existed {
-            crate::files::sync_directory(&self.dir)?;
         }
         self.file = Some((segment, file));
         Ok(())

@@ -55,6 +55,9 @@ pub enum StoreError {
     /// The underlying medium failed or is full.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Too much is waiting to be written (the disk is slower than the load).
+    #[error("log write backlog is full")]
+    Backlog,
 }
 
 impl StoreError {
@@ -65,6 +68,7 @@ impl StoreError {
             StoreError::TooManyDevices(_) => ErrorCode::TooManyDevices,
             StoreError::RegistryFull => ErrorCode::Throttle,
             StoreError::Unavailable(_) => ErrorCode::StorageUnavailable,
+            StoreError::Backlog => ErrorCode::Throttle,
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct LogStore {
     current_segment_bytes: u64,
     /// Chunks not yet handed to the writer, oldest first.
     pending: VecDeque<WriteChunk>,
+    /// Bytes in `pending`; new messages are refused past `PENDING_BYTES_MAX`.
+    pending_bytes: usize,
     /// Last ticket handed out.
     last_ticket: Ticket,
     /// Every ticket up to here has an outcome.
@@ -106,6 +108,12 @@ struct Compaction {
 /// segments still filling.
 const COMPACT_LIVE_FRACTION_DIVISOR: u64 = 4;
 
+/// Bytes of records waiting for the writer beyond which new messages are
+/// refused with Throttle: 64 MiB is about 20 s of a disk that stalls at
+/// full load before memory would grow further; acks and registrations are
+/// still logged (they are small and bounded by the sessions).
+const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 /// Failed ranges remembered; the core checks them in the same loop
 /// iteration in which a failure is reported, so a few are plenty.
 const FAILED_RANGES_MAX: usize = 256;
@@ -119,6 +127,7 @@ impl LogStore {
             current_segment: 1,
             current_segment_bytes: 0,
             pending: VecDeque::new(),
+            pending_bytes: 0,
             last_ticket: 0,
             committed: 0,
             committed_segment: 1,
@@ -291,6 +300,7 @@ impl LogStore {
         let chunk = self.pending.back_mut().expect("a chunk was ensured above");
         chunk.bytes.extend_from_slice(bytes);
         chunk.last_ticket = ticket;
+        self.pending_bytes += bytes.len();
         self.current_segment_bytes += bytes.len() as u64;
         ticket
     }
@@ -353,6 +363,9 @@ impl MailboxStore for LogStore {
     }
 
     fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
+        if self.pending_bytes > PENDING_BYTES_MAX {
+            return Err(StoreError::Backlog);
+        }
         let recipients: Vec<RecipientSeq> = devices
             .iter()
             .map(|device| {
@@ -410,12 +423,14 @@ impl MailboxStore for LogStore {
 
     /// The oldest chunk to write, if any.
     fn take_write(&mut self) -> Option<WriteChunk> {
-        self.pending.pop_front()
+        let chunk = self.pending.pop_front()?;
+        self.pending_bytes -= chunk.bytes.len();
+        Some(chunk)
     }
 
     /// Bytes waiting to be written.
     fn pending_write_bytes(&self) -> usize {
-        self.pending.iter().map(|chunk| chunk.bytes.len()).sum()
+        self.pending_bytes
     }
 
     /// The writer made `chunk` durable.
@@ -477,5 +492,127 @@ impl MailboxStore for LogStore {
         if self.compaction.is_none() && self.pending_write_bytes() < self.limits.commit_bytes_max {
             self.start_compaction();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::record::scan_segment;
+
+    fn limits() -> StoreLimits {
+        StoreLimits {
+            devices_per_user_max: 5,
+            devices_per_shard_max: 100,
+            mailbox_messages_max: 100_000,
+            mailbox_bytes_max: 1 << 30,
+            stored_dedup_entries_max: 1000,
+        }
+    }
+
+    fn message(id: u64, to_user: u64, bytes: usize) -> Rc<StoredMessage> {
+        Rc::new(StoredMessage {
+            from_user: 1,
+            from_device: 1,
+            client_msg_id: id,
+            server_msg_id: 1000 + id,
+            sent_at_ms: 7,
+            to_user,
+            payload: vec![id as u8; bytes],
+        })
+    }
+
+    /// Writes every pending chunk into in-memory "segment files" and marks it durable.
+    fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
+        while let Some(chunk) = store.take_write() {
+            files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes);
+            store.on_write_durable(chunk.segment, chunk.last_ticket);
+        }
+        for segment in store.take_reclaimable() {
+            files.remove(&segment);
+        }
+    }
+
+    fn recover(files: &BTreeMap<u64, Vec<u8>>, log_limits: LogLimits) -> LogStore {
+        let scans: Vec<(u64, Scan)> = files.iter().map(|(segment, bytes)| (*segment, scan_segment(bytes))).collect();
+        LogStore::recover(limits(), log_limits, &scans).0
+    }
+
+    fn mailbox(store: &LogStore, device: DeviceKey) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        while let Some((seq, message)) = store.next_after(device, after) {
+            out.push((seq, message.client_msg_id));
+            after = seq;
+        }
+        out
+    }
+
+    #[test]
+    fn replay_rebuilds_registry_mailboxes_seqs_and_dedup() {
+        let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 4096 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let mut files = BTreeMap::new();
+        let (a, b) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 2, device: 2 });
+        store.register_device(a).unwrap();
+        store.register_device(b).unwrap();
+        for id in 1..=10 {
+            store.store_message(message(id, 2, 50), &[a, b]).unwrap();
+        }
+        assert!(store.next_after(a, 0).is_none(), "nothing is visible before it is durable");
+        flush(&mut store, &mut files);
+        store.acknowledge(a, 4);
+        flush(&mut store, &mut files);
+
+        let recovered = recover(&files, log_limits);
+        assert_eq!(recovered.devices_of(2), &[1, 2]);
+        assert_eq!(mailbox(&recovered, a), mailbox(&store, a));
+        assert_eq!(mailbox(&recovered, a).first(), Some(&(5, 5)));
+        assert_eq!(mailbox(&recovered, b).len(), 10);
+        assert_eq!(recovered.last_seq(a), 10);
+        assert_eq!(recovered.find_stored(DeviceKey { user: 1, device: 1 }, 3).map(|(id, _)| id), Some(1003));
+    }
+
+    #[test]
+    fn rotation_checkpoints_reclaim_and_compaction_keep_state_across_recovery() {
+        let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let mut files = BTreeMap::new();
+        let (busy, idle) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 3, device: 1 });
+        store.register_device(busy).unwrap();
+        store.register_device(idle).unwrap();
+        // One message that stays undelivered, then many that get acknowledged.
+        store.store_message(message(0, 3, 100), &[idle]).unwrap();
+        for id in 1..=200 {
+            store.store_message(message(id, 2, 100), &[busy]).unwrap();
+            flush(&mut store, &mut files);
+            store.acknowledge(busy, id);
+            store.maintain();
+            flush(&mut store, &mut files);
+        }
+        assert!(store.current_segment > 5, "the log should have rotated many times");
+        assert!(files.len() <= 3, "delivered and compacted segments should be gone: {:?}", files.keys());
+        let recovered = recover(&files, log_limits);
+        assert_eq!(recovered.last_seq(busy), 200, "seq state comes from the checkpoints");
+        assert!(mailbox(&recovered, busy).is_empty());
+        assert_eq!(mailbox(&recovered, idle), vec![(1, 0)], "the undelivered message survives compaction");
+        assert_eq!(recovered.devices_of(3), &[1]);
+    }
+
+    #[test]
+    fn a_failed_write_drops_its_messages_and_reports_the_tickets() {
+        let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 1 << 16 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let device = DeviceKey { user: 2, device: 1 };
+        store.register_device(device).unwrap();
+        let mut files = BTreeMap::new();
+        flush(&mut store, &mut files);
+        let ticket = store.store_message(message(1, 2, 10), &[device]).unwrap();
+        let chunk = store.take_write().unwrap();
+        store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        assert!(store.ticket_failed(ticket));
+        assert_eq!(store.committed_ticket(), chunk.last_ticket);
+        assert!(store.next_after(device, 0).is_none());
+        assert!(store.find_stored(DeviceKey { user: 1, device: 1 }, 1).is_none(), "a retry must be stored again");
     }
 }
