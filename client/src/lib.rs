@@ -307,8 +307,10 @@ impl Client {
     }
 }
 
-/// Builds the QUIC client configuration trusting the CA in `ca_path`.
-fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {
+/// Builds the QUIC client configuration (TLS 1.3, ALPN `iris/1`, keep-alive)
+/// trusting the CA in `ca_path`. Public for tools that drive the protocol
+/// directly (the perf harness).
+pub fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {
     use rustls_pki_types::pem::PemObject;
     let ca_error = |detail: String| ClientError::Ca { path: ca_path.to_path_buf(), detail };
     let mut roots = rustls::RootCertStore::empty();

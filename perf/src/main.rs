@@ -7,8 +7,10 @@
 //! # Layout
 //! - [`server`]: spawning irisd pinned to its CPUs, and /proc CPU and RSS readings.
 //! - [`pairs`]: the open-loop pairs scenario.
+//! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
 //! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
 
+mod connect;
 mod pairs;
 mod report;
 mod server;
@@ -88,6 +90,104 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Open C idle authenticated connections; report handshake rate and server RSS per connection.
+    Connect {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Connections to open.
+        #[arg(long, default_value_t = 1000)]
+        connections: u64,
+        /// Seconds to hold them open before measuring memory.
+        #[arg(long, default_value_t = 1.0)]
+        settle: f64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// The `connect` report.
+#[derive(Debug, serde::Serialize)]
+struct ConnectReport {
+    scenario: &'static str,
+    connections_requested: u64,
+    established: u64,
+    failed: u64,
+    seconds: f64,
+    handshakes_per_second: f64,
+    server_rss_before_bytes: Option<u64>,
+    server_rss_after_bytes: Option<u64>,
+    server_rss_per_connection_bytes: Option<f64>,
+    server_cpu_us_per_handshake: Option<f64>,
+    loadgen_cpu_seconds: f64,
+}
+
+fn run_connect(server: ServerArgs, connections: u64, settle: f64, json: Option<PathBuf>) -> Result<(), String> {
+    if connections == 0 || connections > 1_000_000 || !(0.0..=3600.0).contains(&settle) {
+        return Err("--connections must be 1..=1000000 and --settle 0..=3600".into());
+    }
+    check_server_args(&server)?;
+    let (spawned, target, pid) = target(&server)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    // quinn endpoints are created and dropped inside the runtime.
+    let _runtime_context = runtime.enter();
+    let rss_before = pid.and_then(server::process_rss_bytes);
+    let cpu_before = pid.and_then(server::process_cpu_seconds);
+    let own_before = server::own_cpu_seconds();
+    let (held, outcome) = runtime.block_on(connect::run(&target, connections, 2_000_000))?;
+    let cpu = pid.and_then(server::process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
+    runtime.block_on(tokio::time::sleep(Duration::from_secs_f64(settle)));
+    let rss_after = pid.and_then(server::process_rss_bytes);
+    let per_connection = rss_after
+        .zip(rss_before)
+        .filter(|_| outcome.established > 0)
+        .map(|(after, before)| (after as f64 - before as f64) / outcome.established as f64);
+    let report = ConnectReport {
+        scenario: "connect",
+        connections_requested: connections,
+        established: outcome.established,
+        failed: outcome.failed,
+        seconds: outcome.seconds,
+        handshakes_per_second: outcome.established as f64 / outcome.seconds,
+        server_rss_before_bytes: rss_before,
+        server_rss_after_bytes: rss_after,
+        server_rss_per_connection_bytes: per_connection,
+        server_cpu_us_per_handshake: cpu
+            .filter(|_| outcome.established > 0)
+            .map(|c| c * 1e6 / outcome.established as f64),
+        loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
+    };
+    println!("connect");
+    println!("  established / failed       {} / {}", report.established, report.failed);
+    println!("  handshakes/s               {:.0} ({:.2} s)", report.handshakes_per_second, report.seconds);
+    if let Some(per) = report.server_rss_per_connection_bytes {
+        println!("  server RSS per connection  {:.1} KiB", per / 1024.0);
+    }
+    if let Some(cpu) = report.server_cpu_us_per_handshake {
+        println!("  server CPU per handshake   {cpu:.0} us");
+    }
+    println!("  load generator CPU         {:.2} s", report.loadgen_cpu_seconds);
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    drop(held);
+    drop(spawned);
+    Ok(())
+}
+
+fn check_server_args(server: &ServerArgs) -> Result<(), String> {
+    if server.durability != "fsync" && server.durability != "none" {
+        return Err(format!("--durability {}: must be fsync or none", server.durability));
+    }
+    if server.loadgen_cpus != "none" {
+        pin_to_cpus(&server.loadgen_cpus)?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -101,19 +201,32 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let Command::Pairs { server, pairs, rate, payload, duration, json, label, threads } = cli.command;
+    match cli.command {
+        Command::Pairs { server, pairs, rate, payload, duration, json, label, threads } => {
+            run_pairs(server, pairs, rate, payload, duration, json, label, threads)
+        }
+        Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_pairs(
+    server: ServerArgs,
+    pairs: u32,
+    rate: f64,
+    payload: usize,
+    duration: f64,
+    json: Option<PathBuf>,
+    label: Option<String>,
+    threads: usize,
+) -> Result<(), String> {
     if !(duration.is_finite() && duration > 0.0 && duration <= 86_400.0) {
         return Err(format!("--duration {duration}: must be between 0 and 86400 seconds"));
     }
     if threads == 0 || threads > 64 {
         return Err("--threads must be 1..=64".into());
     }
-    if server.durability != "fsync" && server.durability != "none" {
-        return Err(format!("--durability {}: must be fsync or none", server.durability));
-    }
-    if server.loadgen_cpus != "none" {
-        pin_to_cpus(&server.loadgen_cpus)?;
-    }
+    check_server_args(&server)?;
     let (spawned, target, pid) = target(&server)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)

@@ -43,3 +43,20 @@ fn impossible_parameters_fail_with_one_line() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--data-dir"));
 }
+
+#[test]
+fn connect_smoke_holds_authenticated_connections() {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let output = iris_perf()
+        .args(["connect", "--spawn-server", "--connections", "50", "--settle", "0.2"])
+        .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--server-arg=--shards", "--server-arg=2"])
+        .args(["--port", &free_port().to_string(), "--json"])
+        .arg(json.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+    assert_eq!(report["established"], 50, "{report}");
+    assert_eq!(report["failed"], 0);
+    assert!(report["server_rss_per_connection_bytes"].as_f64().is_some());
+}
