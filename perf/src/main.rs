@@ -8,8 +8,10 @@
 //! - [`server`]: spawning irisd pinned to its CPUs, and /proc CPU and RSS readings.
 //! - [`pairs`]: the open-loop pairs scenario.
 //! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
+//! - [`compare`]: two JSON reports side by side with ratios.
 //! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
 
+mod compare;
 mod connect;
 mod pairs;
 mod report;
@@ -89,6 +91,13 @@ enum Command {
         /// Load generator threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+    /// Print two JSON reports side by side with ratios B / A.
+    Compare {
+        /// The baseline report.
+        a: PathBuf,
+        /// The report compared with it.
+        b: PathBuf,
     },
     /// Open C idle authenticated connections; report handshake rate and server RSS per connection.
     Connect {
@@ -206,6 +215,7 @@ fn run(cli: Cli) -> Result<(), String> {
             run_pairs(server, pairs, rate, payload, duration, json, label, threads)
         }
         Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
+        Command::Compare { a, b } => compare::run(&a, &b),
     }
 }
 

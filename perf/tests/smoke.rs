@@ -13,7 +13,8 @@ fn free_port() -> u16 {
 }
 
 #[test]
-fn pairs_smoke_with_both_durabilities() {
+fn pairs_smoke_with_both_durabilities_and_compare() {
+    let mut reports = Vec::new();
     for durability in ["fsync", "none"] {
         let json = tempfile::NamedTempFile::new().unwrap();
         let output = iris_perf()
@@ -31,7 +32,13 @@ fn pairs_smoke_with_both_durabilities() {
         assert_eq!(counts["delivered"], counts["sent"]);
         assert!(report["ack_latency"]["p50_us"].as_u64().unwrap() > 0);
         assert!(report["server_cpu_seconds"].as_f64().is_some());
+        reports.push(json);
     }
+    let output = iris_perf().arg("compare").arg(reports[0].path()).arg(reports[1].path()).output().unwrap();
+    assert!(output.status.success());
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(table.contains("B/A") && table.contains("counts.delivered"), "{table}");
+    assert!(table.lines().any(|line| line.starts_with("counts.sent") && line.trim_end().ends_with("1.000")), "{table}");
 }
 
 #[test]
