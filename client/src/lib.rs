@@ -46,6 +46,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Attempts to connect before the first connect is reported as failed.
     pub connect_attempts: u32,
+    /// Retry sends refused with a retryable code (Throttle, MailboxFull, ...)
+    /// after `retry_after_ms`; when false such a send fails with the refusal.
+    pub retry_refusals: bool,
 }
 
 impl ClientConfig {
@@ -59,6 +62,7 @@ impl ClientConfig {
             frame_bytes_max: iris_protocol::FRAME_BYTES_MAX_DEFAULT,
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
+            retry_refusals: true,
         }
     }
 }

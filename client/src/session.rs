@@ -377,7 +377,7 @@ impl Session {
                 let code = ErrorCode::from_u16(error.code);
                 match error.client_msg_id {
                     Some(id) => {
-                        let retryable = code.is_some_and(ErrorCode::is_retryable);
+                        let retryable = self.config.retry_refusals && code.is_some_and(ErrorCode::is_retryable);
                         if retryable {
                             if let Some(pending) = self.pending.get_mut(&id) {
                                 let wait = Duration::from_millis(u64::from(error.retry_after_ms.max(10)));

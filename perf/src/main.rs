@@ -8,11 +8,13 @@
 //! - [`server`]: spawning irisd pinned to its CPUs, and /proc CPU and RSS readings.
 //! - [`pairs`]: the open-loop pairs scenario.
 //! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
+//! - [`fanin`]: many senders to one recipient, online or offline (the "Messi test").
 //! - [`compare`]: two JSON reports side by side with ratios.
 //! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
 
 mod compare;
 mod connect;
+mod fanin;
 mod pairs;
 mod report;
 mod server;
@@ -50,6 +52,10 @@ struct ServerArgs {
     /// Port of shard 0 of the spawned server.
     #[arg(long, default_value_t = 17700)]
     port: u16,
+    /// A line of TOML for the spawned server's configuration, with dotted
+    /// keys (e.g. `limits.mailbox_messages_max = 100`); repeatable.
+    #[arg(long = "server-config")]
+    server_config: Vec<String>,
     /// Extra arguments passed to `irisd serve` (repeatable).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -91,6 +97,26 @@ enum Command {
         /// Load generator threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+    /// M senders to one recipient (online or offline), N messages in total.
+    Fanin {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Sending users.
+        #[arg(long, default_value_t = 10)]
+        senders: u32,
+        /// Messages in total.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 150)]
+        payload: usize,
+        /// Keep the recipient offline until every send was answered.
+        #[arg(long)]
+        offline: bool,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Print two JSON reports side by side with ratios B / A.
     Compare {
@@ -189,6 +215,53 @@ fn run_connect(server: ServerArgs, connections: u64, settle: f64, json: Option<P
     Ok(())
 }
 
+fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<PathBuf>) -> Result<(), String> {
+    if options.messages > 100_000_000 || options.senders > 10_000 {
+        return Err("--messages at most 100000000 and --senders at most 10000".into());
+    }
+    check_server_args(&server)?;
+    let (spawned, target, pid) = target(&server)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let cpu_before = pid.and_then(server::process_cpu_seconds);
+    let own_before = server::own_cpu_seconds();
+    let outcome = runtime.block_on(fanin::run(&target, options, pid))?;
+    let cpu = pid.and_then(server::process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
+    let delivered = outcome.counts.delivered;
+    let mut parameters = BTreeMap::new();
+    parameters.insert("senders".into(), options.senders.to_string());
+    parameters.insert("messages".into(), options.messages.to_string());
+    parameters.insert("payload_bytes".into(), options.payload_bytes.to_string());
+    parameters.insert("recipient".into(), if options.offline { "offline" } else { "online" }.into());
+    parameters.insert("durability".into(), server.durability.clone());
+    let report = report::Report {
+        scenario: "fanin".into(),
+        label: format!("iris {} fanin {}", server.durability, if options.offline { "offline" } else { "online" }),
+        parameters,
+        counts: outcome.counts.clone(),
+        send_seconds: outcome.send_seconds,
+        acked_per_second: outcome.counts.acked as f64 / outcome.send_seconds,
+        delivered_per_second: delivered as f64 / outcome.total_seconds,
+        ack_latency: report::Percentiles::of(&outcome.latencies.ack),
+        deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
+        server_cpu_seconds: cpu,
+        delivered_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| delivered as f64 / c),
+        server_cpu_us_per_delivered: cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
+        server_rss_bytes: outcome.peak_rss_bytes,
+        loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
+    };
+    report.print_summary();
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    drop(spawned);
+    Ok(())
+}
+
 fn check_server_args(server: &ServerArgs) -> Result<(), String> {
     if server.durability != "fsync" && server.durability != "none" {
         return Err(format!("--durability {}: must be fsync or none", server.durability));
@@ -216,6 +289,9 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
         Command::Compare { a, b } => compare::run(&a, &b),
+        Command::Fanin { server, senders, messages, payload, offline, json } => {
+            run_fanin(server, fanin::FaninOptions { senders, messages, payload_bytes: payload, offline }, json)
+        }
     }
 }
 
@@ -303,7 +379,12 @@ fn target(args: &ServerArgs) -> Result<(Option<server::SpawnedServer>, pairs::Ta
             irisd,
             port: args.port,
             cpus: Some(args.server_cpus.clone()).filter(|cpus| cpus != "none"),
-            config: vec!["[storage]".into(), format!("durability = \"{}\"", args.durability)],
+            config: args
+                .server_config
+                .iter()
+                .cloned()
+                .chain([format!("storage.durability = \"{}\"", args.durability)])
+                .collect(),
             args: args.server_args.clone(),
         };
         let spawned = server::SpawnedServer::start(&options)?;

@@ -85,7 +85,7 @@ pub struct Report {
     pub delivered_per_server_cpu_second: Option<f64>,
     /// Server CPU microseconds per delivered message.
     pub server_cpu_us_per_delivered: Option<f64>,
-    /// Server resident memory at the end, bytes.
+    /// Server resident memory, bytes (at the end; the peak sampled for fanin).
     pub server_rss_bytes: Option<u64>,
     /// Load generator CPU seconds during the run.
     pub loadgen_cpu_seconds: f64,

@@ -67,3 +67,32 @@ fn connect_smoke_holds_authenticated_connections() {
     assert_eq!(report["failed"], 0);
     assert!(report["server_rss_per_connection_bytes"].as_f64().is_some());
 }
+
+#[test]
+fn fanin_smoke_online_and_offline() {
+    for offline in [false, true] {
+        let json = tempfile::NamedTempFile::new().unwrap();
+        let mut command = iris_perf();
+        command
+            .args(["fanin", "--spawn-server", "--senders", "3", "--messages", "600"])
+            .args(["--server-cpus", "none", "--loadgen-cpus", "none"])
+            .args(["--port", &free_port().to_string(), "--json"])
+            .arg(json.path());
+        if offline {
+            // A mailbox cap below the message count: the rest must be refused, not stored.
+            command.args(["--offline", "--server-config", "limits.mailbox_messages_max = 100"]);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+        let counts = &report["counts"];
+        assert_eq!(counts["sent"], 600, "{report}");
+        assert_eq!(counts["delivered"], counts["acked"], "{report}");
+        if offline {
+            assert_eq!(counts["acked"], 100, "{report}");
+            assert_eq!(counts["errors"]["MailboxFull"], 500, "{report}");
+        } else {
+            assert_eq!(counts["acked"], 600, "{report}");
+        }
+    }
+}
