@@ -9,13 +9,17 @@
 //! - [`pairs`]: the open-loop pairs scenario.
 //! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
 //! - [`fanin`]: many senders to one recipient, online or offline (the "Messi test").
+//! - [`raw_quic`]: the QUIC ceiling, a minimal quinn echo server and its load.
 //! - [`compare`]: two JSON reports side by side with ratios.
 //! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
+//! - [`html`]: the HTML report with SVG charts.
 
 mod compare;
 mod connect;
 mod fanin;
+mod html;
 mod pairs;
+mod raw_quic;
 mod report;
 mod server;
 
@@ -94,6 +98,9 @@ enum Command {
         /// Label for the report.
         #[arg(long)]
         label: Option<String>,
+        /// Write the HTML report (summary and SVG charts) here.
+        #[arg(long)]
+        html: Option<PathBuf>,
         /// Load generator threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -117,6 +124,43 @@ enum Command {
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// The QUIC ceiling: a minimal quinn echo (no auth, storage or acks), spawned pinned.
+    RawQuic {
+        /// CPUs for the echo server (taskset list).
+        #[arg(long, default_value = "0")]
+        server_cpus: String,
+        /// CPUs for the load generator, or "none".
+        #[arg(long, default_value = "1")]
+        loadgen_cpus: String,
+        /// Server port.
+        #[arg(long, default_value_t = 17900)]
+        port: u16,
+        /// Connections.
+        #[arg(long, default_value_t = 100)]
+        connections: u32,
+        /// Messages in flight per connection.
+        #[arg(long, default_value_t = 1)]
+        inflight: u32,
+        /// Payload bytes (at least 8).
+        #[arg(long, default_value_t = 150)]
+        payload: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// (internal) The raw QUIC echo server that `raw-quic` spawns.
+    #[command(hide = true)]
+    RawQuicServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        payload: usize,
+        #[arg(long)]
+        ready_file: PathBuf,
     },
     /// Print two JSON reports side by side with ratios B / A.
     Compare {
@@ -252,6 +296,8 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
         server_cpu_us_per_delivered: cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         server_rss_bytes: outcome.peak_rss_bytes,
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
+        latency_distribution: report::distribution(&outcome.latencies),
+        timeline: Vec::new(),
     };
     report.print_summary();
     if let Some(path) = json {
@@ -259,6 +305,116 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     drop(spawned);
+    Ok(())
+}
+
+/// The `raw-quic` report.
+#[derive(Debug, serde::Serialize)]
+struct RawQuicReport {
+    scenario: &'static str,
+    label: String,
+    connections: u32,
+    inflight: u32,
+    payload_bytes: usize,
+    echoed: u64,
+    seconds: f64,
+    echoed_per_second: f64,
+    round_trip_latency: report::Percentiles,
+    server_cpu_seconds: Option<f64>,
+    server_cpu_us_per_message: Option<f64>,
+    messages_per_server_cpu_second: Option<f64>,
+    loadgen_cpu_seconds: f64,
+}
+
+fn run_raw_quic(
+    server_cpus: &str,
+    loadgen_cpus: &str,
+    port: u16,
+    (connections, inflight, payload, duration): (u32, u32, usize, f64),
+    json: Option<PathBuf>,
+) -> Result<(), String> {
+    if connections == 0 || inflight == 0 || payload < 8 || !(duration > 0.0 && duration <= 3600.0) {
+        return Err("connections and inflight must be positive, payload >= 8, duration 0..=3600 s".into());
+    }
+    if loadgen_cpus != "none" {
+        pin_to_cpus(loadgen_cpus)?;
+    }
+    let ready = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut command = if server_cpus == "none" {
+        std::process::Command::new(&exe)
+    } else {
+        let mut command = std::process::Command::new("taskset");
+        command.arg("-c").arg(server_cpus).arg(&exe);
+        command
+    };
+    command
+        .args(["raw-quic-server", "--port", &port.to_string(), "--payload", &payload.to_string(), "--ready-file"])
+        .arg(ready.path());
+    let mut child = command.spawn().map_err(|e| format!("spawning the echo server: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ca = loop {
+        let text = std::fs::read_to_string(ready.path()).unwrap_or_default();
+        if text.contains("END CERTIFICATE") {
+            break text;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            return Err("the raw QUIC echo server did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid = child.id();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let cpu_before = server::process_cpu_seconds(pid);
+    let own_before = server::own_cpu_seconds();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let outcome = runtime.block_on(raw_quic::load(
+        address,
+        &ca,
+        connections,
+        inflight,
+        payload,
+        Duration::from_secs_f64(duration),
+    ));
+    let cpu = server::process_cpu_seconds(pid).zip(cpu_before).map(|(after, before)| after - before);
+    let _ = child.kill();
+    let _ = child.wait();
+    let outcome = outcome?;
+    let report = RawQuicReport {
+        scenario: "raw-quic",
+        label: format!("quinn echo {connections}x{inflight}"),
+        connections,
+        inflight,
+        payload_bytes: payload,
+        echoed: outcome.echoed,
+        seconds: outcome.seconds,
+        echoed_per_second: outcome.echoed as f64 / outcome.seconds,
+        round_trip_latency: report::Percentiles::of(&outcome.latency),
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_message: cpu.filter(|_| outcome.echoed > 0).map(|c| c * 1e6 / outcome.echoed as f64),
+        messages_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| outcome.echoed as f64 / c),
+        loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
+    };
+    println!("raw-quic — {}", report.label);
+    println!(
+        "  echoed                     {} in {:.2} s ({:.0}/s)",
+        report.echoed, report.seconds, report.echoed_per_second
+    );
+    let p = &report.round_trip_latency;
+    println!("  round trip     us  p50 {:>7}  p99 {:>7}  max {:>8}", p.p50_us, p.p99_us, p.max_us);
+    if let (Some(per), Some(rate)) = (report.server_cpu_us_per_message, report.messages_per_server_cpu_second) {
+        println!("  server CPU                 {per:.2} us/message, {rate:.0} messages/CPU-s");
+    }
+    println!("  load generator CPU         {:.2} s", report.loadgen_cpu_seconds);
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -284,11 +440,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Pairs { server, pairs, rate, payload, duration, json, label, threads } => {
-            run_pairs(server, pairs, rate, payload, duration, json, label, threads)
+        Command::Pairs { server, pairs, rate, payload, duration, json, label, html, threads } => {
+            run_pairs(server, pairs, rate, payload, duration, (json, html), label, threads)
         }
         Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
         Command::Compare { a, b } => compare::run(&a, &b),
+        Command::RawQuicServer { port, payload, ready_file } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?
+            .block_on(raw_quic::serve(port, payload, Some(ready_file))),
+        Command::RawQuic { server_cpus, loadgen_cpus, port, connections, inflight, payload, duration, json } => {
+            run_raw_quic(&server_cpus, &loadgen_cpus, port, (connections, inflight, payload, duration), json)
+        }
         Command::Fanin { server, senders, messages, payload, offline, json } => {
             run_fanin(server, fanin::FaninOptions { senders, messages, payload_bytes: payload, offline }, json)
         }
@@ -302,7 +466,7 @@ fn run_pairs(
     rate: f64,
     payload: usize,
     duration: f64,
-    json: Option<PathBuf>,
+    (json, html): (Option<PathBuf>, Option<PathBuf>),
     label: Option<String>,
     threads: usize,
 ) -> Result<(), String> {
@@ -328,7 +492,7 @@ fn run_pairs(
     };
     let server_cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_cpu_before = server::own_cpu_seconds();
-    let outcome = runtime.block_on(pairs::run(&target, options))?;
+    let outcome = runtime.block_on(pairs::run(&target, options, pid))?;
     let server_cpu =
         pid.and_then(server::process_cpu_seconds).zip(server_cpu_before).map(|(after, before)| after - before);
     let delivered = outcome.counts.delivered;
@@ -358,11 +522,16 @@ fn run_pairs(
         server_cpu_us_per_delivered: server_cpu.filter(|_| delivered > 0).map(|cpu| cpu * 1e6 / delivered as f64),
         server_rss_bytes: pid.and_then(server::process_rss_bytes),
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_cpu_before,
+        latency_distribution: report::distribution(&outcome.latencies),
+        timeline: outcome.samples.clone(),
     };
     report.print_summary();
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = html {
+        std::fs::write(&path, html::render(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     drop(spawned);
     Ok(())

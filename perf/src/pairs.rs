@@ -8,7 +8,7 @@
 //! the first 8 bytes of the payload, so the receiver measures send -> deliver
 //! the same way.
 
-use crate::report::{Counts, Latencies};
+use crate::report::{Counts, Latencies, Sample};
 use hdrhistogram::Histogram;
 use iris_client::{Client, ClientConfig, PendingAck};
 use irisd::auth::{Claims, TokenAuthority};
@@ -58,7 +58,19 @@ pub struct PairsOutcome {
     pub last_ack_seconds: f64,
     /// When the last delivery arrived, seconds after the start.
     pub last_delivery_seconds: f64,
+    /// Progress and server memory sampled during the run.
+    pub samples: Vec<Sample>,
 }
+
+/// Running totals, for the timeline.
+#[derive(Debug, Default)]
+struct Progress {
+    acked: std::sync::atomic::AtomicU64,
+    delivered: std::sync::atomic::AtomicU64,
+}
+
+/// Interval of the timeline samples.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Sends awaiting their ack per user. The SDK keeps at most 128 in flight
 /// and queues 1,024 more; beyond this the sender waits (and the wait shows
@@ -74,7 +86,7 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Runs the scenario against `target`.
-pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome, String> {
+pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>) -> Result<PairsOutcome, String> {
     if options.pairs == 0 || options.rate_per_user <= 0.0 || !options.rate_per_user.is_finite() {
         return Err("pairs and rate must be positive".into());
     }
@@ -91,6 +103,25 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
     }
     let start = Instant::now();
     let sending = Arc::new(AtomicBool::new(true));
+    let progress = Arc::new(Progress::default());
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (progress, sampling) = (Arc::clone(&progress), Arc::clone(&sampling));
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+            while sampling.load(Ordering::Relaxed) {
+                tick.tick().await;
+                samples.push(Sample {
+                    t_s: start.elapsed().as_secs_f64(),
+                    acked_total: progress.acked.load(Ordering::Relaxed),
+                    delivered_total: progress.delivered.load(Ordering::Relaxed),
+                    rss_bytes: server_pid.and_then(crate::server::process_rss_bytes),
+                });
+            }
+            samples
+        })
+    };
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for (index, mut client) in clients.into_iter().enumerate() {
@@ -98,8 +129,9 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
         let sender = client.sender();
         let (pending_sender, pending_receiver) = mpsc::channel(PENDING_ACKS_MAX);
         senders.push(tokio::spawn(send_loop(sender, partner, options, start, pending_sender)));
-        receivers.push(tokio::spawn(ack_loop(pending_receiver, start)));
+        receivers.push(tokio::spawn(ack_loop(pending_receiver, start, Arc::clone(&progress))));
         let sending = Arc::clone(&sending);
+        let progress = Arc::clone(&progress);
         receivers.push(tokio::spawn(async move {
             let mut delivered = histogram();
             let mut count = 0u64;
@@ -112,6 +144,7 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
                         let now = start.elapsed().as_micros() as u64;
                         let _ = delivered.record(now.saturating_sub(intended).max(1));
                         count += 1;
+                        progress.delivered.fetch_add(1, Ordering::Relaxed);
                         last_seconds = start.elapsed().as_secs_f64();
                     }
                     Ok(None) => break,
@@ -154,7 +187,9 @@ pub async fn run(target: &Target, options: PairsOptions) -> Result<PairsOutcome,
     tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(5), drain)
         .await
         .map_err(|_| "acks or deliveries still outstanding after the drain timeout".to_string())??;
-    Ok(PairsOutcome { counts, latencies, send_seconds, last_ack_seconds, last_delivery_seconds })
+    sampling.store(false, Ordering::Relaxed);
+    let samples = sampler.await.map_err(|e| e.to_string())?;
+    Ok(PairsOutcome { counts, latencies, send_seconds, last_ack_seconds, last_delivery_seconds, samples })
 }
 
 enum Outcome {
@@ -195,7 +230,7 @@ async fn send_loop(
 }
 
 /// Awaits acks in send order and records send -> ack latency.
-async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant) -> Outcome {
+async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant, progress: Arc<Progress>) -> Outcome {
     let mut acked = histogram();
     let mut count = 0;
     let mut errors = BTreeMap::new();
@@ -206,6 +241,7 @@ async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant
                 let now = start.elapsed().as_micros() as u64;
                 let _ = acked.record(now.saturating_sub(intended).max(1));
                 count += 1;
+                progress.acked.fetch_add(1, Ordering::Relaxed);
                 last_seconds = start.elapsed().as_secs_f64();
             }
             Ok(Ok(Err(error))) => {

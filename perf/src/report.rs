@@ -27,6 +27,45 @@ pub struct Latencies {
     pub deliver: Histogram<u64>,
 }
 
+/// Running totals at one moment of a run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sample {
+    /// Seconds since the start.
+    pub t_s: f64,
+    /// Acks so far.
+    pub acked_total: u64,
+    /// Deliveries so far.
+    pub delivered_total: u64,
+    /// Server RSS then, bytes.
+    pub rss_bytes: Option<u64>,
+}
+
+/// One point of a latency distribution.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DistributionPoint {
+    /// Percentile (0-100).
+    pub percentile: f64,
+    /// Send -> ack latency at it, us.
+    pub ack_us: u64,
+    /// Send -> deliver latency at it, us.
+    pub deliver_us: u64,
+}
+
+/// Percentiles plotted in the report's distribution chart.
+pub const DISTRIBUTION_PERCENTILES: [f64; 10] = [0.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99, 99.999];
+
+/// The latency distribution of `latencies` at the plotted percentiles.
+pub fn distribution(latencies: &Latencies) -> Vec<DistributionPoint> {
+    DISTRIBUTION_PERCENTILES
+        .iter()
+        .map(|percentile| DistributionPoint {
+            percentile: *percentile,
+            ack_us: latencies.ack.value_at_percentile(*percentile),
+            deliver_us: latencies.deliver.value_at_percentile(*percentile),
+        })
+        .collect()
+}
+
 /// Percentiles of one histogram, in microseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Percentiles {
@@ -89,6 +128,10 @@ pub struct Report {
     pub server_rss_bytes: Option<u64>,
     /// Load generator CPU seconds during the run.
     pub loadgen_cpu_seconds: f64,
+    /// Latency at the plotted percentiles.
+    pub latency_distribution: Vec<DistributionPoint>,
+    /// Progress and server memory over time.
+    pub timeline: Vec<Sample>,
 }
 
 impl Report {

@@ -17,15 +17,21 @@ fn pairs_smoke_with_both_durabilities_and_compare() {
     let mut reports = Vec::new();
     for durability in ["fsync", "none"] {
         let json = tempfile::NamedTempFile::new().unwrap();
+        let html = tempfile::NamedTempFile::new().unwrap();
         let output = iris_perf()
             .args(["pairs", "--spawn-server", "--pairs", "2", "--rate", "50", "--duration", "1"])
             .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--durability", durability])
             .args(["--port", &free_port().to_string(), "--json"])
             .arg(json.path())
+            .arg("--html")
+            .arg(html.path())
             .output()
             .unwrap();
         assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+        let page = std::fs::read_to_string(html.path()).unwrap();
+        assert_eq!(page.matches("<svg").count(), 3, "three charts expected");
+        assert!(report["timeline"].as_array().is_some_and(|samples| samples.len() >= 3), "{report}");
         let counts = &report["counts"];
         assert_eq!(counts["sent"], 200, "{report}");
         assert_eq!(counts["acked"], counts["sent"]);
@@ -95,4 +101,19 @@ fn fanin_smoke_online_and_offline() {
             assert_eq!(counts["acked"], 600, "{report}");
         }
     }
+}
+
+#[test]
+fn raw_quic_echo_smoke() {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let output = iris_perf()
+        .args(["raw-quic", "--connections", "4", "--inflight", "2", "--duration", "0.5"])
+        .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--port", &free_port().to_string(), "--json"])
+        .arg(json.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+    assert!(report["echoed"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["server_cpu_us_per_message"].as_f64().is_some());
 }
