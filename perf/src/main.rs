@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`server`]: spawning irisd pinned to its CPUs, and /proc CPU and RSS readings.
-//! - [`pairs`]: the open-loop pairs scenario.
+//! - [`pairs`]: the open-loop pairs scenario (also run as `soak`).
 //! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
 //! - [`fanin`]: many senders to one recipient, online or offline (the "Messi test").
 //! - [`raw_quic`]: the QUIC ceiling, a minimal quinn echo server and its load.
@@ -104,6 +104,36 @@ enum Command {
         /// Load generator threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+    /// Pairs at a fixed rate for a long time, sampling server RSS and latency
+    /// percentiles per interval; reports memory growth and latency drift after warm-up.
+    Soak {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Number of pairs.
+        #[arg(long, default_value_t = 50)]
+        pairs: u32,
+        /// Messages per second per user.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 150)]
+        payload: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+        /// Seconds at the start excluded from growth and drift.
+        #[arg(long, default_value_t = 10.0)]
+        warmup: f64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 1.0)]
+        sample_interval: f64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the HTML report here.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
     /// M senders to one recipient (online or offline), N messages in total.
     Fanin {
@@ -298,6 +328,7 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
         latency_distribution: report::distribution(&outcome.latencies),
         timeline: Vec::new(),
+        soak: None,
     };
     report.print_summary();
     if let Some(path) = json {
@@ -441,7 +472,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Pairs { server, pairs, rate, payload, duration, json, label, html, threads } => {
-            run_pairs(server, pairs, rate, payload, duration, (json, html), label, threads)
+            run_pairs(server, pairs, rate, payload, duration, (json, html), label, threads, (0.25, None))
+        }
+        Command::Soak { server, pairs, rate, payload, duration, warmup, sample_interval, json, html } => {
+            if !(0.0..duration).contains(&warmup) {
+                return Err("--warmup must be shorter than --duration".into());
+            }
+            let label = Some(format!("iris {} soak", server.durability));
+            run_pairs(server, pairs, rate, payload, duration, (json, html), label, 1, (sample_interval, Some(warmup)))
         }
         Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
         Command::Compare { a, b } => compare::run(&a, &b),
@@ -469,7 +507,11 @@ fn run_pairs(
     (json, html): (Option<PathBuf>, Option<PathBuf>),
     label: Option<String>,
     threads: usize,
+    (sample_interval, warmup): (f64, Option<f64>),
 ) -> Result<(), String> {
+    if !(0.01..=60.0).contains(&sample_interval) {
+        return Err("--sample-interval must be 0.01..=60 seconds".into());
+    }
     if !(duration.is_finite() && duration > 0.0 && duration <= 86_400.0) {
         return Err(format!("--duration {duration}: must be between 0 and 86400 seconds"));
     }
@@ -489,6 +531,7 @@ fn run_pairs(
         payload_bytes: payload,
         duration: Duration::from_secs_f64(duration),
         first_user: 1_000_000,
+        sample_interval: Duration::from_secs_f64(sample_interval),
     };
     let server_cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_cpu_before = server::own_cpu_seconds();
@@ -524,6 +567,7 @@ fn run_pairs(
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_cpu_before,
         latency_distribution: report::distribution(&outcome.latencies),
         timeline: outcome.samples.clone(),
+        soak: warmup.map(|warmup| report::SoakSummary::from_timeline(&outcome.samples, warmup, duration)),
     };
     report.print_summary();
     if let Some(path) = json {

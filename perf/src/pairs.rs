@@ -43,6 +43,8 @@ pub struct PairsOptions {
     pub duration: Duration,
     /// First user id (users are first_user .. first_user + 2 * pairs).
     pub first_user: u64,
+    /// Interval of the timeline samples.
+    pub sample_interval: Duration,
 }
 
 /// What one run measured.
@@ -68,9 +70,6 @@ struct Progress {
     acked: std::sync::atomic::AtomicU64,
     delivered: std::sync::atomic::AtomicU64,
 }
-
-/// Interval of the timeline samples.
-const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Sends awaiting their ack per user. The SDK keeps at most 128 in flight
 /// and queues 1,024 more; beyond this the sender waits (and the wait shows
@@ -105,18 +104,28 @@ pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>
     let sending = Arc::new(AtomicBool::new(true));
     let progress = Arc::new(Progress::default());
     let sampling = Arc::new(AtomicBool::new(true));
+    // Deliver latencies of the current sample interval (swapped out by the sampler).
+    let interval_latency = Arc::new(std::sync::Mutex::new(histogram()));
     let sampler = {
-        let (progress, sampling) = (Arc::clone(&progress), Arc::clone(&sampling));
+        let (progress, sampling, interval_latency) =
+            (Arc::clone(&progress), Arc::clone(&sampling), Arc::clone(&interval_latency));
         tokio::spawn(async move {
             let mut samples = Vec::new();
-            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+            let mut tick = tokio::time::interval(options.sample_interval);
+            tick.tick().await;
             while sampling.load(Ordering::Relaxed) {
                 tick.tick().await;
+                let latency = interval_latency.lock().map(|mut h| std::mem::replace(&mut *h, histogram())).ok();
+                let (p50, p99) = latency
+                    .filter(|h| !h.is_empty())
+                    .map_or((None, None), |h| (Some(h.value_at_quantile(0.5)), Some(h.value_at_quantile(0.99))));
                 samples.push(Sample {
                     t_s: start.elapsed().as_secs_f64(),
                     acked_total: progress.acked.load(Ordering::Relaxed),
                     delivered_total: progress.delivered.load(Ordering::Relaxed),
                     rss_bytes: server_pid.and_then(crate::server::process_rss_bytes),
+                    deliver_p50_us: p50,
+                    deliver_p99_us: p99,
                 });
             }
             samples
@@ -132,6 +141,7 @@ pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>
         receivers.push(tokio::spawn(ack_loop(pending_receiver, start, Arc::clone(&progress))));
         let sending = Arc::clone(&sending);
         let progress = Arc::clone(&progress);
+        let interval_latency = Arc::clone(&interval_latency);
         receivers.push(tokio::spawn(async move {
             let mut delivered = histogram();
             let mut count = 0u64;
@@ -142,7 +152,11 @@ pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>
                     Ok(Some(message)) => {
                         let intended = u64::from_le_bytes(message.payload[..8].try_into().unwrap_or([0; 8]));
                         let now = start.elapsed().as_micros() as u64;
-                        let _ = delivered.record(now.saturating_sub(intended).max(1));
+                        let latency = now.saturating_sub(intended).max(1);
+                        let _ = delivered.record(latency);
+                        if let Ok(mut interval) = interval_latency.lock() {
+                            let _ = interval.record(latency);
+                        }
                         count += 1;
                         progress.delivered.fetch_add(1, Ordering::Relaxed);
                         last_seconds = start.elapsed().as_secs_f64();

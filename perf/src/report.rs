@@ -38,6 +38,10 @@ pub struct Sample {
     pub delivered_total: u64,
     /// Server RSS then, bytes.
     pub rss_bytes: Option<u64>,
+    /// Median send -> deliver latency of the deliveries in this interval, us.
+    pub deliver_p50_us: Option<u64>,
+    /// 99th percentile of the same, us.
+    pub deliver_p99_us: Option<u64>,
 }
 
 /// One point of a latency distribution.
@@ -132,6 +136,45 @@ pub struct Report {
     pub latency_distribution: Vec<DistributionPoint>,
     /// Progress and server memory over time.
     pub timeline: Vec<Sample>,
+    /// For soak runs: memory growth and latency drift after warm-up.
+    pub soak: Option<SoakSummary>,
+}
+
+/// What a soak run is about: does memory or latency drift once warmed up?
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakSummary {
+    /// Seconds excluded as warm-up.
+    pub warmup_s: f64,
+    /// Server RSS at the end of warm-up, bytes.
+    pub rss_after_warmup_bytes: Option<u64>,
+    /// Server RSS at the end, bytes.
+    pub rss_end_bytes: Option<u64>,
+    /// Growth after warm-up, bytes (negative: shrank).
+    pub rss_growth_bytes: Option<i64>,
+    /// p99 send -> deliver of the first and last quarter after warm-up, us.
+    pub p99_first_quarter_us: Option<u64>,
+    /// See above.
+    pub p99_last_quarter_us: Option<u64>,
+}
+
+impl SoakSummary {
+    /// Computes the summary from the timeline samples between the end of
+    /// warm-up and the end of sending (`end_s`).
+    pub fn from_timeline(timeline: &[Sample], warmup_s: f64, end_s: f64) -> SoakSummary {
+        let steady: Vec<&Sample> = timeline.iter().filter(|s| s.t_s >= warmup_s && s.t_s <= end_s).collect();
+        let rss_after_warmup_bytes = steady.first().and_then(|s| s.rss_bytes);
+        let rss_end_bytes = steady.last().and_then(|s| s.rss_bytes);
+        let quarter = (steady.len() / 4).max(1);
+        let worst = |samples: &[&Sample]| samples.iter().filter_map(|s| s.deliver_p99_us).max();
+        SoakSummary {
+            warmup_s,
+            rss_after_warmup_bytes,
+            rss_end_bytes,
+            rss_growth_bytes: rss_end_bytes.zip(rss_after_warmup_bytes).map(|(end, start)| end as i64 - start as i64),
+            p99_first_quarter_us: worst(&steady[..quarter.min(steady.len())]),
+            p99_last_quarter_us: worst(&steady[steady.len().saturating_sub(quarter)..]),
+        }
+    }
 }
 
 impl Report {
@@ -163,5 +206,15 @@ impl Report {
             println!("  server RSS                 {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
         }
         println!("  load generator CPU         {:.2} s", self.loadgen_cpu_seconds);
+        if let Some(soak) = &self.soak {
+            let mib = |bytes: Option<u64>| bytes.map_or("?".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0));
+            println!(
+                "  soak: RSS after warm-up {} MiB, at end {} MiB; worst interval p99 first/last quarter {:?} / {:?} us",
+                mib(soak.rss_after_warmup_bytes),
+                mib(soak.rss_end_bytes),
+                soak.p99_first_quarter_us,
+                soak.p99_last_quarter_us
+            );
+        }
     }
 }

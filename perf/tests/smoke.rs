@@ -117,3 +117,21 @@ fn raw_quic_echo_smoke() {
     assert!(report["echoed"].as_u64().unwrap() > 0, "{report}");
     assert!(report["server_cpu_us_per_message"].as_f64().is_some());
 }
+
+#[test]
+fn soak_smoke_reports_growth_and_drift() {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let output = iris_perf()
+        .args(["soak", "--spawn-server", "--pairs", "2", "--rate", "50", "--duration", "2", "--warmup", "0.5"])
+        .args(["--sample-interval", "0.25", "--server-cpus", "none", "--loadgen-cpus", "none"])
+        .args(["--port", &free_port().to_string(), "--json"])
+        .arg(json.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+    assert_eq!(report["counts"]["delivered"], report["counts"]["sent"], "{report}");
+    let soak = &report["soak"];
+    assert!(soak["rss_growth_bytes"].as_i64().is_some(), "{report}");
+    assert!(soak["p99_last_quarter_us"].as_u64().is_some(), "{report}");
+}
