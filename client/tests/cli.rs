@@ -34,7 +34,7 @@ fn start_irisd() -> Daemon {
     let data_dir = tempfile::tempdir().unwrap();
     for attempt in 0..20u64 {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
-        let port = 20_000 + ((nanos / 1000 + attempt * 7919) % 30_000) as u16;
+        let port = 20_000 + ((nanos / 1000 + attempt * 7919) % 12_000) as u16;
         let mut child = Command::new(irisd())
             .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir.path())

@@ -9,7 +9,7 @@ fn iris_perf() -> Command {
 
 fn free_port() -> u16 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    20_000 + (nanos % 30_000) as u16
+    20_000 + (nanos % 12_000) as u16
 }
 
 #[test]

@@ -83,7 +83,7 @@ async fn a_torn_tail_is_truncated_and_everything_before_it_survives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_record_is_skipped_reported_and_the_rest_recovered() {
-    let admin = format!("127.0.0.1:{}", 20_000 + common::rand_u64() % 30_000);
+    let admin = format!("127.0.0.1:{}", 20_000 + common::rand_u64() % 12_000);
     let admin_line = format!("admin_listen = \"{admin}\"");
     let mut server = Server::start_with(1, &[admin_line.as_str()]);
     let (sender, recipient) = (1, 2);

@@ -57,7 +57,9 @@ impl Server {
             std::fs::write(data_dir.path().join("test-config.toml"), config_toml.join("\n")).expect("write config");
         }
         for attempt in 0..20 {
-            let base_port = 20_000 + (rand_u64() % 30_000) as u16;
+            // Below the kernel's ephemeral range (32768+), so a client socket
+            // bound while the server is down cannot take the server's port.
+            let base_port = 20_000 + (rand_u64() % 12_000) as u16;
             if let Some(child) = spawn_irisd(data_dir.path(), base_port, shards) {
                 return Server { child, data_dir, base_port, shards };
             }
