@@ -250,11 +250,6 @@ impl MailboxIndex {
         self.mailboxes.iter()
     }
 
-    /// Every recipient-side dedup entry, oldest first.
-    pub fn stored_entries(&self) -> impl Iterator<Item = (DeviceKey, u64, u64)> + '_ {
-        self.stored_order.iter().filter_map(|key| self.stored.get(key).map(|(id, _)| (key.0, key.1, *id)))
-    }
-
     /// See [`MailboxStore::has_room`].
     pub fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
         let Some(mailbox) = self.mailboxes.get(&device) else { return Ok(()) };
