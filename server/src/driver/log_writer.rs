@@ -116,7 +116,8 @@ pub async fn run_writer(
                     continue;
                 }
                 let path = segment_path(&writer.dir, segment);
-                match std::fs::remove_file(&path) {
+                // Through io_uring: a blocking unlink of a large file would stall the shard.
+                match glommio::io::remove(&path).await {
                     Ok(()) => tracing::debug!(segment, "segment reclaimed"),
                     Err(error) => tracing::warn!(segment, %error, "deleting a reclaimed segment failed"),
                 }
@@ -135,7 +136,11 @@ impl Writer {
         let existed = path.exists();
         let file = OpenOptions::new().read(true).write(true).create(true).dma_open(&path).await?;
         if !existed {
-            crate::files::sync_directory(&self.dir)?;
+            // Make the new directory entry durable, through io_uring (a
+            // blocking fsync here would stall the whole shard).
+            let directory = glommio::io::Directory::open(&self.dir).await?;
+            directory.sync().await?;
+            let _ = directory.close().await;
         }
         // Only now, with nothing left to fail, take the resume point: a failed
         // open is retried with it, so the recovered records are never overwritten.
