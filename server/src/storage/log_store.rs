@@ -81,6 +81,20 @@ pub struct LogStore {
     corrupt_records: u64,
 }
 
+/// The log record of `message` stored for `recipients`.
+fn message_record(message: &StoredMessage, recipients: Vec<RecipientSeq>) -> Record {
+    Record::MessageStored(MessageStored {
+        server_msg_id: message.server_msg_id,
+        from_user: message.from_user,
+        from_device: message.from_device,
+        client_msg_id: message.client_msg_id,
+        sent_at_ms: message.sent_at_ms,
+        to_user: message.to_user,
+        recipients,
+        payload: message.payload.clone(),
+    })
+}
+
 /// Live data of one segment.
 #[derive(Debug, Default, Clone, Copy)]
 struct SegmentLive {
@@ -249,16 +263,7 @@ impl LogStore {
         let mut moves = Vec::new();
         let mut last_ticket = self.last_ticket;
         for (_, (message, recipients)) in by_message {
-            let record = Record::MessageStored(MessageStored {
-                server_msg_id: message.server_msg_id,
-                from_user: message.from_user,
-                from_device: message.from_device,
-                client_msg_id: message.client_msg_id,
-                sent_at_ms: message.sent_at_ms,
-                to_user: message.to_user,
-                recipients: recipients.clone(),
-                payload: message.payload.clone(),
-            });
+            let record = message_record(&message, recipients.clone());
             let (ticket, segment) = self.append(&record);
             last_ticket = ticket;
             for recipient in recipients {
@@ -376,16 +381,7 @@ impl MailboxStore for LogStore {
                 RecipientSeq { device: device.device, seq: self.index.last_seq(*device) + 1 }
             })
             .collect();
-        let record = Record::MessageStored(MessageStored {
-            server_msg_id: message.server_msg_id,
-            from_user: message.from_user,
-            from_device: message.from_device,
-            client_msg_id: message.client_msg_id,
-            sent_at_ms: message.sent_at_ms,
-            to_user: message.to_user,
-            recipients: recipients.clone(),
-            payload: message.payload.clone(),
-        });
+        let record = message_record(&message, recipients.clone());
         let (ticket, segment) = self.append(&record);
         for (device, recipient) in devices.iter().zip(&recipients) {
             let seq = self.index.append(*device, &message, ticket, segment);
