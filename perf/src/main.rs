@@ -10,6 +10,7 @@
 //! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
 //! - [`fanin`]: many senders to one recipient, online or offline (the "Messi test").
 //! - [`raw_quic`]: the QUIC ceiling, a minimal quinn echo server and its load.
+//! - [`peers`]: the pairs shape against mosquitto (MQTT QoS 1) and NATS (JetStream, core).
 //! - [`compare`]: two JSON reports side by side with ratios.
 //! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
 //! - [`html`]: the HTML report with SVG charts.
@@ -19,6 +20,7 @@ mod connect;
 mod fanin;
 mod html;
 mod pairs;
+mod peers;
 mod raw_quic;
 mod report;
 mod server;
@@ -191,6 +193,39 @@ enum Command {
         payload: usize,
         #[arg(long)]
         ready_file: PathBuf,
+    },
+    /// The pairs shape against a running peer server (see perf/compare-peers.sh).
+    Peer {
+        /// mqtt, nats-js or nats-core.
+        #[arg(long)]
+        kind: String,
+        /// Peer host.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Peer port.
+        #[arg(long)]
+        port: u16,
+        /// Peer process id (for CPU and memory).
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// CPUs the load generator pins itself to, or "none".
+        #[arg(long, default_value = "1")]
+        loadgen_cpus: String,
+        /// Number of pairs.
+        #[arg(long, default_value_t = 50)]
+        pairs: u32,
+        /// Messages per second per user.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 150)]
+        payload: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Print two JSON reports side by side with ratios B / A.
     Compare {
@@ -449,6 +484,61 @@ fn run_raw_quic(
     Ok(())
 }
 
+fn run_peer(
+    kind: peers::PeerKind,
+    host: &str,
+    port: u16,
+    pid: Option<u32>,
+    options: pairs::PairsOptions,
+    json: Option<PathBuf>,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let cpu_before = pid.and_then(server::process_cpu_seconds);
+    let own_before = server::own_cpu_seconds();
+    let outcome = runtime.block_on(peers::run(kind, host, port, options))?;
+    let cpu = pid.and_then(server::process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
+    let label = match kind {
+        peers::PeerKind::Mqtt => "mqtt qos1",
+        peers::PeerKind::NatsJetStream => "nats jetstream",
+        peers::PeerKind::NatsCore => "nats core",
+    };
+    let delivered = outcome.counts.delivered;
+    let mut parameters = BTreeMap::new();
+    parameters.insert("pairs".into(), options.pairs.to_string());
+    parameters.insert("rate_per_user".into(), options.rate_per_user.to_string());
+    parameters.insert("payload_bytes".into(), options.payload_bytes.to_string());
+    parameters.insert("duration_s".into(), options.duration.as_secs_f64().to_string());
+    let report = report::Report {
+        scenario: "pairs".into(),
+        label: label.into(),
+        parameters,
+        counts: outcome.counts.clone(),
+        send_seconds: options.duration.as_secs_f64(),
+        acked_per_second: outcome.counts.acked as f64 / outcome.seconds,
+        delivered_per_second: delivered as f64 / outcome.seconds,
+        ack_latency: report::Percentiles::of(&outcome.latencies.ack),
+        deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
+        server_cpu_seconds: cpu,
+        delivered_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| delivered as f64 / c),
+        server_cpu_us_per_delivered: cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
+        server_rss_bytes: pid.and_then(server::process_rss_bytes),
+        loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
+        latency_distribution: report::distribution(&outcome.latencies),
+        timeline: Vec::new(),
+        soak: None,
+    };
+    report.print_summary();
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn check_server_args(server: &ServerArgs) -> Result<(), String> {
     if server.durability != "fsync" && server.durability != "none" {
         return Err(format!("--durability {}: must be fsync or none", server.durability));
@@ -483,6 +573,29 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
         Command::Compare { a, b } => compare::run(&a, &b),
+        Command::Peer { kind, host, port, server_pid, loadgen_cpus, pairs, rate, payload, duration, json } => {
+            let kind = match kind.as_str() {
+                "mqtt" => peers::PeerKind::Mqtt,
+                "nats-js" => peers::PeerKind::NatsJetStream,
+                "nats-core" => peers::PeerKind::NatsCore,
+                other => return Err(format!("--kind {other}: must be mqtt, nats-js or nats-core")),
+            };
+            if !(duration > 0.0 && duration <= 3600.0) {
+                return Err("--duration must be 0..=3600 seconds".into());
+            }
+            if loadgen_cpus != "none" {
+                pin_to_cpus(&loadgen_cpus)?;
+            }
+            let options = pairs::PairsOptions {
+                pairs,
+                rate_per_user: rate,
+                payload_bytes: payload,
+                duration: Duration::from_secs_f64(duration),
+                first_user: 1_000_000,
+                sample_interval: Duration::from_millis(250),
+            };
+            run_peer(kind, &host, port, server_pid, options, json)
+        }
         Command::RawQuicServer { port, payload, ready_file } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

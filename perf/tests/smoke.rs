@@ -135,3 +135,62 @@ fn soak_smoke_reports_growth_and_drift() {
     assert!(soak["rss_growth_bytes"].as_i64().is_some(), "{report}");
     assert!(soak["p99_last_quarter_us"].as_u64().is_some(), "{report}");
 }
+
+/// A peer server process, killed on drop.
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn peer_smoke_against_mosquitto_and_nats() {
+    for binary in ["mosquitto", "nats-server"] {
+        let found = Command::new("sh").args(["-c", &format!("command -v {binary}")]).output().unwrap();
+        assert!(found.status.success(), "{binary} is not installed (.ci/run installs it from Debian)");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mqtt_port = free_port();
+    let config = work.path().join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+            work.path().display()
+        ),
+    )
+    .unwrap();
+    let mosquitto = Peer(Command::new("mosquitto").arg("-c").arg(&config).spawn().unwrap());
+    let nats_port = free_port() + 1;
+    let nats = Peer(
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
+            .arg(work.path().join("js"))
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    for (kind, port, pid) in [
+        ("mqtt", mqtt_port, mosquitto.0.id()),
+        ("nats-js", nats_port, nats.0.id()),
+        ("nats-core", nats_port, nats.0.id()),
+    ] {
+        let json = tempfile::NamedTempFile::new().unwrap();
+        let output = iris_perf()
+            .args(["peer", "--kind", kind, "--port", &port.to_string(), "--server-pid", &pid.to_string()])
+            .args(["--pairs", "2", "--rate", "50", "--duration", "1", "--loadgen-cpus", "none", "--json"])
+            .arg(json.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{kind}: {}", String::from_utf8_lossy(&output.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+        assert_eq!(report["counts"]["sent"], 200, "{kind}: {report}");
+        assert_eq!(report["counts"]["delivered"], 200, "{kind}: {report}");
+        if kind != "nats-core" {
+            assert_eq!(report["counts"]["acked"], 200, "{kind}: {report}");
+        }
+    }
+}
