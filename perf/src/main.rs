@@ -339,37 +339,25 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
     let own_before = server::own_cpu_seconds();
     let outcome = runtime.block_on(fanin::run(&target, options, pid))?;
     let cpu = pid.and_then(server::process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
-    let delivered = outcome.counts.delivered;
     let mut parameters = BTreeMap::new();
     parameters.insert("senders".into(), options.senders.to_string());
     parameters.insert("messages".into(), options.messages.to_string());
     parameters.insert("payload_bytes".into(), options.payload_bytes.to_string());
     parameters.insert("recipient".into(), if options.offline { "offline" } else { "online" }.into());
     parameters.insert("durability".into(), server.durability.clone());
-    let report = report::Report {
-        scenario: "fanin".into(),
-        label: format!("iris {} fanin {}", server.durability, if options.offline { "offline" } else { "online" }),
-        parameters,
-        counts: outcome.counts.clone(),
+    let measured = report::Measured {
+        counts: &outcome.counts,
+        latencies: &outcome.latencies,
         send_seconds: outcome.send_seconds,
-        acked_per_second: outcome.counts.acked as f64 / outcome.send_seconds,
-        delivered_per_second: delivered as f64 / outcome.total_seconds,
-        ack_latency: report::Percentiles::of(&outcome.latencies.ack),
-        deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
+        acked_seconds: outcome.send_seconds,
+        delivered_seconds: outcome.total_seconds,
         server_cpu_seconds: cpu,
-        delivered_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| delivered as f64 / c),
-        server_cpu_us_per_delivered: cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         server_rss_bytes: outcome.peak_rss_bytes,
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
-        latency_distribution: report::distribution(&outcome.latencies),
-        timeline: Vec::new(),
-        soak: None,
     };
-    report.print_summary();
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    let mode = if options.offline { "offline" } else { "online" };
+    let label = format!("iris {} fanin {mode}", server.durability);
+    report::Report::new("fanin", label, parameters, measured).emit(json.as_deref(), None)?;
     drop(spawned);
     Ok(())
 }
@@ -506,36 +494,22 @@ fn run_peer(
         peers::PeerKind::NatsJetStream => "nats jetstream",
         peers::PeerKind::NatsCore => "nats core",
     };
-    let delivered = outcome.counts.delivered;
     let mut parameters = BTreeMap::new();
     parameters.insert("pairs".into(), options.pairs.to_string());
     parameters.insert("rate_per_user".into(), options.rate_per_user.to_string());
     parameters.insert("payload_bytes".into(), options.payload_bytes.to_string());
     parameters.insert("duration_s".into(), options.duration.as_secs_f64().to_string());
-    let report = report::Report {
-        scenario: "pairs".into(),
-        label: label.into(),
-        parameters,
-        counts: outcome.counts.clone(),
+    let measured = report::Measured {
+        counts: &outcome.counts,
+        latencies: &outcome.latencies,
         send_seconds: options.duration.as_secs_f64(),
-        acked_per_second: outcome.counts.acked as f64 / outcome.seconds,
-        delivered_per_second: delivered as f64 / outcome.seconds,
-        ack_latency: report::Percentiles::of(&outcome.latencies.ack),
-        deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
+        acked_seconds: outcome.seconds,
+        delivered_seconds: outcome.seconds,
         server_cpu_seconds: cpu,
-        delivered_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| delivered as f64 / c),
-        server_cpu_us_per_delivered: cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         server_rss_bytes: pid.and_then(server::process_rss_bytes),
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
-        latency_distribution: report::distribution(&outcome.latencies),
-        timeline: Vec::new(),
-        soak: None,
     };
-    report.print_summary();
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    report::Report::new("pairs", label.into(), parameters, measured).emit(json.as_deref(), None)?;
     Ok(())
 }
 
@@ -651,7 +625,6 @@ fn run_pairs(
     let outcome = runtime.block_on(pairs::run(&target, options, pid))?;
     let server_cpu =
         pid.and_then(server::process_cpu_seconds).zip(server_cpu_before).map(|(after, before)| after - before);
-    let delivered = outcome.counts.delivered;
     let mut parameters = BTreeMap::new();
     parameters.insert("pairs".into(), pairs.to_string());
     parameters.insert("rate_per_user".into(), rate.to_string());
@@ -661,35 +634,23 @@ fn run_pairs(
     parameters.insert("durability".into(), if server.spawn_server { server.durability.clone() } else { "?".into() });
     parameters.insert("server_cpus".into(), server.server_cpus.clone());
     parameters.insert("loadgen_cpus".into(), server.loadgen_cpus.clone());
-    let report = report::Report {
-        scenario: "pairs".into(),
-        label: label.unwrap_or_else(|| format!("iris {}", server.durability)),
-        parameters,
-        counts: outcome.counts.clone(),
+    let measured = report::Measured {
+        counts: &outcome.counts,
+        latencies: &outcome.latencies,
         send_seconds: outcome.send_seconds,
-        // Over the time until the last ack (delivery) arrived, so a server that
-        // falls behind is not credited with the offered rate.
-        acked_per_second: outcome.counts.acked as f64 / outcome.send_seconds.max(outcome.last_ack_seconds),
-        delivered_per_second: delivered as f64 / outcome.send_seconds.max(outcome.last_delivery_seconds),
-        ack_latency: report::Percentiles::of(&outcome.latencies.ack),
-        deliver_latency: report::Percentiles::of(&outcome.latencies.deliver),
+        // Up to the last ack (delivery), so a server that falls behind is not
+        // credited with the offered rate.
+        acked_seconds: outcome.send_seconds.max(outcome.last_ack_seconds),
+        delivered_seconds: outcome.send_seconds.max(outcome.last_delivery_seconds),
         server_cpu_seconds: server_cpu,
-        delivered_per_server_cpu_second: server_cpu.filter(|cpu| *cpu > 0.0).map(|cpu| delivered as f64 / cpu),
-        server_cpu_us_per_delivered: server_cpu.filter(|_| delivered > 0).map(|cpu| cpu * 1e6 / delivered as f64),
         server_rss_bytes: pid.and_then(server::process_rss_bytes),
         loadgen_cpu_seconds: server::own_cpu_seconds() - own_cpu_before,
-        latency_distribution: report::distribution(&outcome.latencies),
-        timeline: outcome.samples.clone(),
-        soak: warmup.map(|warmup| report::SoakSummary::from_timeline(&outcome.samples, warmup, duration)),
     };
-    report.print_summary();
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if let Some(path) = html {
-        std::fs::write(&path, html::render(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    let label = label.unwrap_or_else(|| format!("iris {}", server.durability));
+    let mut report = report::Report::new("pairs", label, parameters, measured);
+    report.timeline = outcome.samples.clone();
+    report.soak = warmup.map(|warmup| report::SoakSummary::from_timeline(&outcome.samples, warmup, duration));
+    report.emit(json.as_deref(), html.as_deref())?;
     drop(spawned);
     Ok(())
 }

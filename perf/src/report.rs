@@ -177,7 +177,66 @@ impl SoakSummary {
     }
 }
 
+/// What a scenario measured, before derived figures are computed.
+#[derive(Debug)]
+pub struct Measured<'a> {
+    /// Message counts.
+    pub counts: &'a Counts,
+    /// Latency histograms.
+    pub latencies: &'a Latencies,
+    /// Seconds of the sending phase.
+    pub send_seconds: f64,
+    /// Seconds over which acks are counted for the rate.
+    pub acked_seconds: f64,
+    /// Seconds over which deliveries are counted for the rate.
+    pub delivered_seconds: f64,
+    /// Server CPU seconds during the run, if known.
+    pub server_cpu_seconds: Option<f64>,
+    /// Server RSS to report, if known.
+    pub server_rss_bytes: Option<u64>,
+    /// Load generator CPU seconds during the run.
+    pub loadgen_cpu_seconds: f64,
+}
+
 impl Report {
+    /// A report with the derived rates and per-CPU figures computed.
+    pub fn new(scenario: &str, label: String, parameters: BTreeMap<String, String>, measured: Measured<'_>) -> Report {
+        let delivered = measured.counts.delivered;
+        let cpu = measured.server_cpu_seconds;
+        Report {
+            scenario: scenario.into(),
+            label,
+            parameters,
+            counts: measured.counts.clone(),
+            send_seconds: measured.send_seconds,
+            acked_per_second: measured.counts.acked as f64 / measured.acked_seconds.max(1e-9),
+            delivered_per_second: delivered as f64 / measured.delivered_seconds.max(1e-9),
+            ack_latency: Percentiles::of(&measured.latencies.ack),
+            deliver_latency: Percentiles::of(&measured.latencies.deliver),
+            server_cpu_seconds: cpu,
+            delivered_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| delivered as f64 / c),
+            server_cpu_us_per_delivered: cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
+            server_rss_bytes: measured.server_rss_bytes,
+            loadgen_cpu_seconds: measured.loadgen_cpu_seconds,
+            latency_distribution: distribution(measured.latencies),
+            timeline: Vec::new(),
+            soak: None,
+        }
+    }
+
+    /// Prints the summary and writes the JSON and HTML reports if asked.
+    pub fn emit(&self, json: Option<&std::path::Path>, html: Option<&std::path::Path>) -> Result<(), String> {
+        self.print_summary();
+        if let Some(path) = json {
+            let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+            std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        if let Some(path) = html {
+            std::fs::write(path, crate::html::render(self)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// The human summary.
     pub fn print_summary(&self) {
         println!("{} — {}", self.scenario, self.label);

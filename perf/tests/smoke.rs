@@ -163,12 +163,16 @@ fn peer_smoke_against_mosquitto_and_nats() {
         ),
     )
     .unwrap();
-    let mosquitto = Peer(Command::new("mosquitto").arg("-c").arg(&config).spawn().unwrap());
+    let quiet = || std::process::Stdio::null();
+    let mosquitto =
+        Peer(Command::new("mosquitto").arg("-c").arg(&config).stdout(quiet()).stderr(quiet()).spawn().unwrap());
     let nats_port = free_port() + 1;
     let nats = Peer(
         Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
             .arg(work.path().join("js"))
+            .stdout(quiet())
+            .stderr(quiet())
             .spawn()
             .unwrap(),
     );
