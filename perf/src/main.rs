@@ -76,21 +76,42 @@ struct ServerArgs {
     server_pid: Option<u32>,
 }
 
+/// The pairs shape shared by `pairs`, `soak` and `peer`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ShapeArgs {
+    /// Number of pairs.
+    #[arg(long, default_value_t = 50)]
+    pairs: u32,
+    /// Messages per second per user.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 150)]
+    payload: usize,
+}
+
+impl ShapeArgs {
+    /// Scenario options for this shape.
+    fn options(self, duration: f64, sample_interval: f64) -> pairs::PairsOptions {
+        pairs::PairsOptions {
+            pairs: self.pairs,
+            rate_per_user: self.rate,
+            payload_bytes: self.payload,
+            duration: Duration::from_secs_f64(duration),
+            first_user: 1_000_000,
+            sample_interval: Duration::from_secs_f64(sample_interval),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// N pairs of users sending to each other at a fixed rate (open loop).
     Pairs {
         #[command(flatten)]
         server: ServerArgs,
-        /// Number of pairs.
-        #[arg(long, default_value_t = 50)]
-        pairs: u32,
-        /// Messages per second per user.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Payload bytes.
-        #[arg(long, default_value_t = 150)]
-        payload: usize,
+        #[command(flatten)]
+        shape: ShapeArgs,
         /// Seconds of sending.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -112,15 +133,8 @@ enum Command {
     Soak {
         #[command(flatten)]
         server: ServerArgs,
-        /// Number of pairs.
-        #[arg(long, default_value_t = 50)]
-        pairs: u32,
-        /// Messages per second per user.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Payload bytes.
-        #[arg(long, default_value_t = 150)]
-        payload: usize,
+        #[command(flatten)]
+        shape: ShapeArgs,
         /// Seconds of sending.
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
@@ -211,15 +225,8 @@ enum Command {
         /// CPUs the load generator pins itself to, or "none".
         #[arg(long, default_value = "1")]
         loadgen_cpus: String,
-        /// Number of pairs.
-        #[arg(long, default_value_t = 50)]
-        pairs: u32,
-        /// Messages per second per user.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Payload bytes.
-        #[arg(long, default_value_t = 150)]
-        payload: usize,
+        #[command(flatten)]
+        shape: ShapeArgs,
         /// Seconds of sending.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -494,11 +501,7 @@ fn run_peer(
         peers::PeerKind::NatsJetStream => "nats jetstream",
         peers::PeerKind::NatsCore => "nats core",
     };
-    let mut parameters = BTreeMap::new();
-    parameters.insert("pairs".into(), options.pairs.to_string());
-    parameters.insert("rate_per_user".into(), options.rate_per_user.to_string());
-    parameters.insert("payload_bytes".into(), options.payload_bytes.to_string());
-    parameters.insert("duration_s".into(), options.duration.as_secs_f64().to_string());
+    let parameters = shape_parameters(&options);
     let measured = report::Measured {
         counts: &outcome.counts,
         latencies: &outcome.latencies,
@@ -535,19 +538,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Pairs { server, pairs, rate, payload, duration, json, label, html, threads } => {
-            run_pairs(server, pairs, rate, payload, duration, (json, html), label, threads, (0.25, None))
+        Command::Pairs { server, shape, duration, json, label, html, threads } => {
+            run_pairs(server, shape, duration, (json, html), label, threads, (0.25, None))
         }
-        Command::Soak { server, pairs, rate, payload, duration, warmup, sample_interval, json, html } => {
+        Command::Soak { server, shape, duration, warmup, sample_interval, json, html } => {
             if !(0.0..duration).contains(&warmup) {
                 return Err("--warmup must be shorter than --duration".into());
             }
             let label = Some(format!("iris {} soak", server.durability));
-            run_pairs(server, pairs, rate, payload, duration, (json, html), label, 1, (sample_interval, Some(warmup)))
+            run_pairs(server, shape, duration, (json, html), label, 1, (sample_interval, Some(warmup)))
         }
         Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
         Command::Compare { a, b } => compare::run(&a, &b),
-        Command::Peer { kind, host, port, server_pid, loadgen_cpus, pairs, rate, payload, duration, json } => {
+        Command::Peer { kind, host, port, server_pid, loadgen_cpus, shape, duration, json } => {
             let kind = match kind.as_str() {
                 "mqtt" => peers::PeerKind::Mqtt,
                 "nats-js" => peers::PeerKind::NatsJetStream,
@@ -560,15 +563,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if loadgen_cpus != "none" {
                 pin_to_cpus(&loadgen_cpus)?;
             }
-            let options = pairs::PairsOptions {
-                pairs,
-                rate_per_user: rate,
-                payload_bytes: payload,
-                duration: Duration::from_secs_f64(duration),
-                first_user: 1_000_000,
-                sample_interval: Duration::from_millis(250),
-            };
-            run_peer(kind, &host, port, server_pid, options, json)
+            run_peer(kind, &host, port, server_pid, shape.options(duration, 0.25), json)
         }
         Command::RawQuicServer { port, payload, ready_file } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -584,12 +579,21 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The report parameters of a pairs-shaped run.
+fn shape_parameters(options: &pairs::PairsOptions) -> BTreeMap<String, String> {
+    let offered = 2.0 * f64::from(options.pairs) * options.rate_per_user;
+    BTreeMap::from([
+        ("pairs".to_string(), options.pairs.to_string()),
+        ("rate_per_user".to_string(), options.rate_per_user.to_string()),
+        ("offered_per_second".to_string(), format!("{offered:.0}")),
+        ("payload_bytes".to_string(), options.payload_bytes.to_string()),
+        ("duration_s".to_string(), options.duration.as_secs_f64().to_string()),
+    ])
+}
+
 fn run_pairs(
     server: ServerArgs,
-    pairs: u32,
-    rate: f64,
-    payload: usize,
+    shape: ShapeArgs,
     duration: f64,
     (json, html): (Option<PathBuf>, Option<PathBuf>),
     label: Option<String>,
@@ -612,25 +616,13 @@ fn run_pairs(
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let options = pairs::PairsOptions {
-        pairs,
-        rate_per_user: rate,
-        payload_bytes: payload,
-        duration: Duration::from_secs_f64(duration),
-        first_user: 1_000_000,
-        sample_interval: Duration::from_secs_f64(sample_interval),
-    };
+    let options = shape.options(duration, sample_interval);
     let server_cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_cpu_before = server::own_cpu_seconds();
     let outcome = runtime.block_on(pairs::run(&target, options, pid))?;
     let server_cpu =
         pid.and_then(server::process_cpu_seconds).zip(server_cpu_before).map(|(after, before)| after - before);
-    let mut parameters = BTreeMap::new();
-    parameters.insert("pairs".into(), pairs.to_string());
-    parameters.insert("rate_per_user".into(), rate.to_string());
-    parameters.insert("offered_per_second".into(), format!("{:.0}", 2.0 * f64::from(pairs) * rate));
-    parameters.insert("payload_bytes".into(), payload.to_string());
-    parameters.insert("duration_s".into(), duration.to_string());
+    let mut parameters = shape_parameters(&options);
     parameters.insert("durability".into(), if server.spawn_server { server.durability.clone() } else { "?".into() });
     parameters.insert("server_cpus".into(), server.server_cpus.clone());
     parameters.insert("loadgen_cpus".into(), server.loadgen_cpus.clone());

@@ -69,10 +69,18 @@ impl Totals {
     }
 }
 
-fn stamp(due: Duration, payload: &mut [u8]) -> u64 {
+/// Waits for the slot of message `count` on the open-loop schedule, writes
+/// its intended time into `payload` and returns it; `None` once the run's
+/// duration is over.
+async fn next_slot(start: Instant, options: &PairsOptions, count: u64, payload: &mut [u8]) -> Option<u64> {
+    let due = Duration::from_secs_f64(1.0 / options.rate_per_user).mul_f64(count as f64);
+    if due >= options.duration {
+        return None;
+    }
+    tokio::time::sleep_until((start + due).into()).await;
     let intended = due.as_micros() as u64;
     payload[..8].copy_from_slice(&intended.to_le_bytes());
-    intended
+    Some(intended)
 }
 
 fn since(start: Instant, intended: u64) -> u64 {
@@ -181,16 +189,10 @@ async fn mqtt_user(
         let (client, queue, sending, sent) =
             (client.clone(), Arc::clone(&intended_queue), Arc::clone(&sending), Arc::clone(&sent));
         tokio::spawn(async move {
-            let interval = Duration::from_secs_f64(1.0 / options.rate_per_user);
             let mut payload = vec![0u8; options.payload_bytes];
             let mut count = 0u64;
             while sending.load(Ordering::Relaxed) {
-                let due = interval.mul_f64(count as f64);
-                if due >= options.duration {
-                    break;
-                }
-                tokio::time::sleep_until((start + due).into()).await;
-                let intended = stamp(due, &mut payload);
+                let Some(intended) = next_slot(start, &options, count, &mut payload).await else { break };
                 if let Ok(mut queue) = queue.lock() {
                     queue.push_back(intended);
                 }
@@ -290,17 +292,11 @@ async fn nats_user(
             }
         })
     };
-    let interval = Duration::from_secs_f64(1.0 / options.rate_per_user);
     let mut payload = vec![0u8; options.payload_bytes];
     let subject = format!("u.{partner}");
     let mut count = 0u64;
     loop {
-        let due = interval.mul_f64(count as f64);
-        if due >= options.duration {
-            break;
-        }
-        tokio::time::sleep_until((start + due).into()).await;
-        let intended = stamp(due, &mut payload);
+        let Some(intended) = next_slot(start, &options, count, &mut payload).await else { break };
         match &jetstream {
             Some(context) => match context.publish(subject.clone(), payload.clone().into()).await {
                 Ok(future) => {

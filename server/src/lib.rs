@@ -9,6 +9,8 @@
 //! - [`tls`]: certificate creation and the rustls server configuration.
 //! - [`config`]: TOML configuration and its validation.
 //! - [`files`]: crash-safe small-file writes for the data directory.
+//! - [`storage`]: the durable log (format, store, data-directory layout).
+//! - [`metrics`]: per-shard counters and their Prometheus rendering.
 
 pub mod auth;
 pub mod config;

@@ -191,7 +191,7 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
     }
     let admin = match config.admin_listen {
         Some(address) => Some(
-            crate::metrics::serve_admin(address, shard_metrics)
+            super::admin::serve_admin(address, shard_metrics)
                 .map_err(|source| StartError::Admin { address, source })?,
         ),
         None => None,
