@@ -1,5 +1,5 @@
 //! The durable log: the CPU cost of logging a message (record encoding into
-//! a write chunk), and group commit on a real file — one O_DIRECT write plus
+//! a write chunk), and group commit on a real file — one buffered write plus
 //! one fdatasync per batch through the shard's log writer — for batches of
 //! 1, 16 and 256 messages of 150 bytes. Throughput is per message, so the
 //! ratio between batch sizes is what group commit buys.

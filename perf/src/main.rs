@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - [`server`]: spawning irisd pinned to its CPUs, and /proc CPU and RSS readings.
-//! - [`pairs`]: the open-loop pairs scenario (also run as `soak`).
+//! - [`pairs`]: the pairs scenario, open or closed loop (also run as `soak`).
+//! - [`pacer`]: open-loop send slots from a precise pacing thread, or closed-loop windows.
 //! - [`connect`]: many idle authenticated connections (handshake rate, RSS per connection).
 //! - [`fanin`]: many senders to one recipient, online or offline (the "Messi test").
 //! - [`raw_quic`]: the QUIC ceiling, a minimal quinn echo server and its load.
@@ -19,6 +20,7 @@ mod compare;
 mod connect;
 mod fanin;
 mod html;
+mod pacer;
 mod pairs;
 mod peers;
 mod raw_quic;
@@ -82,9 +84,13 @@ struct ShapeArgs {
     /// Number of pairs.
     #[arg(long, default_value_t = 50)]
     pairs: u32,
-    /// Messages per second per user.
+    /// Messages per second per user (open loop).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// Closed loop instead: each user keeps this many messages undelivered
+    /// (sends the next when one is delivered); --rate is then ignored.
+    #[arg(long, default_value_t = 0)]
+    inflight: u32,
     /// Payload bytes.
     #[arg(long, default_value_t = 150)]
     payload: usize,
@@ -96,6 +102,7 @@ impl ShapeArgs {
         pairs::PairsOptions {
             pairs: self.pairs,
             rate_per_user: self.rate,
+            inflight: self.inflight,
             payload_bytes: self.payload,
             duration: Duration::from_secs_f64(duration),
             first_user: 1_000_000,
@@ -581,14 +588,19 @@ fn run(cli: Cli) -> Result<(), String> {
 
 /// The report parameters of a pairs-shaped run.
 fn shape_parameters(options: &pairs::PairsOptions) -> BTreeMap<String, String> {
-    let offered = 2.0 * f64::from(options.pairs) * options.rate_per_user;
-    BTreeMap::from([
+    let mut parameters = BTreeMap::from([
         ("pairs".to_string(), options.pairs.to_string()),
-        ("rate_per_user".to_string(), options.rate_per_user.to_string()),
-        ("offered_per_second".to_string(), format!("{offered:.0}")),
         ("payload_bytes".to_string(), options.payload_bytes.to_string()),
         ("duration_s".to_string(), options.duration.as_secs_f64().to_string()),
-    ])
+    ]);
+    if options.inflight == 0 {
+        let offered = 2.0 * f64::from(options.pairs) * options.rate_per_user;
+        parameters.insert("rate_per_user".to_string(), options.rate_per_user.to_string());
+        parameters.insert("offered_per_second".to_string(), format!("{offered:.0}"));
+    } else {
+        parameters.insert("inflight_per_user".to_string(), options.inflight.to_string());
+    }
+    parameters
 }
 
 fn run_pairs(

@@ -1,5 +1,6 @@
 //! The `pairs` scenario: 2N users in pairs, each sending to its partner at a
-//! fixed rate (open loop), for a fixed duration.
+//! fixed rate (open loop) or with a fixed number of messages in flight
+//! (closed loop), for a fixed duration.
 //!
 //! Open loop: message k of a user is due at `start + k / rate` whether or not
 //! earlier ones were answered, and latency is measured from that intended
@@ -7,7 +8,12 @@
 //! a sender that waited (coordinated omission). The intended time travels in
 //! the first 8 bytes of the payload, so the receiver measures send -> deliver
 //! the same way.
+//!
+//! Closed loop (`inflight` > 0): a user sends whenever fewer than `inflight`
+//! of its messages are undelivered, which finds the server's saturation
+//! throughput for that shape; latency is measured from the actual send.
 
+use crate::pacer::{self, Schedule};
 use crate::report::{Counts, Latencies, Sample};
 use hdrhistogram::Histogram;
 use iris_client::{Client, ClientConfig, PendingAck};
@@ -35,8 +41,10 @@ pub struct Target {
 pub struct PairsOptions {
     /// Number of pairs (2 users each).
     pub pairs: u32,
-    /// Messages per second per user.
+    /// Messages per second per user (open loop).
     pub rate_per_user: f64,
+    /// Closed loop with this many undelivered messages per user; 0 for open loop.
+    pub inflight: u32,
     /// Payload size (at least 8 bytes: the timestamp).
     pub payload_bytes: usize,
     /// How long senders send.
@@ -86,7 +94,8 @@ fn histogram() -> Histogram<u64> {
 
 /// Runs the scenario against `target`.
 pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>) -> Result<PairsOutcome, String> {
-    if options.pairs == 0 || options.rate_per_user <= 0.0 || !options.rate_per_user.is_finite() {
+    let open = options.inflight == 0;
+    if options.pairs == 0 || (open && !(options.rate_per_user.is_finite() && options.rate_per_user > 0.0)) {
         return Err("pairs and rate must be positive".into());
     }
     if options.payload_bytes < 8 {
@@ -131,14 +140,24 @@ pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>
             samples
         })
     };
+    let schedules = if open {
+        pacer::open_loop(users.len(), options.rate_per_user, options.duration, start)?
+    } else {
+        pacer::closed_loop(users.len(), options.inflight, start + options.duration)
+    };
+    let windows: Vec<_> = schedules.iter().map(pacer::window).collect();
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
-    for (index, mut client) in clients.into_iter().enumerate() {
+    for ((index, mut client), schedule) in clients.into_iter().enumerate().zip(schedules) {
         let partner = users[index ^ 1];
         let sender = client.sender();
         let (pending_sender, pending_receiver) = mpsc::channel(PENDING_ACKS_MAX);
-        senders.push(tokio::spawn(send_loop(sender, partner, options, start, pending_sender)));
-        receivers.push(tokio::spawn(ack_loop(pending_receiver, start, Arc::clone(&progress))));
+        senders.push(tokio::spawn(send_loop(sender, partner, options.payload_bytes, schedule, start, pending_sender)));
+        let own_window = windows[index].clone();
+        receivers.push(tokio::spawn(ack_loop(pending_receiver, start, Arc::clone(&progress), own_window)));
+        // This user receives its partner's messages: each delivery frees a
+        // slot in the partner's window.
+        let partner_window = windows[index ^ 1].clone();
         let sending = Arc::clone(&sending);
         let progress = Arc::clone(&progress);
         let interval_latency = Arc::clone(&interval_latency);
@@ -159,6 +178,9 @@ pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>
                         }
                         count += 1;
                         progress.delivered.fetch_add(1, Ordering::Relaxed);
+                        if let Some(window) = &partner_window {
+                            window.add_permits(1);
+                        }
                         last_seconds = start.elapsed().as_secs_f64();
                     }
                     Ok(None) => break,
@@ -211,24 +233,18 @@ enum Outcome {
     Delivered { count: u64, histogram: Histogram<u64>, last_seconds: f64 },
 }
 
-/// Sends at the scheduled times; returns how many it sent.
+/// Sends in the schedule's slots; returns how many it sent.
 async fn send_loop(
     sender: iris_client::ClientSender,
     partner: u64,
-    options: PairsOptions,
+    payload_bytes: usize,
+    mut schedule: Schedule,
     start: Instant,
     pending: mpsc::Sender<(u64, PendingAck)>,
 ) -> u64 {
-    let interval = Duration::from_secs_f64(1.0 / options.rate_per_user);
     let mut sent = 0u64;
-    let mut payload = vec![0u8; options.payload_bytes];
-    loop {
-        let due = interval.mul_f64(sent as f64);
-        if due >= options.duration {
-            break;
-        }
-        tokio::time::sleep_until((start + due).into()).await;
-        let intended = due.as_micros() as u64;
+    let mut payload = vec![0u8; payload_bytes];
+    while let Some(intended) = schedule.next(start).await {
         payload[..8].copy_from_slice(&intended.to_le_bytes());
         match sender.send_nowait(partner, payload.clone()).await {
             Ok(outcome) => {
@@ -243,8 +259,14 @@ async fn send_loop(
     sent
 }
 
-/// Awaits acks in send order and records send -> ack latency.
-async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant, progress: Arc<Progress>) -> Outcome {
+/// Awaits acks in send order and records send -> ack latency; a refused
+/// send returns its slot to the sender's window (it will not be delivered).
+async fn ack_loop(
+    mut pending: mpsc::Receiver<(u64, PendingAck)>,
+    start: Instant,
+    progress: Arc<Progress>,
+    window: Option<Arc<tokio::sync::Semaphore>>,
+) -> Outcome {
     let mut acked = histogram();
     let mut count = 0;
     let mut errors = BTreeMap::new();
@@ -261,6 +283,9 @@ async fn ack_loop(mut pending: mpsc::Receiver<(u64, PendingAck)>, start: Instant
             Ok(Ok(Err(error))) => {
                 let code = error.code().map_or_else(|| "client".to_string(), |code| format!("{code:?}"));
                 *errors.entry(code).or_default() += 1;
+                if let Some(window) = &window {
+                    window.add_permits(1);
+                }
             }
             Ok(Err(_)) => *errors.entry("session-closed".to_string()).or_default() += 1,
             Err(_) => *errors.entry("ack-timeout".to_string()).or_default() += 1,

@@ -68,7 +68,8 @@ async fn a_torn_tail_is_truncated_and_everything_before_it_survives() {
     irisd::storage::record::encode_record(&record, &mut torn);
     // Keep the header and the first bytes of the body: the rest never reached the disk.
     torn.truncate(irisd::storage::record::RECORD_HEADER_BYTES + 3);
-    bytes.splice(end..end + torn.len(), torn.iter().copied());
+    bytes.truncate(end);
+    bytes.extend_from_slice(&torn);
     std::fs::write(&path, &bytes).unwrap();
 
     server.restart();

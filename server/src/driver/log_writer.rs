@@ -1,13 +1,21 @@
 //! The shard's log writer: a glommio task that appends write chunks to the
-//! current segment with O_DIRECT (glommio `DmaFile`, io_uring) and makes each
-//! durable with `fdatasync` before reporting it.
+//! current segment (glommio `BufferedFile`, io_uring on the executor's main
+//! ring) and makes each durable with `fdatasync` before reporting it.
 //!
-//! O_DIRECT writes whole aligned blocks, so the writer keeps the bytes of the
-//! last, partly filled block in memory and rewrites that block, followed by
-//! the new records and zero padding, at every write. The zeros after the last
-//! record are what the scanner reads as the end of the segment. A failed
-//! write or sync leaves the writer's position unchanged, so the next chunk
-//! overwrites whatever the failed one left behind.
+//! Why not O_DIRECT (`DmaFile`): glommio sends O_DIRECT reads and writes to
+//! its I/O-polling ring whenever a probe read on the device succeeds, and an
+//! executor with a request on that ring never sleeps: it spins in
+//! `io_uring_enter` until the write completes. On a device without poll
+//! queues (virtio here, and most cloud disks) that spin cost about 230 us of
+//! CPU per write, five times the rest of the message path at low load
+//! (docs/decisions/0007-buffered-log-writes.md has the measurements).
+//! Buffered writes go to the main ring, which sleeps while they are in
+//! flight; the page-cache copy is one memcpy of the chunk.
+//!
+//! A failed write or sync leaves the writer's position unchanged, and the
+//! file is cut back to it (best effort), so the next chunk overwrites
+//! whatever the failed one left behind and no record of a refused chunk can
+//! be replayed after a restart.
 //!
 //! Group commit falls out of the loop structure: one chunk is in flight at a
 //! time, and records that arrive meanwhile accumulate in the store until the
@@ -15,12 +23,8 @@
 
 use crate::shard::mailbox::WriteChunk;
 use crate::storage::layout::segment_path;
-use glommio::io::{DmaFile, OpenOptions};
+use glommio::io::{BufferedFile, OpenOptions};
 use std::path::PathBuf;
-
-/// Block size every write is aligned to (a multiple of any device's logical
-/// block size that O_DIRECT asks for).
-const BLOCK_BYTES: u64 = 4096;
 
 /// What the loop asks of the writer.
 #[derive(Debug)]
@@ -63,8 +67,6 @@ pub struct WriterStart {
     pub segment: u64,
     /// Bytes of valid records in it.
     pub valid_end: u64,
-    /// The bytes of its last partial block (`valid_end` rounded down to a block up to `valid_end`).
-    pub tail: Vec<u8>,
 }
 
 /// The writer's state.
@@ -72,11 +74,9 @@ struct Writer {
     /// The shard's log directory.
     dir: PathBuf,
     /// Open segment and its number.
-    file: Option<(u64, DmaFile)>,
-    /// Logical end of valid records in the open segment.
+    file: Option<(u64, BufferedFile)>,
+    /// End of the valid records in the open segment.
     end: u64,
-    /// Bytes from `end` rounded down to a block, up to `end`.
-    tail: Vec<u8>,
 }
 
 /// Runs the writer until the loop drops its sender.
@@ -86,7 +86,7 @@ pub async fn run_writer(
     commands: flume::Receiver<WriterCommand>,
     events: flume::Sender<WriterEvent>,
 ) {
-    let mut writer = Writer { dir, file: None, end: 0, tail: Vec::new() };
+    let mut writer = Writer { dir, file: None, end: 0 };
     let mut resume = start;
     while let Ok(command) = commands.recv_async().await {
         match command {
@@ -134,7 +134,7 @@ impl Writer {
         }
         let path = segment_path(&self.dir, segment);
         let existed = path.exists();
-        let file = OpenOptions::new().read(true).write(true).create(true).dma_open(&path).await?;
+        let file = OpenOptions::new().read(true).write(true).create(true).buffered_open(&path).await?;
         if !existed {
             // Make the new directory entry durable, through io_uring (a
             // blocking fsync here would stall the whole shard).
@@ -144,17 +144,11 @@ impl Writer {
         }
         // Only now, with nothing left to fail, take the resume point: a failed
         // open is retried with it, so the recovered records are never overwritten.
-        match resume.take_if(|start| start.segment == segment) {
-            Some(start) => {
-                self.end = start.valid_end;
-                self.tail = start.tail;
-            }
-            None => {
-                // A new segment (the store never returns to an older one).
-                self.end = 0;
-                self.tail.clear();
-            }
-        }
+        self.end = match resume.take_if(|start| start.segment == segment) {
+            Some(start) => start.valid_end,
+            // A new segment (the store never returns to an older one).
+            None => 0,
+        };
         self.file = Some((segment, file));
         Ok(())
     }
@@ -164,29 +158,27 @@ impl Writer {
             self.open(chunk.segment, resume).await?;
         }
         let Some((_, file)) = &self.file else { unreachable!("opened above") };
-        let block_start = self.end - self.end % BLOCK_BYTES;
-        debug_assert_eq!(self.tail.len() as u64, self.end - block_start);
-        let data_bytes = self.tail.len() + chunk.bytes.len();
-        let padded = (data_bytes as u64).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-        let mut buffer = file.alloc_dma_buffer(padded as usize);
-        let bytes = buffer.as_bytes_mut();
-        bytes[..self.tail.len()].copy_from_slice(&self.tail);
-        bytes[self.tail.len()..data_bytes].copy_from_slice(&chunk.bytes);
-        bytes[data_bytes..].fill(0);
-        let written = file.write_at(buffer, block_start).await?;
-        if (written as u64) < padded {
+        let result = Self::append(file, self.end, &chunk.bytes).await;
+        match result {
+            Ok(()) => self.end += chunk.bytes.len() as u64,
+            Err(_) => {
+                // Cut off whatever part of the chunk reached the file; if even
+                // that fails, the next write overwrites it from `end`.
+                let _ = file.truncate(self.end).await;
+            }
+        }
+        result
+    }
+
+    async fn append(file: &BufferedFile, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let written = file.write_at(bytes.to_vec(), at).await?;
+        if written < bytes.len() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WriteZero,
-                format!("short write: {written} of {padded} bytes"),
+                format!("short write: {written} of {} bytes", bytes.len()),
             ));
         }
         file.fdatasync().await?;
-        let new_end = self.end + chunk.bytes.len() as u64;
-        let new_block_start = new_end - new_end % BLOCK_BYTES;
-        let mut combined = std::mem::take(&mut self.tail);
-        combined.extend_from_slice(&chunk.bytes);
-        self.tail = combined[(new_block_start - block_start) as usize..].to_vec();
-        self.end = new_end;
         Ok(())
     }
 }

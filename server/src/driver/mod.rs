@@ -8,7 +8,7 @@
 //! - [`shard_loop`]: the per-core loop over the QUIC endpoint.
 //! - [`connection`]: one client connection's streams and buffers.
 //! - [`udp`]: batched UDP I/O (GSO/GRO) with glommio readiness.
-//! - [`log_writer`]: the shard's log writer task (O_DIRECT, fdatasync).
+//! - [`log_writer`]: the shard's log writer task (buffered appends, fdatasync).
 //! - [`admin`]: the metrics and health HTTP endpoint.
 
 pub mod admin;

@@ -283,11 +283,9 @@ async fn run_shard(
                 Ok(segments) => segments,
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };
-            let start = segments.last().map(|last| WriterStart {
-                segment: last.segment,
-                valid_end: last.scan.valid_end as u64,
-                tail: last.tail.clone(),
-            });
+            let start = segments
+                .last()
+                .map(|last| WriterStart { segment: last.segment, valid_end: last.scan.valid_end as u64 });
             let scans: Vec<(u64, Scan)> = segments.into_iter().map(|segment| (segment.segment, segment.scan)).collect();
             let log_limits = LogLimits {
                 segment_bytes_max: config.storage.segment_bytes_max,

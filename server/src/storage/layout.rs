@@ -164,9 +164,6 @@ pub struct RecoveredSegment {
     pub segment: u64,
     /// What the scanner found.
     pub scan: Scan,
-    /// The bytes of the last partial 4 KiB block up to `scan.valid_end`
-    /// (the writer rewrites that block when it appends).
-    pub tail: Vec<u8>,
 }
 
 /// Reads and scans every segment of `dir`, ascending. A torn tail of the
@@ -210,9 +207,7 @@ pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
             file.set_len(scan.valid_end as u64).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
         }
-        let tail_start = scan.valid_end - scan.valid_end % 4096;
-        let tail = bytes[tail_start..scan.valid_end].to_vec();
-        segments.push(RecoveredSegment { segment: *number, scan, tail });
+        segments.push(RecoveredSegment { segment: *number, scan });
     }
     Ok(segments)
 }

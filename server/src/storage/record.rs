@@ -10,8 +10,9 @@
 //! `crc32c` covers type, version, length and body. The body is the rkyv
 //! archive of the struct named by `type` (same pinned format as the wire
 //! protocol) and is validated with checked access on read. A run of zero
-//! bytes where a header should be marks the end of a segment (the writer pads
-//! the last O_DIRECT block with zeros).
+//! bytes where a header should be marks the end of a segment, as does the end
+//! of the file (segments written by the earlier O_DIRECT writer end in a
+//! zero-padded block).
 
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
