@@ -29,6 +29,9 @@ pub struct ConnectOutcome {
     pub seconds: f64,
 }
 
+/// Longest wait for one connection's handshake and Welcome.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// An idle, authenticated connection (kept open by holding it).
 struct Idle {
     _connection: quinn::Connection,
@@ -59,17 +62,23 @@ pub async fn run(target: &Target, count: u64, first_user: u64) -> Result<(Held, 
     }
     let started = Instant::now();
     let mut held = Vec::with_capacity(count as usize);
+    // One connection first: a wrong address, certificate or key fails here
+    // with its reason instead of `count` timeouts.
+    let token = target.authority.mint(Claims { user_id: first_user, device_id: 1, expires_at_s: u64::MAX / 2 });
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(endpoints[0].clone(), address, token)).await {
+        Ok(Ok(idle)) => held.push(idle),
+        Ok(Err(error)) => return Err(format!("cannot connect to {address}: {error}")),
+        Err(_) => return Err(format!("cannot connect to {address}: timed out")),
+    }
     let mut failed = 0;
     let mut tasks = tokio::task::JoinSet::new();
-    let mut next = 0u64;
+    let mut next = 1u64;
     while next < count || !tasks.is_empty() {
         while next < count && tasks.len() < CONCURRENT_HANDSHAKES {
             let endpoint = endpoints[next as usize % endpoints.len()].clone();
             let user = first_user + next;
             let token = target.authority.mint(Claims { user_id: user, device_id: 1, expires_at_s: u64::MAX / 2 });
-            tasks.spawn(
-                async move { tokio::time::timeout(Duration::from_secs(10), open(endpoint, address, token)).await },
-            );
+            tasks.spawn(async move { tokio::time::timeout(HANDSHAKE_TIMEOUT, open(endpoint, address, token)).await });
             next += 1;
         }
         match tasks.join_next().await {
@@ -112,6 +121,11 @@ async fn open_once(
         match decoder.next_frame().map_err(|e| e.to_string())? {
             Some(Frame::Welcome(_)) => return Ok(Ok(Idle { _connection: connection, _request: (send, recv) })),
             Some(Frame::Redirect(redirect)) => return Ok(Err(redirect)),
+            Some(Frame::Error(error)) => {
+                let code = iris_protocol::ErrorCode::from_u16(error.code)
+                    .map_or_else(|| format!("code {}", error.code), |code| format!("{code:?}"));
+                return Err(format!("refused: {code} ({})", error.message));
+            }
             Some(other) => return Err(format!("unexpected {:?}", other.kind())),
             None => {}
         }

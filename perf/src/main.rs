@@ -178,8 +178,11 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// The QUIC ceiling: a minimal quinn echo (no auth, storage or acks), spawned pinned.
+    /// The QUIC ceiling: a minimal quinn echo or relay (no auth, storage or acks), spawned pinned.
     RawQuic {
+        /// echo (back to the sender) or relay (to the partner connection).
+        #[arg(long, value_enum, default_value = "echo")]
+        mode: raw_quic::Mode,
         /// CPUs for the echo server (taskset list).
         #[arg(long, default_value = "0")]
         server_cpus: String,
@@ -208,6 +211,8 @@ enum Command {
     /// (internal) The raw QUIC echo server that `raw-quic` spawns.
     #[command(hide = true)]
     RawQuicServer {
+        #[arg(long, value_enum)]
+        mode: raw_quic::Mode,
         #[arg(long)]
         port: u16,
         #[arg(long)]
@@ -395,8 +400,7 @@ struct RawQuicReport {
 }
 
 fn run_raw_quic(
-    server_cpus: &str,
-    loadgen_cpus: &str,
+    (mode, server_cpus, loadgen_cpus): (raw_quic::Mode, &str, &str),
     port: u16,
     (connections, inflight, payload, duration): (u32, u32, usize, f64),
     json: Option<PathBuf>,
@@ -404,6 +408,13 @@ fn run_raw_quic(
     if connections == 0 || inflight == 0 || payload < 8 || !(duration > 0.0 && duration <= 3600.0) {
         return Err("connections and inflight must be positive, payload >= 8, duration 0..=3600 s".into());
     }
+    if mode == raw_quic::Mode::Relay && connections % 2 != 0 {
+        return Err("--mode relay pairs connections: --connections must be even".into());
+    }
+    let mode_name = match mode {
+        raw_quic::Mode::Echo => "echo",
+        raw_quic::Mode::Relay => "relay",
+    };
     if loadgen_cpus != "none" {
         pin_to_cpus(loadgen_cpus)?;
     }
@@ -417,7 +428,8 @@ fn run_raw_quic(
         command
     };
     command
-        .args(["raw-quic-server", "--port", &port.to_string(), "--payload", &payload.to_string(), "--ready-file"])
+        .args(["raw-quic-server", "--mode", mode_name, "--port", &port.to_string()])
+        .args(["--payload", &payload.to_string(), "--ready-file"])
         .arg(ready.path());
     let mut child = command.spawn().map_err(|e| format!("spawning the echo server: {e}"))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -428,7 +440,7 @@ fn run_raw_quic(
         }
         if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
             let _ = child.kill();
-            return Err("the raw QUIC echo server did not start".into());
+            return Err("the raw QUIC server did not start".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -444,8 +456,8 @@ fn run_raw_quic(
     let outcome = runtime.block_on(raw_quic::load(
         address,
         &ca,
-        connections,
-        inflight,
+        mode,
+        (connections, inflight),
         payload,
         Duration::from_secs_f64(duration),
     ));
@@ -455,7 +467,7 @@ fn run_raw_quic(
     let outcome = outcome?;
     let report = RawQuicReport {
         scenario: "raw-quic",
-        label: format!("quinn echo {connections}x{inflight}"),
+        label: format!("quinn {mode_name} {connections}x{inflight}"),
         connections,
         inflight,
         payload_bytes: payload,
@@ -470,11 +482,11 @@ fn run_raw_quic(
     };
     println!("raw-quic — {}", report.label);
     println!(
-        "  echoed                     {} in {:.2} s ({:.0}/s)",
+        "  echoed/relayed             {} in {:.2} s ({:.0}/s)",
         report.echoed, report.seconds, report.echoed_per_second
     );
     let p = &report.round_trip_latency;
-    println!("  round trip     us  p50 {:>7}  p99 {:>7}  max {:>8}", p.p50_us, p.p99_us, p.max_us);
+    println!("  latency       us  p50 {:>7}  p99 {:>7}  max {:>8}", p.p50_us, p.p99_us, p.max_us);
     if let (Some(per), Some(rate)) = (report.server_cpu_us_per_message, report.messages_per_server_cpu_second) {
         println!("  server CPU                 {per:.2} us/message, {rate:.0} messages/CPU-s");
     }
@@ -572,13 +584,14 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             run_peer(kind, &host, port, server_pid, shape.options(duration, 0.25), json)
         }
-        Command::RawQuicServer { port, payload, ready_file } => tokio::runtime::Builder::new_current_thread()
+        Command::RawQuicServer { mode, port, payload, ready_file } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?
-            .block_on(raw_quic::serve(port, payload, Some(ready_file))),
-        Command::RawQuic { server_cpus, loadgen_cpus, port, connections, inflight, payload, duration, json } => {
-            run_raw_quic(&server_cpus, &loadgen_cpus, port, (connections, inflight, payload, duration), json)
+            .block_on(raw_quic::serve(mode, port, payload, Some(ready_file))),
+        Command::RawQuic { mode, server_cpus, loadgen_cpus, port, connections, inflight, payload, duration, json } => {
+            let cpus = (mode, server_cpus.as_str(), loadgen_cpus.as_str());
+            run_raw_quic(cpus, port, (connections, inflight, payload, duration), json)
         }
         Command::Fanin { server, senders, messages, payload, offline, json } => {
             run_fanin(server, fanin::FaninOptions { senders, messages, payload_bytes: payload, offline }, json)

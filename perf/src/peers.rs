@@ -8,6 +8,7 @@
 //! first 8 bytes carry the intended send time, so send -> ack and
 //! send -> deliver are measured exactly as for Iris.
 
+use crate::pacer::{self, Schedule};
 use crate::pairs::PairsOptions;
 use crate::report::{Counts, Latencies};
 use hdrhistogram::Histogram;
@@ -69,18 +70,21 @@ impl Totals {
     }
 }
 
-/// Waits for the slot of message `count` on the open-loop schedule, writes
-/// its intended time into `payload` and returns it; `None` once the run's
+/// Waits for the next slot of `schedule` (not before `start`), writes its
+/// intended time into `payload` and returns it; `None` once the run's
 /// duration is over.
-async fn next_slot(start: Instant, options: &PairsOptions, count: u64, payload: &mut [u8]) -> Option<u64> {
-    let due = Duration::from_secs_f64(1.0 / options.rate_per_user).mul_f64(count as f64);
-    if due >= options.duration {
-        return None;
-    }
-    tokio::time::sleep_until((start + due).into()).await;
-    let intended = due.as_micros() as u64;
+async fn next_slot(start: Instant, schedule: &mut Schedule, payload: &mut [u8]) -> Option<u64> {
+    tokio::time::sleep_until(start.into()).await;
+    let intended = schedule.next(start).await?;
     payload[..8].copy_from_slice(&intended.to_le_bytes());
     Some(intended)
+}
+
+/// Returns a slot to a closed-loop window (no-op for open loop).
+fn release(window: &Option<Arc<tokio::sync::Semaphore>>) {
+    if let Some(window) = window {
+        window.add_permits(1);
+    }
 }
 
 fn since(start: Instant, intended: u64) -> u64 {
@@ -93,7 +97,8 @@ fn timestamp(payload: &[u8]) -> u64 {
 
 /// Runs the pairs shape against a peer at `host:port`.
 pub async fn run(kind: PeerKind, host: &str, port: u16, options: PairsOptions) -> Result<PeerOutcome, String> {
-    if options.pairs == 0 || options.rate_per_user <= 0.0 || options.payload_bytes < 8 {
+    let open = options.inflight == 0;
+    if options.pairs == 0 || (open && options.rate_per_user <= 0.0) || options.payload_bytes < 8 {
         return Err("pairs and rate must be positive, payload at least 8 bytes".into());
     }
     let users: Vec<u64> = (0..2 * u64::from(options.pairs)).map(|i| options.first_user + i).collect();
@@ -119,17 +124,29 @@ pub async fn run(kind: PeerKind, host: &str, port: u16, options: PairsOptions) -
     } else {
         None
     };
-    for (index, user) in users.iter().enumerate() {
+    let schedules = if open {
+        pacer::open_loop(users.len(), options.rate_per_user, options.duration, start)?
+    } else {
+        pacer::closed_loop(users.len(), options.inflight, start + options.duration)
+    };
+    let windows: Vec<_> = schedules.iter().map(pacer::window).collect();
+    for ((index, user), schedule) in users.iter().enumerate().zip(schedules) {
         let partner = users[index ^ 1];
+        // Own window (refusals return a slot) and the partner's (deliveries to this user do).
+        let windows = (windows[index].clone(), windows[index ^ 1].clone());
         let (totals, sending, sent) = (Arc::clone(&totals), Arc::clone(&sending), Arc::clone(&sent));
         let host = host.to_string();
         let jetstream = jetstream.clone();
         let user = *user;
         let task = match kind {
-            PeerKind::Mqtt => tokio::spawn(mqtt_user(host, port, user, partner, options, start, totals, sending, sent)),
+            PeerKind::Mqtt => {
+                let user = MqttUser { host, port, user, partner, payload_bytes: options.payload_bytes };
+                tokio::spawn(mqtt_user(user, schedule, windows, (options, start), totals, sending, sent))
+            }
             PeerKind::NatsJetStream | PeerKind::NatsCore => {
                 let client = async_nats::connect(format!("{host}:{port}")).await.map_err(|e| format!("NATS: {e}"))?;
-                tokio::spawn(nats_user(client, jetstream, user, partner, options, start, totals, sending, sent))
+                let user = (user, partner, options.payload_bytes);
+                tokio::spawn(nats_user(client, jetstream, user, schedule, windows, start, totals, sending, sent))
             }
         };
         tasks.push(task);
@@ -165,14 +182,23 @@ const SUBSCRIBE_SETTLE: Duration = Duration::from_secs(1);
 /// After sending stops, how long a user keeps waiting for stragglers.
 const DRAIN: Duration = Duration::from_secs(5);
 
-#[allow(clippy::too_many_arguments)]
-async fn mqtt_user(
+/// One MQTT user's connection parameters.
+struct MqttUser {
     host: String,
     port: u16,
     user: u64,
     partner: u64,
-    options: PairsOptions,
-    start: Instant,
+    payload_bytes: usize,
+}
+
+/// A closed-loop window: this user's own, and its partner's.
+type Windows = (Option<Arc<tokio::sync::Semaphore>>, Option<Arc<tokio::sync::Semaphore>>);
+
+async fn mqtt_user(
+    MqttUser { host, port, user, partner, payload_bytes }: MqttUser,
+    mut schedule: Schedule,
+    (_own_window, partner_window): Windows,
+    (options, start): (PairsOptions, Instant),
     totals: Arc<Totals>,
     sending: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
@@ -189,17 +215,15 @@ async fn mqtt_user(
         let (client, queue, sending, sent) =
             (client.clone(), Arc::clone(&intended_queue), Arc::clone(&sending), Arc::clone(&sent));
         tokio::spawn(async move {
-            let mut payload = vec![0u8; options.payload_bytes];
-            let mut count = 0u64;
+            let mut payload = vec![0u8; payload_bytes];
             while sending.load(Ordering::Relaxed) {
-                let Some(intended) = next_slot(start, &options, count, &mut payload).await else { break };
+                let Some(intended) = next_slot(start, &mut schedule, &mut payload).await else { break };
                 if let Ok(mut queue) = queue.lock() {
                     queue.push_back(intended);
                 }
                 if client.publish(format!("u/{partner}"), QoS::AtLeastOnce, false, payload.clone()).await.is_err() {
                     break;
                 }
-                count += 1;
                 sent.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -230,6 +254,7 @@ async fn mqtt_user(
             Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => {
                 quiet_since = None;
                 totals.record(None, Some(since(start, timestamp(&publish.payload))), start);
+                release(&partner_window);
             }
             Ok(Ok(_)) => {}
             Ok(Err(_)) => {
@@ -248,9 +273,9 @@ async fn mqtt_user(
 async fn nats_user(
     client: async_nats::Client,
     jetstream: Option<async_nats::jetstream::Context>,
-    user: u64,
-    partner: u64,
-    options: PairsOptions,
+    (user, partner, payload_bytes): (u64, u64, usize),
+    mut schedule: Schedule,
+    (own_window, partner_window): Windows,
     start: Instant,
     totals: Arc<Totals>,
     sending: Arc<AtomicBool>,
@@ -269,7 +294,10 @@ async fn nats_user(
                     Duration::from_millis(500)
                 };
                 match tokio::time::timeout(wait, subscriber.next()).await {
-                    Ok(Some(message)) => totals.record(None, Some(since(start, timestamp(&message.payload))), start),
+                    Ok(Some(message)) => {
+                        totals.record(None, Some(since(start, timestamp(&message.payload))), start);
+                        release(&partner_window);
+                    }
                     Ok(None) => break,
                     Err(_) if !sending.load(Ordering::Relaxed) => break,
                     Err(_) => {}
@@ -280,23 +308,23 @@ async fn nats_user(
     let (acks, mut pending_acks) =
         tokio::sync::mpsc::channel::<(u64, async_nats::jetstream::context::PublishAckFuture)>(4096);
     let ack_task = {
-        let totals = Arc::clone(&totals);
+        let (totals, own_window) = (Arc::clone(&totals), own_window.clone());
         tokio::spawn(async move {
             while let Some((intended, future)) = pending_acks.recv().await {
                 match future.await {
                     Ok(_) => totals.record(Some(since(start, intended)), None, start),
                     Err(_) => {
                         totals.errors.fetch_add(1, Ordering::Relaxed);
+                        release(&own_window);
                     }
                 }
             }
         })
     };
-    let mut payload = vec![0u8; options.payload_bytes];
+    let mut payload = vec![0u8; payload_bytes];
     let subject = format!("u.{partner}");
-    let mut count = 0u64;
     loop {
-        let Some(intended) = next_slot(start, &options, count, &mut payload).await else { break };
+        let Some(intended) = next_slot(start, &mut schedule, &mut payload).await else { break };
         match &jetstream {
             Some(context) => match context.publish(subject.clone(), payload.clone().into()).await {
                 Ok(future) => {
@@ -306,15 +334,16 @@ async fn nats_user(
                 }
                 Err(_) => {
                     totals.errors.fetch_add(1, Ordering::Relaxed);
+                    release(&own_window);
                 }
             },
             None => {
                 if client.publish(subject.clone(), payload.clone().into()).await.is_err() {
                     totals.errors.fetch_add(1, Ordering::Relaxed);
+                    release(&own_window);
                 }
             }
         }
-        count += 1;
         sent.fetch_add(1, Ordering::Relaxed);
     }
     let _ = client.flush().await;

@@ -87,6 +87,13 @@ impl Drop for SpawnedServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The kernel tears an exited process's io_uring down asynchronously, and
+        // its sockets stay bound until then; wait (briefly) until the next run
+        // could bind the same port.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::net::UdpSocket::bind(&self.address).is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

@@ -104,18 +104,133 @@ fn fanin_smoke_online_and_offline() {
 }
 
 #[test]
-fn raw_quic_echo_smoke() {
+fn raw_quic_echo_and_relay_smoke() {
+    for mode in ["echo", "relay"] {
+        let json = tempfile::NamedTempFile::new().unwrap();
+        let output = iris_perf()
+            .args(["raw-quic", "--mode", mode, "--connections", "4", "--inflight", "2", "--duration", "0.5"])
+            .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--port", &free_port().to_string(), "--json"])
+            .arg(json.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "iris-perf {mode} failed: {}", String::from_utf8_lossy(&output.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+        assert!(report["echoed"].as_u64().unwrap() > 0, "{report}");
+        assert!(report["server_cpu_us_per_message"].as_f64().is_some());
+    }
+}
+
+#[test]
+fn closed_loop_pairs_keep_every_message() {
     let json = tempfile::NamedTempFile::new().unwrap();
     let output = iris_perf()
-        .args(["raw-quic", "--connections", "4", "--inflight", "2", "--duration", "0.5"])
-        .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--port", &free_port().to_string(), "--json"])
+        .args(["pairs", "--spawn-server", "--pairs", "2", "--inflight", "4", "--duration", "1"])
+        .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--durability", "fsync"])
+        .args(["--port", &free_port().to_string(), "--json"])
         .arg(json.path())
         .output()
         .unwrap();
     assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
-    assert!(report["echoed"].as_u64().unwrap() > 0, "{report}");
-    assert!(report["server_cpu_us_per_message"].as_f64().is_some());
+    let counts = &report["counts"];
+    assert!(counts["sent"].as_u64().unwrap() > 4, "{report}");
+    assert_eq!(counts["acked"], counts["sent"], "{report}");
+    assert_eq!(counts["delivered"], counts["sent"], "{report}");
+    assert_eq!(report["parameters"]["inflight_per_user"], "4", "{report}");
+}
+
+/// A running irisd for the bad-target tests, killed on drop.
+struct Irisd {
+    child: std::process::Child,
+    data_dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Irisd {
+    fn start() -> Irisd {
+        use std::io::BufRead;
+        let irisd = std::path::Path::new(env!("CARGO_BIN_EXE_iris-perf")).with_file_name("irisd");
+        let data_dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut child = Command::new(irisd)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(data_dir.path())
+            .env("IRIS_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
+        std::thread::spawn(move || for _ in lines {});
+        Irisd { child, data_dir, port }
+    }
+}
+
+impl Drop for Irisd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs iris-perf and returns (success, stderr), failing the test if it does
+/// not finish within a minute (a hang, not a slow run).
+fn run_to_completion(command: &mut Command) -> (bool, String) {
+    let mut child = command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            return (status.success(), stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("iris-perf hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bad_targets_fail_with_one_clear_line() {
+    let server = Irisd::start();
+    let real = server.data_dir.path();
+    // A data directory with a certificate the server does not have.
+    let wrong_ca = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(wrong_ca.path().join("tls")).unwrap();
+    std::fs::create_dir_all(wrong_ca.path().join("keys")).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(wrong_ca.path().join("tls/cert.pem"), other.cert.pem()).unwrap();
+    let key = "keys/token-signing.key";
+    std::fs::copy(real.join(key), wrong_ca.path().join(key)).unwrap();
+    // One with the right certificate but another token-signing key.
+    let wrong_key = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(wrong_key.path().join("tls")).unwrap();
+    std::fs::copy(real.join("tls/cert.pem"), wrong_key.path().join("tls/cert.pem")).unwrap();
+    irisd::auth::TokenAuthority::load_or_create(&wrong_key.path().join(key), true).unwrap();
+
+    let address = format!("127.0.0.1:{}", server.port);
+    let closed = format!("127.0.0.1:{}", free_port());
+    let cases: [(&str, &str, &std::path::Path, &str); 4] = [
+        ("unreachable server", closed.as_str(), real, "cannot connect"),
+        ("wrong certificate", address.as_str(), wrong_ca.path(), "certificate"),
+        ("bad token", address.as_str(), wrong_key.path(), "InvalidToken"),
+        ("missing data directory", address.as_str(), std::path::Path::new("/nonexistent/iris"), "/nonexistent"),
+    ];
+    for (case, target, data_dir, hint) in cases {
+        for scenario in ["pairs", "connect", "fanin"] {
+            let mut command = iris_perf();
+            command.args([scenario, "--server", target, "--loadgen-cpus", "none", "--data-dir"]).arg(data_dir);
+            let (success, stderr) = run_to_completion(&mut command);
+            assert!(!success, "{scenario} / {case}: succeeded");
+            assert_eq!(stderr.lines().count(), 1, "{scenario} / {case}: not one line: {stderr}");
+            assert!(stderr.starts_with("iris-perf: ") && stderr.contains(hint), "{scenario} / {case}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{scenario} / {case}: {stderr}");
+        }
+    }
 }
 
 #[test]
