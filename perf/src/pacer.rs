@@ -5,9 +5,10 @@
 //! the next millisecond tick or later), which at low load showed up as about
 //! 1 ms of extra send -> deliver latency for every message, since latency is
 //! measured from the intended send time. A dedicated thread with a 1 us timer
-//! slack sleeps until each due time with `clock_nanosleep` precision and hands
-//! the user a slot through a channel; the user's task sends as soon as it is
-//! woken. The thread inherits the load generator's CPU pinning and sleeps
+//! slack sleeps until each due time with `clock_nanosleep` precision and
+//! releases the user's slot (a counter, so nothing queues however far a user
+//! falls behind); the user's task sends as soon as it is woken, and a user that
+//! fell behind sends its released slots back to back, their lateness counted. The thread inherits the load generator's CPU pinning and sleeps
 //! between slots, so it adds no spinning.
 //!
 //! Closed loop: each user keeps at most `inflight` messages sent but not yet
@@ -15,16 +16,25 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 /// How a user's sends are scheduled.
 #[derive(Debug)]
 pub enum Schedule {
-    /// Open loop: each item is a slot's intended send time, in microseconds
-    /// after the start; the channel closes when the run's duration is over.
-    Open(mpsc::UnboundedReceiver<u64>),
+    /// Open loop: slots released by the pacing thread.
+    Open {
+        /// The pacer's side.
+        slots: Arc<Released>,
+        /// Next slot this user sends.
+        next: u64,
+        /// Time between slots.
+        interval: Duration,
+        /// Offset of slot 0 from the start.
+        offset: Duration,
+    },
     /// Closed loop: take a permit per send (returned on delivery) until the
     /// deadline.
     Closed {
@@ -40,7 +50,18 @@ impl Schedule {
     /// after `start`), or `None` when the run is over.
     pub async fn next(&mut self, start: Instant) -> Option<u64> {
         match self {
-            Schedule::Open(slots) => slots.recv().await,
+            Schedule::Open { slots, next, interval, offset } => loop {
+                let notified = slots.notify.notified();
+                if *next < slots.count.load(Ordering::Acquire) {
+                    let due = *offset + interval.mul_f64(*next as f64);
+                    *next += 1;
+                    return Some(due.as_micros() as u64);
+                }
+                if slots.done.load(Ordering::Acquire) && *next >= slots.count.load(Ordering::Acquire) {
+                    return None;
+                }
+                notified.await;
+            },
             Schedule::Closed { window, until } => {
                 let permit = tokio::time::timeout_at((*until).into(), window.acquire()).await.ok()?.ok()?;
                 permit.forget();
@@ -62,10 +83,10 @@ pub fn open_loop(users: usize, rate: f64, duration: Duration, start: Instant) ->
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut senders = Vec::with_capacity(users);
     let mut schedules = Vec::with_capacity(users);
-    for _ in 0..users {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        senders.push(sender);
-        schedules.push(Schedule::Open(receiver));
+    for user in 0..users {
+        let slots = Arc::new(Released::default());
+        senders.push(Arc::clone(&slots));
+        schedules.push(Schedule::Open { slots, next: 0, interval, offset: offset(interval, user, users) });
     }
     std::thread::Builder::new()
         .name("iris-perf-pacer".into())
@@ -79,10 +100,26 @@ pub fn closed_loop(users: usize, inflight: u32, until: Instant) -> Vec<Schedule>
     (0..users).map(|_| Schedule::Closed { window: Arc::new(Semaphore::new(inflight as usize)), until }).collect()
 }
 
+/// One user's released open-loop slots.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// Slots released so far (slot k is due at offset + k * interval).
+    count: AtomicU64,
+    /// No more slots will be released.
+    done: AtomicBool,
+    /// Wakes the user's task.
+    notify: Notify,
+}
+
+/// Slot 0 of `user`: users are spread evenly over the first interval.
+fn offset(interval: Duration, user: usize, users: usize) -> Duration {
+    interval.mul_f64(user as f64 / users.max(1) as f64)
+}
+
 /// The window of a closed-loop schedule, to return permits to.
 pub fn window(schedule: &Schedule) -> Option<Arc<Semaphore>> {
     match schedule {
-        Schedule::Open(_) => None,
+        Schedule::Open { .. } => None,
         Schedule::Closed { window, .. } => Some(Arc::clone(window)),
     }
 }
@@ -93,12 +130,12 @@ pub fn window(schedule: &Schedule) -> Option<Arc<Semaphore>> {
 /// due within a round go out together, at most this late.
 const ROUND_GAP: Duration = Duration::from_micros(100);
 
-fn pace(senders: Vec<mpsc::UnboundedSender<u64>>, interval: Duration, duration: Duration, start: Instant) {
+fn pace(senders: Vec<Arc<Released>>, interval: Duration, duration: Duration, start: Instant) {
     set_precise_timer_slack();
-    let users = senders.len().max(1) as u32;
+    let users = senders.len();
     // (due offset, user, slot number); the earliest first.
     let mut heap: BinaryHeap<Reverse<(Duration, usize, u64)>> =
-        (0..senders.len()).map(|user| Reverse((interval * user as u32 / users, user, 0))).collect();
+        (0..users).map(|user| Reverse((offset(interval, user, users), user, 0))).collect();
     let mut last_round = start;
     while let Some(&Reverse((due, _, _))) = heap.peek() {
         let at = (start + due).max(last_round + ROUND_GAP);
@@ -114,12 +151,18 @@ fn pace(senders: Vec<mpsc::UnboundedSender<u64>>, interval: Duration, duration: 
                 break;
             }
             heap.pop();
-            if due >= duration || senders[user].send(due.as_micros() as u64).is_err() {
+            if due >= duration {
                 continue;
             }
-            let next = interval.mul_f64((slot + 1) as f64) + (interval * user as u32 / users);
+            senders[user].count.store(slot + 1, Ordering::Release);
+            senders[user].notify.notify_one();
+            let next = offset(interval, user, users) + interval.mul_f64((slot + 1) as f64);
             heap.push(Reverse((next, user, slot + 1)));
         }
+    }
+    for slots in &senders {
+        slots.done.store(true, Ordering::Release);
+        slots.notify.notify_one();
     }
 }
 
