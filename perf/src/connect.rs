@@ -135,3 +135,75 @@ async fn open_once(
         }
     }
 }
+
+/// The `connect` report.
+#[derive(Debug, serde::Serialize)]
+struct ConnectReport {
+    scenario: &'static str,
+    connections_requested: u64,
+    established: u64,
+    failed: u64,
+    seconds: f64,
+    handshakes_per_second: f64,
+    server_rss_before_bytes: Option<u64>,
+    server_rss_after_bytes: Option<u64>,
+    server_rss_per_connection_bytes: Option<f64>,
+    server_cpu_us_per_handshake: Option<f64>,
+    loadgen_cpu_seconds: f64,
+}
+
+/// Opens `connections` connections to `target` (server process `pid`),
+/// holds them for `settle` seconds and prints (and optionally writes) the report.
+pub fn report(
+    target: &Target,
+    pid: Option<u32>,
+    (connections, settle): (u64, f64),
+    json: Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    use crate::server::{own_cpu_seconds, process_cpu_seconds, process_rss_bytes};
+    let runtime = crate::loadgen_runtime(1)?;
+    // quinn endpoints are created and dropped inside the runtime.
+    let _runtime_context = runtime.enter();
+    let rss_before = pid.and_then(process_rss_bytes);
+    let cpu_before = pid.and_then(process_cpu_seconds);
+    let own_before = own_cpu_seconds();
+    let (held, outcome) = runtime.block_on(run(target, connections, 2_000_000))?;
+    let cpu = pid.and_then(process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
+    runtime.block_on(tokio::time::sleep(Duration::from_secs_f64(settle)));
+    let rss_after = pid.and_then(process_rss_bytes);
+    let per_connection = rss_after
+        .zip(rss_before)
+        .filter(|_| outcome.established > 0)
+        .map(|(after, before)| (after as f64 - before as f64) / outcome.established as f64);
+    let report = ConnectReport {
+        scenario: "connect",
+        connections_requested: connections,
+        established: outcome.established,
+        failed: outcome.failed,
+        seconds: outcome.seconds,
+        handshakes_per_second: outcome.established as f64 / outcome.seconds,
+        server_rss_before_bytes: rss_before,
+        server_rss_after_bytes: rss_after,
+        server_rss_per_connection_bytes: per_connection,
+        server_cpu_us_per_handshake: cpu
+            .filter(|_| outcome.established > 0)
+            .map(|c| c * 1e6 / outcome.established as f64),
+        loadgen_cpu_seconds: own_cpu_seconds() - own_before,
+    };
+    println!("connect");
+    println!("  established / failed       {} / {}", report.established, report.failed);
+    println!("  handshakes/s               {:.0} ({:.2} s)", report.handshakes_per_second, report.seconds);
+    if let Some(per) = report.server_rss_per_connection_bytes {
+        println!("  server RSS per connection  {:.1} KiB", per / 1024.0);
+    }
+    if let Some(cpu) = report.server_cpu_us_per_handshake {
+        println!("  server CPU per handshake   {cpu:.0} us");
+    }
+    println!("  load generator CPU         {:.2} s", report.loadgen_cpu_seconds);
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    drop(held);
+    Ok(())
+}

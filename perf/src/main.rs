@@ -269,91 +269,13 @@ enum Command {
     },
 }
 
-/// The `connect` report.
-#[derive(Debug, serde::Serialize)]
-struct ConnectReport {
-    scenario: &'static str,
-    connections_requested: u64,
-    established: u64,
-    failed: u64,
-    seconds: f64,
-    handshakes_per_second: f64,
-    server_rss_before_bytes: Option<u64>,
-    server_rss_after_bytes: Option<u64>,
-    server_rss_per_connection_bytes: Option<f64>,
-    server_cpu_us_per_handshake: Option<f64>,
-    loadgen_cpu_seconds: f64,
-}
-
-fn run_connect(server: ServerArgs, connections: u64, settle: f64, json: Option<PathBuf>) -> Result<(), String> {
-    if connections == 0 || connections > 1_000_000 || !(0.0..=3600.0).contains(&settle) {
-        return Err("--connections must be 1..=1000000 and --settle 0..=3600".into());
-    }
-    check_server_args(&server)?;
-    let (spawned, target, pid) = target(&server)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    // quinn endpoints are created and dropped inside the runtime.
-    let _runtime_context = runtime.enter();
-    let rss_before = pid.and_then(server::process_rss_bytes);
-    let cpu_before = pid.and_then(server::process_cpu_seconds);
-    let own_before = server::own_cpu_seconds();
-    let (held, outcome) = runtime.block_on(connect::run(&target, connections, 2_000_000))?;
-    let cpu = pid.and_then(server::process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
-    runtime.block_on(tokio::time::sleep(Duration::from_secs_f64(settle)));
-    let rss_after = pid.and_then(server::process_rss_bytes);
-    let per_connection = rss_after
-        .zip(rss_before)
-        .filter(|_| outcome.established > 0)
-        .map(|(after, before)| (after as f64 - before as f64) / outcome.established as f64);
-    let report = ConnectReport {
-        scenario: "connect",
-        connections_requested: connections,
-        established: outcome.established,
-        failed: outcome.failed,
-        seconds: outcome.seconds,
-        handshakes_per_second: outcome.established as f64 / outcome.seconds,
-        server_rss_before_bytes: rss_before,
-        server_rss_after_bytes: rss_after,
-        server_rss_per_connection_bytes: per_connection,
-        server_cpu_us_per_handshake: cpu
-            .filter(|_| outcome.established > 0)
-            .map(|c| c * 1e6 / outcome.established as f64),
-        loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
-    };
-    println!("connect");
-    println!("  established / failed       {} / {}", report.established, report.failed);
-    println!("  handshakes/s               {:.0} ({:.2} s)", report.handshakes_per_second, report.seconds);
-    if let Some(per) = report.server_rss_per_connection_bytes {
-        println!("  server RSS per connection  {:.1} KiB", per / 1024.0);
-    }
-    if let Some(cpu) = report.server_cpu_us_per_handshake {
-        println!("  server CPU per handshake   {cpu:.0} us");
-    }
-    println!("  load generator CPU         {:.2} s", report.loadgen_cpu_seconds);
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    drop(held);
-    drop(spawned);
-    Ok(())
-}
-
 fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<PathBuf>) -> Result<(), String> {
     if options.messages > 100_000_000 || options.senders > 10_000 {
         return Err("--messages at most 100000000 and --senders at most 10000".into());
     }
     check_server_args(&server)?;
     let (spawned, target, pid) = target(&server)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
+    let runtime = loadgen_runtime(1)?;
     let cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_before = server::own_cpu_seconds();
     let outcome = runtime.block_on(fanin::run(&target, options, pid))?;
@@ -381,123 +303,6 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
     Ok(())
 }
 
-/// The `raw-quic` report.
-#[derive(Debug, serde::Serialize)]
-struct RawQuicReport {
-    scenario: &'static str,
-    label: String,
-    connections: u32,
-    inflight: u32,
-    payload_bytes: usize,
-    echoed: u64,
-    seconds: f64,
-    echoed_per_second: f64,
-    round_trip_latency: report::Percentiles,
-    server_cpu_seconds: Option<f64>,
-    server_cpu_us_per_message: Option<f64>,
-    messages_per_server_cpu_second: Option<f64>,
-    loadgen_cpu_seconds: f64,
-}
-
-fn run_raw_quic(
-    (mode, server_cpus, loadgen_cpus): (raw_quic::Mode, &str, &str),
-    port: u16,
-    (connections, inflight, payload, duration): (u32, u32, usize, f64),
-    json: Option<PathBuf>,
-) -> Result<(), String> {
-    if connections == 0 || inflight == 0 || payload < 8 || !(duration > 0.0 && duration <= 3600.0) {
-        return Err("connections and inflight must be positive, payload >= 8, duration 0..=3600 s".into());
-    }
-    if mode == raw_quic::Mode::Relay && connections % 2 != 0 {
-        return Err("--mode relay pairs connections: --connections must be even".into());
-    }
-    let mode_name = match mode {
-        raw_quic::Mode::Echo => "echo",
-        raw_quic::Mode::Relay => "relay",
-    };
-    if loadgen_cpus != "none" {
-        pin_to_cpus(loadgen_cpus)?;
-    }
-    let ready = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut command = if server_cpus == "none" {
-        std::process::Command::new(&exe)
-    } else {
-        let mut command = std::process::Command::new("taskset");
-        command.arg("-c").arg(server_cpus).arg(&exe);
-        command
-    };
-    command
-        .args(["raw-quic-server", "--mode", mode_name, "--port", &port.to_string()])
-        .args(["--payload", &payload.to_string(), "--ready-file"])
-        .arg(ready.path());
-    let mut child = command.spawn().map_err(|e| format!("spawning the echo server: {e}"))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let ca = loop {
-        let text = std::fs::read_to_string(ready.path()).unwrap_or_default();
-        if text.contains("END CERTIFICATE") {
-            break text;
-        }
-        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
-            let _ = child.kill();
-            return Err("the raw QUIC server did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let pid = child.id();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    let cpu_before = server::process_cpu_seconds(pid);
-    let own_before = server::own_cpu_seconds();
-    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let outcome = runtime.block_on(raw_quic::load(
-        address,
-        &ca,
-        mode,
-        (connections, inflight),
-        payload,
-        Duration::from_secs_f64(duration),
-    ));
-    let cpu = server::process_cpu_seconds(pid).zip(cpu_before).map(|(after, before)| after - before);
-    let _ = child.kill();
-    let _ = child.wait();
-    let outcome = outcome?;
-    let report = RawQuicReport {
-        scenario: "raw-quic",
-        label: format!("quinn {mode_name} {connections}x{inflight}"),
-        connections,
-        inflight,
-        payload_bytes: payload,
-        echoed: outcome.echoed,
-        seconds: outcome.seconds,
-        echoed_per_second: outcome.echoed as f64 / outcome.seconds,
-        round_trip_latency: report::Percentiles::of(&outcome.latency),
-        server_cpu_seconds: cpu,
-        server_cpu_us_per_message: cpu.filter(|_| outcome.echoed > 0).map(|c| c * 1e6 / outcome.echoed as f64),
-        messages_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| outcome.echoed as f64 / c),
-        loadgen_cpu_seconds: server::own_cpu_seconds() - own_before,
-    };
-    println!("raw-quic — {}", report.label);
-    println!(
-        "  echoed/relayed             {} in {:.2} s ({:.0}/s)",
-        report.echoed, report.seconds, report.echoed_per_second
-    );
-    let p = &report.round_trip_latency;
-    println!("  latency       us  p50 {:>7}  p99 {:>7}  max {:>8}", p.p50_us, p.p99_us, p.max_us);
-    if let (Some(per), Some(rate)) = (report.server_cpu_us_per_message, report.messages_per_server_cpu_second) {
-        println!("  server CPU                 {per:.2} us/message, {rate:.0} messages/CPU-s");
-    }
-    println!("  load generator CPU         {:.2} s", report.loadgen_cpu_seconds);
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(())
-}
-
 fn run_peer(
     kind: peers::PeerKind,
     host: &str,
@@ -506,11 +311,7 @@ fn run_peer(
     options: pairs::PairsOptions,
     json: Option<PathBuf>,
 ) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
+    let runtime = loadgen_runtime(1)?;
     let cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_before = server::own_cpu_seconds();
     let outcome = runtime.block_on(peers::run(kind, host, port, options))?;
@@ -567,7 +368,16 @@ fn run(cli: Cli) -> Result<(), String> {
             let label = Some(format!("iris {} soak", server.durability));
             run_pairs(server, shape, duration, (json, html), label, 1, (sample_interval, Some(warmup)))
         }
-        Command::Connect { server, connections, settle, json } => run_connect(server, connections, settle, json),
+        Command::Connect { server, connections, settle, json } => {
+            if connections == 0 || connections > 1_000_000 || !(0.0..=3600.0).contains(&settle) {
+                return Err("--connections must be 1..=1000000 and --settle 0..=3600".into());
+            }
+            check_server_args(&server)?;
+            let (spawned, target, pid) = target(&server)?;
+            connect::report(&target, pid, (connections, settle), json)?;
+            drop(spawned);
+            Ok(())
+        }
         Command::Compare { a, b } => compare::run(&a, &b),
         Command::Peer { kind, host, port, server_pid, loadgen_cpus, shape, duration, json } => {
             let kind = match kind.as_str() {
@@ -590,8 +400,12 @@ fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .block_on(raw_quic::serve(mode, port, payload, Some(ready_file))),
         Command::RawQuic { mode, server_cpus, loadgen_cpus, port, connections, inflight, payload, duration, json } => {
-            let cpus = (mode, server_cpus.as_str(), loadgen_cpus.as_str());
-            run_raw_quic(cpus, port, (connections, inflight, payload, duration), json)
+            if !(duration > 0.0 && duration <= 3600.0) {
+                return Err("--duration must be 0..=3600 seconds".into());
+            }
+            let duration = Duration::from_secs_f64(duration);
+            let shape = raw_quic::LoadShape { connections, inflight, payload_bytes: payload, duration };
+            raw_quic::run((mode, &server_cpus, &loadgen_cpus), port, shape, json)
         }
         Command::Fanin { server, senders, messages, payload, offline, json } => {
             run_fanin(server, fanin::FaninOptions { senders, messages, payload_bytes: payload, offline }, json)
@@ -636,11 +450,7 @@ fn run_pairs(
     }
     check_server_args(&server)?;
     let (spawned, target, pid) = target(&server)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
+    let runtime = loadgen_runtime(threads)?;
     let options = shape.options(duration, sample_interval);
     let server_cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_cpu_before = server::own_cpu_seconds();
@@ -705,8 +515,17 @@ fn target(args: &ServerArgs) -> Result<(Option<server::SpawnedServer>, pairs::Ta
     Ok((spawned, target, pid))
 }
 
+/// The load generator's tokio runtime with `threads` workers.
+pub(crate) fn loadgen_runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))
+}
+
 /// Pins this process to the CPUs in `list` ("1" or "1,3").
-fn pin_to_cpus(list: &str) -> Result<(), String> {
+pub(crate) fn pin_to_cpus(list: &str) -> Result<(), String> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for part in list.split(',') {

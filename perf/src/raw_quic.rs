@@ -18,6 +18,7 @@
 use hdrhistogram::Histogram;
 use rustls::pki_types::pem::PemObject;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,19 +131,25 @@ pub struct EchoOutcome {
     pub latency: Histogram<u64>,
 }
 
-/// Drives `connections` connections with `inflight` messages each for `duration`.
-pub async fn load(
-    address: SocketAddr,
-    ca_pem: &str,
-    mode: Mode,
-    (connections, inflight): (u32, u32),
-    payload_bytes: usize,
-    duration: Duration,
-) -> Result<EchoOutcome, String> {
+/// The load: how many connections, how deep, how big, how long.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadShape {
+    /// Connections (paired for the relay).
+    pub connections: u32,
+    /// Messages in flight per connection.
+    pub inflight: u32,
+    /// Message size (at least 8: the send time).
+    pub payload_bytes: usize,
+    /// How long senders send.
+    pub duration: Duration,
+}
+
+/// Drives the server at `address` with `shape`.
+pub async fn load(address: SocketAddr, ca_pem: &str, mode: Mode, shape: LoadShape) -> Result<EchoOutcome, String> {
     let endpoint = client_endpoint(ca_pem)?;
     let outcome = match mode {
-        Mode::Echo => echo_load(&endpoint, address, connections, inflight, payload_bytes, duration).await,
-        Mode::Relay => relay_load(&endpoint, address, connections, inflight, payload_bytes, duration).await,
+        Mode::Echo => echo_load(&endpoint, address, shape).await,
+        Mode::Relay => relay_load(&endpoint, address, shape).await,
     };
     endpoint.wait_idle().await;
     outcome
@@ -173,10 +180,7 @@ fn client_endpoint(ca_pem: &str) -> Result<quinn::Endpoint, String> {
 async fn echo_load(
     endpoint: &quinn::Endpoint,
     address: SocketAddr,
-    connections: u32,
-    inflight: u32,
-    payload_bytes: usize,
-    duration: Duration,
+    LoadShape { connections, inflight, payload_bytes, duration }: LoadShape,
 ) -> Result<EchoOutcome, String> {
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -244,10 +248,7 @@ async fn collect(
 async fn relay_load(
     endpoint: &quinn::Endpoint,
     address: SocketAddr,
-    connections: u32,
-    inflight: u32,
-    payload_bytes: usize,
-    duration: Duration,
+    LoadShape { connections, inflight, payload_bytes, duration }: LoadShape,
 ) -> Result<EchoOutcome, String> {
     if connections % 2 != 0 {
         return Err("relay needs an even number of connections (they are paired)".into());
@@ -305,4 +306,113 @@ async fn relay_load(
         connection.close(0u32.into(), b"done");
     }
     outcome
+}
+
+/// The `raw-quic` report.
+#[derive(Debug, serde::Serialize)]
+pub struct RawQuicReport {
+    scenario: &'static str,
+    label: String,
+    connections: u32,
+    inflight: u32,
+    payload_bytes: usize,
+    echoed: u64,
+    seconds: f64,
+    echoed_per_second: f64,
+    round_trip_latency: crate::report::Percentiles,
+    server_cpu_seconds: Option<f64>,
+    server_cpu_us_per_message: Option<f64>,
+    messages_per_server_cpu_second: Option<f64>,
+    loadgen_cpu_seconds: f64,
+}
+
+/// Spawns the raw server pinned to `server_cpus`, drives it with `shape`
+/// and prints (and optionally writes) the report.
+pub fn run(
+    (mode, server_cpus, loadgen_cpus): (Mode, &str, &str),
+    port: u16,
+    shape: LoadShape,
+    json: Option<PathBuf>,
+) -> Result<(), String> {
+    let LoadShape { connections, inflight, payload_bytes: payload, .. } = shape;
+    if connections == 0 || inflight == 0 || payload < 8 {
+        return Err("connections and inflight must be positive, payload >= 8".into());
+    }
+    if mode == Mode::Relay && connections % 2 != 0 {
+        return Err("--mode relay pairs connections: --connections must be even".into());
+    }
+    let mode_name = match mode {
+        Mode::Echo => "echo",
+        Mode::Relay => "relay",
+    };
+    if loadgen_cpus != "none" {
+        crate::pin_to_cpus(loadgen_cpus)?;
+    }
+    let ready = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut command = if server_cpus == "none" {
+        std::process::Command::new(&exe)
+    } else {
+        let mut command = std::process::Command::new("taskset");
+        command.arg("-c").arg(server_cpus).arg(&exe);
+        command
+    };
+    command
+        .args(["raw-quic-server", "--mode", mode_name, "--port", &port.to_string()])
+        .args(["--payload", &payload.to_string(), "--ready-file"])
+        .arg(ready.path());
+    let mut child = command.spawn().map_err(|e| format!("spawning the echo server: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ca = loop {
+        let text = std::fs::read_to_string(ready.path()).unwrap_or_default();
+        if text.contains("END CERTIFICATE") {
+            break text;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            return Err("the raw QUIC server did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid = child.id();
+    let runtime = crate::loadgen_runtime(1)?;
+    let cpu_before = crate::server::process_cpu_seconds(pid);
+    let own_before = crate::server::own_cpu_seconds();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let outcome = runtime.block_on(load(address, &ca, mode, shape));
+    let cpu = crate::server::process_cpu_seconds(pid).zip(cpu_before).map(|(after, before)| after - before);
+    let _ = child.kill();
+    let _ = child.wait();
+    let outcome = outcome?;
+    let report = RawQuicReport {
+        scenario: "raw-quic",
+        label: format!("quinn {mode_name} {connections}x{inflight}"),
+        connections,
+        inflight,
+        payload_bytes: payload,
+        echoed: outcome.echoed,
+        seconds: outcome.seconds,
+        echoed_per_second: outcome.echoed as f64 / outcome.seconds,
+        round_trip_latency: crate::report::Percentiles::of(&outcome.latency),
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_message: cpu.filter(|_| outcome.echoed > 0).map(|c| c * 1e6 / outcome.echoed as f64),
+        messages_per_server_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| outcome.echoed as f64 / c),
+        loadgen_cpu_seconds: crate::server::own_cpu_seconds() - own_before,
+    };
+    println!("raw-quic — {}", report.label);
+    println!(
+        "  echoed/relayed             {} in {:.2} s ({:.0}/s)",
+        report.echoed, report.seconds, report.echoed_per_second
+    );
+    let p = &report.round_trip_latency;
+    println!("  latency       us  p50 {:>7}  p99 {:>7}  max {:>8}", p.p50_us, p.p99_us, p.max_us);
+    if let (Some(per), Some(rate)) = (report.server_cpu_us_per_message, report.messages_per_server_cpu_second) {
+        println!("  server CPU                 {per:.2} us/message, {rate:.0} messages/CPU-s");
+    }
+    println!("  load generator CPU         {:.2} s", report.loadgen_cpu_seconds);
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
