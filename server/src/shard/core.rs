@@ -21,11 +21,12 @@
 use super::dedup::{DedupWindow, Seen};
 use super::mailbox::{MailboxStore, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
+use super::StateMap;
 use crate::auth::{TokenAuthority, TokenError};
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::{close_code, ErrorCode};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 /// A connection, as named by the driver. Unique among the shard's live connections.
@@ -163,11 +164,11 @@ pub struct ShardCore<S: MailboxStore> {
     /// Registry and mailboxes.
     store: S,
     /// Every connection of this shard. Bounded by the driver's connection bound.
-    sessions: HashMap<ConnId, Session>,
+    sessions: StateMap<ConnId, Session>,
     /// Device -> its current connection. At most one per device.
-    online: HashMap<DeviceKey, ConnId>,
+    online: StateMap<DeviceKey, ConnId>,
     /// Sending devices' dedup state. Bounded by the registered devices.
-    senders: HashMap<DeviceKey, Sender>,
+    senders: StateMap<DeviceKey, Sender>,
     /// Pending outputs for the driver; drained every loop iteration.
     outputs: VecDeque<Output>,
     /// Connections with messages to push; each appears once (`push_queued`).
@@ -209,9 +210,9 @@ impl<S: MailboxStore> ShardCore<S> {
             limits,
             frame_bytes_max,
             store,
-            sessions: HashMap::new(),
-            online: HashMap::new(),
-            senders: HashMap::new(),
+            sessions: StateMap::default(),
+            online: StateMap::default(),
+            senders: StateMap::default(),
             outputs: VecDeque::new(),
             push_ready: VecDeque::new(),
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),

@@ -7,7 +7,8 @@
 //! is answered with the original Ack instead of being stored twice.
 //! Memory: about 40 bytes per remembered id (map entry plus order queue).
 
-use std::collections::{HashMap, VecDeque};
+use super::StateMap;
+use std::collections::VecDeque;
 
 /// What the window knows of an id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +25,7 @@ pub enum Seen {
 #[derive(Debug, Default)]
 pub struct DedupWindow {
     /// State per remembered id.
-    entries: HashMap<u64, Seen>,
+    entries: StateMap<u64, Seen>,
     /// Acknowledged ids, oldest first, for eviction.
     acknowledged_order: VecDeque<u64>,
     /// Pending ids (not in `acknowledged_order`).

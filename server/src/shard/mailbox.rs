@@ -9,8 +9,10 @@
 //! the durable log (`crate::storage::LogStore`) commits with group commit.
 
 use super::messages::DeviceKey;
+use super::stored::StoredIndex;
+use super::StateMap;
 use iris_protocol::ErrorCode;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 /// A message as stored: one body shared by every recipient device's mailbox.
@@ -187,25 +189,22 @@ pub struct MailboxIndex {
     /// Enforced bounds.
     limits: StoreLimits,
     /// Devices of each user homed here.
-    users: HashMap<u64, Vec<u32>>,
+    users: StateMap<u64, Vec<u32>>,
     /// Mailbox of each registered device.
-    mailboxes: HashMap<DeviceKey, Mailbox>,
-    /// (sender, client_msg_id) -> (server_msg_id, ticket), bounded by
-    /// `stored_dedup_entries_max`.
-    stored: HashMap<(DeviceKey, u64), (u64, Ticket)>,
-    /// Keys of `stored`, oldest first.
-    stored_order: VecDeque<(DeviceKey, u64)>,
+    mailboxes: StateMap<DeviceKey, Mailbox>,
+    /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
+    /// `stored_dedup_entries_max` stored messages.
+    stored: StoredIndex,
 }
 
 impl MailboxIndex {
     /// An empty index.
     pub fn new(limits: StoreLimits) -> MailboxIndex {
         MailboxIndex {
+            users: StateMap::default(),
+            mailboxes: StateMap::default(),
+            stored: StoredIndex::new(limits.stored_dedup_entries_max),
             limits,
-            users: HashMap::new(),
-            mailboxes: HashMap::new(),
-            stored: HashMap::new(),
-            stored_order: VecDeque::new(),
         }
     }
 
@@ -263,20 +262,12 @@ impl MailboxIndex {
 
     /// See [`MailboxStore::find_stored`].
     pub fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
-        self.stored.get(&(sender, client_msg_id)).copied()
+        self.stored.find(sender, client_msg_id)
     }
 
     /// Remembers that `sender`'s `client_msg_id` was stored as `server_msg_id`.
     pub fn remember_stored(&mut self, sender: DeviceKey, client_msg_id: u64, server_msg_id: u64, ticket: Ticket) {
-        let key = (sender, client_msg_id);
-        if self.stored.insert(key, (server_msg_id, ticket)).is_none() {
-            self.stored_order.push_back(key);
-        }
-        while self.stored_order.len() > self.limits.stored_dedup_entries_max as usize {
-            if let Some(oldest) = self.stored_order.pop_front() {
-                self.stored.remove(&oldest);
-            }
-        }
+        self.stored.remember(sender, client_msg_id, server_msg_id, ticket);
     }
 
     /// Assigns the next seq of `device` to `message`. The device must be registered.
@@ -382,9 +373,7 @@ impl MailboxIndex {
             }
             mailbox.entries = kept;
         }
-        self.stored.retain(|_, (_, ticket)| !(first..=last).contains(ticket));
-        let stored = &self.stored;
-        self.stored_order.retain(|key| stored.contains_key(key));
+        self.stored.forget_tickets(first, last);
         removed
     }
 
