@@ -65,7 +65,7 @@ fn log_append(c: &mut Criterion) {
                 executor.run(async move {
                     let (commands, command_receiver) = flume::bounded(4);
                     let (event_sender, events) = flume::bounded(4);
-                    let writer = glommio::spawn_local(run_writer(dir, None, command_receiver, event_sender));
+                    let writer = glommio::spawn_local(run_writer(dir, None, 0, command_receiver, event_sender));
                     let mut log = store();
                     let mut id = 0;
                     let mut elapsed = Duration::ZERO;

@@ -225,6 +225,34 @@ async fn delivered_segments_are_reclaimed_compacted_and_seqs_survive_a_restart()
     assert!(next.seq > last_seq, "seq went back after reclaim and restart: {} <= {last_seq}", next.seq);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_segments_come_preallocated_and_leftover_spares_are_removed() {
+    let segment_bytes: u64 = 1024 * 1024;
+    let mut server = Server::start_with(1, &["[storage]", &format!("segment_bytes_max = {segment_bytes}")]);
+    let (sender, recipient) = (1, 2);
+    register(&server, recipient, 1).await;
+    let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    let payload = vec![b'p'; 2000];
+    for _ in 0..1500 {
+        client.send(recipient, payload.clone()).await.unwrap();
+    }
+    client.close().await.unwrap();
+    let files = segments(&server, 0);
+    assert!(files.len() >= 3, "3 MB of messages should span several 1 MiB segments: {files:?}");
+    // Records never fill a segment to the byte, so a segment exactly
+    // segment_bytes long was a zero-filled spare renamed into place.
+    let preallocated = files.iter().filter(|path| std::fs::metadata(path).unwrap().len() == segment_bytes).count();
+    assert!(preallocated >= files.len() - 1, "segments were not preallocated: {files:?}");
+    server.kill9();
+    // A spare left by a killed process (maybe half written) is removed at start.
+    let leftover = shard_dir(server.data_dir.path(), 0).join("seg-0000000000000999.prep");
+    std::fs::write(&leftover, vec![1u8; 4096]).unwrap();
+    server.restart();
+    assert!(!leftover.exists(), "a leftover spare survived the restart");
+    let texts = receive_all(&server, recipient, 1, Duration::from_millis(500)).await;
+    assert_eq!(texts.len(), 1500, "every acknowledged message survives in preallocated segments");
+}
+
 /// A size-limited tmpfs, unmounted on drop (also when the test panics).
 struct TmpfsMount(tempfile::TempDir);
 

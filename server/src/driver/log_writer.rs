@@ -17,6 +17,16 @@
 //! whatever the failed one left behind and no record of a refused chunk can
 //! be replayed after a restart.
 //!
+//! Spare segments: while segment N is in use, a background task writes
+//! `seg-(N+1).prep` full of zeros and syncs it (and at the start of a fresh
+//! log, the one for segment 1); opening N+1 renames it into place. Appends
+//! then overwrite allocated blocks of a file whose size does not change, so
+//! each `fdatasync` flushes data without the journal commit that a growing
+//! file needs (decision 0008 has the measurements). Zeros after the last
+//! record are what the scanner reads as the end of a segment. A disk with
+//! less than [`SPARE_FREE_FACTOR`] segments' worth of space free gets no
+//! spare: the last free space is kept for records, not zeros.
+//!
 //! Group commit falls out of the loop structure: one chunk is in flight at a
 //! time, and records that arrive meanwhile accumulate in the store until the
 //! sync completes (bounded by `commit_bytes_max` per chunk).
@@ -24,7 +34,18 @@
 use crate::shard::mailbox::WriteChunk;
 use crate::storage::layout::segment_path;
 use glommio::io::{BufferedFile, OpenOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// A spare segment is prepared only with this many segments' worth of space free.
+pub const SPARE_FREE_FACTOR: u64 = 4;
+/// Zeros written per request while preparing a spare.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Where the spare for `segment` is prepared: not a `.log` name, so a
+/// recovery scan never reads it (`layout::read_segments` deletes leftovers).
+pub fn spare_path(dir: &Path, segment: u64) -> PathBuf {
+    segment_path(dir, segment).with_extension("prep")
+}
 
 /// What the loop asks of the writer.
 #[derive(Debug)]
@@ -77,16 +98,24 @@ struct Writer {
     file: Option<(u64, BufferedFile)>,
     /// End of the valid records in the open segment.
     end: u64,
+    /// Size of a spare segment (0: none are prepared).
+    spare_bytes: u64,
+    /// The spare being prepared, and for which segment.
+    spare: Option<(u64, glommio::Task<std::io::Result<()>>)>,
 }
 
-/// Runs the writer until the loop drops its sender.
+/// Runs the writer until the loop drops its sender. `spare_bytes` is the
+/// size of the spare segments it prepares (the segment size; 0 for none).
 pub async fn run_writer(
     dir: PathBuf,
     start: Option<WriterStart>,
+    spare_bytes: u64,
     commands: flume::Receiver<WriterCommand>,
     events: flume::Sender<WriterEvent>,
 ) {
-    let mut writer = Writer { dir, file: None, end: 0 };
+    let mut writer = Writer { dir, file: None, end: 0, spare_bytes, spare: None };
+    // The next segment to be created: after the resumed one, or the first.
+    writer.prepare_spare(start.as_ref().map_or(1, |start| start.segment + 1));
     let mut resume = start;
     while let Ok(command) = commands.recv_async().await {
         match command {
@@ -134,6 +163,9 @@ impl Writer {
         }
         let path = segment_path(&self.dir, segment);
         let existed = path.exists();
+        if !existed {
+            self.take_spare(segment, &path).await;
+        }
         let file = OpenOptions::new().read(true).write(true).create(true).buffered_open(&path).await?;
         if !existed {
             // Make the new directory entry durable, through io_uring (a
@@ -150,7 +182,48 @@ impl Writer {
             None => 0,
         };
         self.file = Some((segment, file));
+        self.prepare_spare(segment + 1);
         Ok(())
+    }
+
+    /// Moves the spare prepared for `segment` into place at `path`; without
+    /// one (or if preparing it failed) the segment is created empty.
+    async fn take_spare(&mut self, segment: u64, path: &Path) {
+        let Some((prepared, task)) = self.spare.take() else { return };
+        let spare = spare_path(&self.dir, prepared);
+        if prepared == segment {
+            match task.await {
+                Ok(()) => match glommio::io::rename(&spare, path).await {
+                    Ok(()) => return,
+                    Err(error) => tracing::warn!(segment, %error, "using the spare segment failed"),
+                },
+                Err(error) => tracing::warn!(segment, %error, "preparing a spare segment failed"),
+            }
+        } else {
+            // Not the one needed (segments go up by one, so only after a failed open).
+            let _ = task.cancel().await;
+        }
+        let _ = glommio::io::remove(&spare).await;
+    }
+
+    /// Starts preparing the spare for `segment` in the background, if there is room.
+    fn prepare_spare(&mut self, segment: u64) {
+        if self.spare_bytes == 0 || self.spare.is_some() {
+            return;
+        }
+        let room = crate::files::free_bytes(&self.dir).unwrap_or(0);
+        if room < self.spare_bytes.saturating_mul(SPARE_FREE_FACTOR) {
+            return;
+        }
+        let (path, bytes) = (spare_path(&self.dir, segment), self.spare_bytes);
+        let task = glommio::spawn_local(async move {
+            let result = zero_fill(&path, bytes).await;
+            if result.is_err() {
+                let _ = glommio::io::remove(&path).await;
+            }
+            result
+        });
+        self.spare = Some((segment, task));
     }
 
     async fn write(&mut self, chunk: &WriteChunk, resume: &mut Option<WriterStart>) -> std::io::Result<()> {
@@ -181,4 +254,22 @@ impl Writer {
         file.fdatasync().await?;
         Ok(())
     }
+}
+
+/// Writes `bytes` zeros to a fresh file at `path` and syncs it.
+async fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new().write(true).create(true).truncate(true).buffered_open(path).await?;
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let mut at = 0u64;
+    while at < bytes {
+        let length = (bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+        let written = file.write_at(zeros[..length].to_vec(), at).await?;
+        if written == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "no progress writing zeros"));
+        }
+        at += written as u64;
+    }
+    file.fdatasync().await?;
+    file.close().await?;
+    Ok(())
 }

@@ -310,7 +310,8 @@ async fn run_shard(
             );
             let (commands, command_receiver) = flume::bounded(WRITER_QUEUE_MAX);
             let (event_sender, events) = flume::bounded(WRITER_QUEUE_MAX);
-            glommio::spawn_local(run_writer(dir, start, command_receiver, event_sender)).detach();
+            let spare_bytes = config.storage.segment_bytes_max;
+            glommio::spawn_local(run_writer(dir, start, spare_bytes, command_receiver, event_sender)).detach();
             let writer = WriterLink {
                 commands,
                 events,

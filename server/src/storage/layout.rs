@@ -166,7 +166,8 @@ pub struct RecoveredSegment {
     pub scan: Scan,
 }
 
-/// Reads and scans every segment of `dir`, ascending. A torn tail of the
+/// Deletes leftover spare segments (`seg-N.prep`), then reads and scans
+/// every segment of `dir`, ascending. A torn tail of the
 /// last segment is cut off the file (it holds only unacknowledged writes);
 /// corrupt records elsewhere are reported by the scan and skipped.
 pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
@@ -179,6 +180,11 @@ pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
+        if name.starts_with("seg-") && name.ends_with(".prep") {
+            // A spare segment (zeros only) prepared before a restart; the writer prepares a new one.
+            std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+            continue;
+        }
         if let Some(number) = name.strip_prefix("seg-").and_then(|rest| rest.strip_suffix(".log")) {
             if let Ok(number) = number.parse::<u64>() {
                 numbers.push(number);
