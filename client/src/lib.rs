@@ -49,6 +49,11 @@ pub struct ClientConfig {
     /// Retry sends refused with a retryable code (Throttle, MailboxFull, ...)
     /// after `retry_after_ms`; when false such a send fails with the refusal.
     pub retry_refusals: bool,
+    /// A client endpoint (one UDP socket) to open connections on, shared
+    /// with other sessions of this process; `None` opens a new one per
+    /// connection. Many sessions in one process (a gateway, a load
+    /// generator) receive in batches over a shared socket.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -63,6 +68,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
             retry_refusals: true,
+            endpoint: None,
         }
     }
 }

@@ -203,13 +203,17 @@ impl Session {
 
     async fn hello(&self, target: &(SocketAddr, String)) -> Result<HelloOutcome, ClientError> {
         let connect_error = |detail: String| ClientError::Connect { server: target.0.to_string(), detail };
-        let bind: SocketAddr = if target.0.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .map_err(|_| connect_error("bad bind address".into()))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
-        endpoint.set_default_client_config(self.tls.clone());
+        let endpoint = match &self.config.endpoint {
+            Some(shared) => shared.clone(),
+            None => {
+                let bind: SocketAddr = if target.0.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+                    .parse()
+                    .map_err(|_| connect_error("bad bind address".into()))?;
+                quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?
+            }
+        };
         let connection = endpoint
-            .connect(target.0, &target.1)
+            .connect_with(self.tls.clone(), target.0, &target.1)
             .map_err(|e| connect_error(e.to_string()))?
             .await
             .map_err(|e| connect_error(e.to_string()))?;

@@ -94,6 +94,13 @@ struct ShapeArgs {
     /// Payload bytes.
     #[arg(long, default_value_t = 150)]
     payload: usize,
+    /// Simulated users sharing one client UDP socket (Iris only; peers use
+    /// one TCP connection per user). 1 gives every user its own socket; the
+    /// default of 10 lets the load generator receive in batches, so with 100
+    /// users it is no longer the bottleneck of the 100 x 1 shape
+    /// (docs/performance.md).
+    #[arg(long, default_value_t = 10)]
+    users_per_socket: u32,
 }
 
 impl ShapeArgs {
@@ -107,6 +114,7 @@ impl ShapeArgs {
             duration: Duration::from_secs_f64(duration),
             first_user: 1_000_000,
             sample_interval: Duration::from_secs_f64(sample_interval),
+            users_per_socket: self.users_per_socket.max(1),
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct PairsOptions {
     pub first_user: u64,
     /// Interval of the timeline samples.
     pub sample_interval: Duration,
+    /// Users sharing one client UDP socket (quinn endpoint).
+    pub users_per_socket: u32,
 }
 
 /// What one run measured.
@@ -103,9 +105,17 @@ pub async fn run(target: &Target, options: PairsOptions, server_pid: Option<u32>
     }
     let users: Vec<u64> = (0..2 * u64::from(options.pairs)).map(|i| options.first_user + i).collect();
     let mut clients = Vec::new();
-    for user in &users {
+    let mut endpoints: Vec<quinn::Endpoint> = Vec::new();
+    for (index, user) in users.iter().enumerate() {
         let token = target.authority.mint(Claims { user_id: *user, device_id: 1, expires_at_s: u64::MAX / 2 });
-        let config = ClientConfig::new(target.address.clone(), target.ca.clone(), token);
+        let mut config = ClientConfig::new(target.address.clone(), target.ca.clone(), token);
+        if options.users_per_socket > 1 {
+            if index % options.users_per_socket as usize == 0 {
+                let bind = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+                endpoints.push(quinn::Endpoint::client(bind).map_err(|e| format!("client socket: {e}"))?);
+            }
+            config.endpoint = endpoints.last().cloned();
+        }
         let client = Client::connect(config).await.map_err(|e| format!("user {user} cannot connect: {e}"))?;
         clients.push(client);
     }
