@@ -112,6 +112,18 @@ pub enum ClientError {
         /// The largest allowed.
         limit: usize,
     },
+    /// The server answered a Hello with a last seq below the seq this device
+    /// already processed: it lost the device's state (a wiped data directory,
+    /// or `durability = "none"` after a restart). Seq dedup cannot work
+    /// across that, so the session ends instead of dropping new messages as
+    /// redeliveries and acknowledging them away.
+    #[error("server's last seq {server_last_seq} is below this device's processed seq {processed_seq}: the server lost this device's state")]
+    SeqWentBackwards {
+        /// Highest seq this device processed.
+        processed_seq: u64,
+        /// The last seq the server reported in Welcome.
+        server_last_seq: u64,
+    },
     /// The server broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),

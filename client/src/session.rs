@@ -138,7 +138,10 @@ impl Session {
                 }
                 Err(error) => {
                     attempt += 1;
-                    let fatal = matches!(error, ClientError::Server { .. } | ClientError::Ca { .. });
+                    let fatal = matches!(
+                        error,
+                        ClientError::Server { .. } | ClientError::Ca { .. } | ClientError::SeqWentBackwards { .. }
+                    );
                     let first_failed = ready.is_some() && attempt >= self.config.connect_attempts;
                     if fatal || first_failed {
                         if let Some(ready) = ready.take() {
@@ -180,6 +183,11 @@ impl Session {
                 .map_err(|_| ClientError::Connect { server: target.0.to_string(), detail: "timed out".into() })??;
             match outcome {
                 HelloOutcome::Welcome(live, welcome) => {
+                    let processed_seq = self.shared.processed_seq.load(Ordering::Relaxed).max(self.forwarded_seq);
+                    if welcome.last_seq < processed_seq {
+                        live.connection.close(quinn::VarInt::from_u32(iris_protocol::close_code::NORMAL), b"seq");
+                        return Err(ClientError::SeqWentBackwards { processed_seq, server_last_seq: welcome.last_seq });
+                    }
                     self.home = Some(target);
                     self.connections += 1;
                     if let Ok(mut info) = self.shared.info.lock() {

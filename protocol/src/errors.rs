@@ -42,6 +42,18 @@ pub enum ErrorCode {
     ShuttingDown = 13,
     /// A bug on the server. Not stored; the client may retry.
     Internal = 14,
+    /// A newer connection of the same device took over this session (the app
+    /// runs twice, or reconnected before the old connection timed out). The
+    /// connection is closed with close code `REPLACED`; the client must not
+    /// reconnect on its own, or two instances would take turns forever.
+    SessionReplaced = 15,
+    /// A Hello's `resume_after_seq` is above the highest seq the server ever
+    /// assigned to the device: the client claims messages that do not exist
+    /// (a client bug, or a server that lost the device's state). Connection
+    /// closed; the message names the server's last seq. Never retry the same
+    /// Hello: acknowledging seqs that were never assigned would delete
+    /// messages stored later.
+    ResumeBeyondLastSeq = 16,
 }
 
 impl ErrorCode {
@@ -64,6 +76,8 @@ impl ErrorCode {
             12 => StorageUnavailable,
             13 => ShuttingDown,
             14 => Internal,
+            15 => SessionReplaced,
+            16 => ResumeBeyondLastSeq,
             _ => return None,
         })
     }

@@ -39,4 +39,6 @@ pub mod close_code {
     pub const SHUTTING_DOWN: u32 = 2;
     /// The connection was redirected to another shard.
     pub const REDIRECTED: u32 = 3;
+    /// A newer connection of the same device replaced this one.
+    pub const REPLACED: u32 = 4;
 }

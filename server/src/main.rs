@@ -127,9 +127,18 @@ fn serve(
     if let Err(error) = config.validate() {
         return fail(error.to_string());
     }
-    if let Err(error) = std::fs::create_dir_all(&config.data_dir) {
-        return fail(format!("creating data directory {}: {error}", config.data_dir.display()));
-    }
+    // Files irisd creates are its own: the logs hold who talks to whom.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    config.data_dir = match irisd::files::prepare_data_dir(&config.data_dir) {
+        Ok(path) => path,
+        Err(error) => return fail(format!("creating data directory {}: {error}", config.data_dir.display())),
+    };
+    // Held until the process exits; a second irisd on this directory stops here.
+    let _lock = match irisd::files::DataDirLock::acquire(&config.data_dir) {
+        Ok(lock) => lock,
+        Err(error) => return fail(error.to_string()),
+    };
 
     match config.storage.durability {
         Durability::Fsync => {

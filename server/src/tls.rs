@@ -60,7 +60,7 @@ impl TlsFiles {
             move |source| TlsError::Io { path, source }
         };
         if let Some(parent) = self.cert.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            crate::files::create_private_directory(parent).map_err(io(parent))?;
         }
         let generated = rcgen::generate_simple_self_signed(names)?;
         crate::files::write_private(&self.key, generated.signing_key.serialize_pem().as_bytes())

@@ -159,7 +159,8 @@ fn irisd_serve(server: &Server, shards: u16) -> std::process::Output {
         .unwrap()
 }
 
-/// Every file under `dir` with its contents.
+/// Every file under `dir` with its contents, except the lock file (which
+/// names the last process that held the directory, refused or not).
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -168,7 +169,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
-            } else {
+            } else if path.file_name().is_some_and(|name| name != "lock") {
                 files.push((path.clone(), std::fs::read(&path).unwrap()));
             }
         }

@@ -56,6 +56,80 @@ pub enum WriterCommand {
     Delete(u64),
 }
 
+/// Capacity of the writer's command queue: one write in flight plus
+/// segment deletions, which are rare (one per reclaimed segment).
+pub const WRITER_QUEUE_MAX: usize = 64;
+
+/// The loop's side of the writer's command queue. A chunk taken from the
+/// store is never dropped: the queue keeps one slot free for it (deletions
+/// may use the others, and wait here when those are taken), and a chunk the
+/// channel refuses anyway is parked and offered again on the next pump.
+/// Losing a chunk here once let the next chunk's Durable count the lost
+/// tickets as committed: an Ack without durability.
+#[derive(Debug)]
+pub struct WriterQueue {
+    /// Commands to the writer task (capacity [`WRITER_QUEUE_MAX`]).
+    commands: flume::Sender<WriterCommand>,
+    /// A chunk taken from the store that the channel has not accepted yet.
+    parked: Option<WriteChunk>,
+    /// Reclaimed segments waiting for a queue slot; at most one entry per
+    /// segment on disk, so bounded by the disk over the segment size.
+    deletes: std::collections::VecDeque<u64>,
+}
+
+impl WriterQueue {
+    /// A queue over `commands` (created with capacity [`WRITER_QUEUE_MAX`]).
+    pub fn new(commands: flume::Sender<WriterCommand>) -> WriterQueue {
+        assert!(commands.capacity().is_some_and(|capacity| capacity >= 2), "the writer queue needs room for a write");
+        WriterQueue { commands, parked: None, deletes: std::collections::VecDeque::new() }
+    }
+
+    /// Hands `chunk` to the writer (or parks it until the channel takes it).
+    /// Call only when no earlier chunk is waiting (one write in flight).
+    pub fn submit_write(&mut self, chunk: WriteChunk) {
+        assert!(self.parked.is_none(), "one write chunk in flight at a time");
+        self.parked = Some(chunk);
+        self.pump();
+    }
+
+    /// Asks the writer to delete `segment` once a slot is free.
+    pub fn submit_delete(&mut self, segment: u64) {
+        self.deletes.push_back(segment);
+        self.pump();
+    }
+
+    /// Offers the parked chunk, then deletions while a slot stays free for
+    /// the next write. Returns false once the writer task is gone.
+    pub fn pump(&mut self) -> bool {
+        if let Some(chunk) = self.parked.take() {
+            match self.commands.try_send(WriterCommand::Write(chunk)) {
+                Ok(()) => {}
+                Err(flume::TrySendError::Full(WriterCommand::Write(chunk))) => self.parked = Some(chunk),
+                Err(flume::TrySendError::Disconnected(WriterCommand::Write(chunk))) => {
+                    // Its sends stay unacknowledged.
+                    self.parked = Some(chunk);
+                    return false;
+                }
+                Err(_) => unreachable!("try_send hands back the command it was given"),
+            }
+        }
+        let capacity = self.commands.capacity().unwrap_or(WRITER_QUEUE_MAX);
+        while self.commands.len() + 1 < capacity {
+            let Some(segment) = self.deletes.pop_front() else { break };
+            if self.commands.try_send(WriterCommand::Delete(segment)).is_err() {
+                self.deletes.push_front(segment);
+                break;
+            }
+        }
+        !self.commands.is_disconnected()
+    }
+
+    /// Whether work waits for a free slot.
+    pub fn backlogged(&self) -> bool {
+        self.parked.is_some() || !self.deletes.is_empty()
+    }
+}
+
 /// What the writer reports back.
 #[derive(Debug)]
 pub enum WriterEvent {
@@ -63,6 +137,8 @@ pub enum WriterEvent {
     Durable {
         /// Its segment.
         segment: u64,
+        /// Its first ticket.
+        first_ticket: u64,
         /// Its last ticket.
         last_ticket: u64,
         /// Bytes of records it carried.
@@ -113,6 +189,8 @@ pub async fn run_writer(
     commands: flume::Receiver<WriterCommand>,
     events: flume::Sender<WriterEvent>,
 ) {
+    // glommio opens directories with openat(-1, ...): a relative path fails.
+    assert!(dir.is_absolute(), "the log writer needs an absolute directory, got {}", dir.display());
     let mut writer = Writer { dir, file: None, end: 0, spare_bytes, spare: None };
     // The next segment to be created: after the resumed one, or the first.
     writer.prepare_spare(start.as_ref().map_or(1, |start| start.segment + 1));
@@ -123,6 +201,7 @@ pub async fn run_writer(
                 let event = match writer.write(&chunk, &mut resume).await {
                     Ok(()) => WriterEvent::Durable {
                         segment: chunk.segment,
+                        first_ticket: chunk.first_ticket,
                         last_ticket: chunk.last_ticket,
                         bytes: chunk.bytes.len() as u64,
                     },
@@ -272,4 +351,61 @@ async fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
     file.fdatasync().await?;
     file.close().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(first_ticket: u64) -> WriteChunk {
+        WriteChunk { segment: 1, bytes: vec![1, 2, 3], first_ticket, last_ticket: first_ticket }
+    }
+
+    #[test]
+    fn a_write_is_never_lost_behind_many_deletions() {
+        let (sender, receiver) = flume::bounded(WRITER_QUEUE_MAX);
+        let mut queue = WriterQueue::new(sender);
+        // Far more reclaimed segments than the queue holds.
+        for segment in 0..(3 * WRITER_QUEUE_MAX as u64) {
+            queue.submit_delete(segment);
+        }
+        assert_eq!(receiver.len(), WRITER_QUEUE_MAX - 1, "one slot stays free for a write");
+        queue.submit_write(chunk(7));
+        let mut writes = 0;
+        let mut deletes = Vec::new();
+        // The writer drains; the loop pumps between its passes.
+        for _ in 0..10 {
+            while let Ok(command) = receiver.try_recv() {
+                match command {
+                    WriterCommand::Write(written) => {
+                        assert_eq!(written.first_ticket, 7);
+                        writes += 1;
+                    }
+                    WriterCommand::Delete(segment) => deletes.push(segment),
+                }
+            }
+            queue.pump();
+        }
+        assert_eq!(writes, 1, "the taken chunk reaches the writer exactly once");
+        assert_eq!(deletes, (0..(3 * WRITER_QUEUE_MAX as u64)).collect::<Vec<_>>(), "every deletion, in order");
+        assert!(!queue.backlogged());
+    }
+
+    #[test]
+    fn a_chunk_refused_by_a_full_queue_is_parked_not_dropped() {
+        let (sender, receiver) = flume::bounded(2);
+        let mut queue = WriterQueue::new(sender.clone());
+        // Fill the queue behind the WriterQueue's back (the writer is slow).
+        sender.try_send(WriterCommand::Delete(1)).unwrap();
+        sender.try_send(WriterCommand::Delete(2)).unwrap();
+        queue.submit_write(chunk(3));
+        assert!(queue.backlogged());
+        let _ = receiver.try_recv();
+        queue.pump();
+        assert!(!queue.backlogged());
+        let commands: Vec<_> = receiver.try_iter().collect();
+        assert!(
+            matches!(commands.as_slice(), [WriterCommand::Delete(2), WriterCommand::Write(c)] if c.first_ticket == 3)
+        );
+    }
 }

@@ -3,9 +3,9 @@
 //! store and core, plus one bounded channel per ordered pair of shards.
 
 use super::connection::ConnectionLimits;
-use super::log_writer::{run_writer, WriterStart};
+use super::log_writer::{run_writer, WriterQueue, WriterStart, WRITER_QUEUE_MAX};
+use super::shard_loop::WriterLink;
 use super::shard_loop::{LoopParts, ShardBatch, ShardLinks, ShardLoop};
-use super::shard_loop::{WriterLink, WRITER_QUEUE_MAX};
 use super::udp::{bind_exclusive, UdpIo};
 use crate::auth::TokenAuthority;
 use crate::config::Config;
@@ -121,7 +121,11 @@ impl RunningNode {
 }
 
 /// Binds every shard port and starts the shards.
-pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartError> {
+pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartError> {
+    // The writer's directory syncs need absolute paths (see
+    // `files::prepare_data_dir`, which `irisd serve` has applied already).
+    setup.config.data_dir = std::path::absolute(&setup.config.data_dir)
+        .map_err(|error| StartError::Shard(format!("data directory: {error}")))?;
     let setup = Arc::new(setup);
     let config = &setup.config;
     let cpus = allowed_cpus()?;
@@ -129,7 +133,7 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
         (0..shard_count).map(|k| SocketAddr::new(config.listen.ip(), config.listen.port() + k)).collect();
     let mut sockets = Vec::new();
     for (shard, address) in addresses.iter().enumerate() {
-        let socket = bind_exclusive(*address).map_err(|source| StartError::Bind {
+        let socket = bind_with_retry(*address).map_err(|source| StartError::Bind {
             shard: shard as u16,
             address: *address,
             source,
@@ -197,6 +201,33 @@ pub fn start(setup: NodeSetup, shard_count: u16) -> Result<RunningNode, StartErr
         None => None,
     };
     Ok(RunningNode { addresses, admin, executors })
+}
+
+/// How long a busy shard port is retried at start. After a SIGKILL the
+/// kernel tears the dead process's io_uring instances down asynchronously and
+/// its UDP ports stay bound for another 0.1-0.2 s here, so an immediate
+/// restart by systemd would otherwise fail with EADDRINUSE. Two seconds is
+/// ten times that; a port held longer belongs to a live process.
+const BIND_RETRY_FOR: Duration = Duration::from_secs(2);
+/// Pause between bind attempts.
+const BIND_RETRY_INTERVAL: Duration = Duration::from_millis(25);
+
+/// Binds `address`, retrying while it is in use for up to [`BIND_RETRY_FOR`].
+fn bind_with_retry(address: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let deadline = std::time::Instant::now() + BIND_RETRY_FOR;
+    let mut logged = false;
+    loop {
+        match bind_exclusive(address) {
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !logged {
+                    tracing::warn!(%address, "port busy (a process that just died may still hold it); retrying for up to 2 s");
+                    logged = true;
+                }
+                std::thread::sleep(BIND_RETRY_INTERVAL);
+            }
+            result => return result,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -313,7 +344,7 @@ async fn run_shard(
             let spare_bytes = config.storage.segment_bytes_max;
             glommio::spawn_local(run_writer(dir, start, spare_bytes, command_receiver, event_sender)).detach();
             let writer = WriterLink {
-                commands,
+                commands: WriterQueue::new(commands),
                 events,
                 commit_delay: Duration::from_micros(u64::from(config.storage.commit_delay_us)),
                 commit_bytes_max: config.storage.commit_bytes_max as usize,

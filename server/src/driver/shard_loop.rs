@@ -12,7 +12,7 @@
 //! left over, in which case the loop yields to the executor and goes on.
 
 use super::connection::{Connection, ConnectionLimits};
-use super::log_writer::{WriterCommand, WriterEvent};
+use super::log_writer::{WriterEvent, WriterQueue};
 use super::udp::UdpIo;
 use crate::metrics::ShardMetrics;
 use crate::shard::{ConnId, MailboxStore, Output, ShardCore, ShardMessage};
@@ -69,8 +69,8 @@ pub struct ShardLinks {
 /// The shard's log writer task, when the store is durable.
 #[derive(Debug)]
 pub struct WriterLink {
-    /// Commands to the writer (capacity `WRITER_QUEUE_MAX`).
-    pub commands: flume::Sender<WriterCommand>,
+    /// Commands to the writer.
+    pub commands: WriterQueue,
     /// Completions from the writer (capacity `WRITER_QUEUE_MAX`).
     pub events: flume::Receiver<WriterEvent>,
     /// Wait this long for more records before writing an idle log.
@@ -78,10 +78,6 @@ pub struct WriterLink {
     /// Write at once when this many bytes are pending.
     pub commit_bytes_max: usize,
 }
-
-/// Capacity of the writer's command queue: one write in flight plus
-/// segment deletions, which are rare (one per reclaimed segment).
-pub const WRITER_QUEUE_MAX: usize = 64;
 
 /// What a shard loop needs besides its core and log writer.
 #[derive(Debug)]
@@ -234,7 +230,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             let due = since + writer.commit_delay;
             deadline = Some(deadline.map_or(due, |d| d.min(due)));
         }
-        let backlog = !self.transmits.is_empty() || self.core.outbox_pending();
+        let writer_backlog = self.writer.as_ref().is_some_and(|writer| writer.commands.backlogged());
+        let backlog = !self.transmits.is_empty() || self.core.outbox_pending() || writer_backlog;
         let sleep_for = match (deadline, backlog) {
             (_, true) => Some(BACKOFF),
             (Some(deadline), false) => Some(deadline.saturating_duration_since(Instant::now())),
@@ -289,11 +286,11 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn accept_writer_event(&mut self, event: Option<WriterEvent>) {
         match event {
-            Some(WriterEvent::Durable { segment, last_ticket, bytes }) => {
+            Some(WriterEvent::Durable { segment, first_ticket, last_ticket, bytes }) => {
                 self.write_in_flight = false;
                 ShardMetrics::add(&self.metrics.log_writes_total, 1);
                 ShardMetrics::add(&self.metrics.log_bytes_total, bytes);
-                self.core.store_mut().on_write_durable(segment, last_ticket);
+                self.core.store_mut().on_write_durable(segment, first_ticket, last_ticket);
             }
             Some(WriterEvent::Failed { segment, first_ticket, last_ticket, .. }) => {
                 self.write_in_flight = false;
@@ -311,7 +308,8 @@ impl<S: MailboxStore> ShardLoop<S> {
     /// whatever accumulated during the previous sync goes in one write), and
     /// reclaimed segments for deletion.
     fn submit_writes(&mut self, now: Instant) {
-        let Some(writer) = &self.writer else { return };
+        let Some(writer) = &mut self.writer else { return };
+        writer.commands.pump();
         let store = self.core.store_mut();
         if !self.write_in_flight {
             store.maintain();
@@ -325,26 +323,19 @@ impl<S: MailboxStore> ShardLoop<S> {
                     || now >= since + writer.commit_delay;
                 if due {
                     if let Some(chunk) = store.take_write() {
-                        match writer.commands.try_send(WriterCommand::Write(chunk)) {
-                            Ok(()) => {
-                                self.write_in_flight = true;
-                                self.pending_since = (store.pending_write_bytes() > 0).then_some(now);
-                            }
-                            Err(error) => {
-                                // The queue holds one write at most, so only a
-                                // stopped writer refuses; its sends stay unacked.
-                                tracing::error!(%error, "log writer refused a chunk");
-                            }
-                        }
+                        // In flight from here on, even if it waits for a
+                        // queue slot: the next chunk is taken only after
+                        // this one's outcome.
+                        writer.commands.submit_write(chunk);
+                        self.write_in_flight = true;
+                        self.pending_since = (store.pending_write_bytes() > 0).then_some(now);
                     }
                 }
             }
         }
         for segment in store.take_reclaimable() {
             ShardMetrics::add(&self.metrics.log_segments_reclaimed_total, 1);
-            if writer.commands.try_send(WriterCommand::Delete(segment)).is_err() {
-                tracing::warn!(segment, "writer queue full; segment will be reclaimed at the next start");
-            }
+            writer.commands.submit_delete(segment);
         }
     }
 

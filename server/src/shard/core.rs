@@ -306,17 +306,27 @@ impl<S: MailboxStore> ShardCore<S> {
         if let Err(error) = self.store.register_device(device) {
             return self.fail(conn, error.code(), error.to_string());
         }
+        let last_seq = self.store.last_seq(device);
+        if hello.resume_after_seq > last_seq {
+            // Never clamp silently: a seq the server never assigned means the
+            // client (or the server's state) is wrong, and acknowledging it
+            // would delete messages stored later under that seq.
+            let detail =
+                format!("resume_after_seq {} is beyond this device's last seq {last_seq}", hello.resume_after_seq);
+            return self.fail(conn, ErrorCode::ResumeBeyondLastSeq, detail);
+        }
         if let Some(previous) = self.online.insert(device, conn) {
             // A device has one session: the newer connection replaces the older.
             self.sessions.insert(previous, Session::Closing);
             self.outputs.push_back(Output::Close {
                 conn: previous,
-                frame: Some(Frame::error(ErrorCode::ProtocolViolation, "replaced by a newer connection")),
-                close_code: close_code::NORMAL,
+                frame: Some(Frame::error(ErrorCode::SessionReplaced, "replaced by a newer connection of this device")),
+                close_code: close_code::REPLACED,
             });
         }
-        let last_seq = self.store.last_seq(device);
-        let resume = hello.resume_after_seq.min(last_seq);
+        // What the client processed can only be what some connection of it
+        // was pushed; anything above is pushed again (the SDK drops repeats).
+        let resume = hello.resume_after_seq.min(self.store.pushed_seq(device));
         self.store.acknowledge(device, resume);
         self.sessions.insert(conn, Session::Active { device, pushed_up_to: resume, push_queued: false });
         self.emit(
@@ -576,6 +586,8 @@ impl<S: MailboxStore> ShardCore<S> {
         };
         let (seq, message) = self.store.next_after(*device, *pushed_up_to)?;
         *pushed_up_to = seq;
+        let device = *device;
+        self.store.note_pushed(device, seq);
         self.stats.deliveries += 1;
         Some(Frame::Deliver(frames::Deliver {
             seq,

@@ -113,6 +113,13 @@ pub trait MailboxStore {
     fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)>;
     /// Highest seq assigned to `device` (0 if none).
     fn last_seq(&self, device: DeviceKey) -> u64;
+    /// Records that `seq` of `device` was written to one of its push streams.
+    fn note_pushed(&mut self, device: DeviceKey, seq: u64);
+    /// Highest seq a Hello of `device` may acknowledge: the highest one ever
+    /// pushed to it since this process started, or acknowledged before. A
+    /// client cannot have processed a message it was never sent, so a larger
+    /// `resume_after_seq` deletes nothing it has not seen.
+    fn pushed_seq(&self, device: DeviceKey) -> u64;
     /// Every ticket up to this one has an outcome (durable or failed).
     fn committed_ticket(&self) -> Ticket;
     /// Whether the change with this (committed) ticket failed to become durable.
@@ -130,8 +137,9 @@ pub trait MailboxStore {
     fn pending_write_bytes(&self) -> usize {
         0
     }
-    /// The driver made the chunk ending at `last_ticket` durable.
-    fn on_write_durable(&mut self, _segment: u64, _last_ticket: Ticket) {}
+    /// The driver made the chunk `first_ticket..=last_ticket` durable. Chunks
+    /// complete in the order they were taken, each right after the previous.
+    fn on_write_durable(&mut self, _segment: u64, _first_ticket: Ticket, _last_ticket: Ticket) {}
     /// The driver failed to make the chunk durable; its changes are dropped.
     fn on_write_failed(&mut self, _segment: u64, _first_ticket: Ticket, _last_ticket: Ticket) {}
     /// Segments that may be deleted now.
@@ -180,6 +188,8 @@ pub struct Mailbox {
     pub last_seq: u64,
     /// Highest seq acknowledged.
     pub acked_seq: u64,
+    /// Highest seq written to a push stream of the device by this process.
+    pub pushed_seq: u64,
 }
 
 /// The in-memory state every store keeps: registry, mailboxes and the
@@ -398,6 +408,19 @@ impl MailboxIndex {
         self.mailboxes.get(&device).map_or(0, |mailbox| mailbox.last_seq)
     }
 
+    /// See [`MailboxStore::note_pushed`].
+    pub fn note_pushed(&mut self, device: DeviceKey, seq: u64) {
+        if let Some(mailbox) = self.mailboxes.get_mut(&device) {
+            debug_assert!(seq <= mailbox.last_seq, "pushed a seq that was never assigned");
+            mailbox.pushed_seq = mailbox.pushed_seq.max(seq);
+        }
+    }
+
+    /// See [`MailboxStore::pushed_seq`].
+    pub fn pushed_seq(&self, device: DeviceKey) -> u64 {
+        self.mailboxes.get(&device).map_or(0, |mailbox| mailbox.pushed_seq.max(mailbox.acked_seq))
+    }
+
     /// Highest seq acknowledged by `device`.
     pub fn acked_seq(&self, device: DeviceKey) -> u64 {
         self.mailboxes.get(&device).map_or(0, |mailbox| mailbox.acked_seq)
@@ -457,6 +480,14 @@ impl MailboxStore for MemoryStore {
 
     fn last_seq(&self, device: DeviceKey) -> u64 {
         self.index.last_seq(device)
+    }
+
+    fn note_pushed(&mut self, device: DeviceKey, seq: u64) {
+        self.index.note_pushed(device, seq);
+    }
+
+    fn pushed_seq(&self, device: DeviceKey) -> u64 {
+        self.index.pushed_seq(device)
     }
 
     fn committed_ticket(&self) -> Ticket {

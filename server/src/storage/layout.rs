@@ -117,8 +117,7 @@ pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError>
                 LayoutFile { format_version: DATA_FORMAT_VERSION, shard_count, slot_count: iris_shard_map::SLOT_COUNT };
             let text = toml::to_string(&layout)
                 .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?;
-            crate::files::write_public(&path, text.as_bytes()).map_err(io(&path))?;
-            crate::files::sync_directory(data_dir).map_err(io(data_dir))
+            crate::files::write_private(&path, text.as_bytes()).map_err(io(&path))
         }
         Err(error) => Err(io(&path)(error)),
     }
@@ -141,7 +140,7 @@ pub fn next_boot(dir: &Path) -> Result<u64, LayoutError> {
         let path = path.to_path_buf();
         move |source| LayoutError::Io { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::files::create_private_directory(dir).map_err(io(dir))?;
     let path = dir.join("boot");
     let previous = match std::fs::read_to_string(&path) {
         Ok(text) => text
@@ -152,8 +151,7 @@ pub fn next_boot(dir: &Path) -> Result<u64, LayoutError> {
         Err(error) => return Err(io(&path)(error)),
     };
     let boot = previous + 1;
-    crate::files::write_public(&path, boot.to_string().as_bytes()).map_err(io(&path))?;
-    crate::files::sync_directory(dir).map_err(io(dir))?;
+    crate::files::write_private(&path, boot.to_string().as_bytes()).map_err(io(&path))?;
     Ok(boot)
 }
 

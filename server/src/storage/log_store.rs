@@ -66,8 +66,13 @@ pub struct LogStore {
     last_ticket: Ticket,
     /// Every ticket up to here has an outcome.
     committed: Ticket,
-    /// Newest segment with a durable chunk; older empty segments may go.
+    /// Newest segment whose head checkpoint is durable: it covers the device
+    /// state of every older segment, so those may go once delivered.
     committed_segment: u64,
+    /// The current segment's head checkpoint while it is not yet durable:
+    /// (segment, ticket). If its chunk fails, the next segment begins with a
+    /// new checkpoint; until one is durable, no older segment is reclaimed.
+    checkpoint_pending: Option<(u64, Ticket)>,
     /// Ticket ranges whose chunk failed, kept until the core has seen them.
     failed: VecDeque<(Ticket, Ticket)>,
     /// Undelivered mailbox entries per segment, for reclaim and compaction.
@@ -144,6 +149,7 @@ impl LogStore {
             last_ticket: 0,
             committed: 0,
             committed_segment: 1,
+            checkpoint_pending: None,
             failed: VecDeque::new(),
             live_by_segment: BTreeMap::new(),
             compaction: None,
@@ -170,10 +176,15 @@ impl LogStore {
                 report.records += 1;
             }
         }
-        if let Some((segment, scan)) = segments.last() {
+        if let Some((segment, _)) = segments.last() {
+            // Appending resumes in a new segment with a checkpoint of what was
+            // recovered, never in the last one: the last may lack a checkpoint
+            // (its first chunk failed before the crash), and anything after
+            // its valid end (a zeroed block, stale bytes) stays untouched.
+            // Older segments become reclaimable once that checkpoint is durable.
             store.current_segment = *segment;
-            store.current_segment_bytes = scan.valid_end as u64;
-            store.committed_segment = *segment;
+            store.committed_segment = 0;
+            store.start_segment();
         }
         store.corrupt_records = report.corrupt_records;
         report.devices = store.index.mailboxes().count() as u64;
@@ -332,10 +343,29 @@ impl LogStore {
         // Writing the whole window at every rotation stalled the log (see
         // docs/performance.md, soak).
         if checkpoint.is_empty() {
+            // No device, no state to lose: the segment covers at once.
+            self.checkpoint_pending = None;
             return;
         }
         // The checkpoint is one ticket: it becomes durable as a whole.
-        self.push_bytes(&checkpoint);
+        let ticket = self.push_bytes(&checkpoint);
+        self.checkpoint_pending = Some((self.current_segment, ticket));
+    }
+
+    /// Records that `segment` reached the disk up to `last_ticket`: a
+    /// segment covers older ones once its head checkpoint is durable.
+    fn note_durable_segment(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
+        match self.checkpoint_pending {
+            Some((pending, ticket)) if pending == segment => {
+                if (first_ticket..=last_ticket).contains(&ticket) {
+                    self.checkpoint_pending = None;
+                    self.committed_segment = self.committed_segment.max(segment);
+                }
+            }
+            // A chunk of an older segment (written before the rotation).
+            Some(_) => {}
+            None => self.committed_segment = self.committed_segment.max(segment),
+        }
     }
 
     /// Segments believed to be on disk.
@@ -412,6 +442,14 @@ impl MailboxStore for LogStore {
         self.index.last_seq(device)
     }
 
+    fn note_pushed(&mut self, device: DeviceKey, seq: u64) {
+        self.index.note_pushed(device, seq);
+    }
+
+    fn pushed_seq(&self, device: DeviceKey) -> u64 {
+        self.index.pushed_seq(device)
+    }
+
     fn committed_ticket(&self) -> Ticket {
         self.committed
     }
@@ -433,10 +471,13 @@ impl MailboxStore for LogStore {
     }
 
     /// The writer made `chunk` durable.
-    fn on_write_durable(&mut self, segment: u64, last_ticket: Ticket) {
-        assert!(last_ticket > self.committed, "chunks complete in order");
+    fn on_write_durable(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
+        // Durability is recorded as one prefix of tickets: a chunk that never
+        // reached the writer must not be counted by the next one's success.
+        assert_eq!(first_ticket, self.committed + 1, "write chunks must complete contiguously, in order");
+        assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
         self.committed = last_ticket;
-        self.committed_segment = self.committed_segment.max(segment);
+        self.note_durable_segment(segment, first_ticket, last_ticket);
         self.on_disk.insert(segment);
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
             let compaction = self.compaction.take().expect("checked above");
@@ -452,7 +493,8 @@ impl MailboxStore for LogStore {
 
     /// The writer could not make the chunk durable: its changes are dropped.
     fn on_write_failed(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
-        assert!(last_ticket > self.committed, "chunks complete in order");
+        assert_eq!(first_ticket, self.committed + 1, "write chunks must complete contiguously, in order");
+        assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
         let removed = self.index.remove_tickets(first_ticket, last_ticket);
         self.forget_entries(&removed);
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket >= first_ticket) {
@@ -468,6 +510,11 @@ impl MailboxStore for LogStore {
         // The segment may exist partially; the writer rewrites from its last
         // durable end, so it is tracked like any other.
         self.on_disk.insert(segment);
+        if self.checkpoint_pending.is_some_and(|(_, ticket)| (first_ticket..=last_ticket).contains(&ticket)) {
+            // The only copy of the device state meant to cover older segments
+            // is gone: begin another segment with a fresh checkpoint.
+            self.start_segment();
+        }
     }
 
     /// Segments that can be deleted now: older than the newest durable
@@ -525,7 +572,7 @@ mod tests {
     fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
         while let Some(chunk) = store.take_write() {
             files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes);
-            store.on_write_durable(chunk.segment, chunk.last_ticket);
+            store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         }
         for segment in store.take_reclaimable() {
             files.remove(&segment);
@@ -596,6 +643,110 @@ mod tests {
         assert!(mailbox(&recovered, busy).is_empty());
         assert_eq!(mailbox(&recovered, idle), vec![(1, 0)], "the undelivered message survives compaction");
         assert_eq!(recovered.devices_of(3), &[1]);
+    }
+
+    /// Like `flush`, but the first chunk of the next new segment (the one
+    /// carrying its checkpoint) fails, `failures` times in all.
+    fn flush_failing_checkpoints(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
+        let mut seen = files.keys().copied().max().unwrap_or(0);
+        while let Some(chunk) = store.take_write() {
+            if chunk.segment > seen && *failures > 0 && !files.contains_key(&chunk.segment) {
+                *failures -= 1;
+                seen = chunk.segment;
+                store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+                continue;
+            }
+            seen = seen.max(chunk.segment);
+            files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes);
+            store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        }
+        for segment in store.take_reclaimable() {
+            files.remove(&segment);
+        }
+    }
+
+    const QUIET: DeviceKey = DeviceKey { user: 2, device: 1 };
+    const BUSY: DeviceKey = DeviceKey { user: 3, device: 1 };
+
+    /// A log of 4 KiB segments with [`QUIET`] and [`BUSY`] registered.
+    fn small_log_of_two_devices() -> (LogLimits, LogStore, BTreeMap<u64, Vec<u8>>) {
+        let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+        let mut store = LogStore::new(limits(), log_limits);
+        store.register_device(QUIET).unwrap();
+        store.register_device(BUSY).unwrap();
+        (log_limits, store, BTreeMap::new())
+    }
+
+    #[test]
+    fn a_failed_checkpoint_never_lets_reclaim_delete_the_only_device_state() {
+        let (log_limits, mut store, mut files) = small_log_of_two_devices();
+        let (quiet, busy) = (QUIET, BUSY);
+        for id in 1..=5 {
+            store.store_message(message(id, 2, 10), &[quiet]).unwrap();
+        }
+        flush(&mut store, &mut files);
+        store.acknowledge(quiet, 5);
+        flush(&mut store, &mut files);
+        // Delivered traffic until the log rotates; the new segment's first
+        // chunk (its checkpoint) fails; a little more traffic follows.
+        let mut failures = 1;
+        let mut id = 100;
+        while failures > 0 || id < 110 {
+            store.store_message(message(id, 3, 100), &[busy]).unwrap();
+            flush_failing_checkpoints(&mut store, &mut files, &mut failures);
+            store.acknowledge(busy, store.last_seq(busy));
+            flush_failing_checkpoints(&mut store, &mut files, &mut failures);
+            id += 1;
+        }
+        assert!(!files.contains_key(&1), "the delivered first segment should be reclaimed");
+        // A crash now: the quiet device's state must still be on disk.
+        let recovered = recover(&files, log_limits);
+        assert_eq!(recovered.last_seq(quiet), 5, "the quiet device's seq must survive reclaim");
+        assert_eq!(recovered.last_seq(busy), store.last_seq(busy));
+    }
+
+    #[test]
+    fn recovery_continues_in_a_new_checkpointed_segment() {
+        let (log_limits, mut store, mut files) = small_log_of_two_devices();
+        let (quiet, busy) = (QUIET, BUSY);
+        store.store_message(message(1, 2, 10), &[quiet]).unwrap();
+        flush(&mut store, &mut files);
+        store.acknowledge(quiet, 1);
+        flush(&mut store, &mut files);
+        // A second segment without a checkpoint (its first chunk failed
+        // before a crash), holding only later records.
+        let mut second = Vec::new();
+        encode_record(&Record::Acknowledged(Acknowledged { user: 3, device: 1, up_to_seq: 0 }), &mut second);
+        files.insert(2, second);
+        // Restart twice, each time delivering a little (less than a
+        // segment) and reclaiming.
+        let mut store = recover(&files, log_limits);
+        for _ in 0..2 {
+            for id in 10..13 {
+                store.store_message(message(id, 3, 100), &[busy]).unwrap();
+                store.acknowledge(busy, store.last_seq(busy));
+                flush(&mut store, &mut files);
+            }
+            store = recover(&files, log_limits);
+        }
+        assert!(!files.contains_key(&1), "the first segment should be reclaimed");
+        assert_eq!(store.last_seq(quiet), 1, "the device state of the first segment survives");
+    }
+
+    #[test]
+    #[should_panic(expected = "contiguously")]
+    fn a_durable_chunk_after_a_lost_one_is_refused() {
+        let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 64 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let device = DeviceKey { user: 2, device: 1 };
+        store.register_device(device).unwrap();
+        store.store_message(message(1, 2, 100), &[device]).unwrap();
+        store.store_message(message(2, 2, 100), &[device]).unwrap();
+        let lost = store.take_write().unwrap();
+        let next = store.take_write().unwrap();
+        assert!(next.first_ticket > lost.last_ticket);
+        // The first chunk never reached the disk; the second must not make it count.
+        store.on_write_durable(next.segment, next.first_ticket, next.last_ticket);
     }
 
     #[test]

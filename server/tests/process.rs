@@ -1,0 +1,197 @@
+//! The process and its data directory: relative and absolute paths, one
+//! server per directory, restarts right after a SIGKILL, file modes, and the
+//! close code of a replaced session.
+
+mod common;
+
+use common::{rand_u64, user_on_shard, Raw, Server};
+use iris_client::Client;
+use iris_protocol::frames::Frame;
+use iris_protocol::{close_code, ErrorCode};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// One MiB segments: the smallest irisd accepts, so a few MiB of messages
+/// rotate the log several times.
+const SMALL_SEGMENTS: &str = "[storage]\nsegment_bytes_max = 1048576\n";
+
+/// Sends `count` messages of `bytes` each, 32 in flight, without retrying
+/// refusals, and returns how many were refused (each is printed).
+async fn count_refusals(config: iris_client::ClientConfig, to_user: u64, count: usize, bytes: usize) -> usize {
+    let mut config = config;
+    config.retry_refusals = false;
+    let client = Client::connect(config).await.expect("connect sender");
+    let mut refused = 0;
+    let mut window = std::collections::VecDeque::new();
+    for index in 0..count {
+        let mut payload = vec![(index % 251) as u8; bytes];
+        payload[..8].copy_from_slice(&(index as u64).to_le_bytes());
+        window.push_back(client.send_nowait(to_user, payload).await.expect("queue send"));
+        while window.len() >= 32 {
+            if let Err(error) = window.pop_front().unwrap().await.expect("answer") {
+                eprintln!("refused: {error}");
+                refused += 1;
+            }
+        }
+    }
+    for ack in window {
+        if let Err(error) = ack.await.expect("answer") {
+            eprintln!("refused: {error}");
+            refused += 1;
+        }
+    }
+    client.close().await.unwrap();
+    refused
+}
+
+/// Starts `irisd serve` in `cwd` with `--data-dir data_dir` (as given:
+/// relative or absolute); returns the child and its base port.
+fn serve_in(cwd: &Path, data_dir: &Path, config: &str) -> (std::process::Child, u16) {
+    let config_path = cwd.join("irisd-test.toml");
+    std::fs::write(&config_path, config).unwrap();
+    for _ in 0..20 {
+        let port = 20_000 + (rand_u64() % 12_000) as u16;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_irisd"))
+            .current_dir(cwd)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "1", "--config"])
+            .arg(&config_path)
+            .env("IRIS_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        if lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")) {
+            std::thread::spawn(move || for _ in lines {});
+            return (child, port);
+        }
+        let _ = child.wait();
+    }
+    panic!("irisd did not start");
+}
+
+async fn sends_survive_rotation_with(data_dir_argument: &Path, cwd: &Path, absolute_dir: &Path) {
+    let (mut child, port) = serve_in(cwd, data_dir_argument, SMALL_SEGMENTS);
+    let authority =
+        irisd::auth::TokenAuthority::load_or_create(&absolute_dir.join("keys/token-signing.key"), false).unwrap().0;
+    let token = |user: u64| {
+        authority.mint(irisd::auth::Claims { user_id: user, device_id: 1, expires_at_s: common::now_s() + 600 })
+    };
+    let ca = absolute_dir.join("tls/cert.pem");
+    let address = format!("127.0.0.1:{port}");
+    let (sender, recipient) = (user_on_shard(0, 1, 10), user_on_shard(0, 1, 20));
+    Client::connect(iris_client::ClientConfig::new(&address, &ca, token(recipient)))
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    // 3.5 MiB of messages: at least three new segments, each of whose first
+    // write once failed when the data directory was relative.
+    let config = iris_client::ClientConfig::new(&address, &ca, token(sender));
+    let refused = count_refusals(config, recipient, 700, 5 * 1024).await;
+    let segments = std::fs::read_dir(absolute_dir.join("shard-0"))
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log"))
+        .count();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(segments >= 3, "the log should have rotated: {segments} segment(s)");
+    assert_eq!(refused, 0, "no send may be refused for a rotation ({})", data_dir_argument.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_and_absolute_data_directories_both_rotate_without_refusals() {
+    let root = tempfile::tempdir().unwrap();
+    // Relative to the server's working directory, as the default ./iris-data is.
+    sends_survive_rotation_with(Path::new("./iris-data"), root.path(), &root.path().join("iris-data")).await;
+    let absolute = root.path().join("absolute-data");
+    sends_survive_rotation_with(&absolute, root.path(), &absolute).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_one_data_directory_is_refused_with_the_holder_named() {
+    let mut server = Server::start(1);
+    let output = Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "1", "--listen"])
+        .arg(format!("127.0.0.1:{}", server.base_port + 7))
+        .arg("--data-dir")
+        .arg(server.data_dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "a second irisd must not start on a locked data directory");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another irisd"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", server.child.id())), "the holder is named: {stderr}");
+    server.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_right_after_sigkill_comes_up_at_the_first_attempt() {
+    let mut server = Server::start(2);
+    let user = user_on_shard(1, 2, 40);
+    Client::connect(server.client_config(user, 1)).await.unwrap().close().await.unwrap();
+    for round in 0..6 {
+        server.kill9();
+        assert!(server.restart_once(), "restart {round} right after SIGKILL failed");
+    }
+    Client::connect(server.client_config(user, 1)).await.expect("serving after the restarts").close().await.unwrap();
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_keys_and_directories_are_private_to_irisd() {
+    let server = Server::start(1);
+    let (sender, recipient) = (user_on_shard(0, 1, 50), user_on_shard(0, 1, 60));
+    Client::connect(server.client_config(recipient, 1)).await.unwrap().close().await.unwrap();
+    assert_eq!(count_refusals(server.client_config(sender, 1), recipient, 10, 100).await, 0);
+    let root = server.data_dir.path();
+    let mut checked = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                assert_eq!(mode_of(&path), 0o700, "{}", path.display());
+                stack.push(path);
+            } else if path.ends_with("tls/cert.pem") {
+                assert_eq!(mode_of(&path), 0o644, "clients read the certificate");
+            } else if path.extension().is_some_and(|extension| extension == "toml") && path.starts_with(root) {
+                // The test's own configuration file.
+            } else {
+                assert_eq!(mode_of(&path) & 0o077, 0, "{} is readable by others", path.display());
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 4, "segments, keys and the boot counter were checked ({checked})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_session_gets_its_own_error_and_close_code() {
+    let server = Server::start(1);
+    let user = user_on_shard(0, 1, 70);
+    let token = server.token(user, 1);
+    let mut first = Raw::connect(&server, 0).await;
+    assert!(matches!(first.hello(&token, 0).await, Frame::Welcome(_)));
+    let mut second = Raw::connect(&server, 0).await;
+    assert!(matches!(second.hello(&token, 0).await, Frame::Welcome(_)));
+    match first.read_frame().await {
+        Some(Frame::Error(error)) => assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::SessionReplaced)),
+        other => panic!("expected SessionReplaced, got {other:?}"),
+    }
+    assert_eq!(first.closed_code().await, Some(u64::from(close_code::REPLACED)));
+    // The newer session keeps working.
+    second.write_frame(&Frame::Ping(iris_protocol::frames::Ping { nonce: 5 })).await;
+    assert!(matches!(second.read_frame().await, Some(Frame::Pong(pong)) if pong.nonce == 5));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
