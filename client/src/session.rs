@@ -269,7 +269,10 @@ impl Session {
             }
         }
         let mut push: Option<quinn::RecvStream> = None;
-        let mut push_decoder = FrameDecoder::new(self.config.frame_bytes_max);
+        // Deliver frames are bounded by the server's limit, which may be
+        // larger than ours: a message we could not decode would come back
+        // on every reconnect and stop this device's push stream for good.
+        let mut push_decoder = FrameDecoder::new(iris_protocol::FRAME_BYTES_MAX_CEILING);
         let mut request_buffer = vec![0u8; READ_CHUNK_BYTES];
         let mut push_buffer = vec![0u8; READ_CHUNK_BYTES];
         let mut tick = tokio::time::interval(TICK);

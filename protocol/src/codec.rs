@@ -28,6 +28,11 @@ pub const HEADER_BYTES: usize = LENGTH_PREFIX_BYTES + 2;
 /// Default bound on `length` (64 KiB). A frame above it is refused.
 pub const FRAME_BYTES_MAX_DEFAULT: u32 = 64 * 1024;
 
+/// Largest allowed `frame_bytes_max` on any server. Clients read the push
+/// stream with this bound, so a message stored under a server's limit is
+/// always deliverable whatever the client's own send limit is.
+pub const FRAME_BYTES_MAX_CEILING: u32 = 16 * 1024 * 1024;
+
 /// Smallest allowed `frame_bytes_max`: big enough for a full shard map of
 /// 4096 slots (about 16 KiB) plus headroom.
 pub const FRAME_BYTES_MAX_FLOOR: u32 = 20 * 1024;

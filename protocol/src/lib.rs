@@ -20,7 +20,8 @@ pub mod frames;
 
 pub use codec::{
     decode_body, encode, encode_into, payload_bytes_max, DecodeError, EncodeError, FrameDecoder,
-    DELIVER_OVERHEAD_BYTES, FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_FLOOR, HEADER_BYTES, PROTOCOL_VERSION,
+    DELIVER_OVERHEAD_BYTES, FRAME_BYTES_MAX_CEILING, FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_FLOOR, HEADER_BYTES,
+    PROTOCOL_VERSION,
 };
 pub use errors::ErrorCode;
 pub use frames::Frame;

@@ -224,11 +224,14 @@ impl Config {
         if u32::from(self.listen.port()) + u32::from(self.shards.unwrap_or(1)) > 65_536 || self.listen.port() == 0 {
             return invalid(format!("listen port {} leaves no room for one port per shard", self.listen.port()));
         }
-        if limits.frame_bytes_max < iris_protocol::FRAME_BYTES_MAX_FLOOR || limits.frame_bytes_max > 16 * 1024 * 1024 {
+        if limits.frame_bytes_max < iris_protocol::FRAME_BYTES_MAX_FLOOR
+            || limits.frame_bytes_max > iris_protocol::FRAME_BYTES_MAX_CEILING
+        {
             return invalid(format!(
-                "limits.frame_bytes_max = {}: must be {}..=16777216",
+                "limits.frame_bytes_max = {}: must be {}..={}",
                 limits.frame_bytes_max,
-                iris_protocol::FRAME_BYTES_MAX_FLOOR
+                iris_protocol::FRAME_BYTES_MAX_FLOOR,
+                iris_protocol::FRAME_BYTES_MAX_CEILING
             ));
         }
         let positive = [

@@ -52,11 +52,26 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    fail_stop_on_panic();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, data_dir, listen, shards } => serve(config, data_dir, listen, shards),
         Command::Token { data_dir, user, device, ttl } => token(&data_dir, user, device, ttl),
     }
+}
+
+/// Fail-stop: a panic on any thread (a shard's loop, its recovery, the
+/// admin endpoint) aborts the whole process after the usual report. A shard
+/// that died while the process stayed up would leave its users unserved and
+/// throttled forever while health checks pass; aborting lets the supervisor
+/// (systemd) restart irisd, which recovers every shard from its log.
+fn fail_stop_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("irisd: a thread panicked; aborting the process (fail-stop)");
+        std::process::abort();
+    }));
 }
 
 fn key_path(data_dir: &Path) -> PathBuf {

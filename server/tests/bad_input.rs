@@ -177,3 +177,64 @@ async fn a_connection_that_never_says_hello_is_closed() {
     assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
     assert_still_serving(&mut server).await;
 }
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS line");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `count` ShardMapRequest frames back to back (~6 bytes each; each answer is ~16 KiB).
+fn shard_map_requests(count: usize) -> Vec<u8> {
+    let one = iris_protocol::encode(&Frame::ShardMapRequest(frames::ShardMapRequest {}), 65536).unwrap();
+    one.repeat(count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_before_hello_are_limited() {
+    let mut server = Server::start(2);
+    let mut raw = Raw::connect(&server, 0).await;
+    raw.write_bytes(&shard_map_requests(1000)).await;
+    let mut maps = 0;
+    loop {
+        match raw.read_frame().await {
+            Some(Frame::ShardMap(_)) => maps += 1,
+            Some(Frame::Error(error)) => {
+                assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::ProtocolViolation));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(maps, irisd::shard::core::PRE_HELLO_REQUESTS_MAX as usize);
+    assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
+    assert_still_serving(&mut server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_for_large_answers_cannot_grow_server_memory() {
+    let mut server = Server::start(1);
+    let before = rss_kib(server.child.id());
+    let mut floods = Vec::new();
+    for index in 0..4 {
+        let user = user_on_shard(0, 1, 500 + index * 10);
+        let mut raw = Raw::connect(&server, 0).await;
+        assert!(matches!(raw.hello(&server.token(user, 1), 0).await, Frame::Welcome(_)));
+        // 200 KB of requests that ask for ~3 GB of answers, never read.
+        let requests = shard_map_requests(32_000);
+        let _ = tokio::time::timeout(Duration::from_secs(3), raw.send.write_all(&requests)).await;
+        floods.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown_kib = rss_kib(server.child.id()).saturating_sub(before);
+    println!("irisd RSS grew by {grown_kib} KiB under 4 floods");
+    // Each connection may hold its 256 KiB response budget plus QUIC's
+    // 256 KiB windows; 32 MiB leaves ample room for allocator slack.
+    assert!(grown_kib < 32 * 1024, "irisd grew by {grown_kib} KiB from 4 connections' small requests");
+    // The flooding connections still get their answers once they read.
+    let raw = &mut floods[0];
+    assert!(matches!(raw.read_frame().await, Some(Frame::ShardMap(_))));
+    drop(floods);
+    assert_still_serving(&mut server).await;
+}

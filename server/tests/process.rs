@@ -195,3 +195,60 @@ async fn a_replaced_session_gets_its_own_error_and_close_code() {
     assert!(matches!(second.read_frame().await, Some(Frame::Pong(pong)) if pong.nonce == 5));
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// Waits up to `wait` for `child` to exit; its status, or `None` if it still runs.
+fn exited_within(child: &mut std::process::Child, wait: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Spawns irisd with a failpoint armed; returns the child and its stdout lines.
+fn spawn_with_failpoint(data_dir: &Path, port: u16, failpoint: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir)
+        .env("IRIS_FAILPOINT", failpoint)
+        .env("IRIS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_panics_takes_the_process_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    let mut child = spawn_with_failpoint(dir.path(), port, "panic-on-connection:1");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
+    std::thread::spawn(move || for _ in lines {});
+    // A connection to shard 1 makes its loop panic.
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(common::client_tls(&dir.path().join("tls/cert.pem")));
+    let address = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.connect(address, "localhost").unwrap()).await;
+    let status = exited_within(&mut child, Duration::from_secs(10));
+    let _ = child.kill();
+    let status = status.expect("irisd kept running with a dead shard");
+    assert!(!status.success(), "a panic must end the process with a failure status: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_during_recovery_ends_startup_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    let mut child = spawn_with_failpoint(dir.path(), port, "panic-in-recovery:1");
+    let status = exited_within(&mut child, Duration::from_secs(10));
+    let _ = child.kill();
+    let mut stdout = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout);
+    assert!(!stdout.contains("ready:"), "irisd must not report ready: {stdout}");
+    assert!(!status.expect("startup hung after a shard panicked in recovery").success());
+}

@@ -325,3 +325,33 @@ fn fs_free_bytes(path: &Path) -> u64 {
     let output = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(path).output().unwrap();
     String::from_utf8(output.stdout).unwrap().lines().nth(1).unwrap().trim().parse().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_holding_messages_larger_than_the_frame_limit_is_refused_not_skipped() {
+    let mut server = Server::start(1);
+    let (sender, recipient) = (7001, 7002);
+    register(&server, recipient, 1).await;
+    let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    client.send(recipient, vec![42; 40_000]).await.expect("a 40 KB message fits the default 64 KiB frames");
+    client.close().await.unwrap();
+    server.kill9();
+
+    // Lowered below what the log holds: refused at start, with the fix named.
+    let config = server.data_dir.path().join("small-frames.toml");
+    std::fs::write(&config, "[limits]\nframe_bytes_max = 20480\nconnection_response_bytes_max = 262144\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--listen", &server.address(0), "--shards", "1", "--data-dir"])
+        .arg(server.data_dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "irisd must not start with a limit its log cannot be delivered under");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("limits.frame_bytes_max >= 40064"), "{stderr}");
+
+    // With the old limit the message is still there and arrives whole.
+    server.restart();
+    let delivered = receive_all(&server, recipient, 1, Duration::from_secs(2)).await;
+    assert_eq!(delivered.len(), 1);
+}

@@ -2,12 +2,19 @@
 //! request stream (frames in, responses out) and the push stream (Deliver
 //! frames out), with bounded buffers on both.
 //!
-//! Backpressure: responses are buffered up to `response_bytes_max`; past it
-//! the request stream is not read, so QUIC flow control stops the client.
+//! Backpressure: every request frame is charged, before the core sees it,
+//! with the most bytes of answers it can produce
+//! ([`ShardCore::response_bytes_bound`]); a frame is handed in only while
+//! the response buffer has that much room below `response_bytes_max`.
+//! Otherwise it is held (one frame) and the request stream is not read, so
+//! QUIC flow control stops the client. Small requests that make large
+//! answers (a shard map is ~16 KiB from a ~6-byte request) therefore cannot
+//! grow the buffer past its bound, however many are sent at once.
 //! Deliver frames are pulled from the shard core only while the push stream
 //! accepts bytes, so a slow reader holds at most one partly written frame
 //! here; its messages stay in its mailbox.
 
+use crate::shard::core::SMALL_RESPONSE_BYTES_MAX;
 use crate::shard::{ConnId, MailboxStore, Output, ShardCore};
 use iris_protocol::{close_code, encode_into, Frame, FrameDecoder};
 use quinn_proto::{Dir, Event, ReadError, StreamEvent, StreamId, VarInt, WriteError};
@@ -102,6 +109,9 @@ pub struct Connection {
     request_readable: bool,
     /// Decoder of the request stream.
     decoder: FrameDecoder,
+    /// A decoded request waiting for room in the response buffer, with the
+    /// bytes of answers it may produce.
+    held: Option<(Frame, usize)>,
     /// Responses for the request stream.
     responses: Outgoing,
     /// The server's push stream, once opened.
@@ -136,6 +146,7 @@ impl Connection {
             request: None,
             request_readable: false,
             decoder: FrameDecoder::new(frame_bytes_max),
+            held: None,
             responses: Outgoing::default(),
             push: None,
             push_open_pending: false,
@@ -193,66 +204,87 @@ impl Connection {
 
     fn read_requests<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
         let Some(stream) = self.request else { return };
-        if !self.request_readable || self.closing.is_some() || self.responses_full() {
+        if self.closing.is_some() {
             return;
         }
+        let mut room = self.response_room();
         let mut frames = Vec::new();
+        if let Some((frame, cost)) = self.held.take() {
+            if cost > room {
+                self.held = Some((frame, cost));
+                return;
+            }
+            room -= cost;
+            frames.push(frame);
+        }
         let mut failure = None;
         let mut ended = false;
-        match self.quic.recv_stream(stream).read(true) {
-            Ok(mut chunks) => {
-                let mut read_bytes = 0;
-                while read_bytes < READ_BYTES_PER_DRIVE && failure.is_none() {
-                    match chunks.next(READ_BYTES_PER_DRIVE) {
+        let mut read_bytes = 0;
+        // Frames already buffered go first; the stream is read only when the
+        // decoder has no complete frame left and there is room for answers.
+        'decode: loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let cost = core.response_bytes_bound(&frame);
+                    if cost > room {
+                        self.held = Some((frame, cost));
+                        break 'decode;
+                    }
+                    room -= cost;
+                    frames.push(frame);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    failure = Some(error);
+                    break 'decode;
+                }
+            }
+            if !self.request_readable || read_bytes >= READ_BYTES_PER_DRIVE {
+                break;
+            }
+            match self.quic.recv_stream(stream).read(true) {
+                Ok(mut chunks) => {
+                    match chunks.next(READ_BYTES_PER_DRIVE - read_bytes) {
                         Ok(Some(chunk)) => {
                             read_bytes += chunk.bytes.len();
                             self.decoder.feed(&chunk.bytes);
-                            loop {
-                                match self.decoder.next_frame() {
-                                    Ok(Some(frame)) => frames.push(frame),
-                                    Ok(None) => break,
-                                    Err(error) => {
-                                        failure = Some(error);
-                                        break;
-                                    }
-                                }
-                            }
                         }
-                        Ok(None) | Err(ReadError::Reset(_)) => {
-                            ended = true;
-                            break;
-                        }
-                        Err(ReadError::Blocked) => {
-                            self.request_readable = false;
-                            break;
-                        }
+                        Ok(None) | Err(ReadError::Reset(_)) => ended = true,
+                        Err(ReadError::Blocked) => self.request_readable = false,
                     }
+                    // Flow-control credit goes out with the next transmit pass.
+                    let _ = chunks.finalize();
                 }
-                // Flow-control credit goes out with the next transmit pass.
-                let _ = chunks.finalize();
+                Err(_) => ended = true,
             }
-            Err(_) => ended = true,
+            if ended {
+                break;
+            }
         }
         for frame in frames {
             core.on_frame(conn, frame, now_ms);
         }
         if let Some(error) = failure {
             self.request_readable = false;
+            self.held = None;
             core.on_decode_error(conn, error.code(), error.to_string());
-        } else if ended {
+        } else if ended && self.held.is_none() {
             self.request_readable = false;
             self.close(now, close_code::NORMAL, "request stream ended");
         }
     }
 
-    fn responses_full(&self) -> bool {
-        self.responses.pending() > self.limits.response_bytes_max
+    /// Bytes of answers the response buffer can still take.
+    fn response_room(&self) -> usize {
+        self.limits.response_bytes_max.saturating_sub(self.responses.pending())
     }
 
     /// Applies one output of the core to this connection.
     pub fn apply(&mut self, output: Output, now: Instant) {
         match output {
             Output::Frame { frame, .. } => self.queue_response(&frame),
+            Output::Encoded { bytes, .. } => self.responses.bytes.extend_from_slice(&bytes),
             Output::Authenticated { .. } => {
                 if self.closing.is_none() {
                     self.close_deadline = None;
@@ -320,9 +352,12 @@ impl Connection {
                 self.push_wanted = false;
                 break;
             };
+            // Every stored payload fits a Deliver: Sends are checked against
+            // payload_bytes_max, and recovery refuses a log holding larger
+            // ones. Skipping one instead would let the next DeliveryAck
+            // delete a message that was never delivered.
             if let Err(error) = encode_into(&frame, self.frame_bytes_max, &mut self.pushes.bytes) {
-                tracing::error!(%error, "deliver frame not encodable; skipped");
-                continue;
+                panic!("a stored message does not fit a Deliver frame: {error}");
             }
             written += 1;
             if !self.pushes.flush(&mut self.quic, stream) {
@@ -333,7 +368,12 @@ impl Connection {
 
     /// Whether the connection can make progress without new input.
     pub fn has_pending_work(&self) -> bool {
-        let can_read = self.request_readable && self.closing.is_none() && !self.responses_full();
+        let room = self.response_room();
+        let can_read = self.closing.is_none()
+            && match &self.held {
+                Some((_, cost)) => *cost <= room,
+                None => self.request_readable && room >= SMALL_RESPONSE_BYTES_MAX,
+            };
         let can_push = self.push_wanted && self.push.is_some() && !self.pushes.blocked && self.closing.is_none();
         let can_respond = self.responses.pending() > 0 && !self.responses.blocked;
         can_read || can_push || can_respond

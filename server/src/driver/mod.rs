@@ -10,9 +10,11 @@
 //! - [`udp`]: batched UDP I/O (GSO/GRO) with glommio readiness.
 //! - [`log_writer`]: the shard's log writer task (buffered appends, fdatasync).
 //! - [`admin`]: the metrics and health HTTP endpoint.
+//! - [`failpoint`]: fault injection for tests (debug builds only).
 
 pub mod admin;
 pub mod connection;
+pub mod failpoint;
 pub mod log_writer;
 pub mod runtime;
 pub mod shard_loop;

@@ -322,8 +322,21 @@ async fn run_shard(
                 segment_bytes_max: config.storage.segment_bytes_max,
                 commit_bytes_max: config.storage.commit_bytes_max as usize,
             };
+            assert!(!super::failpoint::armed(super::failpoint::PANIC_IN_RECOVERY, shard), "failpoint: recovery");
             let (store, report) = LogStore::recover(store_limits, log_limits, &scans);
             drop(scans);
+            let payload_max = iris_protocol::payload_bytes_max(limits.frame_bytes_max);
+            if report.live_payload_bytes_max > payload_max {
+                // Such a message could never be pushed; refusing to start
+                // beats skipping it (it would then be acknowledged away).
+                let detail = format!(
+                    "the log holds an undelivered message of {} bytes, more than limits.frame_bytes_max = {}                      can carry ({payload_max} bytes of payload); start with limits.frame_bytes_max >= {}",
+                    report.live_payload_bytes_max,
+                    limits.frame_bytes_max,
+                    report.live_payload_bytes_max + iris_protocol::DELIVER_OVERHEAD_BYTES
+                );
+                return report_failure(&ready, shard, detail);
+            }
             ShardMetrics::set(&metrics.log_corrupt_records, report.corrupt_records);
             ShardMetrics::set(&metrics.log_torn_bytes, report.torn_bytes);
             ShardMetrics::set(&metrics.log_recovery_ms, started.elapsed().as_millis() as u64);

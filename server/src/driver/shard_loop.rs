@@ -136,6 +136,8 @@ pub struct ShardLoop<S: MailboxStore> {
     write_in_flight: bool,
     /// When records started waiting for the writer (for `commit_delay`).
     pending_since: Option<Instant>,
+    /// Test fault injection: panic on the first accepted connection.
+    panic_on_connection: bool,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -158,6 +160,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         let LoopParts { endpoint_config, server_config, udp, links, connections_max, connection_limits, metrics } =
             parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
+        let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
         ShardLoop {
             core,
             endpoint,
@@ -175,6 +178,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             metrics,
             write_in_flight: false,
             pending_since: None,
+            panic_on_connection,
         }
     }
 
@@ -382,6 +386,7 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
                 match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
                     Ok((handle, quic)) => {
+                        assert!(!self.panic_on_connection, "failpoint: a shard loop panics");
                         let connection =
                             Connection::new(quic, now, self.core.frame_bytes_max(), self.connection_limits);
                         self.connections.insert(handle, Box::new(connection));
@@ -492,7 +497,10 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn apply_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
             let conn = match &output {
-                Output::Frame { conn, .. } | Output::Authenticated { conn } | Output::Close { conn, .. } => *conn,
+                Output::Frame { conn, .. }
+                | Output::Encoded { conn, .. }
+                | Output::Authenticated { conn }
+                | Output::Close { conn, .. } => *conn,
             };
             let handle = ConnectionHandle(conn.0 as usize);
             let Some(connection) = self.connections.get_mut(&handle) else {

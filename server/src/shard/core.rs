@@ -81,6 +81,15 @@ pub enum Output {
         /// The connection.
         conn: ConnId,
     },
+    /// Write these already encoded frame bytes on the connection's request
+    /// stream. Answers that are the same for every client (the shard map of
+    /// an epoch) are encoded once and shared.
+    Encoded {
+        /// Target connection.
+        conn: ConnId,
+        /// One or more encoded frames.
+        bytes: Rc<[u8]>,
+    },
     /// Finish the request stream (after `frame`, if any) and close the
     /// connection with `close_code` once the client has received it.
     Close {
@@ -96,8 +105,12 @@ pub enum Output {
 /// State of a connection on this shard.
 #[derive(Debug)]
 enum Session {
-    /// Connected, no valid Hello yet: only Hello, ShardMapRequest and Ping are allowed.
-    AwaitingHello,
+    /// Connected, no valid Hello yet: only Hello, ShardMapRequest and Ping
+    /// are allowed, and at most [`PRE_HELLO_REQUESTS_MAX`] of the latter two.
+    AwaitingHello {
+        /// ShardMapRequests and Pings answered so far.
+        requests: u32,
+    },
     /// Authenticated as `device`.
     Active {
         /// The device.
@@ -180,7 +193,20 @@ pub struct ShardCore<S: MailboxStore> {
     awaiting_commit: VecDeque<Completion>,
     /// Counter part of the next server_msg_id.
     next_message_counter: u64,
+    /// The ShardMap answer, encoded once (the table does not change within
+    /// an epoch; one node has one epoch).
+    shard_map_encoded: Rc<[u8]>,
 }
+
+/// ShardMapRequests and Pings a connection may send before its Hello. A
+/// client needs one shard map at most; an unauthenticated peer gets no more
+/// than this many answers (~16 KiB each for the map) before it is closed.
+pub const PRE_HELLO_REQUESTS_MAX: u32 = 4;
+/// Upper bound on the encoded size of every answer other than the shard
+/// map: Welcome, Ack, Pong, Redirect (advertised host <= 253 bytes) and Error
+/// (messages are short, fixed texts with a few numbers). The driver charges
+/// it against the connection's response budget before handing a frame in.
+pub const SMALL_RESPONSE_BYTES_MAX: usize = 512;
 
 /// How long a throttled client should wait before retrying, in ms.
 const THROTTLE_RETRY_AFTER_MS: u32 = 100;
@@ -202,6 +228,10 @@ impl<S: MailboxStore> ShardCore<S> {
         assert!(usize::from(identity.shard.0) < identity.shard_ports.len(), "shard index outside the port list");
         assert!(identity.shard.0 < 1 << 10, "shard index does not fit the server_msg_id layout");
         let shard_count = identity.shard_ports.len();
+        let shard_map = Self::shard_map_frame(&identity, &table);
+        let shard_map_encoded: Rc<[u8]> = iris_protocol::encode(&shard_map, frame_bytes_max)
+            .expect("the shard map fits FRAME_BYTES_MAX_FLOOR, which bounds frame_bytes_max from below")
+            .into();
         ShardCore {
             stats: CoreStats::default(),
             identity,
@@ -218,6 +248,18 @@ impl<S: MailboxStore> ShardCore<S> {
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             awaiting_commit: VecDeque::new(),
             next_message_counter: 1,
+            shard_map_encoded,
+        }
+    }
+
+    /// The most bytes of answers `frame` can make this core emit at once
+    /// (later Acks of a Send are bounded by the in-flight limit instead).
+    /// The driver hands a frame in only while the connection's response
+    /// buffer has this much room, so no peer can make it grow past its bound.
+    pub fn response_bytes_bound(&self, frame: &Frame) -> usize {
+        match frame {
+            Frame::ShardMapRequest(_) => self.shard_map_encoded.len(),
+            _ => SMALL_RESPONSE_BYTES_MAX,
         }
     }
 
@@ -243,7 +285,7 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// A new connection exists.
     pub fn on_connection(&mut self, conn: ConnId) {
-        let previous = self.sessions.insert(conn, Session::AwaitingHello);
+        let previous = self.sessions.insert(conn, Session::AwaitingHello { requests: 0 });
         assert!(previous.is_none(), "connection id {conn:?} reused while live");
     }
 
@@ -270,11 +312,20 @@ impl<S: MailboxStore> ShardCore<S> {
             return;
         }
         let active = matches!(session, Session::Active { .. });
+        if let Some(Session::AwaitingHello { requests }) = self.sessions.get_mut(&conn) {
+            if matches!(frame, Frame::Ping(_) | Frame::ShardMapRequest(_)) {
+                *requests += 1;
+                if *requests > PRE_HELLO_REQUESTS_MAX {
+                    let detail = format!("more than {PRE_HELLO_REQUESTS_MAX} requests before Hello");
+                    return self.fail(conn, ErrorCode::ProtocolViolation, detail);
+                }
+            }
+        }
         match frame {
             Frame::Ping(ping) => self.emit(conn, Frame::Pong(frames::Pong { nonce: ping.nonce })),
             Frame::ShardMapRequest(_) => {
-                let map = self.shard_map_frame();
-                self.emit(conn, map);
+                let bytes = Rc::clone(&self.shard_map_encoded);
+                self.outputs.push_back(Output::Encoded { conn, bytes });
             }
             Frame::Hello(hello) if !active => self.on_hello(conn, hello, now_ms),
             Frame::Send(send) if active => self.on_send(conn, send, now_ms),
@@ -651,21 +702,25 @@ impl<S: MailboxStore> ShardCore<S> {
         })
     }
 
-    fn shard_map_frame(&self) -> Frame {
+    fn shard_map_frame(identity: &ShardIdentity, table: &SlotTable) -> Frame {
         Frame::ShardMap(frames::ShardMap {
-            epoch: self.table.epoch(),
+            epoch: table.epoch(),
             nodes: vec![frames::NodeEntry {
-                node_id: self.identity.node.0,
-                address: self.identity.advertised_host.clone(),
-                shard_ports: self.identity.shard_ports.clone(),
+                node_id: identity.node.0,
+                address: identity.advertised_host.clone(),
+                shard_ports: identity.shard_ports.clone(),
             }],
-            slots: self
-                .table
+            slots: table
                 .owners()
                 .iter()
                 .map(|owner| frames::SlotOwner { node: owner.node.0, shard: owner.shard.0 })
                 .collect(),
         })
+    }
+
+    /// This shard's index on its node.
+    pub fn shard_index(&self) -> u16 {
+        self.identity.shard.0
     }
 
     /// The frame size bound this core was built with.

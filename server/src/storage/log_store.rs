@@ -45,6 +45,9 @@ pub struct RecoveryReport {
     pub devices: u64,
     /// Undelivered (device, message) entries after replay.
     pub live_entries: u64,
+    /// Largest payload among the undelivered messages: a configuration whose
+    /// frames cannot carry it is refused at start (it could never be pushed).
+    pub live_payload_bytes_max: usize,
 }
 
 /// The durable store of one shard.
@@ -189,6 +192,12 @@ impl LogStore {
         store.corrupt_records = report.corrupt_records;
         report.devices = store.index.mailboxes().count() as u64;
         report.live_entries = store.live_by_segment.values().map(|live| live.entries).sum();
+        report.live_payload_bytes_max = store
+            .index
+            .mailboxes()
+            .flat_map(|(_, mailbox)| mailbox.entries.iter().map(|entry| entry.message.payload.len()))
+            .max()
+            .unwrap_or(0);
         (store, report)
     }
 

@@ -1,0 +1,22 @@
+//! Fault injection for the process-level tests: `IRIS_FAILPOINT=<name>:<shard>`
+//! makes shard `<shard>` fail at the named point, so a test can show what
+//! the whole process does when one shard dies (it must exit, not half-serve).
+//! Only debug builds read the variable; release builds never fail here.
+
+/// The shard panics while recovering its log.
+pub const PANIC_IN_RECOVERY: &str = "panic-in-recovery";
+/// The shard panics when it accepts its first connection.
+pub const PANIC_ON_CONNECTION: &str = "panic-on-connection";
+
+/// Whether failpoint `name` is armed for `shard`.
+pub fn armed(name: &str, shard: u16) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        std::env::var("IRIS_FAILPOINT").is_ok_and(|value| value == format!("{name}:{shard}"))
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = (name, shard);
+        false
+    }
+}
