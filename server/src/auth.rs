@@ -12,7 +12,7 @@
 //! first start.
 
 use base64::Engine;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use std::path::Path;
 
 const TOKEN_VERSION: u8 = 1;
@@ -119,7 +119,7 @@ impl TokenAuthority {
         }
         let (claims_bytes, signature_bytes) = bytes.split_at(CLAIMS_BYTES);
         let signature = Signature::from_slice(signature_bytes).map_err(|_| TokenError::Malformed)?;
-        self.verifying_key.verify(claims_bytes, &signature).map_err(|_| TokenError::BadSignature)?;
+        self.verifying_key.verify_strict(claims_bytes, &signature).map_err(|_| TokenError::BadSignature)?;
         let field = |range: std::ops::Range<usize>| &claims_bytes[range];
         // Lengths are fixed by the check on TOKEN_BYTES above.
         let claims = Claims {

@@ -3,6 +3,10 @@
 //! message has reached every recipient device exactly once (after the SDK's
 //! seq dedup), in order per sender. The seed of the kill schedule is printed;
 //! IRIS_CRASH_SEED=<seed> repeats it.
+//!
+//! Segments are 1 MiB (the smallest allowed) and messages ~600 bytes, so
+//! both shard logs rotate, checkpoint, reclaim and compact while the kills
+//! land, and every restart begins a new segment from a recovered checkpoint.
 
 mod common;
 
@@ -18,6 +22,8 @@ const MESSAGES_PER_SENDER: u64 = 5_000;
 const DEVICES_PER_RECIPIENT: u32 = 2;
 const KILLS: usize = 24;
 const WINDOW: usize = 32;
+/// Padding after the message's key, so the logs rotate under the kills.
+const PADDING_BYTES: usize = 600;
 
 /// Payloads one device received, in order.
 type ReceivedLog = Arc<Mutex<Vec<String>>>;
@@ -26,7 +32,13 @@ type ReceivedLog = Arc<Mutex<Vec<String>>>;
 async fn acknowledged_messages_survive_repeated_sigkill() {
     let seed: u64 = std::env::var("IRIS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(common::rand_u64);
     println!("crash test seed = {seed} (IRIS_CRASH_SEED={seed} repeats the kill schedule)");
-    let server = Server::start(2);
+    // The recipient-side dedup window (4,000 messages per shard, two seconds
+    // of this load) covers every retry after a kill; delivered segments
+    // older than it are reclaimed under the kills.
+    let server = Server::start_with(
+        2,
+        &["[limits]", "stored_dedup_entries_max = 4000", "[storage]", "segment_bytes_max = 1048576"],
+    );
 
     // Recipients on both shards, two devices each; senders on both shards.
     let recipients = [user_on_shard(0, 2, 100), user_on_shard(1, 2, 100)];
@@ -44,7 +56,7 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
             receiver_tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), client.recv()).await {
-                        log.lock().unwrap().push(String::from_utf8(message.payload).unwrap());
+                        log.lock().unwrap().push(message_key(&message.payload));
                     }
                 }
             }));
@@ -65,7 +77,8 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
                 pace.tick().await;
                 let to = recipients[(number as usize + index) % 2];
                 let payload = format!("{index}:{number}");
-                let outcome = client.send_nowait(to, payload.clone().into_bytes()).await.expect("queue send");
+                let padded = format!("{payload}|{}", "x".repeat(PADDING_BYTES));
+                let outcome = client.send_nowait(to, padded.into_bytes()).await.expect("queue send");
                 window.push_back((to, payload, outcome));
                 if window.len() >= WINDOW {
                     let (to, payload, outcome) = window.pop_front().unwrap();
@@ -97,6 +110,15 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
         task.await.expect("sender task");
     }
     let server = tokio::task::spawn_blocking(move || killer.join().expect("killer thread")).await.unwrap();
+    for shard in 0..2 {
+        let (files, newest) = segments_of(&server, shard);
+        println!("shard {shard}: {files} segment file(s), newest segment {newest}");
+        // One new segment per start (25), at least four more from rotation
+        // (~6 MB of records per shard); reclaim removed the delivered ones
+        // while the kills went on.
+        assert!(newest >= KILLS as u64 + 5, "shard {shard}: the log did not rotate under the kills ({newest})");
+        assert!(files < newest as usize / 2, "shard {shard}: delivered segments were not reclaimed");
+    }
 
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len() as u64, SENDERS as u64 * MESSAGES_PER_SENDER);
@@ -139,4 +161,23 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
         assert_eq!(seen.len(), expected, "user {user} device {device}: unexpected extra messages (seed {seed})");
     }
     drop(server);
+}
+
+/// The key `sender:number` of a padded payload.
+fn message_key(payload: &[u8]) -> String {
+    let text = String::from_utf8(payload.to_vec()).unwrap();
+    text.split('|').next().unwrap().to_string()
+}
+
+/// Segment files in a shard's log directory, and the newest segment number.
+fn segments_of(server: &Server, shard: u16) -> (usize, u64) {
+    let dir = server.data_dir.path().join(format!("shard-{shard}"));
+    let numbers: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
+        })
+        .collect();
+    (numbers.len(), numbers.iter().copied().max().unwrap_or(0))
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 /// Stores `count` messages for `recipient` (registered, offline) from `sender`.
 async fn store_offline(server: &Server, sender: u64, recipient: u64, count: usize) {
     Client::connect(server.client_config(recipient, 1)).await.unwrap().close().await.unwrap();
+    // Let the server see the close, so nothing below is pushed to that connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
     for index in 0..count {
         client.send(recipient, format!("message {index}").into_bytes()).await.expect("stored");

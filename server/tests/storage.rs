@@ -180,7 +180,12 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_segments_are_reclaimed_compacted_and_seqs_survive_a_restart() {
-    let mut server = Server::start_with(1, &["[storage]", "segment_bytes_max = 1048576"]);
+    // A dedup window of 100 messages: a delivered segment is kept until its
+    // newest message leaves the window (decision 0010).
+    let mut server = Server::start_with(
+        1,
+        &["[limits]", "stored_dedup_entries_max = 100", "[storage]", "segment_bytes_max = 1048576"],
+    );
     let (sender, recipient, offline) = (1, 2, 3);
     register(&server, recipient, 1).await;
     register(&server, offline, 1).await;

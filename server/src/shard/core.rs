@@ -111,6 +111,14 @@ enum Session {
         /// ShardMapRequests and Pings answered so far.
         requests: u32,
     },
+    /// Authenticated as `device`, whose registration is not yet durable:
+    /// Welcome waits for it (a Welcome means registered, across a crash too).
+    Registering {
+        /// The device.
+        device: DeviceKey,
+        /// From the Hello.
+        resume_after_seq: u64,
+    },
     /// Authenticated as `device`.
     Active {
         /// The device.
@@ -191,6 +199,9 @@ pub struct ShardCore<S: MailboxStore> {
     outbox: Vec<Vec<ShardMessage>>,
     /// Outcomes waiting for a commit, in ticket order.
     awaiting_commit: VecDeque<Completion>,
+    /// Connections in `Session::Registering`, oldest first; each is checked
+    /// after every commit. Bounded by the connections.
+    registering: VecDeque<ConnId>,
     /// Counter part of the next server_msg_id.
     next_message_counter: u64,
     /// The ShardMap answer, encoded once (the table does not change within
@@ -247,6 +258,7 @@ impl<S: MailboxStore> ShardCore<S> {
             push_ready: VecDeque::new(),
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             awaiting_commit: VecDeque::new(),
+            registering: VecDeque::new(),
             next_message_counter: 1,
             shard_map_encoded,
         }
@@ -327,7 +339,9 @@ impl<S: MailboxStore> ShardCore<S> {
                 let bytes = Rc::clone(&self.shard_map_encoded);
                 self.outputs.push_back(Output::Encoded { conn, bytes });
             }
-            Frame::Hello(hello) if !active => self.on_hello(conn, hello, now_ms),
+            Frame::Hello(hello) if matches!(self.sessions.get(&conn), Some(Session::AwaitingHello { .. })) => {
+                self.on_hello(conn, hello, now_ms)
+            }
             Frame::Send(send) if active => self.on_send(conn, send, now_ms),
             Frame::DeliveryAck(ack) if active => self.on_delivery_ack(conn, ack.up_to_seq),
             Frame::Pong(_) => {}
@@ -357,13 +371,22 @@ impl<S: MailboxStore> ShardCore<S> {
         if let Err(error) = self.store.register_device(device) {
             return self.fail(conn, error.code(), error.to_string());
         }
+        if self.store.registration_pending(device) {
+            self.sessions.insert(conn, Session::Registering { device, resume_after_seq: hello.resume_after_seq });
+            self.registering.push_back(conn);
+            return;
+        }
+        self.welcome(conn, device, hello.resume_after_seq);
+    }
+
+    /// Completes a Hello whose device is durably registered.
+    fn welcome(&mut self, conn: ConnId, device: DeviceKey, resume_after_seq: u64) {
         let last_seq = self.store.last_seq(device);
-        if hello.resume_after_seq > last_seq {
+        if resume_after_seq > last_seq {
             // Never clamp silently: a seq the server never assigned means the
             // client (or the server's state) is wrong, and acknowledging it
             // would delete messages stored later under that seq.
-            let detail =
-                format!("resume_after_seq {} is beyond this device's last seq {last_seq}", hello.resume_after_seq);
+            let detail = format!("resume_after_seq {resume_after_seq} is beyond this device's last seq {last_seq}");
             return self.fail(conn, ErrorCode::ResumeBeyondLastSeq, detail);
         }
         if let Some(previous) = self.online.insert(device, conn) {
@@ -377,7 +400,7 @@ impl<S: MailboxStore> ShardCore<S> {
         }
         // What the client processed can only be what some connection of it
         // was pushed; anything above is pushed again (the SDK drops repeats).
-        let resume = hello.resume_after_seq.min(self.store.pushed_seq(device));
+        let resume = resume_after_seq.min(self.store.pushed_seq(device));
         self.store.acknowledge(device, resume);
         self.sessions.insert(conn, Session::Active { device, pushed_up_to: resume, push_queued: false });
         self.emit(
@@ -561,6 +584,17 @@ impl<S: MailboxStore> ShardCore<S> {
     /// Releases everything the store has committed: answers to origins and
     /// pushes to online recipients. Call after each batch of inputs.
     pub fn flush_commits(&mut self) {
+        for _ in 0..self.registering.len() {
+            let Some(conn) = self.registering.pop_front() else { break };
+            let Some(&Session::Registering { device, resume_after_seq }) = self.sessions.get(&conn) else {
+                continue; // closed meanwhile
+            };
+            if self.store.registration_pending(device) {
+                self.registering.push_back(conn);
+            } else {
+                self.welcome(conn, device, resume_after_seq);
+            }
+        }
         let committed = self.store.committed_ticket();
         while self.awaiting_commit.front().is_some_and(|c| c.ticket <= committed) {
             let Some(mut completion) = self.awaiting_commit.pop_front() else {

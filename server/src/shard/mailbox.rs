@@ -99,6 +99,11 @@ pub type Ticket = u64;
 pub trait MailboxStore {
     /// Registers `device` (idempotent). Returns whether it was new.
     fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError>;
+    /// Whether `device`'s registration is not yet durable (a durable store
+    /// answers Hello only once it is; a failed write is retried by the store).
+    fn registration_pending(&self, _device: DeviceKey) -> bool {
+        false
+    }
     /// Devices registered for `user`, in registration order.
     fn devices_of(&self, user: u64) -> &[u32];
     /// Whether `device` could take one more message of `payload_bytes`.

@@ -87,6 +87,17 @@ pub struct LogStore {
     on_disk: std::collections::BTreeSet<u64>,
     /// Corrupt records seen (recovery), for the metric.
     corrupt_records: u64,
+    /// Messages remembered by the recipient-side dedup window so far.
+    stored_count: u64,
+    /// Per segment, the `stored_count` of the newest message whose record
+    /// (and so whose dedup key) is in it. A segment is not reclaimed while
+    /// that message is still in the in-memory window: otherwise a retry after
+    /// a restart would not be recognised and would be stored twice (found by
+    /// the simulation). Holds at most one entry per segment on disk.
+    newest_stored_by_segment: BTreeMap<u64, u64>,
+    /// Registrations not yet durable, with the ticket of their record.
+    /// Bounded by the Hellos of new devices in flight.
+    registrations_pending: VecDeque<(Ticket, DeviceKey)>,
 }
 
 /// The log record of `message` stored for `recipients`.
@@ -103,12 +114,25 @@ fn message_record(message: &StoredMessage, recipients: Vec<RecipientSeq>) -> Rec
     })
 }
 
+/// What one undelivered (device, message) entry counts as live in its
+/// segment: the payload plus the record around it (header, CRC, fields, a
+/// recipient entry; 128 bytes bounds them). Counting the payload alone made
+/// segments of small messages look almost empty, so their compacted copies
+/// filled the head segment, which looked almost empty in turn: compaction
+/// copied the same messages forward forever (found by the simulation).
+fn live_bytes(message: &StoredMessage) -> u64 {
+    message.payload.len() as u64 + LIVE_RECORD_OVERHEAD_BYTES
+}
+
+/// See [`live_bytes`].
+const LIVE_RECORD_OVERHEAD_BYTES: u64 = 128;
+
 /// Live data of one segment.
 #[derive(Debug, Default, Clone, Copy)]
 struct SegmentLive {
     /// Undelivered (device, message) entries.
     entries: u64,
-    /// Their payload bytes (a message for two devices counts twice).
+    /// Their [`live_bytes`] (a message for two devices counts twice).
     bytes: u64,
 }
 
@@ -158,6 +182,9 @@ impl LogStore {
             compaction: None,
             on_disk: Default::default(),
             corrupt_records: 0,
+            registrations_pending: VecDeque::new(),
+            stored_count: 0,
+            newest_stored_by_segment: BTreeMap::new(),
         }
     }
 
@@ -217,10 +244,11 @@ impl LogStore {
                 for recipient in &r.recipients {
                     let device = DeviceKey { user: r.to_user, device: recipient.device };
                     if self.index.insert(device, recipient.seq, &message, 0, segment) {
-                        self.live_add(segment, message.payload.len() as u64);
+                        self.live_add(segment, live_bytes(&message));
                     }
                 }
                 self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
+                self.note_stored_in(segment);
             }
             Record::Acknowledged(r) => {
                 let dropped = self.index.acknowledge(DeviceKey { user: r.user, device: r.device }, r.up_to_seq);
@@ -236,13 +264,14 @@ impl LogStore {
             Record::DedupEntry(r) => {
                 let sender = DeviceKey { user: r.from_user, device: r.from_device };
                 self.index.remember_stored(sender, r.client_msg_id, r.server_msg_id, 0);
+                self.note_stored_in(segment);
             }
         }
     }
 
     fn forget_entries(&mut self, entries: &[MailboxEntry]) {
         for entry in entries {
-            self.live_remove(entry.segment, entry.message.payload.len() as u64);
+            self.live_remove(entry.segment, live_bytes(&entry.message));
         }
     }
 
@@ -288,7 +317,7 @@ impl LogStore {
             last_ticket = ticket;
             for recipient in recipients {
                 let device = DeviceKey { user: message.to_user, device: recipient.device };
-                moves.push((device, recipient.seq, message.payload.len() as u64, segment));
+                moves.push((device, recipient.seq, live_bytes(&message), segment));
             }
         }
         tracing::debug!(from, copies = moves.len(), "compacting log segment");
@@ -377,6 +406,24 @@ impl LogStore {
         }
     }
 
+    fn note_stored_in(&mut self, segment: u64) {
+        self.stored_count += 1;
+        self.newest_stored_by_segment.insert(segment, self.stored_count);
+    }
+
+    /// Whether `segment` holds the dedup key of a message still in the
+    /// recipient-side window (the newest `stored_dedup_entries_max`).
+    fn holds_recent_dedup_keys(&self, segment: u64) -> bool {
+        let window = u64::from(self.index.limits().stored_dedup_entries_max);
+        self.newest_stored_by_segment.get(&segment).is_some_and(|newest| newest + window > self.stored_count)
+    }
+
+    fn append_registration(&mut self, device: DeviceKey) {
+        let record = Record::DeviceRegistered(DeviceRegistered { user: device.user, device: device.device });
+        let (ticket, _) = self.append(&record);
+        self.registrations_pending.push_back((ticket, device));
+    }
+
     /// Segments believed to be on disk.
     pub fn segments_on_disk(&self) -> usize {
         self.on_disk.len()
@@ -392,9 +439,13 @@ impl MailboxStore for LogStore {
     fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
         let new = self.index.register(device)?;
         if new {
-            self.append(&Record::DeviceRegistered(DeviceRegistered { user: device.user, device: device.device }));
+            self.append_registration(device);
         }
         Ok(new)
+    }
+
+    fn registration_pending(&self, device: DeviceKey) -> bool {
+        self.registrations_pending.iter().any(|(_, pending)| *pending == device)
     }
 
     fn devices_of(&self, user: u64) -> &[u32] {
@@ -427,9 +478,10 @@ impl MailboxStore for LogStore {
             assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
         }
         for _ in devices {
-            self.live_add(segment, message.payload.len() as u64);
+            self.live_add(segment, live_bytes(&message));
         }
         self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, ticket);
+        self.note_stored_in(segment);
         Ok(ticket)
     }
 
@@ -487,6 +539,9 @@ impl MailboxStore for LogStore {
         assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
         self.committed = last_ticket;
         self.note_durable_segment(segment, first_ticket, last_ticket);
+        while self.registrations_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
+            self.registrations_pending.pop_front();
+        }
         self.on_disk.insert(segment);
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
             let compaction = self.compaction.take().expect("checked above");
@@ -524,6 +579,18 @@ impl MailboxStore for LogStore {
             // is gone: begin another segment with a fresh checkpoint.
             self.start_segment();
         }
+        // A registration in the failed chunk is written again: the device
+        // stays registered in memory, and its Hello waits for the new record.
+        let failed_registrations: Vec<DeviceKey> = self
+            .registrations_pending
+            .iter()
+            .filter(|(ticket, _)| (first_ticket..=last_ticket).contains(ticket))
+            .map(|(_, device)| *device)
+            .collect();
+        self.registrations_pending.retain(|(ticket, _)| !(first_ticket..=last_ticket).contains(ticket));
+        for device in failed_registrations {
+            self.append_registration(device);
+        }
     }
 
     /// Segments that can be deleted now: older than the newest durable
@@ -535,10 +602,12 @@ impl MailboxStore for LogStore {
             .iter()
             .copied()
             .filter(|segment| *segment < self.committed_segment && !self.live_by_segment.contains_key(segment))
+            .filter(|segment| !self.holds_recent_dedup_keys(*segment))
             .filter(|segment| self.compaction.as_ref().is_none_or(|compaction| compaction.from != *segment))
             .collect();
         for segment in &reclaimable {
             self.on_disk.remove(segment);
+            self.newest_stored_by_segment.remove(segment);
         }
         reclaimable
     }
@@ -561,9 +630,12 @@ mod tests {
             devices_per_shard_max: 100,
             mailbox_messages_max: 100_000,
             mailbox_bytes_max: 1 << 30,
-            stored_dedup_entries_max: 1000,
+            // Small, so segments leave the dedup window within a test.
+            stored_dedup_entries_max: DEDUP_WINDOW,
         }
     }
+
+    const DEDUP_WINDOW: u32 = 8;
 
     fn message(id: u64, to_user: u64, bytes: usize) -> Rc<StoredMessage> {
         Rc::new(StoredMessage {
@@ -700,7 +772,9 @@ mod tests {
         // chunk (its checkpoint) fails; a little more traffic follows.
         let mut failures = 1;
         let mut id = 100;
-        while failures > 0 || id < 110 {
+        let mut after_failure = 0;
+        while after_failure < 2 * DEDUP_WINDOW {
+            after_failure += u32::from(failures == 0);
             store.store_message(message(id, 3, 100), &[busy]).unwrap();
             flush_failing_checkpoints(&mut store, &mut files, &mut failures);
             store.acknowledge(busy, store.last_seq(busy));
@@ -731,7 +805,7 @@ mod tests {
         // segment) and reclaiming.
         let mut store = recover(&files, log_limits);
         for _ in 0..2 {
-            for id in 10..13 {
+            for id in 10..20 {
                 store.store_message(message(id, 3, 100), &[busy]).unwrap();
                 store.acknowledge(busy, store.last_seq(busy));
                 flush(&mut store, &mut files);
@@ -740,6 +814,48 @@ mod tests {
         }
         assert!(!files.contains_key(&1), "the first segment should be reclaimed");
         assert_eq!(store.last_seq(quiet), 1, "the device state of the first segment survives");
+    }
+
+    #[test]
+    fn a_segment_holding_recent_dedup_keys_outlives_its_delivery() {
+        let (log_limits, mut store, mut files) = small_log_of_two_devices();
+        let sender = DeviceKey { user: 1, device: 1 };
+        store.store_message(message(1, 2, 10), &[QUIET]).unwrap();
+        flush(&mut store, &mut files);
+        store.acknowledge(QUIET, 1);
+        flush(&mut store, &mut files);
+        // Fewer newer messages than the window, but several segments.
+        for id in 2..u64::from(DEDUP_WINDOW) {
+            store.store_message(message(id, 3, 1500), &[BUSY]).unwrap();
+            store.acknowledge(BUSY, store.last_seq(BUSY));
+            flush(&mut store, &mut files);
+        }
+        assert!(store.current_segment > 2, "the log should have rotated");
+        assert!(files.contains_key(&1), "the first segment still holds a recent dedup key");
+        let recovered = recover(&files, log_limits);
+        assert_eq!(recovered.find_stored(sender, 1).map(|(id, _)| id), Some(1001), "a retry after a crash is known");
+        // Once the key has left the window, the segment goes.
+        for id in 100..120 {
+            store.store_message(message(id, 3, 10), &[BUSY]).unwrap();
+            store.acknowledge(BUSY, store.last_seq(BUSY));
+            flush(&mut store, &mut files);
+        }
+        assert!(!files.contains_key(&1), "reclaimed after its keys aged out of the window");
+    }
+
+    #[test]
+    fn a_registration_whose_write_failed_is_written_again() {
+        let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 4096 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let mut files = BTreeMap::new();
+        store.register_device(QUIET).unwrap();
+        assert!(store.registration_pending(QUIET));
+        let chunk = store.take_write().unwrap();
+        store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        assert!(store.registration_pending(QUIET), "not durable yet: its Hello must keep waiting");
+        flush(&mut store, &mut files);
+        assert!(!store.registration_pending(QUIET));
+        assert_eq!(recover(&files, log_limits).devices_of(QUIET.user), &[QUIET.device]);
     }
 
     #[test]

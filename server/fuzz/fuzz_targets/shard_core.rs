@@ -1,0 +1,169 @@
+//! Structure-aware: random sequences of connections, valid and invalid
+//! Hellos, Sends, DeliveryAcks, raw frame bytes and closes fed to one shard
+//! core. Nothing a peer sends may panic it; pushes to a connection carry
+//! strictly increasing seqs; outputs stay bounded by what was asked.
+
+#![no_main]
+
+use arbitrary::Arbitrary;
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::{FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
+use iris_shard_map::{NodeId, ShardId, SlotTable};
+use irisd::auth::{Claims, TokenAuthority};
+use irisd::shard::mailbox::StoreLimits;
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, Output, ShardCore, ShardIdentity};
+use libfuzzer_sys::fuzz_target;
+use std::collections::HashMap;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Connect,
+    Hello { conn: u8, user: u8, device: u8, resume_after_seq: u64, expired: bool },
+    Send { conn: u8, to_user: u8, client_msg_id: u8, payload_bytes: u8 },
+    DeliveryAck { conn: u8, up_to_seq: u64 },
+    Bytes { conn: u8, bytes: Vec<u8> },
+    Ping { conn: u8 },
+    ShardMapRequest { conn: u8 },
+    Pull { conn: u8 },
+    Close { conn: u8 },
+}
+
+/// A connection as the driver sees it.
+struct Conn {
+    id: ConnId,
+    decoder: FrameDecoder,
+    last_pushed_seq: u64,
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let authority = TokenAuthority::from_secret([3; 32]);
+    let identity = ShardIdentity {
+        node: NodeId(0),
+        shard: ShardId(0),
+        advertised_host: "h".into(),
+        shard_ports: vec![7700],
+        boot: 1,
+    };
+    let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
+    let limits =
+        CoreLimits { dedup_entries_per_device_max: 8, sends_in_flight_per_device_max: 4, shard_outbox_messages_max: 8 };
+    let store = MemoryStore::new(StoreLimits {
+        devices_per_user_max: 3,
+        devices_per_shard_max: 16,
+        mailbox_messages_max: 16,
+        mailbox_bytes_max: 4096,
+        stored_dedup_entries_max: 32,
+    });
+    let mut core = ShardCore::new(identity, table, authority.clone(), limits, FRAME_BYTES_MAX_DEFAULT, store);
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut next_conn = 0u64;
+    let now_ms = 1_000_000;
+    for op in ops.into_iter().take(512) {
+        let pick = |conns: &Vec<Conn>, index: u8| (!conns.is_empty()).then(|| usize::from(index) % conns.len());
+        let mut frames_in: Vec<(ConnId, Frame)> = Vec::new();
+        match op {
+            Op::Connect => {
+                if conns.len() < 32 {
+                    let id = ConnId(next_conn);
+                    next_conn += 1;
+                    core.on_connection(id);
+                    conns.push(Conn { id, decoder: FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT), last_pushed_seq: 0 });
+                }
+            }
+            Op::Hello { conn, user, device, resume_after_seq, expired } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let expires_at_s = if expired { 1 } else { now_ms / 1000 + 60 };
+                    let claims =
+                        Claims { user_id: u64::from(user % 8), device_id: u32::from(device % 4), expires_at_s };
+                    let hello = frames::Hello { token: authority.mint(claims), resume_after_seq };
+                    frames_in.push((conns[index].id, Frame::Hello(hello)));
+                }
+            }
+            Op::Send { conn, to_user, client_msg_id, payload_bytes } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let send = frames::Send {
+                        client_msg_id: u64::from(client_msg_id),
+                        to_user: u64::from(to_user % 8),
+                        payload: vec![7; usize::from(payload_bytes)],
+                    };
+                    frames_in.push((conns[index].id, Frame::Send(send)));
+                }
+            }
+            Op::DeliveryAck { conn, up_to_seq } => {
+                if let Some(index) = pick(&conns, conn) {
+                    frames_in.push((conns[index].id, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq })));
+                }
+            }
+            Op::Ping { conn } => {
+                if let Some(index) = pick(&conns, conn) {
+                    frames_in.push((conns[index].id, Frame::Ping(frames::Ping { nonce: 1 })));
+                }
+            }
+            Op::ShardMapRequest { conn } => {
+                if let Some(index) = pick(&conns, conn) {
+                    frames_in.push((conns[index].id, Frame::ShardMapRequest(frames::ShardMapRequest {})));
+                }
+            }
+            Op::Bytes { conn, bytes } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let connection = &mut conns[index];
+                    connection.decoder.feed(&bytes);
+                    loop {
+                        match connection.decoder.next_frame() {
+                            Ok(Some(frame)) => frames_in.push((connection.id, frame)),
+                            Ok(None) => break,
+                            Err(error) => {
+                                core.on_decode_error(connection.id, error.code(), error.to_string());
+                                connection.decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Pull { conn } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let connection = &mut conns[index];
+                    for _ in 0..64 {
+                        match core.next_push(connection.id) {
+                            Some(Frame::Deliver(deliver)) => {
+                                assert!(deliver.seq > connection.last_pushed_seq, "pushed seqs must increase");
+                                connection.last_pushed_seq = deliver.seq;
+                            }
+                            Some(other) => panic!("a push must be a Deliver, got {other:?}"),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Op::Close { conn } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let connection = conns.swap_remove(index);
+                    core.on_connection_closed(connection.id);
+                }
+            }
+        }
+        for (conn, frame) in frames_in {
+            core.on_frame(conn, frame, now_ms);
+        }
+        core.flush_commits();
+        let mut outputs = 0;
+        let mut closing = HashMap::new();
+        while let Some(output) = core.poll_output() {
+            outputs += 1;
+            assert!(outputs < 10_000, "outputs must stay bounded");
+            if let Output::Close { conn, .. } = output {
+                closing.insert(conn, ());
+            }
+        }
+        while core.poll_push_ready().is_some() {}
+        // The driver closes what the core asked it to close.
+        conns.retain(|connection| {
+            let close = closing.contains_key(&connection.id);
+            if close {
+                core.on_connection_closed(connection.id);
+            }
+            !close
+        });
+    }
+});
