@@ -17,7 +17,7 @@ fn message_path(c: &mut Criterion) {
         shard: ShardId(0),
         advertised_host: "127.0.0.1".into(),
         shard_ports: vec![7700],
-        boot: 1,
+        message_ids: 1..1 << 40,
     };
     let limits = CoreLimits {
         dedup_entries_per_device_max: 256,

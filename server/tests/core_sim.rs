@@ -138,7 +138,8 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore)
         shard: ShardId(shard),
         advertised_host: "127.0.0.1".into(),
         shard_ports: (0..SHARDS).map(|k| 7700 + k).collect(),
-        boot,
+        // One block per start, as `layout::reserve_message_ids` hands out.
+        message_ids: boot << 30..(boot + 1) << 30,
     };
     let limits = CoreLimits {
         dedup_entries_per_device_max: 64,

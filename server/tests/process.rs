@@ -173,7 +173,7 @@ async fn logs_keys_and_directories_are_private_to_irisd() {
             }
         }
     }
-    assert!(checked >= 4, "segments, keys and the boot counter were checked ({checked})");
+    assert!(checked >= 4, "segments, keys and the message-id reservation were checked ({checked})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

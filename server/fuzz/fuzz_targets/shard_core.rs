@@ -42,7 +42,7 @@ fuzz_target!(|ops: Vec<Op>| {
         shard: ShardId(0),
         advertised_host: "h".into(),
         shard_ports: vec![7700],
-        boot: 1,
+        message_ids: 1..1 << 40,
     };
     let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
     let limits =

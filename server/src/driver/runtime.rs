@@ -277,16 +277,17 @@ async fn run_shard(
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
-    let boot = match layout::next_boot(&dir) {
-        Ok(boot) => boot,
+    let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK) {
+        Ok(ids) => ids,
         Err(error) => return report_failure(&ready, shard, error.to_string()),
     };
+    let first_message_id = message_ids.start;
     let identity = ShardIdentity {
         node: NodeId(0),
         shard: ShardId(shard),
         advertised_host: config.advertised_host(),
         shard_ports: ports,
-        boot,
+        message_ids,
     };
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &setup.reset_secret);
     let parts = LoopParts {
@@ -300,6 +301,7 @@ async fn run_shard(
             hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
         },
         metrics: Arc::clone(&metrics),
+        shard_dir: dir.clone(),
     };
     let authority = setup.authority.clone();
     match config.storage.durability {
@@ -342,7 +344,7 @@ async fn run_shard(
             ShardMetrics::set(&metrics.log_recovery_ms, started.elapsed().as_millis() as u64);
             tracing::info!(
                 shard,
-                boot,
+                first_message_id,
                 segments = report.segments,
                 records = report.records,
                 devices = report.devices,

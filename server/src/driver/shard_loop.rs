@@ -96,6 +96,8 @@ pub struct LoopParts {
     pub connection_limits: ConnectionLimits,
     /// This shard's counters, read by the admin endpoint.
     pub metrics: Arc<ShardMetrics>,
+    /// The shard's directory, where message ids are reserved.
+    pub shard_dir: std::path::PathBuf,
 }
 
 /// Everything one shard's loop owns.
@@ -138,6 +140,10 @@ pub struct ShardLoop<S: MailboxStore> {
     pending_since: Option<Instant>,
     /// Test fault injection: panic on the first accepted connection.
     panic_on_connection: bool,
+    /// Where the next block of message ids is reserved.
+    shard_dir: std::path::PathBuf,
+    /// After a failed reservation, when to try again.
+    reserve_retry_at: Option<Instant>,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -157,8 +163,16 @@ enum Wake {
 impl<S: MailboxStore> ShardLoop<S> {
     /// A loop over a bound socket.
     pub fn new(core: ShardCore<S>, parts: LoopParts, writer: Option<WriterLink>) -> ShardLoop<S> {
-        let LoopParts { endpoint_config, server_config, udp, links, connections_max, connection_limits, metrics } =
-            parts;
+        let LoopParts {
+            endpoint_config,
+            server_config,
+            udp,
+            links,
+            connections_max,
+            connection_limits,
+            metrics,
+            shard_dir,
+        } = parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
         ShardLoop {
@@ -179,6 +193,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             write_in_flight: false,
             pending_since: None,
             panic_on_connection,
+            shard_dir,
+            reserve_retry_at: None,
         }
     }
 
@@ -213,7 +229,35 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
         self.publish_metrics();
+        self.reserve_message_ids();
         busy || !self.dirty.is_empty()
+    }
+
+    /// Reserves the next block of message ids once half of the current one
+    /// is used. This is a blocking file write and sync on the shard thread,
+    /// once per 2^29 messages (minutes at full load); if it fails, Sends are
+    /// refused with Throttle only once the current block runs out.
+    fn reserve_message_ids(&mut self) {
+        if self.core.message_ids_left() >= crate::storage::layout::MESSAGE_ID_BLOCK / 2 {
+            return;
+        }
+        let now = Instant::now();
+        if self.reserve_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        match crate::storage::layout::reserve_message_ids(&self.shard_dir, crate::storage::layout::MESSAGE_ID_BLOCK) {
+            Ok(ids) => {
+                // Only this process reserves in its directory (the lock), so
+                // the new block continues the current one.
+                let end = self.core.message_ids_left() + self.core.next_message_sequence();
+                assert_eq!(ids.start, end, "message id reservations must be contiguous");
+                self.core.extend_message_ids(ids.end);
+            }
+            Err(error) => {
+                tracing::error!(%error, "reserving message ids failed; retrying in 1 s");
+                self.reserve_retry_at = Some(now + Duration::from_secs(1));
+            }
+        }
     }
 
     /// Copies the core's counters to the exported ones (a few relaxed stores).

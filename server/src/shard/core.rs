@@ -44,15 +44,17 @@ pub struct ShardIdentity {
     pub advertised_host: String,
     /// UDP port of every shard of this node, indexed by shard.
     pub shard_ports: Vec<u16>,
-    /// This shard's boot counter (persisted, incremented at every start), so
-    /// server_msg_ids never repeat across restarts.
-    pub boot: u64,
+    /// Message sequence numbers this shard may use, reserved durably in its
+    /// data directory (`layout::reserve_message_ids`) so that no
+    /// server_msg_id repeats across restarts; the driver extends the range
+    /// before it runs out ([`ShardCore::extend_message_ids`]).
+    pub message_ids: std::ops::Range<u64>,
 }
 
-/// server_msg_id layout: shard (10 bits) | boot mod 2^14 (14 bits) | counter (40 bits).
-/// 2^40 ids per shard per boot is 12 days at a million messages per second.
-const MESSAGE_COUNTER_BITS: u32 = 40;
-const BOOT_BITS: u32 = 14;
+/// server_msg_id layout: shard (10 bits) | sequence (54 bits). Sequences
+/// are reserved in blocks that survive restarts, so ids never repeat: 2^54
+/// is 570 years at a million messages per second on one shard.
+pub const MESSAGE_SEQUENCE_BITS: u32 = 54;
 
 /// Bounds enforced by the core (storage bounds live in the store).
 #[derive(Debug, Clone, Copy)]
@@ -202,8 +204,10 @@ pub struct ShardCore<S: MailboxStore> {
     /// Connections in `Session::Registering`, oldest first; each is checked
     /// after every commit. Bounded by the connections.
     registering: VecDeque<ConnId>,
-    /// Counter part of the next server_msg_id.
-    next_message_counter: u64,
+    /// Sequence part of the next server_msg_id.
+    next_message_sequence: u64,
+    /// End (exclusive) of the reserved sequences.
+    message_sequence_end: u64,
     /// The ShardMap answer, encoded once (the table does not change within
     /// an epoch; one node has one epoch).
     shard_map_encoded: Rc<[u8]>,
@@ -238,6 +242,8 @@ impl<S: MailboxStore> ShardCore<S> {
     ) -> ShardCore<S> {
         assert!(usize::from(identity.shard.0) < identity.shard_ports.len(), "shard index outside the port list");
         assert!(identity.shard.0 < 1 << 10, "shard index does not fit the server_msg_id layout");
+        assert!(identity.message_ids.end <= 1 << MESSAGE_SEQUENCE_BITS, "message ids beyond the layout");
+        let message_ids = identity.message_ids.clone();
         let shard_count = identity.shard_ports.len();
         let shard_map = Self::shard_map_frame(&identity, &table);
         let shard_map_encoded: Rc<[u8]> = iris_protocol::encode(&shard_map, frame_bytes_max)
@@ -259,7 +265,8 @@ impl<S: MailboxStore> ShardCore<S> {
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             awaiting_commit: VecDeque::new(),
             registering: VecDeque::new(),
-            next_message_counter: 1,
+            next_message_sequence: message_ids.start,
+            message_sequence_end: message_ids.end,
             shard_map_encoded,
         }
     }
@@ -462,14 +469,21 @@ impl<S: MailboxStore> ShardCore<S> {
                 "shard queue full",
             );
         }
+        if self.next_message_sequence >= self.message_sequence_end {
+            // The driver reserves more long before this; only a disk that
+            // refuses the reservation gets here.
+            return self.refuse(
+                conn,
+                send.client_msg_id,
+                ErrorCode::Throttle,
+                STORAGE_RETRY_AFTER_MS,
+                "message ids exhausted until the next reservation",
+            );
+        }
         window.begin(send.client_msg_id);
         self.stats.sends_accepted += 1;
-        let boot = self.identity.boot % (1 << BOOT_BITS);
-        let server_msg_id = (u64::from(self.identity.shard.0) << (MESSAGE_COUNTER_BITS + BOOT_BITS))
-            | (boot << MESSAGE_COUNTER_BITS)
-            | self.next_message_counter;
-        self.next_message_counter += 1;
-        assert!(self.next_message_counter < 1 << MESSAGE_COUNTER_BITS, "server_msg_id counter exhausted");
+        let server_msg_id = (u64::from(self.identity.shard.0) << MESSAGE_SEQUENCE_BITS) | self.next_message_sequence;
+        self.next_message_sequence += 1;
         let store = ShardMessage::Store {
             origin_shard: self.identity.shard.0,
             sender,
@@ -750,6 +764,23 @@ impl<S: MailboxStore> ShardCore<S> {
                 .map(|owner| frames::SlotOwner { node: owner.node.0, shard: owner.shard.0 })
                 .collect(),
         })
+    }
+
+    /// Message ids left in the current reservation.
+    pub fn message_ids_left(&self) -> u64 {
+        self.message_sequence_end - self.next_message_sequence
+    }
+
+    /// The sequence the next server_msg_id gets.
+    pub fn next_message_sequence(&self) -> u64 {
+        self.next_message_sequence
+    }
+
+    /// Continues the reservation up to `end` (durably reserved by the caller).
+    pub fn extend_message_ids(&mut self, end: u64) {
+        assert!(end >= self.message_sequence_end, "a reservation only grows");
+        assert!(end <= 1 << MESSAGE_SEQUENCE_BITS, "message ids beyond the layout");
+        self.message_sequence_end = end;
     }
 
     /// This shard's index on its node.

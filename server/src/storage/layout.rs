@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <data-dir>/layout.toml            format_version, shard_count, slot_count
-//! <data-dir>/shard-<k>/boot         boot counter of shard k (u64, text)
+//! <data-dir>/shard-<k>/message-ids  first message sequence not yet reserved (u64, text)
 //! <data-dir>/shard-<k>/seg-<n>.log  log segments, n ascending
 //! ```
 //!
@@ -133,26 +133,54 @@ pub fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("seg-{segment:016}.log"))
 }
 
-/// Increments and returns the shard's boot counter (durably), creating the
-/// shard directory on first start.
-pub fn next_boot(dir: &Path) -> Result<u64, LayoutError> {
+/// Message sequences reserved per call of [`reserve_message_ids`]: 2^30.
+/// A start takes one block, so a crash loop uses up the 2^54 sequences only
+/// after 2^24 (16 million) starts; a running shard takes the next block when
+/// half of its current one is used (about every 9 minutes at a million
+/// messages per second), one small file write and two syncs.
+pub const MESSAGE_ID_BLOCK: u64 = 1 << 30;
+
+/// Reserves the next `count` message sequences of a shard, durably, and
+/// returns them; creates the shard directory on first start. The file
+/// `<shard-dir>/message-ids` holds the first sequence not yet reserved. A
+/// directory written by an older build has only a `boot` counter, whose ids
+/// were `boot mod 2^14` in bits 40..54: sequences then start above every one
+/// those boots could have used.
+pub fn reserve_message_ids(dir: &Path, count: u64) -> Result<std::ops::Range<u64>, LayoutError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LayoutError::Io { path, source }
     };
-    crate::files::create_private_directory(dir).map_err(io(dir))?;
-    let path = dir.join("boot");
-    let previous = match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .trim()
-            .parse::<u64>()
-            .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(error) => return Err(io(&path)(error)),
+    let read_number = |path: &Path| -> Result<Option<u64>, LayoutError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .trim()
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(io(path)(error)),
+        }
     };
-    let boot = previous + 1;
-    crate::files::write_private(&path, boot.to_string().as_bytes()).map_err(io(&path))?;
-    Ok(boot)
+    crate::files::create_private_directory(dir).map_err(io(dir))?;
+    let path = dir.join("message-ids");
+    let start = match read_number(&path)? {
+        Some(next) => next,
+        None => match read_number(&dir.join("boot"))? {
+            Some(boot) => (boot.min(1 << 14) + 1) << 40,
+            // Sequence 0 is never used, so no server_msg_id is 0.
+            None => 1,
+        },
+    };
+    let end = start.checked_add(count).filter(|end| *end <= 1 << crate::shard::core::MESSAGE_SEQUENCE_BITS);
+    let Some(end) = end else {
+        return Err(LayoutError::BadLayout {
+            path,
+            detail: "this shard has used every server_msg_id of its layout (2^54); it cannot start".into(),
+        });
+    };
+    crate::files::write_private(&path, end.to_string().as_bytes()).map_err(io(&path))?;
+    Ok(start..end)
 }
 
 /// A segment as found at start.
@@ -214,4 +242,34 @@ pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
         segments.push(RecoveredSegment { segment: *number, scan });
     }
     Ok(segments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_reservations_never_overlap_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = reserve_message_ids(dir.path(), 100).unwrap();
+        let second = reserve_message_ids(dir.path(), 100).unwrap();
+        assert_eq!(first, 1..101);
+        assert_eq!(second.start, first.end, "a restart continues after the last reservation");
+    }
+
+    #[test]
+    fn an_older_boot_counter_is_stepped_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("boot"), "7").unwrap();
+        let ids = reserve_message_ids(dir.path(), 10).unwrap();
+        // Boot 7 of the old layout used sequences below 8 << 40.
+        assert_eq!(ids.start, 8 << 40);
+    }
+
+    #[test]
+    fn an_exhausted_id_space_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("message-ids"), ((1u64 << 54) - 5).to_string()).unwrap();
+        assert!(reserve_message_ids(dir.path(), 10).unwrap_err().to_string().contains("every server_msg_id"));
+    }
 }
