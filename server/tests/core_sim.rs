@@ -34,6 +34,8 @@ const USERS: u64 = 6;
 const DEVICES_PER_USER: u32 = 2;
 /// Seeds per `cargo test` run (IRIS_SIM_SEEDS overrides it for longer runs).
 const SEEDS_IN_CI: u64 = 256;
+/// First seed of the default set.
+const DEFAULT_SEED_BASE: u64 = 0x1215_C0FF_EE00;
 /// Random steps per seed before the run quiesces.
 const STEPS: usize = 12_000;
 
@@ -614,10 +616,16 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
         Err(_) => {
             let count: u64 =
                 std::env::var("IRIS_SIM_SEEDS").ok().and_then(|count| count.parse().ok()).unwrap_or(SEEDS_IN_CI);
-            // A fresh base every run, printed, so CI explores new seeds.
-            let base = std::env::var("IRIS_SIM_BASE").ok().and_then(|base| base.parse().ok()).unwrap_or_else(|| {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-            });
+            // The same seeds every run by default, so a red CI is never luck;
+            // IRIS_SIM_BASE=<n> picks another set, IRIS_SIM_BASE=time a fresh one
+            // (server/tests/simulate.sh explores that way for as long as asked).
+            let base = match std::env::var("IRIS_SIM_BASE").ok().as_deref() {
+                Some("time") => {
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+                }
+                Some(base) => base.parse().expect("IRIS_SIM_BASE must be a number or `time`"),
+                None => DEFAULT_SEED_BASE,
+            };
             println!("simulation seeds {base}.. ({count} of them; IRIS_SIM_BASE={base} repeats the set)");
             (0..count).map(|i| base.wrapping_add(i.wrapping_mul(7919))).collect()
         }

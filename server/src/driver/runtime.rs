@@ -277,7 +277,7 @@ async fn run_shard(
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
-    let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK) {
+    let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK, 0) {
         Ok(ids) => ids,
         Err(error) => return report_failure(&ready, shard, error.to_string()),
     };

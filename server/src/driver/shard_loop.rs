@@ -41,6 +41,11 @@ pub const CROSS_SHARD_BATCH_MESSAGES_MAX: usize = 256;
 /// Transmits queued for the socket before connections stop being polled for
 /// more; each holds up to one GSO batch (<= 64 KiB).
 const TRANSMIT_QUEUE_MAX: usize = 256;
+/// First wait after a failed log write; it doubles with every further
+/// failure up to [`WRITE_RETRY_MAX`] and resets on a success.
+const WRITE_RETRY_MIN: Duration = Duration::from_millis(10);
+/// Longest wait between writes to a failing disk.
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long to wait before retrying when the kernel send buffer is full or a
 /// channel is full.
 const BACKOFF: Duration = Duration::from_micros(200);
@@ -144,6 +149,10 @@ pub struct ShardLoop<S: MailboxStore> {
     shard_dir: std::path::PathBuf,
     /// After a failed reservation, when to try again.
     reserve_retry_at: Option<Instant>,
+    /// After a failed write, when the next chunk may go.
+    write_retry_at: Option<Instant>,
+    /// The current wait after failed writes (0 after a success).
+    write_backoff: Duration,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -195,6 +204,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             panic_on_connection,
             shard_dir,
             reserve_retry_at: None,
+            write_retry_at: None,
+            write_backoff: Duration::ZERO,
         }
     }
 
@@ -245,12 +256,17 @@ impl<S: MailboxStore> ShardLoop<S> {
         if self.reserve_retry_at.is_some_and(|at| now < at) {
             return;
         }
-        match crate::storage::layout::reserve_message_ids(&self.shard_dir, crate::storage::layout::MESSAGE_ID_BLOCK) {
+        let end = self.core.message_ids_left() + self.core.next_message_sequence();
+        match crate::storage::layout::reserve_message_ids(
+            &self.shard_dir,
+            crate::storage::layout::MESSAGE_ID_BLOCK,
+            end,
+        ) {
             Ok(ids) => {
                 // Only this process reserves in its directory (the lock), so
-                // the new block continues the current one.
-                let end = self.core.message_ids_left() + self.core.next_message_sequence();
-                assert_eq!(ids.start, end, "message id reservations must be contiguous");
+                // everything from the current end to the new one is ours: a
+                // gap left by a half-failed attempt is reserved as well.
+                assert!(ids.start >= end, "message id reservations only move forward");
                 self.core.extend_message_ids(ids.end);
             }
             Err(error) => {
@@ -277,6 +293,9 @@ impl<S: MailboxStore> ShardLoop<S> {
         if let (Some(since), Some(writer), false) = (self.pending_since, &self.writer, self.write_in_flight) {
             let due = since + writer.commit_delay;
             deadline = Some(deadline.map_or(due, |d| d.min(due)));
+        }
+        if let Some(at) = self.write_retry_at {
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }
         let writer_backlog = self.writer.as_ref().is_some_and(|writer| writer.commands.backlogged());
         let backlog = !self.transmits.is_empty() || self.core.outbox_pending() || writer_backlog;
@@ -336,12 +355,19 @@ impl<S: MailboxStore> ShardLoop<S> {
         match event {
             Some(WriterEvent::Durable { segment, first_ticket, last_ticket, bytes }) => {
                 self.write_in_flight = false;
+                self.write_backoff = Duration::ZERO;
+                self.write_retry_at = None;
                 ShardMetrics::add(&self.metrics.log_writes_total, 1);
                 ShardMetrics::add(&self.metrics.log_bytes_total, bytes);
                 self.core.store_mut().on_write_durable(segment, first_ticket, last_ticket);
             }
             Some(WriterEvent::Failed { segment, first_ticket, last_ticket, .. }) => {
                 self.write_in_flight = false;
+                // A failing disk is retried at a falling rate, not as fast as
+                // io_uring reports errors (the store rewrites a lost
+                // checkpoint or registration at once).
+                self.write_backoff = (self.write_backoff * 2).clamp(WRITE_RETRY_MIN, WRITE_RETRY_MAX);
+                self.write_retry_at = Some(Instant::now() + self.write_backoff);
                 ShardMetrics::add(&self.metrics.log_write_failures_total, 1);
                 self.core.store_mut().on_write_failed(segment, first_ticket, last_ticket);
             }
@@ -359,7 +385,11 @@ impl<S: MailboxStore> ShardLoop<S> {
         let Some(writer) = &mut self.writer else { return };
         writer.commands.pump();
         let store = self.core.store_mut();
-        if !self.write_in_flight {
+        if self.write_retry_at.is_some_and(|at| now >= at) {
+            self.write_retry_at = None;
+        }
+        let backing_off = self.write_retry_at.is_some();
+        if !self.write_in_flight && !backing_off {
             store.maintain();
             let pending = store.pending_write_bytes();
             if pending == 0 {

@@ -204,6 +204,8 @@ pub struct ShardCore<S: MailboxStore> {
     /// Connections in `Session::Registering`, oldest first; each is checked
     /// after every commit. Bounded by the connections.
     registering: VecDeque<ConnId>,
+    /// The committed ticket when `registering` was last checked.
+    registering_checked_at: Ticket,
     /// Sequence part of the next server_msg_id.
     next_message_sequence: u64,
     /// End (exclusive) of the reserved sequences.
@@ -265,6 +267,7 @@ impl<S: MailboxStore> ShardCore<S> {
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             awaiting_commit: VecDeque::new(),
             registering: VecDeque::new(),
+            registering_checked_at: 0,
             next_message_sequence: message_ids.start,
             message_sequence_end: message_ids.end,
             shard_map_encoded,
@@ -598,7 +601,11 @@ impl<S: MailboxStore> ShardCore<S> {
     /// Releases everything the store has committed: answers to origins and
     /// pushes to online recipients. Call after each batch of inputs.
     pub fn flush_commits(&mut self) {
-        for _ in 0..self.registering.len() {
+        // Registrations become durable only with a commit: look again only then.
+        let committed = self.store.committed_ticket();
+        let commit_moved = committed != self.registering_checked_at;
+        self.registering_checked_at = committed;
+        for _ in 0..if commit_moved { self.registering.len() } else { 0 } {
             let Some(conn) = self.registering.pop_front() else { break };
             let Some(&Session::Registering { device, resume_after_seq }) = self.sessions.get(&conn) else {
                 continue; // closed meanwhile

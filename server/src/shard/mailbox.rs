@@ -324,11 +324,12 @@ impl MailboxIndex {
         true
     }
 
-    /// Every entry held in log segment `segment`: (device, seq, message).
-    pub fn entries_in_segment(&self, segment: u64) -> Vec<(DeviceKey, u64, Rc<StoredMessage>)> {
+    /// Every entry held in log segment `segment` whose change is committed
+    /// (`ticket <= committed`): (device, seq, message).
+    pub fn entries_in_segment(&self, segment: u64, committed: Ticket) -> Vec<(DeviceKey, u64, Rc<StoredMessage>)> {
         let mut found = Vec::new();
         for (device, mailbox) in &self.mailboxes {
-            for entry in mailbox.entries.iter().filter(|entry| entry.segment == segment) {
+            for entry in mailbox.entries.iter().filter(|entry| entry.segment == segment && entry.ticket <= committed) {
                 found.push((*device, entry.seq, Rc::clone(&entry.message)));
             }
         }

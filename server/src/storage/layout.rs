@@ -146,7 +146,10 @@ pub const MESSAGE_ID_BLOCK: u64 = 1 << 30;
 /// directory written by an older build has only a `boot` counter, whose ids
 /// were `boot mod 2^14` in bits 40..54: sequences then start above every one
 /// those boots could have used.
-pub fn reserve_message_ids(dir: &Path, count: u64) -> Result<std::ops::Range<u64>, LayoutError> {
+/// `at_least` is where the caller's current block ends (0 at start): a
+/// block reserved by an attempt whose directory sync failed is stepped over,
+/// never handed out twice.
+pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std::ops::Range<u64>, LayoutError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LayoutError::Io { path, source }
@@ -172,6 +175,7 @@ pub fn reserve_message_ids(dir: &Path, count: u64) -> Result<std::ops::Range<u64
             None => 1,
         },
     };
+    let start = start.max(at_least);
     let end = start.checked_add(count).filter(|end| *end <= 1 << crate::shard::core::MESSAGE_SEQUENCE_BITS);
     let Some(end) = end else {
         return Err(LayoutError::BadLayout {
@@ -251,17 +255,20 @@ mod tests {
     #[test]
     fn message_id_reservations_never_overlap_across_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let first = reserve_message_ids(dir.path(), 100).unwrap();
-        let second = reserve_message_ids(dir.path(), 100).unwrap();
+        let first = reserve_message_ids(dir.path(), 100, 0).unwrap();
+        let second = reserve_message_ids(dir.path(), 100, 0).unwrap();
         assert_eq!(first, 1..101);
         assert_eq!(second.start, first.end, "a restart continues after the last reservation");
+        // A caller whose block ends further on (its last write half failed).
+        let third = reserve_message_ids(dir.path(), 100, 500).unwrap();
+        assert_eq!(third, 500..600);
     }
 
     #[test]
     fn an_older_boot_counter_is_stepped_over() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("boot"), "7").unwrap();
-        let ids = reserve_message_ids(dir.path(), 10).unwrap();
+        let ids = reserve_message_ids(dir.path(), 10, 0).unwrap();
         // Boot 7 of the old layout used sequences below 8 << 40.
         assert_eq!(ids.start, 8 << 40);
     }
@@ -270,6 +277,6 @@ mod tests {
     fn an_exhausted_id_space_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("message-ids"), ((1u64 << 54) - 5).to_string()).unwrap();
-        assert!(reserve_message_ids(dir.path(), 10).unwrap_err().to_string().contains("every server_msg_id"));
+        assert!(reserve_message_ids(dir.path(), 10, 0).unwrap_err().to_string().contains("every server_msg_id"));
     }
 }

@@ -98,6 +98,8 @@ pub struct LogStore {
     /// Registrations not yet durable, with the ticket of their record.
     /// Bounded by the Hellos of new devices in flight.
     registrations_pending: VecDeque<(Ticket, DeviceKey)>,
+    /// The devices in `registrations_pending` (each at most once).
+    registering_devices: std::collections::HashSet<DeviceKey, foldhash::fast::RandomState>,
 }
 
 /// The log record of `message` stored for `recipients`.
@@ -183,6 +185,7 @@ impl LogStore {
             on_disk: Default::default(),
             corrupt_records: 0,
             registrations_pending: VecDeque::new(),
+            registering_devices: Default::default(),
             stored_count: 0,
             newest_stored_by_segment: BTreeMap::new(),
         }
@@ -305,7 +308,10 @@ impl LogStore {
         let Some(from) = candidate else { return };
         // One record per message, listing the devices that still hold it.
         let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
-        for (device, seq, message) in self.index.entries_in_segment(from) {
+        // Only committed entries: a copy of one whose own write then failed
+        // would bring back, at the next recovery, a message its sender was
+        // told was not stored (found by the simulation).
+        for (device, seq, message) in self.index.entries_in_segment(from, self.committed) {
             let slot = by_message.entry(message.server_msg_id).or_insert_with(|| (Rc::clone(&message), Vec::new()));
             slot.1.push(RecipientSeq { device: device.device, seq });
         }
@@ -315,6 +321,15 @@ impl LogStore {
             let record = message_record(&message, recipients.clone());
             let (ticket, segment) = self.append(&record);
             last_ticket = ticket;
+            // Recovery remembers the copy's dedup key where it lies; so does
+            // the running store, so the window means the same in both. Ticket
+            // 0: the original is durable (only committed entries are copied),
+            // so a failed copy must not make the key forgettable.
+            let sender = message.sender();
+            if self.index.find_stored(sender, message.client_msg_id).is_none() {
+                self.index.remember_stored(sender, message.client_msg_id, message.server_msg_id, 0);
+            }
+            self.note_stored_in(segment);
             for recipient in recipients {
                 let device = DeviceKey { user: message.to_user, device: recipient.device };
                 moves.push((device, recipient.seq, live_bytes(&message), segment));
@@ -363,6 +378,12 @@ impl LogStore {
     fn start_segment(&mut self) {
         self.current_segment += 1;
         self.current_segment_bytes = 0;
+        self.write_checkpoint();
+    }
+
+    /// Appends a checkpoint of every device's seq state to the current
+    /// segment; the segment covers older ones once it is durable.
+    fn write_checkpoint(&mut self) {
         let mut checkpoint = Vec::new();
         for (device, mailbox) in self.index.mailboxes() {
             let state = DeviceState {
@@ -422,6 +443,7 @@ impl LogStore {
         let record = Record::DeviceRegistered(DeviceRegistered { user: device.user, device: device.device });
         let (ticket, _) = self.append(&record);
         self.registrations_pending.push_back((ticket, device));
+        self.registering_devices.insert(device);
     }
 
     /// Segments believed to be on disk.
@@ -445,7 +467,7 @@ impl MailboxStore for LogStore {
     }
 
     fn registration_pending(&self, device: DeviceKey) -> bool {
-        self.registrations_pending.iter().any(|(_, pending)| *pending == device)
+        self.registering_devices.contains(&device)
     }
 
     fn devices_of(&self, user: u64) -> &[u32] {
@@ -540,7 +562,9 @@ impl MailboxStore for LogStore {
         self.committed = last_ticket;
         self.note_durable_segment(segment, first_ticket, last_ticket);
         while self.registrations_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
-            self.registrations_pending.pop_front();
+            if let Some((_, device)) = self.registrations_pending.pop_front() {
+                self.registering_devices.remove(&device);
+            }
         }
         self.on_disk.insert(segment);
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
@@ -576,8 +600,10 @@ impl MailboxStore for LogStore {
         self.on_disk.insert(segment);
         if self.checkpoint_pending.is_some_and(|(_, ticket)| (first_ticket..=last_ticket).contains(&ticket)) {
             // The only copy of the device state meant to cover older segments
-            // is gone: begin another segment with a fresh checkpoint.
-            self.start_segment();
+            // is gone: write a fresh one into the same segment (the writer
+            // cut the failed bytes off; a new segment per failure would pile
+            // up empty files while a disk keeps failing).
+            self.write_checkpoint();
         }
         // A registration in the failed chunk is written again: the device
         // stays registered in memory, and its Hello waits for the new record.
