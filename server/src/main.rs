@@ -60,6 +60,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log lines buffered for the log thread (~200 bytes each: about 2 MiB).
+const LOG_LINES_BUFFERED_MAX: usize = 10_000;
+
 /// Fail-stop: a panic on any thread (a shard's loop, its recovery, the
 /// admin endpoint) aborts the whole process after the usual report. A shard
 /// that died while the process stayed up would leave its users unserved and
@@ -109,9 +112,17 @@ fn serve(
     listen: Option<SocketAddr>,
     shards: Option<u16>,
 ) -> ExitCode {
+    // Log lines go to stderr from a thread of their own: a shard never
+    // blocks on a slow or stalled stderr (a full pipe, a stuck journald).
+    // Past LOG_LINES_BUFFERED_MAX waiting lines, new ones are dropped.
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_LINES_BUFFERED_MAX)
+        .lossy(true)
+        .thread_name("irisd-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IRIS_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let fail = |message: String| {

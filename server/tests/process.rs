@@ -252,3 +252,42 @@ async fn a_panic_during_recovery_ends_startup_instead_of_hanging() {
     assert!(!stdout.contains("ready:"), "irisd must not report ready: {stdout}");
     assert!(!status.expect("startup hung after a shard panicked in recovery").success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stderr_never_stalls_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    // Every packet logs at trace level, and nobody reads stderr: a pipe
+    // fills within milliseconds.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "1", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .env("IRIS_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stalled_stderr = child.stderr.take().unwrap();
+    // The smallest pipe the kernel allows (one page), so it fills at once.
+    // SAFETY: fcntl on a pipe descriptor this process owns.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&stalled_stderr), libc::F_SETPIPE_SZ, 4096) };
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
+    std::thread::spawn(move || for _ in lines {});
+    let authority =
+        irisd::auth::TokenAuthority::load_or_create(&dir.path().join("keys/token-signing.key"), false).unwrap().0;
+    let token = |user: u64| {
+        authority.mint(irisd::auth::Claims { user_id: user, device_id: 1, expires_at_s: common::now_s() + 600 })
+    };
+    let config = |user| {
+        iris_client::ClientConfig::new(format!("127.0.0.1:{port}"), dir.path().join("tls/cert.pem"), token(user))
+    };
+    let run = async {
+        Client::connect(config(2)).await.unwrap().close().await.unwrap();
+        count_refusals(config(1), 2, 300, 100).await
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(60), run).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(refused.expect("the shards stalled behind stderr"), 0);
+}

@@ -241,7 +241,9 @@ impl Writer {
             let _ = old.close().await;
         }
         let path = segment_path(&self.dir, segment);
-        let existed = path.exists();
+        // Only the recovered segment exists already (the store never returns
+        // to an older one): known without a blocking stat on the shard thread.
+        let existed = resume.as_ref().is_some_and(|start| start.segment == segment);
         if !existed {
             self.take_spare(segment, &path).await;
         }
