@@ -120,6 +120,13 @@ pub struct Limits {
     pub sends_in_flight_per_device_max: u32,
     /// Client connections per shard. Over it: new connections are refused.
     pub connections_per_shard_max: u32,
+    /// Connections per shard from one source IP address. Over it: refused.
+    /// Carrier-grade NAT puts many phones behind one address, so this is high.
+    pub connections_per_source_max: u32,
+    /// Handshakes in progress per shard above which a new connection must
+    /// first prove its address with a QUIC Retry (a spoofed flood then costs
+    /// one stateless packet each, and no connection state).
+    pub handshakes_unvalidated_max: u32,
     /// Bytes of responses queued for one connection's request stream; past it
     /// the shard stops reading that connection's requests (QUIC flow control
     /// then pushes back on the client).
@@ -180,6 +187,8 @@ impl Default for Limits {
             // seconds to minutes at full load, the window in which clients retry.
             stored_dedup_entries_max: 262_144,
             connections_per_shard_max: 100_000,
+            connections_per_source_max: 10_000,
+            handshakes_unvalidated_max: 256,
             connection_response_bytes_max: 256 * 1024,
             // 64 batches of up to 256 messages: 16k messages in flight between
             // a pair of shards before the sender's outbox fills.
@@ -242,6 +251,7 @@ impl Config {
             ("sends_in_flight_per_device_max", limits.sends_in_flight_per_device_max),
             ("stored_dedup_entries_max", limits.stored_dedup_entries_max),
             ("connections_per_shard_max", limits.connections_per_shard_max),
+            ("connections_per_source_max", limits.connections_per_source_max),
             ("shard_channel_batches_max", limits.shard_channel_batches_max),
             ("shard_outbox_messages_max", limits.shard_outbox_messages_max),
         ];

@@ -38,6 +38,10 @@ pub struct ShardMetrics {
     pub log_recovery_ms: AtomicU64,
     /// Segments reclaimed (deleted).
     pub log_segments_reclaimed_total: AtomicU64,
+    /// QUIC Retry packets sent (address validation under a handshake flood).
+    pub handshake_retries_total: AtomicU64,
+    /// New connections refused (connection bound or per-source bound).
+    pub handshakes_refused_total: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -55,7 +59,7 @@ impl ShardMetrics {
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 13] = [
+    let families: [(&str, &str, &str, Field); 15] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -75,6 +79,12 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_log_torn_bytes", "gauge", "Torn-tail bytes cut at the last recovery.", |m| &m.log_torn_bytes),
         ("iris_log_recovery_milliseconds", "gauge", "Duration of the last recovery.", |m| &m.log_recovery_ms),
         ("iris_log_segments_reclaimed_total", "counter", "Log segments deleted.", |m| &m.log_segments_reclaimed_total),
+        ("iris_handshake_retries_total", "counter", "QUIC Retry packets sent to validate addresses.", |m| {
+            &m.handshake_retries_total
+        }),
+        ("iris_handshakes_refused_total", "counter", "New connections refused at a connection bound.", |m| {
+            &m.handshakes_refused_total
+        }),
     ];
     let mut out = String::new();
     for (name, kind, help, field) in families {

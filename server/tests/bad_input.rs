@@ -238,3 +238,38 @@ async fn small_requests_for_large_answers_cannot_grow_server_memory() {
     drop(floods);
     assert_still_serving(&mut server).await;
 }
+
+/// The value of `name{shard="0"}` in a Prometheus exposition.
+fn metric(exposition: &str, name: &str) -> u64 {
+    let prefix = format!("{name}{{shard=\"0\"}} ");
+    let line = exposition.lines().find(|line| line.starts_with(&prefix)).unwrap_or_else(|| panic!("no {name}"));
+    line[prefix.len()..].trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_are_validated_under_load_and_one_source_cannot_take_every_slot() {
+    let admin = format!("127.0.0.1:{}", 20_000 + common::rand_u64() % 12_000);
+    let admin_line = format!("admin_listen = \"{admin}\"");
+    // Every handshake counts as "under load", and one address may hold two.
+    let server = Server::start_with(
+        1,
+        &[&admin_line, "[limits]", "handshakes_unvalidated_max = 0", "connections_per_source_max = 2"],
+    );
+    let first = Raw::connect(&server, 0).await;
+    let second = Raw::connect(&server, 0).await;
+    let exposition = common::http_get(&admin, "/metrics");
+    assert!(metric(&exposition, "iris_handshake_retries_total") >= 2, "each handshake proved its address first");
+    // A third connection from 127.0.0.1 is refused, the two keep working.
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(common::client_tls(&server.ca()));
+    let address = server.address(0).parse().unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), endpoint.connect(address, "localhost").unwrap())
+        .await
+        .expect("an answer, not a timeout");
+    assert!(refused.is_err(), "a third connection from one source must be refused");
+    assert_eq!(metric(&common::http_get(&admin, "/metrics"), "iris_handshakes_refused_total"), 1);
+    for mut raw in [first, second] {
+        raw.write_frame(&Frame::Ping(frames::Ping { nonce: 9 })).await;
+        assert!(matches!(raw.read_frame().await, Some(Frame::Pong(pong)) if pong.nonce == 9));
+    }
+}

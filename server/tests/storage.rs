@@ -110,20 +110,10 @@ async fn a_corrupt_record_is_skipped_reported_and_the_rest_recovered() {
     let expected: Vec<String> = (0..20).filter(|i| *i != 7).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, expected);
     // The skipped record is counted in the metrics.
-    let metrics = http_get(&admin, "/metrics");
+    let metrics = common::http_get(&admin, "/metrics");
     assert!(metrics.contains("iris_log_corrupt_records{shard=\"0\"} 1"), "{metrics}");
     assert!(metrics.contains("iris_deliveries_total{shard=\"0\"} 19"), "{metrics}");
-    assert!(http_get(&admin, "/health").ends_with("ok\n"));
-}
-
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("admin endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("{address}{path}: {e}"));
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+    assert!(common::http_get(&admin, "/health").ends_with("ok\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

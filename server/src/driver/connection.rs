@@ -103,6 +103,10 @@ pub struct Connection {
     pub close_deadline: Option<Instant>,
     /// The core has messages to push.
     pub push_wanted: bool,
+    /// The peer's address (for the per-source connection bound).
+    pub source: std::net::IpAddr,
+    /// Counted among the shard's handshakes in progress.
+    pub handshaking: bool,
     /// The client's request stream.
     request: Option<StreamId>,
     /// Data (or end of stream) may be waiting on the request stream.
@@ -143,6 +147,8 @@ impl Connection {
             deadline: None,
             close_deadline: Some(now + limits.hello_timeout),
             push_wanted: false,
+            source: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            handshaking: false,
             request: None,
             request_readable: false,
             decoder: FrameDecoder::new(frame_bytes_max),

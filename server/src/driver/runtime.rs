@@ -296,6 +296,8 @@ async fn run_shard(
         udp,
         links: ShardLinks { senders: connected_senders, receivers: connected_receivers },
         connections_max: limits.connections_per_shard_max as usize,
+        connections_per_source_max: limits.connections_per_source_max,
+        handshakes_unvalidated_max: limits.handshakes_unvalidated_max as usize,
         connection_limits: ConnectionLimits {
             response_bytes_max: limits.connection_response_bytes_max as usize,
             hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),

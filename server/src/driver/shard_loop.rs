@@ -97,6 +97,10 @@ pub struct LoopParts {
     pub links: ShardLinks,
     /// Bound on live connections.
     pub connections_max: usize,
+    /// Bound on live connections from one source address.
+    pub connections_per_source_max: u32,
+    /// Handshakes in progress above which new peers get a Retry first.
+    pub handshakes_unvalidated_max: usize,
     /// Per-connection bounds.
     pub connection_limits: ConnectionLimits,
     /// This shard's counters, read by the admin endpoint.
@@ -119,6 +123,14 @@ pub struct ShardLoop<S: MailboxStore> {
     connections: HashMap<ConnectionHandle, Box<Connection>>,
     /// Bound on `connections`; further handshakes are refused.
     connections_max: usize,
+    /// Live connections per source address; bounded by `connections`.
+    connections_by_source: HashMap<std::net::IpAddr, u32>,
+    /// Bound on each entry of `connections_by_source`.
+    connections_per_source_max: u32,
+    /// Connections whose handshake has not completed.
+    handshaking: usize,
+    /// Above this many `handshaking`, unvalidated peers get a Retry.
+    handshakes_unvalidated_max: usize,
     /// Per-connection buffer bounds.
     connection_limits: ConnectionLimits,
     /// Connection deadlines, ordered; each connection appears at most once.
@@ -178,6 +190,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             udp,
             links,
             connections_max,
+            connections_per_source_max,
+            handshakes_unvalidated_max,
             connection_limits,
             metrics,
             shard_dir,
@@ -189,6 +203,10 @@ impl<S: MailboxStore> ShardLoop<S> {
             endpoint,
             connections: HashMap::new(),
             connections_max,
+            connections_by_source: HashMap::new(),
+            connections_per_source_max,
+            handshaking: 0,
+            handshakes_unvalidated_max,
             connection_limits,
             timers: BTreeSet::new(),
             dirty: Vec::new(),
@@ -453,16 +471,35 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if self.connections.len() >= self.connections_max {
+                let source = incoming.remote_address().ip();
+                let from_source = self.connections_by_source.get(&source).copied().unwrap_or(0);
+                if self.connections.len() >= self.connections_max || from_source >= self.connections_per_source_max {
+                    ShardMetrics::add(&self.metrics.handshakes_refused_total, 1);
                     let transmit = self.endpoint.refuse(incoming, &mut self.scratch);
                     self.queue_scratch(transmit);
+                    return;
+                }
+                if self.handshaking >= self.handshakes_unvalidated_max && !incoming.remote_address_validated() {
+                    if incoming.may_retry() {
+                        ShardMetrics::add(&self.metrics.handshake_retries_total, 1);
+                        match self.endpoint.retry(incoming, &mut self.scratch) {
+                            Ok(transmit) => self.queue_scratch(transmit),
+                            Err(error) => self.endpoint.ignore(error.into_incoming()),
+                        }
+                    } else {
+                        self.endpoint.ignore(incoming);
+                    }
                     return;
                 }
                 match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
                     Ok((handle, quic)) => {
                         assert!(!self.panic_on_connection, "failpoint: a shard loop panics");
-                        let connection =
+                        *self.connections_by_source.entry(source).or_default() += 1;
+                        self.handshaking += 1;
+                        let mut connection =
                             Connection::new(quic, now, self.core.frame_bytes_max(), self.connection_limits);
+                        connection.source = source;
+                        connection.handshaking = true;
                         self.connections.insert(handle, Box::new(connection));
                         self.core.on_connection(ConnId(handle.0 as u64));
                         self.mark_dirty(handle);
@@ -657,9 +694,23 @@ impl<S: MailboxStore> ShardLoop<S> {
                     connection.quic.handle_event(reply);
                 }
             }
+            if connection.handshaking && !connection.quic.is_handshaking() {
+                connection.handshaking = false;
+                self.handshaking -= 1;
+            }
             if connection.quic.is_drained() {
                 if let Some(deadline) = connection.deadline.take() {
                     self.timers.remove(&(deadline, handle));
+                }
+                if connection.handshaking {
+                    self.handshaking -= 1;
+                }
+                let source = connection.source;
+                if let Some(count) = self.connections_by_source.get_mut(&source) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.connections_by_source.remove(&source);
+                    }
                 }
                 self.connections.remove(&handle);
                 self.core.on_connection_closed(ConnId(handle.0 as u64));

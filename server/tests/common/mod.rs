@@ -295,3 +295,14 @@ impl Raw {
         }
     }
 }
+
+/// A plain HTTP GET against the admin endpoint; the whole response.
+pub fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("admin endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("{address}{path}: {e}"));
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
