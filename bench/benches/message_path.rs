@@ -31,7 +31,7 @@ fn message_path(c: &mut Criterion) {
         mailbox_bytes_max: 1 << 32,
         stored_dedup_entries_max: 100_000,
     });
-    let mut core = ShardCore::new(identity, table.clone(), authority.clone(), limits, 65536, store);
+    let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
     let (sender, receiver) = (ConnId(1), ConnId(2));
     for (conn, user) in [(sender, 1u64), (receiver, 2u64)] {
         assert_eq!(table.home(UserId(user)).shard.0, 0);

@@ -67,12 +67,20 @@ pub enum KeyFileError {
     BadKey(String),
 }
 
-/// Mints tokens (irisd token) and verifies them (every shard).
+/// Mints tokens (`irisd token`, tests). Holds the secret key: the shards
+/// get only a [`TokenVerifier`] (decision 0005).
 #[derive(Debug, Clone)]
 pub struct TokenAuthority {
-    /// Secret key; only needed to mint, kept so one type serves both uses.
+    /// Secret key (zeroed on drop by ed25519-dalek).
     signing_key: SigningKey,
-    /// Derived public key used to verify.
+    /// The verifier for the derived public key.
+    verifier: TokenVerifier,
+}
+
+/// Verifies tokens; what every shard holds. Public key only.
+#[derive(Debug, Clone)]
+pub struct TokenVerifier {
+    /// The public key tokens must be signed for.
     verifying_key: VerifyingKey,
 }
 
@@ -91,8 +99,18 @@ impl TokenAuthority {
     /// An authority from a raw secret key.
     pub fn from_secret(secret: [u8; 32]) -> TokenAuthority {
         let signing_key = SigningKey::from_bytes(&secret);
-        let verifying_key = signing_key.verifying_key();
-        TokenAuthority { signing_key, verifying_key }
+        let verifier = TokenVerifier { verifying_key: signing_key.verifying_key() };
+        TokenAuthority { signing_key, verifier }
+    }
+
+    /// The verifier for this authority's tokens (no secret in it).
+    pub fn verifier(&self) -> TokenVerifier {
+        self.verifier.clone()
+    }
+
+    /// Verifies `token` at `now_s` (see [`TokenVerifier::verify`]).
+    pub fn verify(&self, token: &str, now_s: u64) -> Result<Claims, TokenError> {
+        self.verifier.verify(token, now_s)
     }
 
     /// Mints a token for `claims`.
@@ -106,7 +124,9 @@ impl TokenAuthority {
         bytes.extend_from_slice(&signature.to_bytes());
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
+}
 
+impl TokenVerifier {
     /// Verifies `token` at wall-clock time `now_s` (seconds since the epoch).
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Claims, TokenError> {
         if token.len() > TOKEN_TEXT_BYTES_MAX {

@@ -191,10 +191,11 @@ fn serve(
         Ok(false) => {}
         Err(error) => return fail(error.to_string()),
     }
-    let crypto = match tls.quic_server_config() {
-        Ok(crypto) => crypto,
-        Err(error) => return fail(error.to_string()),
-    };
+    // Checked once here; every shard builds its own configuration from the
+    // same files (own session cache, no lock shared across cores).
+    if let Err(error) = tls.quic_server_config() {
+        return fail(error.to_string());
+    }
     let authority = match TokenAuthority::load_or_create(&key_path(&config.data_dir), true) {
         Ok((authority, created)) => {
             if created {
@@ -214,7 +215,10 @@ fn serve(
         Ok((secret, _)) => secret,
         Err(error) => return fail(format!("{}: {error}", reset_path.display())),
     };
-    let setup = NodeSetup { config: config.clone(), authority, crypto, reset_secret };
+    // The shards verify tokens; the signing key stays here and is dropped.
+    let verifier = authority.verifier();
+    drop(authority);
+    let setup = NodeSetup { config: config.clone(), verifier, tls: tls.clone(), reset_secret };
     let node = match runtime::start(setup, shard_count) {
         Ok(node) => node,
         Err(error) => return fail(error.to_string()),

@@ -69,8 +69,18 @@ impl TlsFiles {
         Ok(true)
     }
 
-    /// Builds the QUIC server crypto configuration (ALPN `iris/1`).
+    /// Builds a QUIC server crypto configuration (ALPN `iris/1`). Each call
+    /// makes a new one with its own session cache, so each shard gets its
+    /// own and no lock is shared across cores.
     pub fn quic_server_config(&self) -> Result<Arc<quinn_proto::crypto::rustls::QuicServerConfig>, TlsError> {
+        let config = self.rustls_server_config()?;
+        let quic = quinn_proto::crypto::rustls::QuicServerConfig::try_from(config)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Arc::new(quic))
+    }
+
+    /// The rustls configuration inside [`TlsFiles::quic_server_config`].
+    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         let pem = |path: &Path, detail: String| TlsError::Pem { path: path.to_path_buf(), detail };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
             .map_err(|e| pem(&self.cert, e.to_string()))?
@@ -89,8 +99,20 @@ impl TlsFiles {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         config.alpn_protocols = vec![iris_protocol::ALPN.to_vec()];
         config.max_early_data_size = 0;
-        let quic = quinn_proto::crypto::rustls::QuicServerConfig::try_from(config)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Arc::new(quic))
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_configuration_has_its_own_session_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::in_data_dir(dir.path());
+        files.create_if_missing(vec!["localhost".into()]).unwrap();
+        let (first, second) = (files.rustls_server_config().unwrap(), files.rustls_server_config().unwrap());
+        assert!(!Arc::ptr_eq(&first.session_storage, &second.session_storage), "a cache shared across shards");
     }
 }

@@ -273,3 +273,18 @@ async fn handshakes_are_validated_under_load_and_one_source_cannot_take_every_sl
         assert!(matches!(raw.read_frame().await, Some(Frame::Pong(pong)) if pong.nonce == 9));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let server = Server::start(1);
+    let user = user_on_shard(0, 1, 900);
+    let token = server.authority().mint(Claims { user_id: user, device_id: 1, expires_at_s: now_s() + 2 });
+    let mut raw = Raw::connect(&server, 0).await;
+    assert!(matches!(raw.hello(&token, 0).await, Frame::Welcome(_)));
+    raw.write_frame(&Frame::Ping(frames::Ping { nonce: 1 })).await;
+    assert!(matches!(raw.read_frame().await, Some(Frame::Pong(_))), "valid until it expires");
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    raw.write_frame(&Frame::Ping(frames::Ping { nonce: 2 })).await;
+    assert_eq!(error_code(raw.read_frame().await), ErrorCode::TokenExpired);
+    assert_eq!(raw.closed_code().await, Some(u64::from(close_code::PROTOCOL_ERROR)));
+}

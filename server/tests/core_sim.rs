@@ -148,7 +148,7 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore)
         sends_in_flight_per_device_max: 16,
         shard_outbox_messages_max: 1000,
     };
-    ShardCore::new(identity, table, authority.clone(), limits, 65536, store)
+    ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
 
 /// Recovers a store from a disk the way a start does: torn tails cut off,

@@ -54,7 +54,7 @@ fuzz_target!(|ops: Vec<Op>| {
         mailbox_bytes_max: 4096,
         stored_dedup_entries_max: 32,
     });
-    let mut core = ShardCore::new(identity, table, authority.clone(), limits, FRAME_BYTES_MAX_DEFAULT, store);
+    let mut core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
     let mut conns: Vec<Conn> = Vec::new();
     let mut next_conn = 0u64;
     let now_ms = 1_000_000;

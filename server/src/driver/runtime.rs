@@ -7,7 +7,7 @@ use super::log_writer::{run_writer, WriterQueue, WriterStart, WRITER_QUEUE_MAX};
 use super::shard_loop::WriterLink;
 use super::shard_loop::{LoopParts, ShardBatch, ShardLinks, ShardLoop};
 use super::udp::{bind_exclusive, UdpIo};
-use crate::auth::TokenAuthority;
+use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::config::Durability;
 use crate::metrics::ShardMetrics;
@@ -18,7 +18,6 @@ use crate::storage::record::Scan;
 use crate::storage::{LogLimits, LogStore};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use iris_shard_map::{NodeId, ShardId, SlotTable};
-use quinn_proto::crypto::rustls::QuicServerConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,10 +67,11 @@ pub enum StartError {
 pub struct NodeSetup {
     /// Validated configuration.
     pub config: Config,
-    /// Token verifier.
-    pub authority: TokenAuthority,
-    /// rustls server configuration for QUIC.
-    pub crypto: Arc<QuicServerConfig>,
+    /// Token verifier (public key only).
+    pub verifier: TokenVerifier,
+    /// The certificate and key; each shard builds its own rustls
+    /// configuration from them (its own session cache: no lock across cores).
+    pub tls: crate::tls::TlsFiles,
     /// Key for QUIC stateless reset tokens, persisted in the data directory so
     /// that after a restart clients of the previous process are reset at once
     /// instead of waiting for their idle timeout.
@@ -292,7 +292,10 @@ async fn run_shard(
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &setup.reset_secret);
     let parts = LoopParts {
         endpoint_config: Arc::new(quinn_proto::EndpointConfig::new(Arc::new(reset_key))),
-        server_config: quic_server_config(&setup),
+        server_config: match setup.tls.quic_server_config() {
+            Ok(crypto) => quic_server_config(&setup, crypto),
+            Err(error) => return report_failure(&ready, shard, error.to_string()),
+        },
         udp,
         links: ShardLinks { senders: connected_senders, receivers: connected_receivers },
         connections_max: limits.connections_per_shard_max as usize,
@@ -305,7 +308,7 @@ async fn run_shard(
         metrics: Arc::clone(&metrics),
         shard_dir: dir.clone(),
     };
-    let authority = setup.authority.clone();
+    let authority = setup.verifier.clone();
     match config.storage.durability {
         Durability::None => {
             let store = MemoryStore::new(store_limits);
@@ -402,7 +405,10 @@ const CLIENT_ACK_ELICITING_THRESHOLD: u32 = 8;
 const CLIENT_MAX_ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// The QUIC transport settings of client connections.
-fn quic_server_config(setup: &NodeSetup) -> Arc<quinn_proto::ServerConfig> {
+fn quic_server_config(
+    setup: &NodeSetup,
+    crypto: Arc<quinn_proto::crypto::rustls::QuicServerConfig>,
+) -> Arc<quinn_proto::ServerConfig> {
     let mut transport = quinn_proto::TransportConfig::default();
     // One request stream per connection; the server opens the push stream.
     transport.max_concurrent_bidi_streams(quinn_proto::VarInt::from_u32(1));
@@ -433,7 +439,7 @@ fn quic_server_config(setup: &NodeSetup) -> Arc<quinn_proto::ServerConfig> {
     ack_frequency.ack_eliciting_threshold(quinn_proto::VarInt::from_u32(CLIENT_ACK_ELICITING_THRESHOLD));
     ack_frequency.max_ack_delay(Some(CLIENT_MAX_ACK_DELAY));
     transport.ack_frequency_config(Some(ack_frequency));
-    let mut server_config = quinn_proto::ServerConfig::with_crypto(setup.crypto.clone());
+    let mut server_config = quinn_proto::ServerConfig::with_crypto(crypto);
     server_config.transport_config(Arc::new(transport));
     Arc::new(server_config)
 }

@@ -22,7 +22,7 @@ use super::dedup::{DedupWindow, Seen};
 use super::mailbox::{MailboxStore, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use super::StateMap;
-use crate::auth::{TokenAuthority, TokenError};
+use crate::auth::{TokenError, TokenVerifier};
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::{close_code, ErrorCode};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
@@ -118,6 +118,8 @@ enum Session {
     Registering {
         /// The device.
         device: DeviceKey,
+        /// When its token expires (s since the epoch).
+        expires_at_s: u64,
         /// From the Hello.
         resume_after_seq: u64,
     },
@@ -125,6 +127,8 @@ enum Session {
     Active {
         /// The device.
         device: DeviceKey,
+        /// When its token expires (s since the epoch): the session ends then.
+        expires_at_s: u64,
         /// Highest seq written to the push stream.
         pushed_up_to: u64,
         /// Whether the connection is in `push_ready` already.
@@ -179,7 +183,7 @@ pub struct ShardCore<S: MailboxStore> {
     /// Slot table copy; all shards of a node share the same epoch.
     table: SlotTable,
     /// Verifies Hello tokens.
-    authority: TokenAuthority,
+    authority: TokenVerifier,
     /// Core bounds.
     limits: CoreLimits,
     /// Frame size bound, for building Deliver frames that fit.
@@ -237,7 +241,7 @@ impl<S: MailboxStore> ShardCore<S> {
     pub fn new(
         identity: ShardIdentity,
         table: SlotTable,
-        authority: TokenAuthority,
+        authority: TokenVerifier,
         limits: CoreLimits,
         frame_bytes_max: u32,
         store: S,
@@ -334,6 +338,13 @@ impl<S: MailboxStore> ShardCore<S> {
             return;
         }
         let active = matches!(session, Session::Active { .. });
+        if let Session::Active { expires_at_s, .. } = session {
+            // A session lives no longer than the token that opened it.
+            if now_ms / 1000 >= *expires_at_s {
+                let detail = format!("token expired at {expires_at_s} during the session");
+                return self.fail(conn, ErrorCode::TokenExpired, detail);
+            }
+        }
         if let Some(Session::AwaitingHello { requests }) = self.sessions.get_mut(&conn) {
             if matches!(frame, Frame::Ping(_) | Frame::ShardMapRequest(_)) {
                 *requests += 1;
@@ -382,15 +393,17 @@ impl<S: MailboxStore> ShardCore<S> {
             return self.fail(conn, error.code(), error.to_string());
         }
         if self.store.registration_pending(device) {
-            self.sessions.insert(conn, Session::Registering { device, resume_after_seq: hello.resume_after_seq });
+            let resume_after_seq = hello.resume_after_seq;
+            let expires_at_s = claims.expires_at_s;
+            self.sessions.insert(conn, Session::Registering { device, expires_at_s, resume_after_seq });
             self.registering.push_back(conn);
             return;
         }
-        self.welcome(conn, device, hello.resume_after_seq);
+        self.welcome(conn, device, claims.expires_at_s, hello.resume_after_seq);
     }
 
     /// Completes a Hello whose device is durably registered.
-    fn welcome(&mut self, conn: ConnId, device: DeviceKey, resume_after_seq: u64) {
+    fn welcome(&mut self, conn: ConnId, device: DeviceKey, expires_at_s: u64, resume_after_seq: u64) {
         let last_seq = self.store.last_seq(device);
         if resume_after_seq > last_seq {
             // Never clamp silently: a seq the server never assigned means the
@@ -412,7 +425,8 @@ impl<S: MailboxStore> ShardCore<S> {
         // was pushed; anything above is pushed again (the SDK drops repeats).
         let resume = resume_after_seq.min(self.store.pushed_seq(device));
         self.store.acknowledge(device, resume);
-        self.sessions.insert(conn, Session::Active { device, pushed_up_to: resume, push_queued: false });
+        let session = Session::Active { device, expires_at_s, pushed_up_to: resume, push_queued: false };
+        self.sessions.insert(conn, session);
         self.emit(
             conn,
             Frame::Welcome(frames::Welcome {
@@ -607,13 +621,14 @@ impl<S: MailboxStore> ShardCore<S> {
         self.registering_checked_at = committed;
         for _ in 0..if commit_moved { self.registering.len() } else { 0 } {
             let Some(conn) = self.registering.pop_front() else { break };
-            let Some(&Session::Registering { device, resume_after_seq }) = self.sessions.get(&conn) else {
+            let Some(&Session::Registering { device, expires_at_s, resume_after_seq }) = self.sessions.get(&conn)
+            else {
                 continue; // closed meanwhile
             };
             if self.store.registration_pending(device) {
                 self.registering.push_back(conn);
             } else {
-                self.welcome(conn, device, resume_after_seq);
+                self.welcome(conn, device, expires_at_s, resume_after_seq);
             }
         }
         let committed = self.store.committed_ticket();
