@@ -75,7 +75,13 @@ pub struct LogStore {
     /// The current segment's head checkpoint while it is not yet durable:
     /// (segment, ticket). If its chunk fails, the next segment begins with a
     /// new checkpoint; until one is durable, no older segment is reclaimed.
-    checkpoint_pending: Option<(u64, Ticket)>,
+    checkpoint_pending: Option<(u64, Ticket, Ticket)>,
+    /// Size of the last checkpoint written: a segment rotates only once it
+    /// holds at least [`CHECKPOINT_SHARE_DIVISOR`] times this, so
+    /// checkpoints stay a bounded share of the log however many devices
+    /// there are (a segment smaller than one checkpoint once rotated on every
+    /// record, rewriting every device's state each time).
+    checkpoint_bytes: u64,
     /// Ticket ranges whose chunk failed, kept until the core has seen them.
     failed: VecDeque<(Ticket, Ticket)>,
     /// Undelivered mailbox entries per segment, for reclaim and compaction.
@@ -155,6 +161,10 @@ struct Compaction {
 /// segments still filling.
 const COMPACT_LIVE_FRACTION_DIVISOR: u64 = 4;
 
+/// A segment rotates only once it holds this many times its checkpoint, so
+/// checkpoints are at most about a quarter of what the log writes.
+const CHECKPOINT_SHARE_DIVISOR: u64 = 4;
+
 /// Bytes of records waiting for the writer beyond which new messages are
 /// refused with Throttle: 64 MiB is about 20 s of a disk that stalls at
 /// full load before memory would grow further; acks and registrations are
@@ -179,6 +189,7 @@ impl LogStore {
             committed: 0,
             committed_segment: 1,
             checkpoint_pending: None,
+            checkpoint_bytes: 0,
             failed: VecDeque::new(),
             live_by_segment: BTreeMap::new(),
             compaction: None,
@@ -343,9 +354,8 @@ impl LogStore {
     fn append(&mut self, record: &Record) -> (Ticket, u64) {
         let mut bytes = Vec::new();
         encode_record(record, &mut bytes);
-        if self.current_segment_bytes > 0
-            && self.current_segment_bytes + bytes.len() as u64 > self.limits.segment_bytes_max
-        {
+        let rotate_at = self.limits.segment_bytes_max.max(self.checkpoint_bytes * CHECKPOINT_SHARE_DIVISOR);
+        if self.current_segment_bytes > 0 && self.current_segment_bytes + bytes.len() as u64 > rotate_at {
             self.start_segment();
         }
         let ticket = self.push_bytes(&bytes);
@@ -384,7 +394,12 @@ impl LogStore {
     /// Appends a checkpoint of every device's seq state to the current
     /// segment; the segment covers older ones once it is durable.
     fn write_checkpoint(&mut self) {
-        let mut checkpoint = Vec::new();
+        // In pieces of about one chunk each (on record boundaries), so no
+        // single write holds the whole checkpoint; it covers once its last
+        // piece is durable (chunks complete in order, and a failed piece
+        // makes the store rewrite it all).
+        let piece_bytes = self.limits.commit_bytes_max.max(1);
+        let mut pieces = vec![Vec::new()];
         for (device, mailbox) in self.index.mailboxes() {
             let state = DeviceState {
                 user: device.user,
@@ -392,30 +407,34 @@ impl LogStore {
                 last_seq: mailbox.last_seq,
                 acked_seq: mailbox.acked_seq,
             };
-            encode_record(&Record::DeviceState(state), &mut checkpoint);
+            if pieces.last().is_some_and(|piece| piece.len() >= piece_bytes) {
+                pieces.push(Vec::new());
+            }
+            let piece = pieces.last_mut().expect("one piece at least");
+            encode_record(&Record::DeviceState(state), piece);
         }
         // The recipient-side dedup window is not checkpointed: its entries
-        // come from the MessageStored records, and a segment is deleted only
-        // once a newer one exists, so the durable dedup horizon is at least
-        // one full segment of messages (about 300,000 of 150 bytes at the
-        // default size), beyond what an instant retry after a crash needs.
-        // Writing the whole window at every rotation stalled the log (see
+        // come from the MessageStored records, and segments holding keys
+        // still in the window are not deleted (decision 0010). Writing the
+        // whole window at every rotation stalled the log (see
         // docs/performance.md, soak).
-        if checkpoint.is_empty() {
+        self.checkpoint_bytes = pieces.iter().map(|piece| piece.len() as u64).sum();
+        if self.checkpoint_bytes == 0 {
             // No device, no state to lose: the segment covers at once.
             self.checkpoint_pending = None;
             return;
         }
-        // The checkpoint is one ticket: it becomes durable as a whole.
-        let ticket = self.push_bytes(&checkpoint);
-        self.checkpoint_pending = Some((self.current_segment, ticket));
+        let mut tickets = pieces.iter().map(|piece| self.push_bytes(piece)).collect::<Vec<_>>().into_iter();
+        let first = tickets.next().expect("one piece at least");
+        let last = tickets.last().unwrap_or(first);
+        self.checkpoint_pending = Some((self.current_segment, first, last));
     }
 
     /// Records that `segment` reached the disk up to `last_ticket`: a
     /// segment covers older ones once its head checkpoint is durable.
     fn note_durable_segment(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
         match self.checkpoint_pending {
-            Some((pending, ticket)) if pending == segment => {
+            Some((pending, _, ticket)) if pending == segment => {
                 if (first_ticket..=last_ticket).contains(&ticket) {
                     self.checkpoint_pending = None;
                     self.committed_segment = self.committed_segment.max(segment);
@@ -598,7 +617,9 @@ impl MailboxStore for LogStore {
         // The segment may exist partially; the writer rewrites from its last
         // durable end, so it is tracked like any other.
         self.on_disk.insert(segment);
-        if self.checkpoint_pending.is_some_and(|(_, ticket)| (first_ticket..=last_ticket).contains(&ticket)) {
+        let checkpoint_hit =
+            self.checkpoint_pending.is_some_and(|(_, first, last)| first <= last_ticket && first_ticket <= last);
+        if checkpoint_hit {
             // The only copy of the device state meant to cover older segments
             // is gone: write a fresh one into the same segment (the writer
             // cut the failed bytes off; a new segment per failure would pile
@@ -882,6 +903,28 @@ mod tests {
         flush(&mut store, &mut files);
         assert!(!store.registration_pending(QUIET));
         assert_eq!(recover(&files, log_limits).devices_of(QUIET.user), &[QUIET.device]);
+    }
+
+    #[test]
+    fn checkpoints_larger_than_a_segment_do_not_rotate_on_every_record() {
+        let log_limits = LogLimits { segment_bytes_max: 2048, commit_bytes_max: 1024 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let mut files = BTreeMap::new();
+        // 100 devices: a checkpoint (~3.6 KB) is larger than a segment.
+        for user in 10..110 {
+            store.register_device(DeviceKey { user, device: 1 }).unwrap();
+        }
+        let busy = DeviceKey { user: 10, device: 1 };
+        for id in 0..200 {
+            store.store_message(message(id, 10, 100), &[busy]).unwrap();
+            flush(&mut store, &mut files);
+        }
+        // ~40 KB of messages: a handful of rotations, not one per record.
+        assert!(store.current_segment < 12, "rotated {} times", store.current_segment);
+        assert!(store.checkpoint_bytes > log_limits.segment_bytes_max);
+        let recovered = recover(&files, log_limits);
+        assert_eq!(recovered.last_seq(busy), 200);
+        assert_eq!(recovered.devices_of(109), &[1]);
     }
 
     #[test]
