@@ -10,7 +10,7 @@
 //! whole process crashes at random moments (all shards at once, as the real
 //! one does): unsynced chunks are lost, the one in flight may leave a torn
 //! prefix, and every shard recovers from its segments (torn tails cut as
-//! `layout::read_segments` does) with a new boot. Delivered segments are
+//! `layout::scan_segments` does) with a new boot. Delivered segments are
 //! reclaimed and mostly dead ones compacted along the way (4 KiB segments).
 //!
 //! At the end every acknowledged message must have reached every recipient

@@ -42,7 +42,7 @@ pub const SPARE_FREE_FACTOR: u64 = 4;
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 /// Where the spare for `segment` is prepared: not a `.log` name, so a
-/// recovery scan never reads it (`layout::read_segments` deletes leftovers).
+/// recovery scan never reads it (`layout::scan_segments` deletes leftovers).
 pub fn spare_path(dir: &Path, segment: u64) -> PathBuf {
     segment_path(dir, segment).with_extension("prep")
 }

@@ -14,8 +14,8 @@ use crate::metrics::ShardMetrics;
 use crate::shard::mailbox::StoreLimits;
 use crate::shard::{CoreLimits, MailboxStore, MemoryStore, ShardCore, ShardIdentity};
 use crate::storage::layout;
-use crate::storage::record::Scan;
-use crate::storage::{LogLimits, LogStore};
+use crate::storage::log_store::Recovery;
+use crate::storage::LogLimits;
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use iris_shard_map::{NodeId, ShardId, SlotTable};
 use std::net::SocketAddr;
@@ -317,21 +317,18 @@ async fn run_shard(
         }
         Durability::Fsync => {
             let started = std::time::Instant::now();
-            let segments = match layout::read_segments(&dir) {
-                Ok(segments) => segments,
-                Err(error) => return report_failure(&ready, shard, error.to_string()),
-            };
-            let start = segments
-                .last()
-                .map(|last| WriterStart { segment: last.segment, valid_end: last.scan.valid_end as u64 });
-            let scans: Vec<(u64, Scan)> = segments.into_iter().map(|segment| (segment.segment, segment.scan)).collect();
             let log_limits = LogLimits {
                 segment_bytes_max: config.storage.segment_bytes_max,
                 commit_bytes_max: config.storage.commit_bytes_max as usize,
             };
             assert!(!super::failpoint::armed(super::failpoint::PANIC_IN_RECOVERY, shard), "failpoint: recovery");
-            let (store, report) = LogStore::recover(store_limits, log_limits, &scans);
-            drop(scans);
+            let mut recovery = Recovery::new(store_limits, log_limits);
+            let last = match layout::scan_segments(&dir, |segment, scan| recovery.replay_segment(segment, scan)) {
+                Ok(last) => last,
+                Err(error) => return report_failure(&ready, shard, error.to_string()),
+            };
+            let start = last.map(|(segment, valid_end)| WriterStart { segment, valid_end: valid_end as u64 });
+            let (store, report) = recovery.finish();
             let payload_max = iris_protocol::payload_bytes_max(limits.frame_bytes_max);
             if report.live_payload_bytes_max > payload_max {
                 // Such a message could never be pushed; refusing to start

@@ -39,7 +39,9 @@ const SHARD_BATCHES_PER_ITERATION: usize = 16;
 /// wakeup (about 70 us here), small enough to keep one batch under 1 ms of work.
 pub const CROSS_SHARD_BATCH_MESSAGES_MAX: usize = 256;
 /// Transmits queued for the socket before connections stop being polled for
-/// more; each holds up to one GSO batch (<= 64 KiB).
+/// more and endpoint answers are dropped; each holds up to one GSO batch
+/// (<= 64 KiB), so the queue holds at most 16 MiB (plus one connection's
+/// last poll).
 const TRANSMIT_QUEUE_MAX: usize = 256;
 /// First wait after a failed log write; it doubles with every further
 /// failure up to [`WRITE_RETRY_MAX`] and resets on a success.
@@ -518,6 +520,13 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     fn queue_scratch(&mut self, transmit: quinn_proto::Transmit) {
+        // Endpoint answers (refusals, Retry, stateless resets, version
+        // negotiation) are stateless: past the queue's bound they are dropped
+        // rather than queued without limit while the socket is blocked; the
+        // peer retransmits.
+        if self.transmits.len() >= TRANSMIT_QUEUE_MAX {
+            return;
+        }
         let mut buffer = self.buffer_pool.pop().unwrap_or_default();
         buffer.clear();
         buffer.extend_from_slice(&self.scratch[..transmit.size]);

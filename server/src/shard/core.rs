@@ -320,6 +320,14 @@ impl<S: MailboxStore> ShardCore<S> {
         if let Some(Session::Active { device, .. }) = self.sessions.remove(&conn) {
             if self.online.get(&device) == Some(&conn) {
                 self.online.remove(&device);
+                // A device's dedup window lives while it is online or has
+                // sends in flight: retries after a reconnect are recognised
+                // by the recipient shard's window (durable across restarts),
+                // and memory stays bounded by the online devices instead of
+                // every device that ever sent (1M x 256 ids, ~6 GB).
+                if self.senders.get(&device).is_some_and(|sender| sender.dedup.pending() == 0) {
+                    self.senders.remove(&device);
+                }
             }
         }
     }
@@ -554,6 +562,9 @@ impl<S: MailboxStore> ShardCore<S> {
                 let acknowledged_max = self.limits.dedup_entries_per_device_max as usize;
                 if let Some(state) = self.senders.get_mut(&sender) {
                     state.dedup.finish(client_msg_id, result.ok(), acknowledged_max);
+                    if state.dedup.pending() == 0 && !self.online.contains_key(&sender) {
+                        self.senders.remove(&sender);
+                    }
                 }
                 let Some(&conn) = self.online.get(&sender) else {
                     return;
@@ -752,6 +763,9 @@ impl<S: MailboxStore> ShardCore<S> {
             if self.online.get(device) == Some(&conn) {
                 let device = *device;
                 self.online.remove(&device);
+                if self.senders.get(&device).is_some_and(|sender| sender.dedup.pending() == 0) {
+                    self.senders.remove(&device);
+                }
             }
         }
         if self.sessions.contains_key(&conn) {
@@ -813,5 +827,70 @@ impl<S: MailboxStore> ShardCore<S> {
     /// The frame size bound this core was built with.
     pub fn frame_bytes_max(&self) -> u32 {
         self.frame_bytes_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Claims, TokenAuthority};
+    use crate::shard::mailbox::StoreLimits;
+    use crate::shard::MemoryStore;
+    use iris_shard_map::NodeId;
+
+    const NOW_MS: u64 = 1_000_000;
+
+    fn core(authority: &TokenAuthority) -> ShardCore<MemoryStore> {
+        let identity = ShardIdentity {
+            node: NodeId(0),
+            shard: ShardId(0),
+            advertised_host: "h".into(),
+            shard_ports: vec![1],
+            message_ids: 1..1000,
+        };
+        let limits = CoreLimits {
+            dedup_entries_per_device_max: 8,
+            sends_in_flight_per_device_max: 8,
+            shard_outbox_messages_max: 8,
+        };
+        let store = MemoryStore::new(StoreLimits {
+            devices_per_user_max: 2,
+            devices_per_shard_max: 100,
+            mailbox_messages_max: 100,
+            mailbox_bytes_max: 1 << 20,
+            stored_dedup_entries_max: 100,
+        });
+        let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
+        ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
+    }
+
+    fn hello(core: &mut ShardCore<MemoryStore>, authority: &TokenAuthority, conn: ConnId, user: u64) {
+        core.on_connection(conn);
+        let token = authority.mint(Claims { user_id: user, device_id: 1, expires_at_s: NOW_MS / 1000 + 60 });
+        core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS);
+        core.flush_commits();
+        while core.poll_output().is_some() {}
+    }
+
+    #[test]
+    fn a_sender_window_lives_only_while_its_device_is_online_or_sending() {
+        let authority = TokenAuthority::from_secret([5; 32]);
+        let mut core = core(&authority);
+        let (sender, recipient) = (ConnId(1), ConnId(2));
+        hello(&mut core, &authority, recipient, 20);
+        hello(&mut core, &authority, sender, 10);
+        let send = frames::Send { client_msg_id: 7, to_user: 20, payload: b"hi".to_vec() };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        core.flush_commits();
+        assert!(matches!(core.poll_output(), Some(Output::Frame { frame: Frame::Ack(_), .. })));
+        assert_eq!(core.senders.len(), 1, "a window while online");
+        core.on_connection_closed(sender);
+        assert!(core.senders.is_empty(), "dropped once offline with nothing in flight");
+        // A retry after a reconnect is still answered with the original id.
+        hello(&mut core, &authority, ConnId(3), 10);
+        let retry = frames::Send { client_msg_id: 7, to_user: 20, payload: b"hi".to_vec() };
+        core.on_frame(ConnId(3), Frame::Send(retry), NOW_MS);
+        core.flush_commits();
+        assert_eq!(core.stats().messages_stored, 1, "the retry was recognised by the recipient's window");
     }
 }

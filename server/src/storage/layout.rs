@@ -187,20 +187,13 @@ pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std:
     Ok(start..end)
 }
 
-/// A segment as found at start.
-#[derive(Debug)]
-pub struct RecoveredSegment {
-    /// Segment number.
-    pub segment: u64,
-    /// What the scanner found.
-    pub scan: Scan,
-}
-
 /// Deletes leftover spare segments (`seg-N.prep`), then reads and scans
-/// every segment of `dir`, ascending. A torn tail of the
-/// last segment is cut off the file (it holds only unacknowledged writes);
-/// corrupt records elsewhere are reported by the scan and skipped.
-pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
+/// every segment of `dir`, ascending, one at a time, handing each scan to
+/// `visit` before the next is read (so only one segment is in memory). A
+/// torn tail is cut off its file (it holds only unacknowledged writes);
+/// corrupt records are reported by the scan and skipped. Returns the last
+/// segment and its valid end, if there is any segment.
+pub fn scan_segments(dir: &Path, mut visit: impl FnMut(u64, &Scan)) -> Result<Option<(u64, usize)>, LayoutError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LayoutError::Io { path, source }
@@ -222,11 +215,12 @@ pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
         }
     }
     numbers.sort_unstable();
-    let mut segments = Vec::new();
+    let mut last = None;
     for (position, number) in numbers.iter().enumerate() {
         let path = segment_path(dir, *number);
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let scan = scan_segment(&bytes);
+        drop(bytes);
         for span in &scan.corrupt {
             tracing::error!(
                 segment = %path.display(), offset = span.offset, length = span.length, error = %span.error,
@@ -234,18 +228,19 @@ pub fn read_segments(dir: &Path) -> Result<Vec<RecoveredSegment>, LayoutError> {
             );
         }
         if let Some(tail) = &scan.torn_tail {
-            let last = position + 1 == numbers.len();
+            let is_last = position + 1 == numbers.len();
             tracing::warn!(
-                segment = %path.display(), offset = tail.offset, length = tail.length, error = %tail.error, last,
-                "torn tail truncated at the last valid record"
+                segment = %path.display(), offset = tail.offset, length = tail.length, error = %tail.error,
+                last = is_last, "torn tail truncated at the last valid record"
             );
             let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
             file.set_len(scan.valid_end as u64).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
         }
-        segments.push(RecoveredSegment { segment: *number, scan });
+        visit(*number, &scan);
+        last = Some((*number, scan.valid_end));
     }
-    Ok(segments)
+    Ok(last)
 }
 
 #[cfg(test)]

@@ -202,31 +202,30 @@ impl LogStore {
         }
     }
 
-    /// Rebuilds the store from scanned segments (ascending ids). Appending
-    /// continues in the last one, after its last valid record.
+    /// Rebuilds the store from scanned segments (ascending ids); see
+    /// [`Recovery`], which does the same one segment at a time.
     pub fn recover(
         store_limits: StoreLimits,
         limits: LogLimits,
         segments: &[(u64, Scan)],
     ) -> (LogStore, RecoveryReport) {
-        let mut store = LogStore::new(store_limits, limits);
-        let mut report = RecoveryReport { segments: segments.len(), ..RecoveryReport::default() };
+        let mut recovery = Recovery::new(store_limits, limits);
         for (segment, scan) in segments {
-            store.on_disk.insert(*segment);
-            report.corrupt_records += scan.corrupt.len() as u64;
-            report.torn_bytes += scan.torn_tail.as_ref().map_or(0, |tail| tail.length as u64);
-            for (_, record) in &scan.records {
-                store.replay(*segment, record);
-                report.records += 1;
-            }
+            recovery.replay_segment(*segment, scan);
         }
-        if let Some((segment, _)) = segments.last() {
+        recovery.finish()
+    }
+
+    /// The end of recovery: appending resumes in a new segment.
+    fn finish_recovery(mut self, mut report: RecoveryReport, last_segment: Option<u64>) -> (LogStore, RecoveryReport) {
+        let store = &mut self;
+        if let Some(segment) = last_segment {
             // Appending resumes in a new segment with a checkpoint of what was
             // recovered, never in the last one: the last may lack a checkpoint
             // (its first chunk failed before the crash), and anything after
             // its valid end (a zeroed block, stale bytes) stays untouched.
             // Older segments become reclaimable once that checkpoint is durable.
-            store.current_segment = *segment;
+            store.current_segment = segment;
             store.committed_segment = 0;
             store.start_segment();
         }
@@ -239,7 +238,7 @@ impl LogStore {
             .flat_map(|(_, mailbox)| mailbox.entries.iter().map(|entry| entry.message.payload.len()))
             .max()
             .unwrap_or(0);
-        (store, report)
+        (self, report)
     }
 
     fn replay(&mut self, segment: u64, record: &Record) {
@@ -473,6 +472,45 @@ impl LogStore {
     /// Corrupt records skipped during recovery.
     pub fn corrupt_records(&self) -> u64 {
         self.corrupt_records
+    }
+}
+
+/// Recovery one segment at a time, so that only one segment's bytes and
+/// records are in memory at once besides the store itself (reading every
+/// segment first held the whole log in memory).
+#[derive(Debug)]
+pub struct Recovery {
+    /// The store being rebuilt.
+    store: LogStore,
+    /// What was found so far.
+    report: RecoveryReport,
+    /// The newest segment replayed.
+    last_segment: Option<u64>,
+}
+
+impl Recovery {
+    /// An empty store to replay into.
+    pub fn new(store_limits: StoreLimits, limits: LogLimits) -> Recovery {
+        Recovery { store: LogStore::new(store_limits, limits), report: RecoveryReport::default(), last_segment: None }
+    }
+
+    /// Replays one scanned segment; segments come in ascending order.
+    pub fn replay_segment(&mut self, segment: u64, scan: &Scan) {
+        assert!(self.last_segment.is_none_or(|last| last < segment), "segments replay in ascending order");
+        self.last_segment = Some(segment);
+        self.store.on_disk.insert(segment);
+        self.report.segments += 1;
+        self.report.corrupt_records += scan.corrupt.len() as u64;
+        self.report.torn_bytes += scan.torn_tail.as_ref().map_or(0, |tail| tail.length as u64);
+        for (_, record) in &scan.records {
+            self.store.replay(segment, record);
+            self.report.records += 1;
+        }
+    }
+
+    /// The recovered store, ready to append, and what recovery found.
+    pub fn finish(self) -> (LogStore, RecoveryReport) {
+        self.store.finish_recovery(self.report, self.last_segment)
     }
 }
 
