@@ -42,6 +42,10 @@ pub struct ShardMetrics {
     pub handshake_retries_total: AtomicU64,
     /// New connections refused (connection bound or per-source bound).
     pub handshakes_refused_total: AtomicU64,
+    /// When the shard loop last finished an iteration (ms since the Unix
+    /// epoch); the loop iterates at least every `HEARTBEAT_INTERVAL`, so a
+    /// stale value means a stalled shard. Read by `/health`, not exported.
+    pub heartbeat_ms: AtomicU64,
 }
 
 impl ShardMetrics {

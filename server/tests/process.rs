@@ -291,3 +291,48 @@ async fn a_stalled_stderr_never_stalls_the_shards() {
     let _ = child.wait();
     assert_eq!(refused.expect("the shards stalled behind stderr"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_shard_whose_loop_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    let admin = format!("127.0.0.1:{}", port + 100);
+    let config = dir.path().join("admin.toml");
+    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .env("IRIS_FAILPOINT", "hang-on-connection:1")
+        .env("IRIS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
+    std::thread::spawn(move || for _ in lines {});
+    let health = |admin: &str| common::http_get(admin, "/health");
+    assert!(health(&admin).starts_with("HTTP/1.1 200"), "healthy at start");
+    // Idle shards keep their heartbeat: still healthy after the stall window.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    assert!(health(&admin).starts_with("HTTP/1.1 200"), "idle is not stalled");
+    // A connection to shard 1 stops its loop.
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(common::client_tls(&dir.path().join("tls/cert.pem")));
+    let address = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.connect(address, "localhost").unwrap()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        last = health(&admin);
+        if last.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(last.starts_with("HTTP/1.1 503") && last.contains("stalled shards: 1"), "{last}");
+}

@@ -1,6 +1,7 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text, from
-//! `crate::metrics`) and `GET /health`, served from one plain thread, one
-//! request at a time. Nothing here touches a shard; scrapes are rare.
+//! `crate::metrics`) and `GET /health` (every shard loop alive), served from
+//! one plain thread, one request at a time. Nothing here touches a shard;
+//! scrapes are rare.
 
 use crate::metrics::{render, ShardMetrics};
 use std::io::{Read, Write};
@@ -10,6 +11,30 @@ use std::time::Duration;
 
 /// Largest request head read from a scraper.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
+
+/// A shard whose loop has not iterated for this long is reported stalled
+/// (the loop iterates at least once a second, `shard_loop::HEARTBEAT_INTERVAL`).
+const SHARD_STALLED_AFTER_MS: u64 = 5_000;
+
+/// `/health`: 200 while every shard loop is iterating, 503 naming the ones
+/// that are not (a shard that panics takes the process down instead).
+fn health(shards: &[Arc<ShardMetrics>]) -> (&'static str, String) {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let stalled: Vec<String> = shards
+        .iter()
+        .enumerate()
+        .filter(|(_, metrics)| {
+            let beat = metrics.heartbeat_ms.load(std::sync::atomic::Ordering::Relaxed);
+            now_ms.saturating_sub(beat) > SHARD_STALLED_AFTER_MS
+        })
+        .map(|(shard, _)| shard.to_string())
+        .collect();
+    if stalled.is_empty() {
+        ("200 OK", "ok\n".to_string())
+    } else {
+        ("503 Service Unavailable", format!("stalled shards: {}\n", stalled.join(" ")))
+    }
+}
 
 /// Serves `/metrics` and `/health` on `address`; returns the bound address.
 pub fn serve_admin(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
@@ -33,7 +58,7 @@ pub fn serve_admin(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render(&shards)),
-                "/health" => ("200 OK", "ok\n".to_string()),
+                "/health" => health(&shards),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let response = format!(

@@ -7,6 +7,8 @@
 pub const PANIC_IN_RECOVERY: &str = "panic-in-recovery";
 /// The shard panics when it accepts its first connection.
 pub const PANIC_ON_CONNECTION: &str = "panic-on-connection";
+/// The shard's loop stops iterating (blocks its thread) at its first connection.
+pub const HANG_ON_CONNECTION: &str = "hang-on-connection";
 
 /// Whether failpoint `name` is armed for `shard`.
 pub fn armed(name: &str, shard: u16) -> bool {

@@ -43,6 +43,9 @@ pub const CROSS_SHARD_BATCH_MESSAGES_MAX: usize = 256;
 /// (<= 64 KiB), so the queue holds at most 16 MiB (plus one connection's
 /// last poll).
 const TRANSMIT_QUEUE_MAX: usize = 256;
+/// The loop iterates at least this often, even idle, so its heartbeat
+/// (read by `/health`) shows it is alive; one wake a second costs nothing.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// First wait after a failed log write; it doubles with every further
 /// failure up to [`WRITE_RETRY_MAX`] and resets on a success.
 const WRITE_RETRY_MIN: Duration = Duration::from_millis(10);
@@ -159,6 +162,8 @@ pub struct ShardLoop<S: MailboxStore> {
     pending_since: Option<Instant>,
     /// Test fault injection: panic on the first accepted connection.
     panic_on_connection: bool,
+    /// Test fault injection: stop iterating at the first accepted connection.
+    hang_on_connection: bool,
     /// Where the next block of message ids is reserved.
     shard_dir: std::path::PathBuf,
     /// After a failed reservation, when to try again.
@@ -200,6 +205,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         } = parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
+        let hang_on_connection = super::failpoint::armed(super::failpoint::HANG_ON_CONNECTION, core.shard_index());
         ShardLoop {
             core,
             endpoint,
@@ -222,6 +228,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             write_in_flight: false,
             pending_since: None,
             panic_on_connection,
+            hang_on_connection,
             shard_dir,
             reserve_retry_at: None,
             write_retry_at: None,
@@ -300,6 +307,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn publish_metrics(&self) {
         let stats = self.core.stats();
         let metrics = &self.metrics;
+        ShardMetrics::set(&metrics.heartbeat_ms, Self::now_ms());
         ShardMetrics::set(&metrics.connections, self.connections.len() as u64);
         ShardMetrics::set(&metrics.sends_accepted_total, stats.sends_accepted);
         ShardMetrics::set(&metrics.messages_stored_total, stats.messages_stored);
@@ -321,8 +329,8 @@ impl<S: MailboxStore> ShardLoop<S> {
         let backlog = !self.transmits.is_empty() || self.core.outbox_pending() || writer_backlog;
         let sleep_for = match (deadline, backlog) {
             (_, true) => Some(BACKOFF),
-            (Some(deadline), false) => Some(deadline.saturating_duration_since(Instant::now())),
-            (None, false) => None,
+            (Some(deadline), false) => Some(deadline.saturating_duration_since(Instant::now()).min(HEARTBEAT_INTERVAL)),
+            (None, false) => Some(HEARTBEAT_INTERVAL),
         };
         let udp = &self.udp;
         let receivers = &mut self.links.receivers;
@@ -496,6 +504,12 @@ impl<S: MailboxStore> ShardLoop<S> {
                 match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
                     Ok((handle, quic)) => {
                         assert!(!self.panic_on_connection, "failpoint: a shard loop panics");
+                        if self.hang_on_connection {
+                            // Failpoint: a stalled shard (its thread never returns).
+                            loop {
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                        }
                         *self.connections_by_source.entry(source).or_default() += 1;
                         self.handshaking += 1;
                         let mut connection =
