@@ -107,6 +107,8 @@ impl TlsFiles {
 mod tests {
     use super::*;
 
+    /// The building block of per-shard TLS state: each call makes its own
+    /// cache. (That each shard calls it is in `runtime::run_shard`.)
     #[test]
     fn each_configuration_has_its_own_session_cache() {
         let dir = tempfile::tempdir().unwrap();

@@ -47,6 +47,17 @@ async fn count_refusals(config: iris_client::ClientConfig, to_user: u64, count: 
     refused
 }
 
+/// Reads the child's stdout until irisd prints its ready line (false if it
+/// exits first), then keeps draining it so irisd never blocks on the pipe.
+fn wait_until_ready(child: &mut std::process::Child) -> bool {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+    let ready = lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:"));
+    if ready {
+        std::thread::spawn(move || for _ in lines {});
+    }
+    ready
+}
+
 /// Starts `irisd serve` in `cwd` with `--data-dir data_dir` (as given:
 /// relative or absolute); returns the child and its base port.
 fn serve_in(cwd: &Path, data_dir: &Path, config: &str) -> (std::process::Child, u16) {
@@ -66,9 +77,7 @@ fn serve_in(cwd: &Path, data_dir: &Path, config: &str) -> (std::process::Child, 
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        if lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")) {
-            std::thread::spawn(move || for _ in lines {});
+        if wait_until_ready(&mut child) {
             return (child, port);
         }
         let _ = child.wait();
@@ -193,7 +202,6 @@ async fn a_replaced_session_gets_its_own_error_and_close_code() {
     // The newer session keeps working.
     second.write_frame(&Frame::Ping(iris_protocol::frames::Ping { nonce: 5 })).await;
     assert!(matches!(second.read_frame().await, Some(Frame::Pong(pong)) if pong.nonce == 5));
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 /// Waits up to `wait` for `child` to exit; its status, or `None` if it still runs.
@@ -226,9 +234,7 @@ async fn a_shard_that_panics_takes_the_process_down() {
     let dir = tempfile::tempdir().unwrap();
     let port = 20_000 + (rand_u64() % 12_000) as u16;
     let mut child = spawn_with_failpoint(dir.path(), port, "panic-on-connection:1");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
-    std::thread::spawn(move || for _ in lines {});
+    assert!(wait_until_ready(&mut child), "irisd did not start");
     // A connection to shard 1 makes its loop panic.
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(common::client_tls(&dir.path().join("tls/cert.pem")));
@@ -271,9 +277,7 @@ async fn a_stalled_stderr_never_stalls_the_shards() {
     // The smallest pipe the kernel allows (one page), so it fills at once.
     // SAFETY: fcntl on a pipe descriptor this process owns.
     unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&stalled_stderr), libc::F_SETPIPE_SZ, 4096) };
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
-    std::thread::spawn(move || for _ in lines {});
+    assert!(wait_until_ready(&mut child), "irisd did not start");
     let authority =
         irisd::auth::TokenAuthority::load_or_create(&dir.path().join("keys/token-signing.key"), false).unwrap().0;
     let token = |user: u64| {
@@ -310,9 +314,7 @@ async fn health_reports_a_shard_whose_loop_stalls() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:")), "irisd did not start");
-    std::thread::spawn(move || for _ in lines {});
+    assert!(wait_until_ready(&mut child), "irisd did not start");
     let health = |admin: &str| common::http_get(admin, "/health");
     assert!(health(&admin).starts_with("HTTP/1.1 200"), "healthy at start");
     // Idle shards keep their heartbeat: still healthy after the stall window.
