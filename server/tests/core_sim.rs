@@ -6,7 +6,9 @@
 //! Simulated devices send, retry with the same ids, disconnect, reconnect
 //! with resume, open a second connection that replaces the first,
 //! acknowledge and pull pushes in random order. Each disk completes one
-//! write chunk at a time, after a random delay, and fails some of them; the
+//! write chunk at a time, framed as the real writer frames it (commit
+//! marker), after a random delay, and fails some of them, often leaving
+//! part or all of the failed chunk's bytes where the next chunk goes; the
 //! whole process crashes at random moments (all shards at once, as the real
 //! one does): unsynced chunks are lost, the one in flight may leave a torn
 //! prefix, and every shard recovers from its segments (torn tails cut as
@@ -25,7 +27,7 @@ use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::{StoreLimits, WriteChunk};
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, ShardCore, ShardIdentity, ShardMessage};
-use irisd::storage::record::{scan_segment, Scan};
+use irisd::storage::record::{frame_chunk, scan_segment, Scan};
 use irisd::storage::{LogLimits, LogStore};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -75,10 +77,49 @@ struct Device {
 /// One shard's disk: durable segment bytes, and the chunk being written.
 #[derive(Default)]
 struct SimDisk {
-    /// Segment -> bytes that reached the disk (synced).
+    /// Segment -> bytes that reached the disk (synced), including what
+    /// failed writes left beyond the writer's position.
     files: BTreeMap<u64, Vec<u8>>,
+    /// Segment -> the writer's position in it (end of its durable chunks).
+    ends: BTreeMap<u64, usize>,
     /// The chunk handed to the "writer", not yet durable or failed.
     in_flight: Option<WriteChunk>,
+    /// A segment where a failed write left bytes the writer has not cut yet.
+    uncut: Option<u64>,
+}
+
+impl SimDisk {
+    /// The chunk framed as the writer frames it at its position.
+    fn framed(&self, chunk: &WriteChunk) -> Vec<u8> {
+        let start = self.ends.get(&chunk.segment).copied().unwrap_or(0);
+        let mut framed = Vec::new();
+        frame_chunk(chunk.segment, start as u64, &chunk.bytes, &mut framed);
+        framed
+    }
+
+    /// What the writer does before its next write after a failed one.
+    fn cut_back(&mut self) {
+        if let Some(segment) = self.uncut.take() {
+            let end = self.ends.get(&segment).copied().unwrap_or(0);
+            if let Some(file) = self.files.get_mut(&segment) {
+                file.truncate(end);
+            }
+        }
+    }
+
+    /// Puts `bytes` at the writer's position in `segment` (over whatever
+    /// lies there); `advance` moves the position past them (a durable write).
+    fn put(&mut self, segment: u64, bytes: &[u8], advance: bool) {
+        let end = self.ends.entry(segment).or_insert(0);
+        let file = self.files.entry(segment).or_default();
+        if file.len() < *end + bytes.len() {
+            file.resize(*end + bytes.len(), 0);
+        }
+        file[*end..*end + bytes.len()].copy_from_slice(bytes);
+        if advance {
+            *end += bytes.len();
+        }
+    }
 }
 
 /// Fault rates of one run, drawn from its seed (per thousand steps or writes).
@@ -361,6 +402,7 @@ impl Sim {
             self.disks[shard].in_flight = store.take_write();
             for segment in store.take_reclaimable() {
                 self.disks[shard].files.remove(&segment);
+                self.disks[shard].ends.remove(&segment);
                 self.reclaimed += 1;
             }
         }
@@ -371,11 +413,29 @@ impl Sim {
         let shard = self.rng.below(u64::from(SHARDS)) as usize;
         let Some(chunk) = self.disks[shard].in_flight.take() else { return };
         let store = self.cores[shard].store_mut();
+        let disk = &mut self.disks[shard];
+        disk.cut_back();
+        let framed = disk.framed(&chunk);
         if self.rng.below(1000) < self.faults.write_failures_per_mille {
             self.failed_writes += 1;
+            // The failed write may have left some or all of its bytes. The
+            // writer cuts them off before its next write (`cut_back`), so
+            // they survive only a crash that comes first.
+            match self.rng.below(8) {
+                0..=2 => {
+                    let left = 1 + self.rng.below(framed.len() as u64 - 1) as usize;
+                    disk.put(chunk.segment, &framed[..left], false);
+                    disk.uncut = Some(chunk.segment);
+                }
+                3 => {
+                    disk.put(chunk.segment, &framed, false);
+                    disk.uncut = Some(chunk.segment);
+                }
+                _ => {}
+            }
             store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         } else {
-            self.disks[shard].files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes);
+            disk.put(chunk.segment, &framed, true);
             store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         }
     }
@@ -387,13 +447,19 @@ impl Sim {
         self.crashes += 1;
         self.boot += 1;
         for shard in 0..SHARDS as usize {
-            if let Some(chunk) = self.disks[shard].in_flight.take() {
-                if self.rng.below(2) == 0 && !chunk.bytes.is_empty() {
-                    let torn = self.rng.below(chunk.bytes.len() as u64) as usize;
-                    self.disks[shard].files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes[..torn]);
+            let disk = &mut self.disks[shard];
+            if let Some(chunk) = disk.in_flight.take() {
+                if self.rng.below(2) == 0 {
+                    let framed = disk.framed(&chunk);
+                    let torn = self.rng.below(framed.len() as u64) as usize;
+                    disk.put(chunk.segment, &framed[..torn], false);
                 }
             }
-            let store = recover_store(&mut self.disks[shard]);
+            // Recovery appends only to new segments; leftovers of a failed
+            // write not yet cut stay for recovery to read.
+            disk.ends.clear();
+            disk.uncut = None;
+            let store = recover_store(disk);
             self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store);
         }
         self.links.clear();

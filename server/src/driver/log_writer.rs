@@ -12,10 +12,14 @@
 //! Buffered writes go to the main ring, which sleeps while they are in
 //! flight; the page-cache copy is one memcpy of the chunk.
 //!
-//! A failed write or sync leaves the writer's position unchanged, and the
-//! file is cut back to it (best effort), so the next chunk overwrites
-//! whatever the failed one left behind and no record of a refused chunk can
-//! be replayed after a restart.
+//! Each chunk goes out framed (`record::frame_chunk`): a segment header
+//! before the first one, a commit marker with the chunk's offset and CRC
+//! after every one; recovery keeps only chunks whose marker checks. A failed
+//! write or sync leaves the writer's position unchanged, and the file is cut
+//! back to it and synced before any other write (retried until it works);
+//! the next chunk goes to the same offset, and a marker the failed chunk may
+//! have left further on names a start the scan has already passed, so it
+//! certifies nothing.
 //!
 //! Spare segments: while segment N is in use, a background task writes
 //! `seg-(N+1).prep` full of zeros and syncs it (and at the start of a fresh
@@ -33,6 +37,7 @@
 
 use crate::shard::mailbox::WriteChunk;
 use crate::storage::layout::segment_path;
+use crate::storage::record::frame_chunk;
 use glommio::io::{BufferedFile, OpenOptions};
 use std::path::{Path, PathBuf};
 
@@ -178,6 +183,8 @@ struct Writer {
     spare_bytes: u64,
     /// The spare being prepared, and for which segment.
     spare: Option<(u64, glommio::Task<std::io::Result<()>>)>,
+    /// A write failed in the open segment and its bytes are not cut off yet.
+    cut_pending: bool,
 }
 
 /// Runs the writer until the loop drops its sender. `spare_bytes` is the
@@ -191,7 +198,7 @@ pub async fn run_writer(
 ) {
     // glommio opens directories with openat(-1, ...): a relative path fails.
     assert!(dir.is_absolute(), "the log writer needs an absolute directory, got {}", dir.display());
-    let mut writer = Writer { dir, file: None, end: 0, spare_bytes, spare: None };
+    let mut writer = Writer { dir, file: None, end: 0, spare_bytes, spare: None, cut_pending: false };
     // The next segment to be created: after the resumed one, or the first.
     writer.prepare_spare(start.as_ref().map_or(1, |start| start.segment + 1));
     let mut resume = start;
@@ -218,6 +225,7 @@ pub async fn run_writer(
                 if events.send_async(event).await.is_err() {
                     return;
                 }
+                writer.cut_back().await;
             }
             WriterCommand::Delete(segment) => {
                 if writer.file.as_ref().is_some_and(|(open, _)| *open == segment) {
@@ -312,24 +320,59 @@ impl Writer {
             self.open(chunk.segment, resume).await?;
         }
         let Some((_, file)) = &self.file else { unreachable!("opened above") };
-        let result = Self::append(file, self.end, &chunk.bytes).await;
+        // The records with their commit marker (and, at offset 0, the
+        // segment header): the scanner keeps them only if the marker is on disk.
+        let mut framed = Vec::with_capacity(chunk.bytes.len() + 128);
+        frame_chunk(chunk.segment, self.end, &chunk.bytes, &mut framed);
+        let length = framed.len() as u64;
+        let result = Self::append(file, self.end, framed).await;
         match result {
-            Ok(()) => self.end += chunk.bytes.len() as u64,
-            Err(_) => {
-                // Cut off whatever part of the chunk reached the file; if even
-                // that fails, the next write overwrites it from `end`.
-                let _ = file.truncate(self.end).await;
-            }
+            Ok(()) => self.end += length,
+            // Whatever part of the chunk reached the file must go before
+            // anything else is written: see `cut_back`.
+            Err(_) => self.cut_pending = true,
         }
         result
     }
 
-    async fn append(file: &BufferedFile, at: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let written = file.write_at(bytes.to_vec(), at).await?;
-        if written < bytes.len() {
+    /// After a failed write: cuts the open segment back to the end of its
+    /// durable chunks and syncs that, retrying (10 ms doubling to 1 s) until
+    /// it succeeds, before the writer takes another command. A failed chunk
+    /// can leave whole records, even its commit marker, on disk; if a later
+    /// chunk (say the retry of a refused send, in the next segment) became
+    /// durable while they remained, recovery would replay both. With the cut
+    /// first, leftovers survive only a crash that comes before any later
+    /// write, and then the senders' retries find the replayed messages by
+    /// their dedup keys.
+    async fn cut_back(&mut self) {
+        if !std::mem::take(&mut self.cut_pending) {
+            return;
+        }
+        let Some((segment, file)) = &self.file else { return };
+        let mut backoff = std::time::Duration::from_millis(10);
+        loop {
+            let result = match file.truncate(self.end).await {
+                Ok(()) => file.fdatasync().await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::error!(segment, %error, "cutting back a failed log write failed; retrying before any other write");
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn append(file: &BufferedFile, at: u64, bytes: Vec<u8>) -> std::io::Result<()> {
+        let expected = bytes.len();
+        let written = file.write_at(bytes, at).await?;
+        if written < expected {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WriteZero,
-                format!("short write: {written} of {} bytes", bytes.len()),
+                format!("short write: {written} of {expected} bytes"),
             ));
         }
         file.fdatasync().await?;

@@ -11,7 +11,8 @@
 //! as soon as all of its messages are acknowledged.
 
 use super::record::{
-    encode_record, Acknowledged, DeviceRegistered, DeviceState, MessageStored, RecipientSeq, Record, Scan,
+    chunk_framing_bytes, encode_record, Acknowledged, DeviceRegistered, DeviceState, MessageStored, RecipientSeq,
+    Record, Scan,
 };
 use crate::shard::mailbox::{
     MailboxEntry, MailboxIndex, MailboxStore, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
@@ -279,6 +280,8 @@ impl LogStore {
                 self.index.remember_stored(sender, r.client_msg_id, r.server_msg_id, 0);
                 self.note_stored_in(segment);
             }
+            // Framing: the scanner keeps these out of its records.
+            Record::ChunkEnd(_) | Record::SegmentHeader(_) => {}
         }
     }
 
@@ -354,7 +357,10 @@ impl LogStore {
         let mut bytes = Vec::new();
         encode_record(record, &mut bytes);
         let rotate_at = self.limits.segment_bytes_max.max(self.checkpoint_bytes * CHECKPOINT_SHARE_DIVISOR);
-        if self.current_segment_bytes > 0 && self.current_segment_bytes + bytes.len() as u64 > rotate_at {
+        // With room for the commit marker of a chunk it may open, so a
+        // segment stays within the spare the writer prepared for it.
+        let needed = (bytes.len() + chunk_framing_bytes(false)) as u64;
+        if self.current_segment_bytes > 0 && self.current_segment_bytes + needed > rotate_at {
             self.start_segment();
         }
         let ticket = self.push_bytes(&bytes);
@@ -368,6 +374,9 @@ impl LogStore {
             chunk.segment == self.current_segment && chunk.bytes.len() < self.limits.commit_bytes_max
         });
         if !reuse {
+            // The writer frames each chunk (commit marker, and the segment
+            // header before the first): counted so rotation sees file bytes.
+            self.current_segment_bytes += chunk_framing_bytes(self.current_segment_bytes == 0) as u64;
             self.pending.push_back(WriteChunk {
                 segment: self.current_segment,
                 bytes: Vec::new(),
@@ -707,7 +716,7 @@ impl MailboxStore for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::record::scan_segment;
+    use crate::storage::record::{append_chunk, scan_segment};
 
     fn limits() -> StoreLimits {
         StoreLimits {
@@ -737,7 +746,7 @@ mod tests {
     /// Writes every pending chunk into in-memory "segment files" and marks it durable.
     fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
         while let Some(chunk) = store.take_write() {
-            files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes);
+            append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
             store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         }
         for segment in store.take_reclaimable() {
@@ -823,7 +832,7 @@ mod tests {
                 continue;
             }
             seen = seen.max(chunk.segment);
-            files.entry(chunk.segment).or_default().extend_from_slice(&chunk.bytes);
+            append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
             store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         }
         for segment in store.take_reclaimable() {
@@ -883,8 +892,10 @@ mod tests {
         flush(&mut store, &mut files);
         // A second segment without a checkpoint (its first chunk failed
         // before a crash), holding only later records.
+        let mut records = Vec::new();
+        encode_record(&Record::Acknowledged(Acknowledged { user: 3, device: 1, up_to_seq: 0 }), &mut records);
         let mut second = Vec::new();
-        encode_record(&Record::Acknowledged(Acknowledged { user: 3, device: 1, up_to_seq: 0 }), &mut second);
+        append_chunk(&mut second, 2, &records);
         files.insert(2, second);
         // Restart twice, each time delivering a little (less than a
         // segment) and reclaiming.

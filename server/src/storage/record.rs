@@ -9,10 +9,17 @@
 //!
 //! `crc32c` covers type, version, length and body. The body is the rkyv
 //! archive of the struct named by `type` (same pinned format as the wire
-//! protocol) and is validated with checked access on read. A run of zero
-//! bytes where a header should be marks the end of a segment, as does the end
-//! of the file (segments written by the earlier O_DIRECT writer end in a
-//! zero-padded block).
+//! protocol) and is validated with checked access on read.
+//!
+//! Segments of format 2 (written by this build) group records into the
+//! write chunks they were synced in: a segment opens with a
+//! [`SegmentHeader`] and every chunk ends with a [`ChunkEnd`] commit marker
+//! holding the chunk's start offset and the CRC32C of all its bytes. The
+//! scanner keeps a chunk's records only once its marker checks, so a chunk
+//! the crash cut short, or bytes a failed write left behind, never become
+//! records, and after a damaged chunk it resumes only at a later chunk whose
+//! marker certifies it (never inside one). Segments of format 1 (earlier
+//! builds: records only) are read record by record as before.
 
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -105,6 +112,29 @@ pub struct DedupEntry {
     pub server_msg_id: u64,
 }
 
+/// The first record of every format-2 segment.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// [`SEGMENT_FORMAT`].
+    pub format: u32,
+    /// The segment's number (its file name says the same).
+    pub segment: u64,
+}
+
+/// The commit marker that ends every write chunk of a format-2 segment.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChunkEnd {
+    /// Offset in the segment of the chunk's first byte.
+    pub start: u64,
+    /// CRC32C of the chunk's bytes from `start` up to this marker.
+    pub crc: u32,
+}
+
+/// Segment format written by this build: records in chunks that end in
+/// [`ChunkEnd`] markers, after a [`SegmentHeader`]. Format 1 had no header
+/// and no markers.
+pub const SEGMENT_FORMAT: u32 = 2;
+
 /// Any record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -119,6 +149,10 @@ pub enum Record {
     DeviceState(DeviceState),
     /// Type 5.
     DedupEntry(DedupEntry),
+    /// Type 6 (framing: never in [`Scan::records`]).
+    ChunkEnd(ChunkEnd),
+    /// Type 7 (framing: never in [`Scan::records`]).
+    SegmentHeader(SegmentHeader),
 }
 
 impl Record {
@@ -129,6 +163,8 @@ impl Record {
             Record::Acknowledged(_) => 3,
             Record::DeviceState(_) => 4,
             Record::DedupEntry(_) => 5,
+            Record::ChunkEnd(_) => 6,
+            Record::SegmentHeader(_) => 7,
         }
     }
 }
@@ -141,6 +177,8 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
         Record::Acknowledged(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::DeviceState(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::DedupEntry(r) => rkyv::to_bytes::<rancor::Error>(r),
+        Record::ChunkEnd(r) => rkyv::to_bytes::<rancor::Error>(r),
+        Record::SegmentHeader(r) => rkyv::to_bytes::<rancor::Error>(r),
     }
     // Serializing plain structs into a growable buffer fails only if memory
     // allocation fails, which aborts anyway.
@@ -192,6 +230,14 @@ pub enum RecordError {
     /// Checksum fine, but the body does not validate.
     #[error("record body does not validate: {0}")]
     Malformed(String),
+    /// Records that no valid commit marker ends: a chunk cut short, or the
+    /// marker itself damaged.
+    #[error("records without a valid chunk commit marker")]
+    UncommittedChunk,
+    /// A segment header or commit marker where none belongs, or a header
+    /// of a format this build does not read.
+    #[error("misplaced or unsupported segment framing record")]
+    Framing,
 }
 
 /// Decodes the record at the start of `bytes`; returns it and its total size.
@@ -228,6 +274,8 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
         3 => Record::Acknowledged(rkyv::from_bytes::<Acknowledged, _>(body).map_err(malformed)?),
         4 => Record::DeviceState(rkyv::from_bytes::<DeviceState, _>(body).map_err(malformed)?),
         5 => Record::DedupEntry(rkyv::from_bytes::<DedupEntry, _>(body).map_err(malformed)?),
+        6 => Record::ChunkEnd(rkyv::from_bytes::<ChunkEnd, _>(body).map_err(malformed)?),
+        7 => Record::SegmentHeader(rkyv::from_bytes::<SegmentHeader, _>(body).map_err(malformed)?),
         _ => return Err(RecordError::Unsupported { type_byte, version }),
     };
     Ok((record, total))
@@ -257,8 +305,155 @@ pub struct Scan {
     pub torn_tail: Option<CorruptSpan>,
 }
 
+/// Frames `records` (encoded records) as the write chunk that starts at
+/// offset `start` of segment `segment`, appending it to `out`: a segment
+/// header first if the chunk opens the segment, then the records, then the
+/// commit marker over all of it.
+pub fn frame_chunk(segment: u64, start: u64, records: &[u8], out: &mut Vec<u8>) {
+    let chunk_start = out.len();
+    if start == 0 {
+        encode_record(&Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT, segment }), out);
+    }
+    out.extend_from_slice(records);
+    let crc = crc32c::crc32c(&out[chunk_start..]);
+    encode_record(&Record::ChunkEnd(ChunkEnd { start, crc }), out);
+}
+
+/// Appends the chunk `records` to `file`, a segment's bytes so far, framed
+/// as the writer frames it there (tests and the simulation keep segments
+/// as byte vectors).
+pub fn append_chunk(file: &mut Vec<u8>, segment: u64, records: &[u8]) {
+    let start = file.len() as u64;
+    frame_chunk(segment, start, records, file);
+}
+
+/// Bytes [`frame_chunk`] adds to a chunk: its commit marker, plus the
+/// segment header when the chunk opens its segment.
+pub fn chunk_framing_bytes(opens_segment: bool) -> usize {
+    static SIZES: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (marker, header) = *SIZES.get_or_init(|| {
+        let mut opening = Vec::new();
+        frame_chunk(0, 0, &[], &mut opening);
+        let mut later = Vec::new();
+        frame_chunk(0, 1, &[], &mut later);
+        (later.len(), opening.len() - later.len())
+    });
+    if opens_segment {
+        marker + header
+    } else {
+        marker
+    }
+}
+
 /// Scans a whole segment. Never panics on any input.
 pub fn scan_segment(bytes: &[u8]) -> Scan {
+    match decode_record(bytes) {
+        Ok((Record::SegmentHeader(_), _)) => scan_chunks(bytes),
+        // Format 1: a segment of an earlier build starts with a plain record.
+        Ok(_) => scan_records(bytes),
+        // A first chunk cut short or damaged: format-2 rules, so nothing in
+        // it that no marker certifies is read.
+        Err(_) => scan_chunks(bytes),
+    }
+}
+
+/// Format 2: chunk by chunk, keeping a chunk's records only once its commit
+/// marker checks.
+fn scan_chunks(bytes: &[u8]) -> Scan {
+    let mut scan = Scan::default();
+    let mut position = 0;
+    loop {
+        match read_chunk(bytes, position) {
+            Ok((records, end)) => {
+                scan.records.extend(records);
+                position = end;
+                scan.valid_end = end;
+            }
+            Err(error) => {
+                let Some(last_nonzero) = bytes[position.min(bytes.len())..].iter().rposition(|byte| *byte != 0) else {
+                    // Only zeros (or nothing) left: the end of the segment.
+                    break;
+                };
+                match next_certified_chunk(bytes, position) {
+                    Some(next) => {
+                        scan.corrupt.push(CorruptSpan { offset: position, length: next - position, error });
+                        position = next;
+                    }
+                    None => {
+                        let length = last_nonzero + 1;
+                        scan.torn_tail = Some(CorruptSpan { offset: position, length, error });
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    scan
+}
+
+/// The records of the chunk that starts at `start` and the offset just past
+/// its commit marker, if the marker is there and certifies it.
+fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize), RecordError> {
+    let mut records = Vec::new();
+    let mut position = start;
+    loop {
+        let rest = bytes.get(position..).unwrap_or_default();
+        if rest.len() >= RECORD_HEADER_BYTES && is_zero_padding(rest) {
+            return Err(RecordError::UncommittedChunk);
+        }
+        let (record, size) = decode_record(rest).map_err(|error| match error {
+            // Records that simply stop: a chunk whose end never arrived.
+            RecordError::Truncated | RecordError::BadMagic if position > start => RecordError::UncommittedChunk,
+            other => other,
+        })?;
+        match record {
+            Record::ChunkEnd(marker) => {
+                let certified = marker.start == start as u64
+                    && position > start
+                    && crc32c::crc32c(&bytes[start..position]) == marker.crc;
+                return if certified { Ok((records, position + size)) } else { Err(RecordError::UncommittedChunk) };
+            }
+            Record::SegmentHeader(header) => {
+                if position != 0 || header.format != SEGMENT_FORMAT {
+                    return Err(RecordError::Framing);
+                }
+            }
+            record => records.push((position, record)),
+        }
+        position += size;
+    }
+}
+
+/// The start of the first chunk after `from` that a commit marker
+/// certifies. Only a marker can say where a chunk starts: resuming at any
+/// record magic could land inside a chunk (on a record a client embedded in
+/// a payload) or on what a failed write left behind. A stale marker names a
+/// start at or before `from` (the chunk that replaced it began there), so
+/// it is never taken. (A payload crafted as a whole chunk, with the offset
+/// it will be written at, would still be taken if the disk damages the
+/// record around it: docs/storage.md lists that limit.)
+fn next_certified_chunk(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut pattern = [0u8; 4];
+    pattern[..2].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    pattern[2] = Record::ChunkEnd(ChunkEnd { start: 0, crc: 0 }).type_byte();
+    pattern[3] = RECORD_VERSION;
+    let finder = memchr::memmem::Finder::new(&pattern);
+    let mut search = from + 1;
+    while search < bytes.len() {
+        let marker = search + finder.find(&bytes[search..])?;
+        search = marker + 1;
+        let Ok((Record::ChunkEnd(end), _)) = decode_record(&bytes[marker..]) else { continue };
+        let Ok(start) = usize::try_from(end.start) else { continue };
+        if start > from && start < marker && read_chunk(bytes, start).is_ok() {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// Format 1: record by record; after an invalid stretch the scan resumes at
+/// the next record magic whose record decodes.
+fn scan_records(bytes: &[u8]) -> Scan {
     let mut scan = Scan::default();
     let mut position = 0;
     while position < bytes.len() {
@@ -267,6 +462,7 @@ pub fn scan_segment(bytes: &[u8]) -> Scan {
             break;
         }
         match decode_record(rest) {
+            Ok((Record::ChunkEnd(_) | Record::SegmentHeader(_), size)) => position += size,
             Ok((record, size)) => {
                 scan.records.push((position, record));
                 position += size;
@@ -287,23 +483,22 @@ pub fn scan_segment(bytes: &[u8]) -> Scan {
     scan
 }
 
-/// Whether `bytes` is the zero padding that ends a segment. A zero header
-/// is enough: the writer never leaves anything but zeros after its last
-/// record, and a torn tail that happens to start with zeros is handled as
-/// an end (its records were never acknowledged).
+/// Whether `bytes` is the zero padding that ends a format-1 segment. A zero
+/// header is enough: that writer never left anything but zeros after its
+/// last record, and a torn tail that happens to start with zeros is handled
+/// as an end (its records were never acknowledged).
 fn is_zero_padding(bytes: &[u8]) -> bool {
     let header = &bytes[..bytes.len().min(RECORD_HEADER_BYTES)];
     header.iter().all(|byte| *byte == 0)
 }
 
-/// Offset of the next record at or after `from` that decodes.
+/// Offset of the next record at or after `from` that decodes (format 1).
 fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
     let magic = RECORD_MAGIC.to_le_bytes();
+    let finder = memchr::memmem::Finder::new(&magic);
     let mut position = from;
     while position + RECORD_HEADER_BYTES <= bytes.len() {
-        let window = &bytes[position..];
-        let found = window.windows(2).position(|pair| pair == magic)?;
-        position += found;
+        position += finder.find(&bytes[position..])?;
         if decode_record(&bytes[position..]).is_ok() {
             return Some(position);
         }
@@ -337,6 +532,112 @@ mod tests {
             encode_record(&sample(index), &mut bytes);
         }
         (bytes, offsets)
+    }
+
+    /// A format-2 segment of `chunks` chunks of `per_chunk` records, as the
+    /// writer lays it out; returns it, each chunk's start and each record's offset.
+    fn chunked(chunks: u64, per_chunk: u64) -> (Vec<u8>, Vec<usize>, Vec<usize>) {
+        let mut header = Vec::new();
+        encode_record(&Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT, segment: 1 }), &mut header);
+        let mut file = Vec::new();
+        let (mut starts, mut offsets) = (Vec::new(), Vec::new());
+        for chunk in 0..chunks {
+            starts.push(file.len());
+            let mut records = Vec::new();
+            let base = file.len() + if file.is_empty() { header.len() } else { 0 };
+            for index in chunk * per_chunk..(chunk + 1) * per_chunk {
+                offsets.push(base + records.len());
+                encode_record(&sample(index), &mut records);
+            }
+            append_chunk(&mut file, 1, &records);
+        }
+        (file, starts, offsets)
+    }
+
+    fn ids(scan: &Scan) -> Vec<u64> {
+        scan.records
+            .iter()
+            .map(|(_, record)| match record {
+                Record::MessageStored(message) => message.server_msg_id,
+                other => panic!("unexpected record {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_round_trip_and_zeros_end_the_segment() {
+        let (mut file, _, offsets) = chunked(4, 3);
+        let end = file.len();
+        file.resize(end + 8192, 0);
+        let scan = scan_segment(&file);
+        assert_eq!(ids(&scan), (0..12).collect::<Vec<_>>());
+        assert_eq!(scan.records.iter().map(|(offset, _)| *offset).collect::<Vec<_>>(), offsets);
+        assert_eq!(scan.valid_end, end);
+        assert!(scan.corrupt.is_empty() && scan.torn_tail.is_none());
+    }
+
+    #[test]
+    fn a_chunk_cut_anywhere_contributes_no_record() {
+        let (file, starts, _) = chunked(3, 4);
+        // Every cut inside the last chunk, up to one byte short of its marker's end.
+        for cut in starts[2] + 1..file.len() {
+            let mut torn = file[..cut].to_vec();
+            torn.resize(cut + 4096, 0);
+            let scan = scan_segment(&torn);
+            assert_eq!(ids(&scan), (0..8).collect::<Vec<_>>(), "cut at {cut}");
+            assert_eq!(scan.valid_end, starts[2]);
+            assert!(scan.corrupt.is_empty(), "cut at {cut}: nothing after it is certified");
+            assert_eq!(scan.torn_tail.as_ref().map(|tail| tail.offset), Some(starts[2]));
+        }
+    }
+
+    #[test]
+    fn bytes_a_failed_write_left_behind_are_never_replayed() {
+        // Chunk A is durable; chunk B (long) failed at A's end and left its
+        // bytes; chunk C (short) then went to the same offset and is durable.
+        let (a, _, _) = chunked(1, 2);
+        let mut b_records = Vec::new();
+        for index in 100..110 {
+            encode_record(&sample(index), &mut b_records);
+        }
+        let mut c_records = Vec::new();
+        encode_record(&sample(50), &mut c_records);
+        let mut with_b = a.clone();
+        append_chunk(&mut with_b, 1, &b_records);
+        let mut file = a.clone();
+        append_chunk(&mut file, 1, &c_records);
+        let c_end = file.len();
+        file.extend_from_slice(&with_b[c_end..]);
+        let scan = scan_segment(&file);
+        assert_eq!(ids(&scan), vec![0, 1, 50], "B's records after C must not come back");
+        assert_eq!(scan.valid_end, c_end);
+        assert!(scan.corrupt.is_empty());
+        assert!(scan.torn_tail.is_some());
+    }
+
+    #[test]
+    fn a_zeroed_block_mid_segment_is_reported_and_later_chunks_are_kept() {
+        let (mut file, starts, _) = chunked(5, 6);
+        // Zero a stretch inside chunk 2 that covers a record header.
+        let from = starts[2] + 40;
+        file[from..from + 300].fill(0);
+        let scan = scan_segment(&file);
+        let expected: Vec<u64> = (0..12).chain(18..30).collect();
+        assert_eq!(ids(&scan), expected, "chunks 3 and 4 survive a zeroed block in chunk 2");
+        assert_eq!(scan.corrupt.len(), 1);
+        assert_eq!((scan.corrupt[0].offset, scan.corrupt[0].length), (starts[2], starts[3] - starts[2]));
+        assert!(scan.torn_tail.is_none());
+        assert_eq!(scan.valid_end, file.len());
+    }
+
+    #[test]
+    fn a_flipped_bit_loses_its_chunk_only() {
+        let (mut file, starts, offsets) = chunked(3, 4);
+        file[offsets[5] + RECORD_HEADER_BYTES + 3] ^= 0x04;
+        let scan = scan_segment(&file);
+        assert_eq!(ids(&scan), (0..4).chain(8..12).collect::<Vec<_>>());
+        assert_eq!(scan.corrupt.len(), 1);
+        assert_eq!(scan.corrupt[0].offset, starts[1]);
     }
 
     #[test]
