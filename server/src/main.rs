@@ -1,5 +1,6 @@
 //! `irisd`: the Iris server binary. `irisd serve` runs the shards;
-//! `irisd token` mints an access token for a device.
+//! `irisd token` mints an access token for a device;
+//! `irisd rotate-token-key` replaces the token-signing key.
 
 use clap::{Parser, Subcommand};
 use irisd::auth::{Claims, TokenAuthority};
@@ -49,6 +50,14 @@ enum Command {
         #[arg(long, default_value_t = 30 * 24 * 3600)]
         ttl: u64,
     },
+    /// Replace the token-signing key. Tokens of the old key stay valid (its
+    /// public key is kept under keys/token-retired/) until that file is
+    /// deleted; a running irisd accepts the new key's tokens after a restart.
+    RotateTokenKey {
+        /// Data directory holding the token-signing key.
+        #[arg(long, default_value = "./iris-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +66,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config, data_dir, listen, shards } => serve(config, data_dir, listen, shards),
         Command::Token { data_dir, user, device, ttl } => token(&data_dir, user, device, ttl),
+        Command::RotateTokenKey { data_dir } => rotate_token_key(&data_dir),
     }
 }
 
@@ -79,6 +89,43 @@ fn fail_stop_on_panic() {
 
 fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("keys/token-signing.key")
+}
+
+fn retired_keys_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys/token-retired")
+}
+
+/// Keeps the current key's public half as retired, then writes a new
+/// signing key in its place (each file written and synced before the next).
+fn rotate_token_key(data_dir: &Path) -> ExitCode {
+    let path = key_path(data_dir);
+    let old = match TokenAuthority::load_or_create(&path, false) {
+        Ok((authority, _)) => authority,
+        Err(error) => {
+            eprintln!("irisd rotate-token-key: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let retired = retired_keys_dir(data_dir);
+    let retired_file = retired.join(format!("{:08x}.pub", old.key_id()));
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    let new = TokenAuthority::from_secret(secret);
+    let written = irisd::files::create_private_directory(&retired)
+        .and_then(|()| irisd::files::write_public(&retired_file, &old.public_key()))
+        .and_then(|()| irisd::files::write_private(&path, &secret));
+    if let Err(error) = written {
+        eprintln!("irisd rotate-token-key: {error}");
+        return ExitCode::from(2);
+    }
+    println!(
+        "irisd: token key {:08x} replaced by {:08x}; restart irisd to accept tokens of the new key. \
+         Tokens of the old key stay valid until you delete {} (after the longest token lifetime)",
+        old.key_id(),
+        new.key_id(),
+        retired_file.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn token(data_dir: &Path, user: u64, device: u32, ttl: u64) -> ExitCode {
@@ -197,7 +244,12 @@ fn serve(
         return fail(error.to_string());
     }
     let authority = match TokenAuthority::load_or_create(&key_path(&config.data_dir), true) {
-        Ok((authority, created)) => {
+        Ok((mut authority, created)) => {
+            match authority.accept_retired(&retired_keys_dir(&config.data_dir)) {
+                Ok(0) => {}
+                Ok(count) => println!("irisd: accepting tokens of {count} retired token key(s) as well"),
+                Err(error) => return fail(error.to_string()),
+            }
             if created {
                 println!(
                     "irisd: created a token-signing key: {} (mint tokens with `irisd token --data-dir {} --user U --device D`)",

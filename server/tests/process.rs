@@ -338,3 +338,44 @@ async fn health_reports_a_shard_whose_loop_stalls() {
     let _ = child.wait();
     assert!(last.starts_with("HTTP/1.1 503") && last.contains("stalled shards: 1"), "{last}");
 }
+
+/// The first frame answering a Hello with `token` on shard 0.
+async fn hello_answer(server: &Server, token: &str) -> Frame {
+    let mut raw = Raw::connect(server, 0).await;
+    raw.hello(token, 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_key_keeps_old_tokens_until_retired_and_accepts_new_ones_after_a_restart() {
+    let mut server = Server::start(1);
+    let user = user_on_shard(0, 1, 71);
+    let old_token = server.token(user, 1);
+    assert!(matches!(hello_answer(&server, &old_token).await, Frame::Welcome(_)));
+    let output = Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["rotate-token-key", "--data-dir"])
+        .arg(server.data_dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "rotate-token-key failed: {}", String::from_utf8_lossy(&output.stderr));
+    let new_token = server.token(user, 2);
+    assert_ne!(old_token, new_token);
+    server.kill9();
+    server.restart();
+    assert!(matches!(hello_answer(&server, &old_token).await, Frame::Welcome(_)), "the retired key's token");
+    assert!(matches!(hello_answer(&server, &new_token).await, Frame::Welcome(_)), "the new key's token");
+    // Deleting the retired public key ends its tokens.
+    let retired = server.data_dir.path().join("keys/token-retired");
+    for entry in std::fs::read_dir(&retired).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    server.kill9();
+    server.restart();
+    match hello_answer(&server, &old_token).await {
+        Frame::Error(error) => {
+            assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::InvalidToken));
+            assert!(error.message.contains("unknown key"), "{}", error.message);
+        }
+        other => panic!("a token of a deleted key was answered with {other:?}"),
+    }
+    assert!(matches!(hello_answer(&server, &new_token).await, Frame::Welcome(_)));
+}
