@@ -182,7 +182,7 @@ struct Writer {
     /// Size of a spare segment (0: none are prepared).
     spare_bytes: u64,
     /// The spare being prepared, and for which segment.
-    spare: Option<(u64, glommio::Task<std::io::Result<()>>)>,
+    spare: Option<(u64, glommio::Task<std::io::Result<bool>>)>,
     /// A write failed in the open segment and its bytes are not cut off yet.
     cut_pending: bool,
 }
@@ -282,10 +282,12 @@ impl Writer {
         let spare = spare_path(&self.dir, prepared);
         if prepared == segment {
             match task.await {
-                Ok(()) => match glommio::io::rename(&spare, path).await {
+                Ok(true) => match glommio::io::rename(&spare, path).await {
                     Ok(()) => return,
                     Err(error) => tracing::warn!(segment, %error, "using the spare segment failed"),
                 },
+                // Too little free space: no spare was written.
+                Ok(false) => return,
                 Err(error) => tracing::warn!(segment, %error, "preparing a spare segment failed"),
             }
         } else {
@@ -295,22 +297,26 @@ impl Writer {
         let _ = glommio::io::remove(&spare).await;
     }
 
-    /// Starts preparing the spare for `segment` in the background, if there is room.
+    /// Starts preparing the spare for `segment` in the background, if there
+    /// is room; the task says whether it wrote one. The free-space check
+    /// (`statvfs`, which io_uring cannot do and which can block on a
+    /// struggling filesystem) runs on glommio's blocking-call thread, not on
+    /// the shard's.
     fn prepare_spare(&mut self, segment: u64) {
         if self.spare_bytes == 0 || self.spare.is_some() {
             return;
         }
-        let room = crate::files::free_bytes(&self.dir).unwrap_or(0);
-        if room < self.spare_bytes.saturating_mul(SPARE_FREE_FACTOR) {
-            return;
-        }
-        let (path, bytes) = (spare_path(&self.dir, segment), self.spare_bytes);
+        let (path, bytes, dir) = (spare_path(&self.dir, segment), self.spare_bytes, self.dir.clone());
         let task = glommio::spawn_local(async move {
+            let room = glommio::executor().spawn_blocking(move || crate::files::free_bytes(&dir)).await.unwrap_or(0);
+            if room < bytes.saturating_mul(SPARE_FREE_FACTOR) {
+                return Ok(false);
+            }
             let result = zero_fill(&path, bytes).await;
             if result.is_err() {
                 let _ = glommio::io::remove(&path).await;
             }
-            result
+            result.map(|()| true)
         });
         self.spare = Some((segment, task));
     }

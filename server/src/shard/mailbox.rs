@@ -324,16 +324,11 @@ impl MailboxIndex {
         true
     }
 
-    /// Every entry held in log segment `segment` whose change is committed
-    /// (`ticket <= committed`): (device, seq, message).
-    pub fn entries_in_segment(&self, segment: u64, committed: Ticket) -> Vec<(DeviceKey, u64, Rc<StoredMessage>)> {
-        let mut found = Vec::new();
-        for (device, mailbox) in &self.mailboxes {
-            for entry in mailbox.entries.iter().filter(|entry| entry.segment == segment && entry.ticket <= committed) {
-                found.push((*device, entry.seq, Rc::clone(&entry.message)));
-            }
-        }
-        found
+    /// The entry (device, seq), if the mailbox holds it.
+    pub fn entry(&self, device: DeviceKey, seq: u64) -> Option<&MailboxEntry> {
+        let mailbox = self.mailboxes.get(&device)?;
+        let position = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq).ok()?;
+        mailbox.entries.get(position)
     }
 
     /// Records that the entry (device, seq) now lives in segment `to` (it was
@@ -372,22 +367,27 @@ impl MailboxIndex {
         dropped
     }
 
-    /// Removes every entry whose ticket is in `first..=last` (their changes
-    /// failed to become durable), and the dedup entries that point at them.
-    pub fn remove_tickets(&mut self, first: Ticket, last: Ticket) -> Vec<MailboxEntry> {
+    /// Removes the entries `entries` (device, seq) whose ticket is in
+    /// `first..=last` (their change failed to become durable), and the dedup
+    /// entries of that range. The caller names the entries (it keeps the
+    /// uncommitted ones), so this costs what failed, not every mailbox.
+    pub fn remove_failed(
+        &mut self,
+        entries: &[(DeviceKey, u64)],
+        first: Ticket,
+        last: Ticket,
+    ) -> Vec<(DeviceKey, MailboxEntry)> {
         let mut removed = Vec::new();
-        for mailbox in self.mailboxes.values_mut() {
-            let before = mailbox.entries.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for entry in mailbox.entries.drain(..) {
-                if (first..=last).contains(&entry.ticket) {
-                    mailbox.bytes -= entry.message.payload.len() as u64;
-                    removed.push(entry);
-                } else {
-                    kept.push_back(entry);
-                }
+        for &(device, seq) in entries {
+            let Some(mailbox) = self.mailboxes.get_mut(&device) else { continue };
+            let Ok(position) = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq) else { continue };
+            if !(first..=last).contains(&mailbox.entries[position].ticket) {
+                continue;
             }
-            mailbox.entries = kept;
+            if let Some(entry) = mailbox.entries.remove(position) {
+                mailbox.bytes -= entry.message.payload.len() as u64;
+                removed.push((device, entry));
+            }
         }
         self.stored.forget_tickets(first, last);
         removed

@@ -81,12 +81,25 @@ impl StoredIndex {
             Self::entry(ring, first, seq).is_some_and(|e| e.sender == sender && e.client_msg_id == client_msg_id)
         });
         if let Some(&seq) = existing {
-            if let Some(Some(entry)) = ring.get_mut(seq.wrapping_sub(first) as usize) {
-                entry.server_msg_id = server_msg_id;
-                entry.ticket = ticket;
+            if ticket == 0 {
+                // Recovery, or a compaction copy of a durable message: same
+                // place in the window.
+                if let Some(Some(entry)) = ring.get_mut(seq.wrapping_sub(first) as usize) {
+                    entry.server_msg_id = server_msg_id;
+                    entry.ticket = ticket;
+                }
+                return;
             }
-            return;
+            // Re-appended rather than updated in place, so nonzero tickets
+            // keep growing along the ring (`forget_tickets` relies on it).
+            if let Ok(found) = self.table.find_entry(hash, |&candidate| candidate == seq) {
+                found.remove();
+            }
+            if let Some(slot) = self.ring.get_mut(seq.wrapping_sub(self.first) as usize) {
+                *slot = None;
+            }
         }
+        let (ring, first) = (&mut self.ring, self.first);
         let seq = first.wrapping_add(ring.len() as u32);
         ring.push_back(Some(Entry { sender, client_msg_id, server_msg_id, ticket }));
         let hasher = &self.hasher;
@@ -113,18 +126,27 @@ impl StoredIndex {
 
     /// Forgets every entry whose ticket is in `first..=last` (a write that
     /// failed: those messages were not stored, so a retry must store them).
+    /// Walks back from the newest entry only as far as that range: nonzero
+    /// tickets grow along the ring (`remember` re-appends an updated key),
+    /// and ticket 0 (recovered, or copied by compaction) is never in a range.
     pub fn forget_tickets(&mut self, first: Ticket, last: Ticket) {
-        for (offset, slot) in self.ring.iter_mut().enumerate() {
-            let Some(entry) = slot else { continue };
-            if !(first..=last).contains(&entry.ticket) {
+        for offset in (0..self.ring.len()).rev() {
+            let Some(entry) = self.ring[offset] else { continue };
+            if entry.ticket == 0 || entry.ticket > last {
                 continue;
+            }
+            if entry.ticket < first {
+                break;
             }
             let seq = self.first.wrapping_add(offset as u32);
             let hash = self.hasher.hash_one((entry.sender.user, entry.sender.device, entry.client_msg_id));
             if let Ok(found) = self.table.find_entry(hash, |&candidate| candidate == seq) {
                 found.remove();
             }
-            *slot = None;
+            self.ring[offset] = None;
+        }
+        while self.ring.back().is_some_and(Option::is_none) {
+            self.ring.pop_back();
         }
         while self.ring.front().is_some_and(Option::is_none) {
             self.ring.pop_front();
@@ -166,13 +188,38 @@ mod tests {
     }
 
     #[test]
-    fn remembering_an_id_again_updates_it_without_a_new_slot() {
+    fn remembering_an_id_again_updates_it() {
         let mut index = StoredIndex::new(2);
         index.remember(device(1), 5, 500, 1);
         index.remember(device(1), 5, 501, 2);
         index.remember(device(1), 6, 600, 3);
         assert_eq!(index.find(device(1), 5), Some((501, 2)), "updated, and not expired by the second entry");
-        assert_eq!(index.len(), 2);
+        // Ticket 0 (recovery) updates in place: 5 stays the oldest.
+        index.remember(device(1), 6, 601, 0);
+        index.remember(device(1), 5, 502, 0);
+        index.remember(device(1), 7, 700, 4);
+        assert_eq!(index.find(device(1), 5), None, "the oldest key expired");
+        assert_eq!(index.find(device(1), 6), Some((601, 0)));
+    }
+
+    #[test]
+    fn forgetting_a_failed_range_walks_back_only_over_newer_entries() {
+        let mut index = StoredIndex::new(1000);
+        for id in 1..=900 {
+            index.remember(device(1), id, id * 10, id);
+        }
+        // A compaction copy (ticket 0) among the newest entries.
+        index.remember(device(2), 1, 5, 0);
+        index.remember(device(1), 901, 9010, 901);
+        index.forget_tickets(899, 900);
+        let kept: Vec<u64> = (897..=901).filter(|id| index.find(device(1), *id).is_some()).collect();
+        assert_eq!(kept, vec![897, 898, 901]);
+        assert_eq!(index.find(device(2), 1), Some((5, 0)));
+        // A re-remembered key moved to the back with its new ticket.
+        index.remember(device(1), 3, 31, 902);
+        index.forget_tickets(902, 902);
+        assert_eq!(index.find(device(1), 3), None);
+        assert_eq!(index.find(device(1), 4), Some((40, 4)));
     }
 
     #[test]
@@ -197,7 +244,7 @@ mod tests {
         let mut index = StoredIndex::new(64);
         index.first = u32::MAX - 500;
         let mut model: std::collections::HashMap<(u64, u64), (u64, Ticket)> = Default::default();
-        let mut order: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut order: VecDeque<Option<(u64, u64)>> = VecDeque::new();
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         for ticket in 1..5_000u64 {
             state ^= state << 13;
@@ -205,12 +252,20 @@ mod tests {
             state ^= state << 17;
             let (user, id) = (state % 5, (state >> 8) % 200);
             index.remember(device(user), id, ticket * 3, ticket);
-            if model.insert((user, id), (ticket * 3, ticket)).is_none() {
-                order.push_back((user, id));
+            // A key remembered again moves to the newest end, leaving a
+            // hole that counts against the capacity until it expires.
+            if model.insert((user, id), (ticket * 3, ticket)).is_some() {
+                for slot in order.iter_mut() {
+                    if *slot == Some((user, id)) {
+                        *slot = None;
+                    }
+                }
             }
+            order.push_back(Some((user, id)));
             while order.len() > 64 {
-                let oldest = order.pop_front().unwrap();
-                model.remove(&oldest);
+                if let Some(oldest) = order.pop_front().unwrap() {
+                    model.remove(&oldest);
+                }
             }
             let probe = ((state >> 20) % 5, (state >> 24) % 200);
             assert_eq!(index.find(device(probe.0), probe.1), model.get(&probe).copied(), "at ticket {ticket}");

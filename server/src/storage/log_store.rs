@@ -85,6 +85,10 @@ pub struct LogStore {
     checkpoint_bytes: u64,
     /// Ticket ranges whose chunk failed, kept until the core has seen them.
     failed: VecDeque<(Ticket, Ticket)>,
+    /// Mailbox entries whose change is not durable yet, oldest first:
+    /// (ticket, device, seq). A failed chunk removes exactly these (it once
+    /// scanned every mailbox); bounded by the records waiting for the writer.
+    uncommitted_entries: VecDeque<(Ticket, DeviceKey, u64)>,
     /// Undelivered mailbox entries per segment, for reclaim and compaction.
     /// Segments with no entry here but on disk hold no live message.
     live_by_segment: BTreeMap<u64, SegmentLive>,
@@ -137,10 +141,12 @@ fn live_bytes(message: &StoredMessage) -> u64 {
 const LIVE_RECORD_OVERHEAD_BYTES: u64 = 128;
 
 /// Live data of one segment.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct SegmentLive {
-    /// Undelivered (device, message) entries.
-    entries: u64,
+    /// The undelivered (device, seq) entries it holds, so compaction visits
+    /// only these (it once scanned every mailbox of the shard). About 30
+    /// bytes per undelivered entry.
+    members: hashbrown::HashSet<(DeviceKey, u64), foldhash::fast::RandomState>,
     /// Their [`live_bytes`] (a message for two devices counts twice).
     bytes: u64,
 }
@@ -192,6 +198,7 @@ impl LogStore {
             checkpoint_pending: None,
             checkpoint_bytes: 0,
             failed: VecDeque::new(),
+            uncommitted_entries: VecDeque::new(),
             live_by_segment: BTreeMap::new(),
             compaction: None,
             on_disk: Default::default(),
@@ -232,7 +239,7 @@ impl LogStore {
         }
         store.corrupt_records = report.corrupt_records;
         report.devices = store.index.mailboxes().count() as u64;
-        report.live_entries = store.live_by_segment.values().map(|live| live.entries).sum();
+        report.live_entries = store.live_by_segment.values().map(|live| live.members.len() as u64).sum();
         report.live_payload_bytes_max = store
             .index
             .mailboxes()
@@ -258,21 +265,22 @@ impl LogStore {
                 for recipient in &r.recipients {
                     let device = DeviceKey { user: r.to_user, device: recipient.device };
                     if self.index.insert(device, recipient.seq, &message, 0, segment) {
-                        self.live_add(segment, live_bytes(&message));
+                        self.live_add(segment, device, recipient.seq, live_bytes(&message));
                     }
                 }
                 self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
                 self.note_stored_in(segment);
             }
             Record::Acknowledged(r) => {
-                let dropped = self.index.acknowledge(DeviceKey { user: r.user, device: r.device }, r.up_to_seq);
-                self.forget_entries(&dropped);
+                let device = DeviceKey { user: r.user, device: r.device };
+                let dropped = self.index.acknowledge(device, r.up_to_seq);
+                self.forget_entries(device, &dropped);
             }
             Record::DeviceState(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
                 self.index.raise_last_seq(device, r.last_seq);
                 let dropped = self.index.acknowledge(device, r.acked_seq);
-                self.forget_entries(&dropped);
+                self.forget_entries(device, &dropped);
             }
             // Written by earlier builds of this format version; still honoured.
             Record::DedupEntry(r) => {
@@ -285,23 +293,25 @@ impl LogStore {
         }
     }
 
-    fn forget_entries(&mut self, entries: &[MailboxEntry]) {
+    fn forget_entries(&mut self, device: DeviceKey, entries: &[MailboxEntry]) {
         for entry in entries {
-            self.live_remove(entry.segment, live_bytes(&entry.message));
+            self.live_remove(entry.segment, device, entry.seq, live_bytes(&entry.message));
         }
     }
 
-    fn live_add(&mut self, segment: u64, bytes: u64) {
+    fn live_add(&mut self, segment: u64, device: DeviceKey, seq: u64, bytes: u64) {
         let live = self.live_by_segment.entry(segment).or_default();
-        live.entries += 1;
-        live.bytes += bytes;
+        if live.members.insert((device, seq)) {
+            live.bytes += bytes;
+        }
     }
 
-    fn live_remove(&mut self, segment: u64, bytes: u64) {
+    fn live_remove(&mut self, segment: u64, device: DeviceKey, seq: u64, bytes: u64) {
         if let Some(live) = self.live_by_segment.get_mut(&segment) {
-            live.entries -= 1;
-            live.bytes = live.bytes.saturating_sub(bytes);
-            if live.entries == 0 {
+            if live.members.remove(&(device, seq)) {
+                live.bytes = live.bytes.saturating_sub(bytes);
+            }
+            if live.members.is_empty() {
                 self.live_by_segment.remove(&segment);
             }
         }
@@ -321,10 +331,16 @@ impl LogStore {
         let Some(from) = candidate else { return };
         // One record per message, listing the devices that still hold it.
         let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
-        // Only committed entries: a copy of one whose own write then failed
-        // would bring back, at the next recovery, a message its sender was
-        // told was not stored (found by the simulation).
-        for (device, seq, message) in self.index.entries_in_segment(from, self.committed) {
+        let members = self.live_by_segment.get(&from).map(|live| live.members.iter().copied().collect::<Vec<_>>());
+        for (device, seq) in members.unwrap_or_default() {
+            let Some(entry) = self.index.entry(device, seq) else { continue };
+            // Only committed entries: a copy of one whose own write then
+            // failed would bring back, at the next recovery, a message its
+            // sender was told was not stored (found by the simulation).
+            if entry.segment != from || entry.ticket > self.committed {
+                continue;
+            }
+            let message = Rc::clone(&entry.message);
             let slot = by_message.entry(message.server_msg_id).or_insert_with(|| (Rc::clone(&message), Vec::new()));
             slot.1.push(RecipientSeq { device: device.device, seq });
         }
@@ -564,9 +580,8 @@ impl MailboxStore for LogStore {
         for (device, recipient) in devices.iter().zip(&recipients) {
             let seq = self.index.append(*device, &message, ticket, segment);
             assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
-        }
-        for _ in devices {
-            self.live_add(segment, live_bytes(&message));
+            self.live_add(segment, *device, seq, live_bytes(&message));
+            self.uncommitted_entries.push_back((ticket, *device, seq));
         }
         self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, ticket);
         self.note_stored_in(segment);
@@ -578,7 +593,7 @@ impl MailboxStore for LogStore {
             return;
         }
         let dropped = self.index.acknowledge(device, up_to_seq);
-        self.forget_entries(&dropped);
+        self.forget_entries(device, &dropped);
         let up_to_seq = self.index.acked_seq(device);
         self.append(&Record::Acknowledged(Acknowledged { user: device.user, device: device.device, up_to_seq }));
     }
@@ -626,6 +641,9 @@ impl MailboxStore for LogStore {
         assert_eq!(first_ticket, self.committed + 1, "write chunks must complete contiguously, in order");
         assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
         self.committed = last_ticket;
+        while self.uncommitted_entries.front().is_some_and(|(ticket, _, _)| *ticket <= last_ticket) {
+            self.uncommitted_entries.pop_front();
+        }
         self.note_durable_segment(segment, first_ticket, last_ticket);
         while self.registrations_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
             if let Some((_, device)) = self.registrations_pending.pop_front() {
@@ -638,8 +656,8 @@ impl MailboxStore for LogStore {
             for (device, seq, bytes, to) in compaction.moves {
                 // Entries acknowledged meanwhile are gone: nothing to move.
                 if self.index.relocate(device, seq, compaction.from, to) {
-                    self.live_remove(compaction.from, bytes);
-                    self.live_add(to, bytes);
+                    self.live_remove(compaction.from, device, seq, bytes);
+                    self.live_add(to, device, seq, bytes);
                 }
             }
         }
@@ -649,8 +667,15 @@ impl MailboxStore for LogStore {
     fn on_write_failed(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
         assert_eq!(first_ticket, self.committed + 1, "write chunks must complete contiguously, in order");
         assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
-        let removed = self.index.remove_tickets(first_ticket, last_ticket);
-        self.forget_entries(&removed);
+        let mut failed_entries = Vec::new();
+        while self.uncommitted_entries.front().is_some_and(|(ticket, _, _)| *ticket <= last_ticket) {
+            if let Some((_, device, seq)) = self.uncommitted_entries.pop_front() {
+                failed_entries.push((device, seq));
+            }
+        }
+        for (device, entry) in self.index.remove_failed(&failed_entries, first_ticket, last_ticket) {
+            self.live_remove(entry.segment, device, entry.seq, live_bytes(&entry.message));
+        }
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket >= first_ticket) {
             // Some copies did not reach the disk: the entries stay where they
             // are, and a later pass tries again.
