@@ -126,6 +126,8 @@ pub fn encode_into(frame: &Frame, frame_bytes_max: u32, out: &mut Vec<u8>) -> Re
         Frame::Error(f) => to_bytes(f),
         Frame::Ping(f) => to_bytes(f),
         Frame::Pong(f) => to_bytes(f),
+        Frame::RemoveDevice(f) => to_bytes(f),
+        Frame::DeviceRemoved(f) => to_bytes(f),
     }?;
     let length = body.len() + 2;
     if length > frame_bytes_max as usize {
@@ -180,6 +182,12 @@ pub fn decode_body(version: u8, kind_byte: u8, body: &[u8]) -> Result<Frame, Dec
         FrameKind::Error => Frame::Error(rkyv::from_bytes::<frames::Error, _>(body).map_err(malformed)?),
         FrameKind::Ping => Frame::Ping(rkyv::from_bytes::<frames::Ping, _>(body).map_err(malformed)?),
         FrameKind::Pong => Frame::Pong(rkyv::from_bytes::<frames::Pong, _>(body).map_err(malformed)?),
+        FrameKind::RemoveDevice => {
+            Frame::RemoveDevice(rkyv::from_bytes::<frames::RemoveDevice, _>(body).map_err(malformed)?)
+        }
+        FrameKind::DeviceRemoved => {
+            Frame::DeviceRemoved(rkyv::from_bytes::<frames::DeviceRemoved, _>(body).map_err(malformed)?)
+        }
     })
 }
 

@@ -54,6 +54,14 @@ pub enum ErrorCode {
     /// Hello: acknowledging seqs that were never assigned would delete
     /// messages stored later.
     ResumeBeyondLastSeq = 16,
+    /// The device was removed (by itself, by another device of its user, or
+    /// because its mailbox overflowed while another device of the user kept
+    /// up). A Hello of it, or its live session, is refused and closed with
+    /// close code `REMOVED`; its undelivered messages are gone. The app must
+    /// link again as a new device (a new device id) and must not retry.
+    DeviceRemoved = 17,
+    /// A RemoveDevice named a device its user does not have.
+    UnknownDevice = 18,
 }
 
 impl ErrorCode {
@@ -78,6 +86,8 @@ impl ErrorCode {
             14 => Internal,
             15 => SessionReplaced,
             16 => ResumeBeyondLastSeq,
+            17 => DeviceRemoved,
+            18 => UnknownDevice,
             _ => return None,
         })
     }

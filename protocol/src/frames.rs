@@ -153,6 +153,25 @@ pub struct Pong {
     pub nonce: u64,
 }
 
+/// Asks the server to unlink a device of the session's own user: the
+/// session's device itself, or another device of the same user (a phone
+/// unlinking a lost laptop). Answered with [`DeviceRemoved`] once the removal
+/// is durable; the device's undelivered messages are dropped, its live
+/// session (if any) is closed with `DeviceRemoved`, and later Hellos of it are
+/// refused with `DeviceRemoved`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RemoveDevice {
+    /// The device of the session's user to remove.
+    pub device_id: u32,
+}
+
+/// Answer to [`RemoveDevice`]: the device is durably removed.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRemoved {
+    /// The device removed.
+    pub device_id: u32,
+}
+
 /// Any frame of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -181,6 +200,10 @@ pub enum Frame {
     Ping(Ping),
     /// Either direction.
     Pong(Pong),
+    /// Client -> server.
+    RemoveDevice(RemoveDevice),
+    /// Server -> client.
+    DeviceRemoved(DeviceRemoved),
 }
 
 /// The kind byte of the frame header. Values are stable wire constants.
@@ -212,6 +235,10 @@ pub enum FrameKind {
     Ping = 11,
     /// [`Pong`]
     Pong = 12,
+    /// [`RemoveDevice`]
+    RemoveDevice = 13,
+    /// [`DeviceRemoved`]
+    DeviceRemoved = 14,
 }
 
 impl FrameKind {
@@ -230,6 +257,8 @@ impl FrameKind {
             10 => FrameKind::Error,
             11 => FrameKind::Ping,
             12 => FrameKind::Pong,
+            13 => FrameKind::RemoveDevice,
+            14 => FrameKind::DeviceRemoved,
             _ => return None,
         })
     }
@@ -251,6 +280,8 @@ impl Frame {
             Frame::Error(_) => FrameKind::Error,
             Frame::Ping(_) => FrameKind::Ping,
             Frame::Pong(_) => FrameKind::Pong,
+            Frame::RemoveDevice(_) => FrameKind::RemoveDevice,
+            Frame::DeviceRemoved(_) => FrameKind::DeviceRemoved,
         }
     }
 

@@ -42,4 +42,6 @@ pub mod close_code {
     pub const REDIRECTED: u32 = 3;
     /// A newer connection of the same device replaced this one.
     pub const REPLACED: u32 = 4;
+    /// The device of this session was removed (error `DeviceRemoved`).
+    pub const REMOVED: u32 = 5;
 }

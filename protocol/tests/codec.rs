@@ -28,6 +28,8 @@ fn all_frames() -> Vec<Frame> {
         Frame::Error(Error { code: 8, message: "no".into(), retry_after_ms: 5, client_msg_id: Some(9) }),
         Frame::Ping(Ping { nonce: 11 }),
         Frame::Pong(Pong { nonce: 12 }),
+        Frame::RemoveDevice(RemoveDevice { device_id: 3 }),
+        Frame::DeviceRemoved(DeviceRemoved { device_id: 3 }),
     ]
 }
 

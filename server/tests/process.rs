@@ -379,3 +379,32 @@ async fn a_rotated_token_key_keeps_old_tokens_until_retired_and_accepts_new_ones
     }
     assert!(matches!(hello_answer(&server, &new_token).await, Frame::Welcome(_)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_removed_by_another_device_of_its_user_stays_removed_after_a_crash() {
+    let mut server = Server::start(1);
+    let user = user_on_shard(0, 1, 72);
+    let mut phone = Raw::connect(&server, 0).await;
+    assert!(matches!(phone.hello(&server.token(user, 1), 0).await, Frame::Welcome(_)));
+    let mut laptop = Raw::connect(&server, 0).await;
+    let laptop_token = server.token(user, 2);
+    assert!(matches!(laptop.hello(&laptop_token, 0).await, Frame::Welcome(_)));
+    phone.write_frame(&Frame::RemoveDevice(iris_protocol::frames::RemoveDevice { device_id: 2 })).await;
+    match phone.read_frame().await {
+        Some(Frame::DeviceRemoved(removed)) => assert_eq!(removed.device_id, 2),
+        other => panic!("expected DeviceRemoved, got {other:?}"),
+    }
+    match laptop.read_frame().await {
+        Some(Frame::Error(error)) => assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::DeviceRemoved)),
+        other => panic!("the removed laptop's session should end with DeviceRemoved, got {other:?}"),
+    }
+    assert_eq!(laptop.closed_code().await, Some(u64::from(close_code::REMOVED)));
+    // The answer came after the removal was durable: a SIGKILL keeps it.
+    server.kill9();
+    server.restart();
+    match hello_answer(&server, &laptop_token).await {
+        Frame::Error(error) => assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::DeviceRemoved)),
+        other => panic!("a removed device came back after a restart: {other:?}"),
+    }
+    assert!(matches!(hello_answer(&server, &server.token(user, 1)).await, Frame::Welcome(_)));
+}

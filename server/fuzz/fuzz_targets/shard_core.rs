@@ -1,5 +1,5 @@
 //! Structure-aware: random sequences of connections, valid and invalid
-//! Hellos, Sends, DeliveryAcks, raw frame bytes and closes fed to one shard
+//! Hellos, Sends, DeliveryAcks, device removals, raw frame bytes and closes fed to one shard
 //! core. Nothing a peer sends may panic it; pushes to a connection carry
 //! strictly increasing seqs; outputs stay bounded by what was asked.
 
@@ -24,6 +24,7 @@ enum Op {
     Bytes { conn: u8, bytes: Vec<u8> },
     Ping { conn: u8 },
     ShardMapRequest { conn: u8 },
+    RemoveDevice { conn: u8, device: u8 },
     Pull { conn: u8 },
     Close { conn: u8 },
 }
@@ -102,6 +103,12 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::ShardMapRequest { conn } => {
                 if let Some(index) = pick(&conns, conn) {
                     frames_in.push((conns[index].id, Frame::ShardMapRequest(frames::ShardMapRequest {})));
+                }
+            }
+            Op::RemoveDevice { conn, device } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let remove = frames::RemoveDevice { device_id: u32::from(device % 4) };
+                    frames_in.push((conns[index].id, Frame::RemoveDevice(remove)));
                 }
             }
             Op::Bytes { conn, bytes } => {

@@ -171,6 +171,11 @@ pub struct CoreStats {
     pub sends_refused: u64,
     /// Deliver frames handed to push streams.
     pub deliveries: u64,
+    /// Devices removed by a RemoveDevice.
+    pub devices_removed: u64,
+    /// Offline devices removed because their mailbox was full while another
+    /// device of the user took the message.
+    pub devices_removed_overflow: u64,
 }
 
 /// The message path of one shard.
@@ -208,6 +213,9 @@ pub struct ShardCore<S: MailboxStore> {
     /// Connections in `Session::Registering`, oldest first; each is checked
     /// after every commit. Bounded by the connections.
     registering: VecDeque<ConnId>,
+    /// RemoveDevice requests waiting for the removal to be durable:
+    /// (requesting connection, removed device). One per request in flight.
+    removals: VecDeque<(ConnId, DeviceKey)>,
     /// The committed ticket when `registering` was last checked.
     registering_checked_at: Ticket,
     /// Sequence part of the next server_msg_id.
@@ -235,6 +243,10 @@ const THROTTLE_RETRY_AFTER_MS: u32 = 100;
 const STORAGE_RETRY_AFTER_MS: u32 = 500;
 /// How long a client should wait when a mailbox is full, in ms.
 const MAILBOX_FULL_RETRY_AFTER_MS: u32 = 1000;
+/// RemoveDevice requests waiting for durability per shard; past it, Throttle.
+/// Each is a connection id and a device key; removals are rare, and each
+/// session has at most one answer it waits for in practice.
+const REMOVALS_IN_FLIGHT_MAX: usize = 1024;
 
 impl<S: MailboxStore> ShardCore<S> {
     /// A shard core over `store`.
@@ -271,6 +283,7 @@ impl<S: MailboxStore> ShardCore<S> {
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             awaiting_commit: VecDeque::new(),
             registering: VecDeque::new(),
+            removals: VecDeque::new(),
             registering_checked_at: 0,
             next_message_sequence: message_ids.start,
             message_sequence_end: message_ids.end,
@@ -365,6 +378,7 @@ impl<S: MailboxStore> ShardCore<S> {
             }
             Frame::Send(send) if active => self.on_send(conn, send, now_ms),
             Frame::DeliveryAck(ack) if active => self.on_delivery_ack(conn, ack.up_to_seq),
+            Frame::RemoveDevice(remove) if active => self.on_remove_device(conn, remove.device_id),
             Frame::Pong(_) => {}
             other => {
                 let detail = format!("{:?} frame not allowed here", other.kind());
@@ -522,6 +536,80 @@ impl<S: MailboxStore> ShardCore<S> {
         self.store.acknowledge(*device, up_to_seq);
     }
 
+    /// Removes a device of the session's user (itself or a sibling); the
+    /// answer waits until the removal is durable.
+    fn on_remove_device(&mut self, conn: ConnId, device_id: u32) {
+        let Some(&Session::Active { device: own, .. }) = self.sessions.get(&conn) else { return };
+        let target = DeviceKey { user: own.user, device: device_id };
+        if self.removals.len() >= REMOVALS_IN_FLIGHT_MAX {
+            let error = frames::Error {
+                code: ErrorCode::Throttle as u16,
+                message: "too many device removals in flight".into(),
+                retry_after_ms: STORAGE_RETRY_AFTER_MS,
+                client_msg_id: None,
+            };
+            return self.emit(conn, Frame::Error(error));
+        }
+        if let Err(error) = self.store.remove_device(target) {
+            return self.emit(conn, Frame::error(error.code(), error.to_string()));
+        }
+        self.stats.devices_removed += 1;
+        self.forget_device(target, conn);
+        if target == own {
+            // Nothing more is accepted on it; the answer closes it.
+            self.online.remove(&own);
+            self.sessions.insert(conn, Session::Closing);
+        }
+        self.removals.push_back((conn, target));
+        self.answer_removals();
+    }
+
+    /// Forgets a removed device's sender state and ends its sessions other
+    /// than `except` (its mailbox is gone).
+    fn forget_device(&mut self, device: DeviceKey, except: ConnId) {
+        self.senders.remove(&device);
+        let close = |conn| Output::Close {
+            conn,
+            frame: Some(Frame::error(ErrorCode::DeviceRemoved, "this device was removed")),
+            close_code: close_code::REMOVED,
+        };
+        if let Some(&conn) = self.online.get(&device) {
+            if conn != except {
+                self.online.remove(&device);
+                self.sessions.insert(conn, Session::Closing);
+                self.outputs.push_back(close(conn));
+            }
+        }
+        for index in 0..self.registering.len() {
+            let conn = self.registering[index];
+            if matches!(self.sessions.get(&conn), Some(Session::Registering { device: waiting, .. }) if *waiting == device)
+            {
+                self.sessions.insert(conn, Session::Closing);
+                self.outputs.push_back(close(conn));
+            }
+        }
+    }
+
+    /// Answers the RemoveDevice requests whose removal is durable.
+    fn answer_removals(&mut self) {
+        for _ in 0..self.removals.len() {
+            let Some((conn, device)) = self.removals.pop_front() else { break };
+            if self.store.removal_pending(device) {
+                self.removals.push_back((conn, device));
+                continue;
+            }
+            let answer = Frame::DeviceRemoved(frames::DeviceRemoved { device_id: device.device });
+            match self.sessions.get(&conn) {
+                Some(Session::Active { .. }) => self.emit(conn, answer),
+                // The device removed itself: the answer ends the session.
+                Some(Session::Closing) => {
+                    self.outputs.push_back(Output::Close { conn, frame: Some(answer), close_code: close_code::REMOVED })
+                }
+                _ => {} // closed meanwhile
+            }
+        }
+    }
+
     /// A message from shard `from` (or from this shard itself).
     pub fn on_shard_message(&mut self, from: u16, message: ShardMessage) {
         match message {
@@ -579,7 +667,7 @@ impl<S: MailboxStore> ShardCore<S> {
         message: StoredMessage,
     ) -> (Result<u64, Refusal>, Ticket, Vec<DeviceKey>) {
         let committed = self.store.committed_ticket();
-        let devices: Vec<DeviceKey> = self
+        let mut devices: Vec<DeviceKey> = self
             .store
             .devices_of(to_user)
             .iter()
@@ -597,10 +685,34 @@ impl<S: MailboxStore> ShardCore<S> {
         if devices.is_empty() {
             return refuse(ErrorCode::UnknownRecipient, 0);
         }
-        for device in &devices {
-            if let Err(error) = self.store.has_room(*device, message.payload.len()) {
-                return refuse(error.code(), MAILBOX_FULL_RETRY_AFTER_MS);
+        // A full mailbox of one device must not make its user unreachable
+        // (decision 0012): an offline device whose mailbox is full is removed
+        // when another device of the user takes the message (like a
+        // messenger unlinking a companion device that stopped syncing).
+        // When every device is full, or a full one is online (draining),
+        // the send is refused: explicit backpressure, retried later.
+        let full: Vec<DeviceKey> = devices
+            .iter()
+            .copied()
+            .filter(|device| self.store.has_room(*device, message.payload.len()).is_err())
+            .collect();
+        if !full.is_empty() {
+            let keeps_up = full.iter().any(|device| self.online.contains_key(device));
+            if keeps_up || full.len() == devices.len() {
+                return refuse(ErrorCode::MailboxFull, MAILBOX_FULL_RETRY_AFTER_MS);
             }
+            for device in &full {
+                if self.store.remove_device(*device).is_ok() {
+                    tracing::warn!(
+                        user = device.user,
+                        device = device.device,
+                        "offline device with a full mailbox removed"
+                    );
+                    self.stats.devices_removed_overflow += 1;
+                    self.forget_device(*device, ConnId(u64::MAX));
+                }
+            }
+            devices.retain(|device| !full.contains(device));
         }
         let server_msg_id = message.server_msg_id;
         match self.store.store_message(Rc::new(message), &devices) {
@@ -630,6 +742,9 @@ impl<S: MailboxStore> ShardCore<S> {
             } else {
                 self.welcome(conn, device, expires_at_s, resume_after_seq);
             }
+        }
+        if commit_moved {
+            self.answer_removals();
         }
         let committed = self.store.committed_ticket();
         while self.awaiting_commit.front().is_some_and(|c| c.ticket <= committed) {
@@ -757,11 +872,11 @@ impl<S: MailboxStore> ShardCore<S> {
         if self.sessions.contains_key(&conn) {
             self.sessions.insert(conn, Session::Closing);
         }
-        self.outputs.push_back(Output::Close {
-            conn,
-            frame: Some(Frame::error(code, detail)),
-            close_code: close_code::PROTOCOL_ERROR,
-        });
+        let close_code = match code {
+            ErrorCode::DeviceRemoved => close_code::REMOVED,
+            _ => close_code::PROTOCOL_ERROR,
+        };
+        self.outputs.push_back(Output::Close { conn, frame: Some(Frame::error(code, detail)), close_code });
     }
 
     fn redirect_to(&self, shard: ShardId) -> Frame {
@@ -852,11 +967,161 @@ mod tests {
     }
 
     fn hello(core: &mut ShardCore<MemoryStore>, authority: &TokenAuthority, conn: ConnId, user: u64) {
+        hello_device(core, authority, conn, user, 1);
+        while core.poll_output().is_some() {}
+    }
+
+    /// Hello of `user`'s `device`; returns the outputs it produced.
+    fn hello_device(
+        core: &mut ShardCore<MemoryStore>,
+        authority: &TokenAuthority,
+        conn: ConnId,
+        user: u64,
+        device: u32,
+    ) -> Vec<Output> {
         core.on_connection(conn);
-        let token = authority.mint(Claims { user_id: user, device_id: 1, expires_at_s: NOW_MS / 1000 + 60 });
+        let token = authority.mint(Claims { user_id: user, device_id: device, expires_at_s: NOW_MS / 1000 + 60 });
         core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS);
         core.flush_commits();
-        while core.poll_output().is_some() {}
+        std::iter::from_fn(|| core.poll_output()).collect()
+    }
+
+    fn outputs(core: &mut ShardCore<MemoryStore>) -> Vec<Output> {
+        core.flush_commits();
+        std::iter::from_fn(|| core.poll_output()).collect()
+    }
+
+    /// The device on `conn` takes every push and acknowledges it.
+    fn drain_and_ack(core: &mut ShardCore<MemoryStore>, conn: ConnId) {
+        let mut last = None;
+        while let Some(Frame::Deliver(deliver)) = core.next_push(conn) {
+            last = Some(deliver.seq);
+        }
+        if let Some(up_to_seq) = last {
+            core.on_frame(conn, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq }), NOW_MS);
+        }
+    }
+
+    fn closed_with(outputs: &[Output], conn: ConnId) -> Option<(u32, Option<u16>)> {
+        outputs.iter().find_map(|output| match output {
+            Output::Close { conn: closed, frame, close_code } if *closed == conn => {
+                let code = match frame {
+                    Some(Frame::Error(error)) => Some(error.code),
+                    _ => None,
+                };
+                Some((*close_code, code))
+            }
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_device_removed_by_its_sibling_is_closed_refused_and_no_longer_receives() {
+        let authority = TokenAuthority::from_secret([6; 32]);
+        let mut core = core(&authority);
+        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
+        hello_device(&mut core, &authority, phone, 20, 1);
+        hello_device(&mut core, &authority, laptop, 20, 2);
+        hello(&mut core, &authority, sender, 10);
+        core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
+        let out = outputs(&mut core);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Frame { conn, frame: Frame::DeviceRemoved(r) } if *conn == phone && r.device_id == 2)),
+            "the phone gets the answer: {out:?}"
+        );
+        assert_eq!(closed_with(&out, laptop), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+        core.on_connection_closed(laptop);
+        // The laptop's token still verifies, but the device may not come back.
+        let out = hello_device(&mut core, &authority, ConnId(4), 20, 2);
+        assert_eq!(closed_with(&out, ConnId(4)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+        assert_eq!(core.store().devices_of(20), &[1]);
+        // Removing it again is answered the same; an unknown device is not.
+        core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
+        core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 9 }), NOW_MS);
+        let out = outputs(&mut core);
+        assert!(matches!(&out[0], Output::Frame { frame: Frame::DeviceRemoved(r), .. } if r.device_id == 2));
+        assert!(
+            matches!(&out[1], Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::UnknownDevice as u16)
+        );
+        // A device removing itself gets the answer as its close.
+        core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 1 }), NOW_MS);
+        let out = outputs(&mut core);
+        assert!(matches!(
+            &out[..],
+            [Output::Close { conn, frame: Some(Frame::DeviceRemoved(r)), close_code: close_code::REMOVED }] if *conn == phone && r.device_id == 1
+        ));
+        let send = frames::Send { client_msg_id: 1, to_user: 20, payload: b"hi".to_vec() };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        let out = outputs(&mut core);
+        assert!(
+            matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if e.code == ErrorCode::UnknownRecipient as u16),
+            "a user whose devices are all removed has none: {out:?}"
+        );
+    }
+
+    #[test]
+    fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_message() {
+        let authority = TokenAuthority::from_secret([7; 32]);
+        let mut core = core(&authority);
+        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
+        hello_device(&mut core, &authority, phone, 20, 1);
+        hello_device(&mut core, &authority, laptop, 20, 2);
+        core.on_connection_closed(laptop);
+        hello(&mut core, &authority, sender, 10);
+        // The store's cap is 100 messages per device: the phone acknowledges
+        // as it goes, the offline laptop fills up.
+        let mut next_id = 1;
+        let mut send = |core: &mut ShardCore<MemoryStore>| {
+            let send = frames::Send { client_msg_id: next_id, to_user: 20, payload: b"m".to_vec() };
+            next_id += 1;
+            core.on_frame(sender, Frame::Send(send), NOW_MS);
+            let out = outputs(core);
+            drain_and_ack(core, phone);
+            out
+        };
+        for _ in 0..100 {
+            let out = send(&mut core);
+            assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
+        }
+        let out = send(&mut core);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })),
+            "a full laptop must not block its user: {out:?}"
+        );
+        assert_eq!(core.store().devices_of(20), &[1], "the full offline laptop was removed");
+        assert_eq!(core.stats().devices_removed_overflow, 1);
+        let out = hello_device(&mut core, &authority, ConnId(5), 20, 2);
+        assert_eq!(closed_with(&out, ConnId(5)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+    }
+
+    #[test]
+    fn a_full_mailbox_of_an_online_device_or_of_every_device_refuses_the_send() {
+        let authority = TokenAuthority::from_secret([8; 32]);
+        let mut core = core(&authority);
+        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
+        hello_device(&mut core, &authority, phone, 20, 1);
+        hello_device(&mut core, &authority, laptop, 20, 2);
+        hello(&mut core, &authority, sender, 10);
+        for id in 1..=101 {
+            let send = frames::Send { client_msg_id: id, to_user: 20, payload: b"m".to_vec() };
+            core.on_frame(sender, Frame::Send(send), NOW_MS);
+            let out = outputs(&mut core);
+            if id == 101 {
+                assert!(
+                    matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if e.code == ErrorCode::MailboxFull as u16),
+                    "{out:?}"
+                );
+            }
+            drain_and_ack(&mut core, phone);
+        }
+        assert_eq!(core.store().devices_of(20), &[1, 2], "an online device draining slowly is never removed");
+        // Once the laptop is offline and still full, the phone's next message removes it.
+        core.on_connection_closed(laptop);
+        let send = frames::Send { client_msg_id: 200, to_user: 20, payload: b"m".to_vec() };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        let out = outputs(&mut core);
+        assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
+        assert_eq!(core.store().devices_of(20), &[1]);
     }
 
     #[test]

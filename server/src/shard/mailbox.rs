@@ -60,6 +60,12 @@ pub enum StoreError {
     /// Too much is waiting to be written (the disk is slower than the load).
     #[error("log write backlog is full")]
     Backlog,
+    /// The device was removed; it cannot register again under this id.
+    #[error("user {} device {} was removed", .0.user, .0.device)]
+    DeviceRemoved(DeviceKey),
+    /// No such device of that user.
+    #[error("user {} has no device {}", .0.user, .0.device)]
+    UnknownDevice(DeviceKey),
 }
 
 impl StoreError {
@@ -71,6 +77,8 @@ impl StoreError {
             StoreError::RegistryFull => ErrorCode::Throttle,
             StoreError::Unavailable(_) => ErrorCode::StorageUnavailable,
             StoreError::Backlog => ErrorCode::Throttle,
+            StoreError::DeviceRemoved(_) => ErrorCode::DeviceRemoved,
+            StoreError::UnknownDevice(_) => ErrorCode::UnknownDevice,
         }
     }
 }
@@ -91,6 +99,10 @@ pub struct StoreLimits {
     pub stored_dedup_entries_max: u32,
 }
 
+/// Removed devices remembered per user (so their ids cannot register again):
+/// the newest 16; an older one could register again as a new, empty device.
+pub const REMOVED_DEVICES_PER_USER_MAX: usize = 16;
+
 /// A commit ticket: changes are durable once the store's committed ticket
 /// is at least their ticket. Tickets increase by one per change.
 pub type Ticket = u64;
@@ -106,6 +118,16 @@ pub trait MailboxStore {
     }
     /// Devices registered for `user`, in registration order.
     fn devices_of(&self, user: u64) -> &[u32];
+    /// Removes a registered device: its mailbox goes, and it may never
+    /// register again under this id (remembered for the newest
+    /// [`REMOVED_DEVICES_PER_USER_MAX`] removals of its user).
+    fn remove_device(&mut self, device: DeviceKey) -> Result<(), StoreError>;
+    /// Whether `device` was removed.
+    fn is_removed(&self, device: DeviceKey) -> bool;
+    /// Whether `device`'s removal is not yet durable.
+    fn removal_pending(&self, _device: DeviceKey) -> bool {
+        false
+    }
     /// Whether `device` could take one more message of `payload_bytes`.
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError>;
     /// If `sender` already stored `client_msg_id` here: its server_msg_id and ticket.
@@ -207,6 +229,9 @@ pub struct MailboxIndex {
     users: StateMap<u64, Vec<u32>>,
     /// Mailbox of each registered device.
     mailboxes: StateMap<DeviceKey, Mailbox>,
+    /// Removed devices of each user, oldest first (at most
+    /// [`REMOVED_DEVICES_PER_USER_MAX`] each).
+    removed: StateMap<u64, VecDeque<u32>>,
     /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
     /// `stored_dedup_entries_max` stored messages.
     stored: StoredIndex,
@@ -218,6 +243,7 @@ impl MailboxIndex {
         MailboxIndex {
             users: StateMap::default(),
             mailboxes: StateMap::default(),
+            removed: StateMap::default(),
             stored: StoredIndex::new(limits.stored_dedup_entries_max),
             limits,
         }
@@ -232,6 +258,9 @@ impl MailboxIndex {
     pub fn register(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
         if self.mailboxes.contains_key(&device) {
             return Ok(false);
+        }
+        if self.is_removed(device) {
+            return Err(StoreError::DeviceRemoved(device));
         }
         if self.mailboxes.len() >= self.limits.devices_per_shard_max as usize {
             return Err(StoreError::RegistryFull);
@@ -248,10 +277,43 @@ impl MailboxIndex {
     /// Registers `device` during recovery, ignoring the per-user and
     /// per-shard bounds (they were enforced when it first registered).
     pub fn register_recovered(&mut self, device: DeviceKey) {
-        if !self.mailboxes.contains_key(&device) {
+        if !self.mailboxes.contains_key(&device) && !self.is_removed(device) {
             self.users.entry(device.user).or_default().push(device.device);
             self.mailboxes.insert(device, Mailbox::default());
         }
+    }
+
+    /// Removes `device` and remembers it as removed; returns its mailbox
+    /// (`None` if it was not registered; it is remembered as removed anyway,
+    /// as recovery replays removals of devices whose records are gone).
+    pub fn remove(&mut self, device: DeviceKey) -> Option<Mailbox> {
+        let mailbox = self.mailboxes.remove(&device);
+        if let Some(devices) = self.users.get_mut(&device.user) {
+            devices.retain(|known| *known != device.device);
+            if devices.is_empty() {
+                self.users.remove(&device.user);
+            }
+        }
+        let removed = self.removed.entry(device.user).or_default();
+        if !removed.contains(&device.device) {
+            removed.push_back(device.device);
+            while removed.len() > REMOVED_DEVICES_PER_USER_MAX {
+                removed.pop_front();
+            }
+        }
+        mailbox
+    }
+
+    /// Whether `device` is remembered as removed.
+    pub fn is_removed(&self, device: DeviceKey) -> bool {
+        self.removed.get(&device.user).is_some_and(|removed| removed.contains(&device.device))
+    }
+
+    /// Every removed device remembered, for checkpoints.
+    pub fn removed_devices(&self) -> impl Iterator<Item = DeviceKey> + '_ {
+        self.removed
+            .iter()
+            .flat_map(|(user, devices)| devices.iter().map(|device| DeviceKey { user: *user, device: *device }))
     }
 
     /// Devices of `user`.
@@ -306,7 +368,8 @@ impl MailboxIndex {
         segment: u64,
     ) -> bool {
         self.register_recovered(device);
-        let mailbox = self.mailboxes.get_mut(&device).expect("registered above");
+        // A removed device stays removed.
+        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return false };
         mailbox.last_seq = mailbox.last_seq.max(seq);
         if seq <= mailbox.acked_seq {
             return false;
@@ -457,6 +520,17 @@ impl MailboxStore for MemoryStore {
 
     fn devices_of(&self, user: u64) -> &[u32] {
         self.index.devices_of(user)
+    }
+
+    fn remove_device(&mut self, device: DeviceKey) -> Result<(), StoreError> {
+        if self.index.is_removed(device) {
+            return Ok(());
+        }
+        self.index.remove(device).map(|_| ()).ok_or(StoreError::UnknownDevice(device))
+    }
+
+    fn is_removed(&self, device: DeviceKey) -> bool {
+        self.index.is_removed(device)
     }
 
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {

@@ -11,8 +11,8 @@
 //! as soon as all of its messages are acknowledged.
 
 use super::record::{
-    chunk_framing_bytes, encode_record, Acknowledged, DeviceRegistered, DeviceState, MessageStored, RecipientSeq,
-    Record, Scan,
+    chunk_framing_bytes, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceState, MessageStored,
+    RecipientSeq, Record, Scan,
 };
 use crate::shard::mailbox::{
     MailboxEntry, MailboxIndex, MailboxStore, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
@@ -109,6 +109,8 @@ pub struct LogStore {
     /// Registrations not yet durable, with the ticket of their record.
     /// Bounded by the Hellos of new devices in flight.
     registrations_pending: VecDeque<(Ticket, DeviceKey)>,
+    /// Removals not yet durable, with the ticket of their record.
+    removals_pending: VecDeque<(Ticket, DeviceKey)>,
     /// The devices in `registrations_pending` (each at most once).
     registering_devices: std::collections::HashSet<DeviceKey, foldhash::fast::RandomState>,
 }
@@ -204,6 +206,7 @@ impl LogStore {
             on_disk: Default::default(),
             corrupt_records: 0,
             registrations_pending: VecDeque::new(),
+            removals_pending: VecDeque::new(),
             registering_devices: Default::default(),
             stored_count: 0,
             newest_stored_by_segment: BTreeMap::new(),
@@ -287,6 +290,13 @@ impl LogStore {
                 let sender = DeviceKey { user: r.from_user, device: r.from_device };
                 self.index.remember_stored(sender, r.client_msg_id, r.server_msg_id, 0);
                 self.note_stored_in(segment);
+            }
+            Record::DeviceRemoved(r) => {
+                let device = DeviceKey { user: r.user, device: r.device };
+                if let Some(mailbox) = self.index.remove(device) {
+                    let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
+                    self.forget_entries(device, &entries);
+                }
             }
             // Framing: the scanner keeps these out of its records.
             Record::ChunkEnd(_) | Record::SegmentHeader(_) => {}
@@ -437,6 +447,14 @@ impl LogStore {
             let piece = pieces.last_mut().expect("one piece at least");
             encode_record(&Record::DeviceState(state), piece);
         }
+        // Removed devices stay removed after older segments are reclaimed.
+        for device in self.index.removed_devices() {
+            if pieces.last().is_some_and(|piece| piece.len() >= piece_bytes) {
+                pieces.push(Vec::new());
+            }
+            let piece = pieces.last_mut().expect("one piece at least");
+            encode_record(&Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device }), piece);
+        }
         // The recipient-side dedup window is not checkpointed: its entries
         // come from the MessageStored records, and segments holding keys
         // still in the window are not deleted (decision 0010). Writing the
@@ -480,6 +498,12 @@ impl LogStore {
     fn holds_recent_dedup_keys(&self, segment: u64) -> bool {
         let window = u64::from(self.index.limits().stored_dedup_entries_max);
         self.newest_stored_by_segment.get(&segment).is_some_and(|newest| newest + window > self.stored_count)
+    }
+
+    fn append_removal(&mut self, device: DeviceKey) {
+        let record = Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device });
+        let (ticket, _) = self.append(&record);
+        self.removals_pending.push_back((ticket, device));
     }
 
     fn append_registration(&mut self, device: DeviceKey) {
@@ -554,6 +578,27 @@ impl MailboxStore for LogStore {
 
     fn devices_of(&self, user: u64) -> &[u32] {
         self.index.devices_of(user)
+    }
+
+    fn remove_device(&mut self, device: DeviceKey) -> Result<(), StoreError> {
+        if self.index.is_removed(device) {
+            return Ok(());
+        }
+        let Some(mailbox) = self.index.remove(device) else { return Err(StoreError::UnknownDevice(device)) };
+        let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
+        self.forget_entries(device, &entries);
+        self.registrations_pending.retain(|(_, pending)| *pending != device);
+        self.registering_devices.remove(&device);
+        self.append_removal(device);
+        Ok(())
+    }
+
+    fn is_removed(&self, device: DeviceKey) -> bool {
+        self.index.is_removed(device)
+    }
+
+    fn removal_pending(&self, device: DeviceKey) -> bool {
+        self.removals_pending.iter().any(|(_, pending)| *pending == device)
     }
 
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
@@ -650,6 +695,9 @@ impl MailboxStore for LogStore {
                 self.registering_devices.remove(&device);
             }
         }
+        while self.removals_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
+            self.removals_pending.pop_front();
+        }
         self.on_disk.insert(segment);
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
             let compaction = self.compaction.take().expect("checked above");
@@ -709,6 +757,17 @@ impl MailboxStore for LogStore {
         self.registrations_pending.retain(|(ticket, _)| !(first_ticket..=last_ticket).contains(ticket));
         for device in failed_registrations {
             self.append_registration(device);
+        }
+        // Likewise a removal: the device stays removed in memory.
+        let failed_removals: Vec<DeviceKey> = self
+            .removals_pending
+            .iter()
+            .filter(|(ticket, _)| (first_ticket..=last_ticket).contains(ticket))
+            .map(|(_, device)| *device)
+            .collect();
+        self.removals_pending.retain(|(ticket, _)| !(first_ticket..=last_ticket).contains(ticket));
+        for device in failed_removals {
+            self.append_removal(device);
         }
     }
 
@@ -962,6 +1021,42 @@ mod tests {
             flush(&mut store, &mut files);
         }
         assert!(!files.contains_key(&1), "reclaimed after its keys aged out of the window");
+    }
+
+    #[test]
+    fn a_removed_device_stays_removed_across_failed_writes_reclaim_and_recovery() {
+        let (log_limits, mut store, mut files) = small_log_of_two_devices();
+        flush(&mut store, &mut files);
+        store.store_message(message(1, QUIET.user, 10), &[QUIET]).unwrap();
+        flush(&mut store, &mut files);
+        store.remove_device(QUIET).unwrap();
+        assert!(store.removal_pending(QUIET));
+        assert_eq!(store.register_device(QUIET), Err(StoreError::DeviceRemoved(QUIET)));
+        // Its first write fails: the removal is written again.
+        let chunk = store.take_write().unwrap();
+        store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        assert!(store.removal_pending(QUIET), "not durable yet: the answer must wait");
+        flush(&mut store, &mut files);
+        assert!(!store.removal_pending(QUIET));
+        let recovered = recover(&files, log_limits);
+        assert!(recovered.is_removed(QUIET) && recovered.devices_of(QUIET.user).is_empty());
+        assert_eq!(mailbox(&recovered, QUIET), vec![], "its undelivered message is gone");
+        // Many rotations later, with the segment of the removal record
+        // reclaimed, the checkpoints still carry it.
+        let mut store = recovered;
+        for id in 10..200 {
+            store.store_message(message(id, BUSY.user, 100), &[BUSY]).unwrap();
+            store.acknowledge(BUSY, store.last_seq(BUSY));
+            flush(&mut store, &mut files);
+        }
+        assert!(!files.contains_key(&1), "the first segments should be reclaimed");
+        let mut recovered = recover(&files, log_limits);
+        assert!(recovered.is_removed(QUIET));
+        assert_eq!(recovered.register_device(QUIET), Err(StoreError::DeviceRemoved(QUIET)));
+        assert_eq!(
+            recovered.remove_device(DeviceKey { user: 9, device: 1 }),
+            Err(StoreError::UnknownDevice(DeviceKey { user: 9, device: 1 }))
+        );
     }
 
     #[test]

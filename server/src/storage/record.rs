@@ -112,6 +112,17 @@ pub struct DedupEntry {
     pub server_msg_id: u64,
 }
 
+/// A device was removed (by itself, by another device of its user, or for
+/// an overflowing mailbox); also written into checkpoints for every removed
+/// device remembered, so the id can never register again.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRemoved {
+    /// User.
+    pub user: u64,
+    /// Device.
+    pub device: u32,
+}
+
 /// The first record of every format-2 segment.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -153,6 +164,8 @@ pub enum Record {
     ChunkEnd(ChunkEnd),
     /// Type 7 (framing: never in [`Scan::records`]).
     SegmentHeader(SegmentHeader),
+    /// Type 8.
+    DeviceRemoved(DeviceRemoved),
 }
 
 impl Record {
@@ -165,6 +178,7 @@ impl Record {
             Record::DedupEntry(_) => 5,
             Record::ChunkEnd(_) => 6,
             Record::SegmentHeader(_) => 7,
+            Record::DeviceRemoved(_) => 8,
         }
     }
 }
@@ -179,6 +193,7 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
         Record::DedupEntry(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::ChunkEnd(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::SegmentHeader(r) => rkyv::to_bytes::<rancor::Error>(r),
+        Record::DeviceRemoved(r) => rkyv::to_bytes::<rancor::Error>(r),
     }
     // Serializing plain structs into a growable buffer fails only if memory
     // allocation fails, which aborts anyway.
@@ -276,6 +291,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
         5 => Record::DedupEntry(rkyv::from_bytes::<DedupEntry, _>(body).map_err(malformed)?),
         6 => Record::ChunkEnd(rkyv::from_bytes::<ChunkEnd, _>(body).map_err(malformed)?),
         7 => Record::SegmentHeader(rkyv::from_bytes::<SegmentHeader, _>(body).map_err(malformed)?),
+        8 => Record::DeviceRemoved(rkyv::from_bytes::<DeviceRemoved, _>(body).map_err(malformed)?),
         _ => return Err(RecordError::Unsupported { type_byte, version }),
     };
     Ok((record, total))
