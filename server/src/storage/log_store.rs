@@ -184,6 +184,15 @@ const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// iteration in which a failure is reported, so a few are plenty.
 const FAILED_RANGES_MAX: usize = 256;
 
+/// Removes from `pending` the devices whose record has a ticket in
+/// `first..=last` (a failed chunk) and returns them, in order.
+fn take_tickets_in(pending: &mut VecDeque<(Ticket, DeviceKey)>, first: Ticket, last: Ticket) -> Vec<DeviceKey> {
+    let failed =
+        pending.iter().filter(|(ticket, _)| (first..=last).contains(ticket)).map(|(_, device)| *device).collect();
+    pending.retain(|(ticket, _)| !(first..=last).contains(ticket));
+    failed
+}
+
 impl LogStore {
     /// An empty log (first start).
     pub fn new(store_limits: StoreLimits, limits: LogLimits) -> LogStore {
@@ -748,25 +757,11 @@ impl MailboxStore for LogStore {
         }
         // A registration in the failed chunk is written again: the device
         // stays registered in memory, and its Hello waits for the new record.
-        let failed_registrations: Vec<DeviceKey> = self
-            .registrations_pending
-            .iter()
-            .filter(|(ticket, _)| (first_ticket..=last_ticket).contains(ticket))
-            .map(|(_, device)| *device)
-            .collect();
-        self.registrations_pending.retain(|(ticket, _)| !(first_ticket..=last_ticket).contains(ticket));
-        for device in failed_registrations {
+        for device in take_tickets_in(&mut self.registrations_pending, first_ticket, last_ticket) {
             self.append_registration(device);
         }
         // Likewise a removal: the device stays removed in memory.
-        let failed_removals: Vec<DeviceKey> = self
-            .removals_pending
-            .iter()
-            .filter(|(ticket, _)| (first_ticket..=last_ticket).contains(ticket))
-            .map(|(_, device)| *device)
-            .collect();
-        self.removals_pending.retain(|(ticket, _)| !(first_ticket..=last_ticket).contains(ticket));
-        for device in failed_removals {
+        for device in take_tickets_in(&mut self.removals_pending, first_ticket, last_ticket) {
             self.append_removal(device);
         }
     }
