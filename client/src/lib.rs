@@ -190,6 +190,8 @@ pub(crate) enum Command {
     Close { reply: oneshot::Sender<()> },
     /// Drop the current connection and reconnect (used by tests to exercise resume).
     Reconnect,
+    /// Remove a device of this user; answer once the server says it is durable.
+    RemoveDevice { device_id: u32, reply: oneshot::Sender<Result<(), ClientError>> },
 }
 
 /// State shared between the API and the session task.
@@ -309,6 +311,17 @@ impl Client {
     /// Facts about the current session.
     pub fn session_info(&self) -> SessionInfo {
         self.shared.info.lock().map(|info| *info).unwrap_or_default()
+    }
+
+    /// Removes `device_id` of this user (this device itself, or another
+    /// one: unlinking a lost laptop). Returns once the removal is durable;
+    /// the removed device's session ends with [`ErrorCode::DeviceRemoved`]
+    /// and it can never connect again under that id. Removing this device
+    /// ends this session the same way once it returns.
+    pub async fn remove_device(&self, device_id: u32) -> Result<(), ClientError> {
+        let (reply, outcome) = oneshot::channel();
+        self.commands.send(Command::RemoveDevice { device_id, reply }).await.map_err(|_| closed_error())?;
+        outcome.await.map_err(|_| closed_error())?
     }
 
     /// Drops the connection and reconnects, resuming after the processed seq.

@@ -3,6 +3,7 @@
 //! ```text
 //! iris send --to U TEXT            # prints the ack as JSON
 //! iris listen [--count N] [--timeout SECS]   # one JSON object per message
+//! iris remove-device D             # unlinks device D of this user (may be this one)
 //! ```
 //! Settings come from flags or IRIS_SERVER (host:port), IRIS_CA (PEM path)
 //! and IRIS_TOKEN.
@@ -51,6 +52,12 @@ enum Command {
         #[arg(long)]
         timeout: Option<f64>,
     },
+    /// Remove (unlink) device D of this user, which may be this device;
+    /// prints {"removed_device":D} once the removal is durable.
+    RemoveDevice {
+        /// Device id to remove.
+        device: u32,
+    },
 }
 
 #[derive(serde::Serialize)]
@@ -95,6 +102,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "server_msg_id": acked.server_msg_id,
             });
             println!("{line}");
+        }
+        Command::RemoveDevice { device } => {
+            client.remove_device(device).await.map_err(|e| e.to_string())?;
+            println!("{}", serde_json::json!({ "removed_device": device }));
+            if device == client.session_info().device_id {
+                // This device's session ended with the removal.
+                return Ok(());
+            }
         }
         Command::Listen { count, timeout } => {
             let deadline = timeout

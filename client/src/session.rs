@@ -90,6 +90,11 @@ pub(crate) struct Session {
     ready: VecDeque<Delivered>,
     /// Connections made.
     connections: u64,
+    /// The RemoveDevice awaiting its answer (one at a time: the server's
+    /// answers do not name the request they refuse), then those queued.
+    removal: Option<(u32, oneshot::Sender<Result<(), ClientError>>)>,
+    /// RemoveDevice requests waiting for `removal` to be answered.
+    queued_removals: VecDeque<(u32, oneshot::Sender<Result<(), ClientError>>)>,
 }
 
 impl Session {
@@ -115,6 +120,8 @@ impl Session {
             acknowledged_seq: resume,
             ready: VecDeque::new(),
             connections: 0,
+            removal: None,
+            queued_removals: VecDeque::new(),
         }
     }
 
@@ -169,6 +176,9 @@ impl Session {
             let _ = pending.reply.send(Err(error.clone()));
         }
         self.pending_order.clear();
+        for (_, reply) in self.removal.take().into_iter().chain(self.queued_removals.drain(..)) {
+            let _ = reply.send(Err(error.clone()));
+        }
         error
     }
 
@@ -268,6 +278,13 @@ impl Session {
                 }
             }
         }
+        // A removal in flight is asked again (removing is idempotent).
+        if let Some((device_id, _)) = &self.removal {
+            let frame = Frame::RemoveDevice(frames::RemoveDevice { device_id: *device_id });
+            if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                return ended;
+            }
+        }
         let mut push: Option<quinn::RecvStream> = None;
         // Deliver frames are bounded by the server's limit, which may be
         // larger than ours: a message we could not decode would come back
@@ -312,6 +329,12 @@ impl Session {
                         live.connection.close(quinn::VarInt::from_u32(0), b"reconnect");
                         return Ended::Lost("reconnect requested".into());
                     }
+                    Some(Command::RemoveDevice { device_id, reply }) => {
+                        self.queued_removals.push_back((device_id, reply));
+                        if let Err(ended) = self.start_removal(&mut live).await {
+                            return ended;
+                        }
+                    }
                 },
                 read = live.request_recv.read(&mut request_buffer) => match read {
                     Ok(Some(count)) => {
@@ -320,6 +343,9 @@ impl Session {
                             match live.decoder.next_frame() {
                                 Ok(Some(frame)) => {
                                     if let Some(ended) = self.on_response(frame) {
+                                        return ended;
+                                    }
+                                    if let Err(ended) = self.start_removal(&mut live).await {
                                         return ended;
                                     }
                                 }
@@ -376,9 +402,31 @@ impl Session {
         }
     }
 
+    /// Sends the next queued RemoveDevice if none is awaiting its answer.
+    async fn start_removal(&mut self, live: &mut Live) -> Result<(), Ended> {
+        if self.removal.is_some() {
+            return Ok(());
+        }
+        let Some((device_id, reply)) = self.queued_removals.pop_front() else { return Ok(()) };
+        self.removal = Some((device_id, reply));
+        let frame = Frame::RemoveDevice(frames::RemoveDevice { device_id });
+        write_frame(live, &frame, self.config.frame_bytes_max).await
+    }
+
     /// Handles a frame on the request stream; returns `Some` to end the connection.
     fn on_response(&mut self, frame: Frame) -> Option<Ended> {
         match frame {
+            Frame::DeviceRemoved(removed) => {
+                if let Some((_, reply)) = self.removal.take_if(|(device_id, _)| *device_id == removed.device_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                let own = self.shared.info.lock().map(|info| info.device_id).ok();
+                if own == Some(removed.device_id) {
+                    let message = "this device was removed".to_string();
+                    return Some(Ended::Fatal(ClientError::Server { code: Some(ErrorCode::DeviceRemoved), message }));
+                }
+                None
+            }
             Frame::Ack(ack) => {
                 if let Some(pending) = self.pending.remove(&ack.client_msg_id) {
                     self.pending_order.retain(|id| *id != ack.client_msg_id);
@@ -405,6 +453,15 @@ impl Session {
                         None
                     }
                     None if code == Some(ErrorCode::ShuttingDown) => Some(Ended::Lost(error.message)),
+                    // Refusals of the RemoveDevice in flight (one at a time).
+                    None if matches!(code, Some(ErrorCode::UnknownDevice | ErrorCode::Throttle))
+                        && self.removal.is_some() =>
+                    {
+                        if let Some((_, reply)) = self.removal.take() {
+                            let _ = reply.send(Err(server_error(&error)));
+                        }
+                        None
+                    }
                     None => Some(Ended::Fatal(server_error(&error))),
                 }
             }

@@ -150,3 +150,38 @@ fn mistakes_give_one_line_errors_and_a_failure_exit() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("IRIS_TOKEN"));
 }
+
+#[test]
+fn a_device_unlinks_another_then_itself() {
+    let daemon = start_irisd();
+    let (phone, laptop) = (token(&daemon, 5, 1), token(&daemon, 5, 2));
+    // Both devices register.
+    for token in [&phone, &laptop] {
+        let mut listen = iris_command(&daemon, token);
+        listen.args(["listen", "--timeout", "0.1"]);
+        assert!(run(listen).status.success());
+    }
+    let mut remove = iris_command(&daemon, &phone);
+    remove.args(["remove-device", "2"]);
+    let output = run(remove);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), r#"{"removed_device":2}"#);
+    // The laptop's token no longer gets in.
+    let mut listen = iris_command(&daemon, &laptop);
+    listen.args(["listen", "--timeout", "0.1"]);
+    let output = run(listen);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("DeviceRemoved"));
+    // An unknown device is a one-line error; removing itself succeeds and ends the phone.
+    let mut unknown = iris_command(&daemon, &phone);
+    unknown.args(["remove-device", "9"]);
+    let output = run(unknown);
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("UnknownDevice"));
+    let mut itself = iris_command(&daemon, &phone);
+    itself.args(["remove-device", "1"]);
+    let output = run(itself);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut send = iris_command(&daemon, &phone);
+    send.args(["send", "--to", "5", "x"]);
+    assert!(String::from_utf8_lossy(&run(send).stderr).contains("DeviceRemoved"));
+}
