@@ -113,11 +113,13 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
     for shard in 0..2 {
         let (files, newest) = segments_of(&server, shard);
         println!("shard {shard}: {files} segment file(s), newest segment {newest}");
-        // One new segment per start (25), at least four more from rotation
-        // (~6 MB of records per shard); reclaim removed the delivered ones
+        // ~6 MB of records per shard in 1 MiB segments (a start opens a new
+        // segment only once it writes); reclaim removed the delivered ones
         // while the kills went on.
-        assert!(newest >= KILLS as u64 + 5, "shard {shard}: the log did not rotate under the kills ({newest})");
-        assert!(files < newest as usize / 2, "shard {shard}: delivered segments were not reclaimed");
+        assert!(newest >= 5, "shard {shard}: the log did not rotate under the kills ({newest})");
+        // What stays: the segments holding the dedup window (4,000 messages
+        // of ~700 B, about 3 MiB) and the current one.
+        assert!(files <= 5 && (files as u64) < newest, "shard {shard}: delivered segments were not reclaimed");
     }
 
     let acked = acked.lock().unwrap().clone();

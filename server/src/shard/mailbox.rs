@@ -286,7 +286,9 @@ impl MailboxIndex {
     /// Removes `device` and remembers it as removed; returns its mailbox
     /// (`None` if it was not registered; it is remembered as removed anyway,
     /// as recovery replays removals of devices whose records are gone).
-    pub fn remove(&mut self, device: DeviceKey) -> Option<Mailbox> {
+    /// Also returns the removed device forgotten to keep at most
+    /// [`REMOVED_DEVICES_PER_USER_MAX`] per user, if any.
+    pub fn remove(&mut self, device: DeviceKey) -> (Option<Mailbox>, Option<DeviceKey>) {
         let mailbox = self.mailboxes.remove(&device);
         if let Some(devices) = self.users.get_mut(&device.user) {
             devices.retain(|known| *known != device.device);
@@ -295,13 +297,19 @@ impl MailboxIndex {
             }
         }
         let removed = self.removed.entry(device.user).or_default();
+        let mut forgotten = None;
         if !removed.contains(&device.device) {
             removed.push_back(device.device);
-            while removed.len() > REMOVED_DEVICES_PER_USER_MAX {
-                removed.pop_front();
+            if removed.len() > REMOVED_DEVICES_PER_USER_MAX {
+                forgotten = removed.pop_front().map(|oldest| DeviceKey { user: device.user, device: oldest });
             }
         }
-        mailbox
+        (mailbox, forgotten)
+    }
+
+    /// The mailbox of a registered device.
+    pub fn mailbox(&self, device: DeviceKey) -> Option<&Mailbox> {
+        self.mailboxes.get(&device)
     }
 
     /// Whether `device` is remembered as removed.
@@ -526,7 +534,7 @@ impl MailboxStore for MemoryStore {
         if self.index.is_removed(device) {
             return Ok(());
         }
-        self.index.remove(device).map(|_| ()).ok_or(StoreError::UnknownDevice(device))
+        self.index.remove(device).0.map(|_| ()).ok_or(StoreError::UnknownDevice(device))
     }
 
     fn is_removed(&self, device: DeviceKey) -> bool {

@@ -5,15 +5,18 @@
 //!
 //! Segments: records never span segments. When appending a record would push
 //! the current segment past `segment_bytes_max`, the store starts the next
-//! segment with a checkpoint of every device's seq state. From then on no
-//! older segment holds device state that is not also in a newer one, only
-//! its messages (and their dedup keys), so an older segment can be deleted
-//! as soon as all of its messages are acknowledged.
+//! one. A sealed segment is deleted once it holds no undelivered message, no
+//! device's newest durable state ([`StateHomes`]) and no dedup key still in
+//! the window; compaction copies what a mostly dead segment still holds
+//! (messages, and a `DeviceState` or `DeviceRemoved` per device whose state
+//! lives there) to the head of the log so it can go. Checkpointing is
+//! incremental: no write ever covers every device.
 
 use super::record::{
     chunk_framing_bytes, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceState, MessageStored,
     RecipientSeq, Record, Scan,
 };
+use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
     MailboxEntry, MailboxIndex, MailboxStore, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
 };
@@ -70,19 +73,11 @@ pub struct LogStore {
     last_ticket: Ticket,
     /// Every ticket up to here has an outcome.
     committed: Ticket,
-    /// Newest segment whose head checkpoint is durable: it covers the device
-    /// state of every older segment, so those may go once delivered.
-    committed_segment: u64,
-    /// The current segment's head checkpoint while it is not yet durable:
-    /// (segment, ticket). If its chunk fails, the next segment begins with a
-    /// new checkpoint; until one is durable, no older segment is reclaimed.
-    checkpoint_pending: Option<(u64, Ticket, Ticket)>,
-    /// Size of the last checkpoint written: a segment rotates only once it
-    /// holds at least [`CHECKPOINT_SHARE_DIVISOR`] times this, so
-    /// checkpoints stay a bounded share of the log however many devices
-    /// there are (a segment smaller than one checkpoint once rotated on every
-    /// record, rewriting every device's state each time).
-    checkpoint_bytes: u64,
+    /// Where each device's newest durable state lives.
+    homes: StateHomes,
+    /// The last ticket appended to each segment on disk: a segment is
+    /// reclaimed or compacted only once all of it has an outcome.
+    segment_last_ticket: BTreeMap<u64, Ticket>,
     /// Ticket ranges whose chunk failed, kept until the core has seen them.
     failed: VecDeque<(Ticket, Ticket)>,
     /// Mailbox entries whose change is not durable yet, oldest first:
@@ -170,9 +165,9 @@ struct Compaction {
 /// segments still filling.
 const COMPACT_LIVE_FRACTION_DIVISOR: u64 = 4;
 
-/// A segment rotates only once it holds this many times its checkpoint, so
-/// checkpoints are at most about a quarter of what the log writes.
-const CHECKPOINT_SHARE_DIVISOR: u64 = 4;
+/// What carrying one device's state forward costs in a compaction pass
+/// (a `DeviceState` record with its header), for choosing what to compact.
+const CARRIED_STATE_BYTES: u64 = 64;
 
 /// Bytes of records waiting for the writer beyond which new messages are
 /// refused with Throttle: 64 MiB is about 20 s of a disk that stalls at
@@ -205,9 +200,8 @@ impl LogStore {
             pending_bytes: 0,
             last_ticket: 0,
             committed: 0,
-            committed_segment: 1,
-            checkpoint_pending: None,
-            checkpoint_bytes: 0,
+            homes: StateHomes::default(),
+            segment_last_ticket: BTreeMap::new(),
             failed: VecDeque::new(),
             uncommitted_entries: VecDeque::new(),
             live_by_segment: BTreeMap::new(),
@@ -240,13 +234,10 @@ impl LogStore {
     fn finish_recovery(mut self, mut report: RecoveryReport, last_segment: Option<u64>) -> (LogStore, RecoveryReport) {
         let store = &mut self;
         if let Some(segment) = last_segment {
-            // Appending resumes in a new segment with a checkpoint of what was
-            // recovered, never in the last one: the last may lack a checkpoint
-            // (its first chunk failed before the crash), and anything after
-            // its valid end (a zeroed block, stale bytes) stays untouched.
-            // Older segments become reclaimable once that checkpoint is durable.
+            // Appending resumes in a new segment, never in the last one:
+            // whatever lies after its valid end (a zeroed block, stale bytes)
+            // stays untouched.
             store.current_segment = segment;
-            store.committed_segment = 0;
             store.start_segment();
         }
         store.corrupt_records = report.corrupt_records;
@@ -263,7 +254,13 @@ impl LogStore {
 
     fn replay(&mut self, segment: u64, record: &Record) {
         match record {
-            Record::DeviceRegistered(r) => self.index.register_recovered(DeviceKey { user: r.user, device: r.device }),
+            Record::DeviceRegistered(r) => {
+                let device = DeviceKey { user: r.user, device: r.device };
+                self.index.register_recovered(device);
+                if !self.index.is_removed(device) && self.index.last_seq(device) == 0 {
+                    self.homes.set(device, StateKind::Seqs, segment);
+                }
+            }
             Record::MessageStored(r) => {
                 let message = Rc::new(StoredMessage {
                     from_user: r.from_user,
@@ -276,8 +273,13 @@ impl LogStore {
                 });
                 for recipient in &r.recipients {
                     let device = DeviceKey { user: r.to_user, device: recipient.device };
+                    let newest = recipient.seq >= self.index.last_seq(device);
                     if self.index.insert(device, recipient.seq, &message, 0, segment) {
                         self.live_add(segment, device, recipient.seq, live_bytes(&message));
+                    }
+                    // A compaction copy of an older message is not where the seq lives.
+                    if newest && !self.index.is_removed(device) {
+                        self.homes.set(device, StateKind::Seqs, segment);
                     }
                 }
                 self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
@@ -285,14 +287,31 @@ impl LogStore {
             }
             Record::Acknowledged(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
+                // An ack proves the seqs up to it were assigned (the record of
+                // the highest may be in a later segment, or reclaimed).
+                self.index.raise_last_seq(device, r.up_to_seq);
+                let newest = r.up_to_seq >= self.index.acked_seq(device);
                 let dropped = self.index.acknowledge(device, r.up_to_seq);
                 self.forget_entries(device, &dropped);
+                if newest && !self.index.is_removed(device) {
+                    self.homes.set(device, StateKind::Acked, segment);
+                }
             }
             Record::DeviceState(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
+                let newest_seq = r.last_seq >= self.index.last_seq(device);
+                let newest_ack = r.acked_seq >= self.index.acked_seq(device);
                 self.index.raise_last_seq(device, r.last_seq);
                 let dropped = self.index.acknowledge(device, r.acked_seq);
                 self.forget_entries(device, &dropped);
+                if !self.index.is_removed(device) {
+                    if newest_seq {
+                        self.homes.set(device, StateKind::Seqs, segment);
+                    }
+                    if newest_ack {
+                        self.homes.set(device, StateKind::Acked, segment);
+                    }
+                }
             }
             // Written by earlier builds of this format version; still honoured.
             Record::DedupEntry(r) => {
@@ -302,9 +321,14 @@ impl LogStore {
             }
             Record::DeviceRemoved(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
-                if let Some(mailbox) = self.index.remove(device) {
+                let (mailbox, forgotten) = self.index.remove(device);
+                if let Some(mailbox) = mailbox {
                     let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
                     self.forget_entries(device, &entries);
+                }
+                self.homes.set(device, StateKind::Removed, segment);
+                if let Some(forgotten) = forgotten {
+                    self.homes.forget(forgotten);
                 }
             }
             // Framing: the scanner keeps these out of its records.
@@ -342,11 +366,16 @@ impl LogStore {
     /// old one is reclaimed like any delivered segment.
     fn start_compaction(&mut self) {
         let threshold = self.limits.segment_bytes_max / COMPACT_LIVE_FRACTION_DIVISOR;
-        let candidate = self
-            .live_by_segment
-            .iter()
-            .find(|(segment, live)| **segment < self.current_segment && live.bytes < threshold)
-            .map(|(segment, _)| *segment);
+        let candidate = self.on_disk.iter().copied().find(|segment| {
+            let live = self.live_by_segment.get(segment).map_or(0, |live| live.bytes);
+            let states = self.homes.count_in(*segment) as u64 * CARRIED_STATE_BYTES;
+            *segment < self.current_segment
+                && (live > 0 || states > 0)
+                && live + states < threshold
+                && self.segment_settled(*segment)
+                // Its dedup keys would keep it anyway: copying now is wasted.
+                && !self.holds_recent_dedup_keys(*segment)
+        });
         let Some(from) = candidate else { return };
         // One record per message, listing the devices that still hold it.
         let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
@@ -383,6 +412,24 @@ impl LogStore {
                 moves.push((device, recipient.seq, live_bytes(&message), segment));
             }
         }
+        // The state of devices whose newest record is in `from` goes forward
+        // too: one record each, moved once durable.
+        for device in self.homes.devices_in(from) {
+            if self.homes.is_removal(device) {
+                self.append_removal_record(device);
+            } else if self.index.mailbox(device).is_some() {
+                let state = DeviceState {
+                    user: device.user,
+                    device: device.device,
+                    last_seq: self.index.last_seq(device),
+                    acked_seq: self.index.acked_seq(device),
+                };
+                let (ticket, segment) = self.append(&Record::DeviceState(state));
+                self.homes.move_when_durable(ticket, device, StateKind::Both, segment);
+                last_ticket = ticket;
+            }
+        }
+        last_ticket = last_ticket.max(self.last_ticket);
         tracing::debug!(from, copies = moves.len(), "compacting log segment");
         self.compaction = Some(Compaction { from, last_ticket, moves });
     }
@@ -391,11 +438,10 @@ impl LogStore {
     fn append(&mut self, record: &Record) -> (Ticket, u64) {
         let mut bytes = Vec::new();
         encode_record(record, &mut bytes);
-        let rotate_at = self.limits.segment_bytes_max.max(self.checkpoint_bytes * CHECKPOINT_SHARE_DIVISOR);
         // With room for the commit marker of a chunk it may open, so a
         // segment stays within the spare the writer prepared for it.
         let needed = (bytes.len() + chunk_framing_bytes(false)) as u64;
-        if self.current_segment_bytes > 0 && self.current_segment_bytes + needed > rotate_at {
+        if self.current_segment_bytes > 0 && self.current_segment_bytes + needed > self.limits.segment_bytes_max {
             self.start_segment();
         }
         let ticket = self.push_bytes(&bytes);
@@ -419,6 +465,7 @@ impl LogStore {
                 last_ticket: ticket,
             });
         }
+        self.segment_last_ticket.insert(self.current_segment, ticket);
         let chunk = self.pending.back_mut().expect("a chunk was ensured above");
         chunk.bytes.extend_from_slice(bytes);
         chunk.last_ticket = ticket;
@@ -427,74 +474,15 @@ impl LogStore {
         ticket
     }
 
-    /// Opens the next segment with a checkpoint of every device's seq state.
+    /// Opens the next segment.
     fn start_segment(&mut self) {
         self.current_segment += 1;
         self.current_segment_bytes = 0;
-        self.write_checkpoint();
     }
 
-    /// Appends a checkpoint of every device's seq state to the current
-    /// segment; the segment covers older ones once it is durable.
-    fn write_checkpoint(&mut self) {
-        // In pieces of about one chunk each (on record boundaries), so no
-        // single write holds the whole checkpoint; it covers once its last
-        // piece is durable (chunks complete in order, and a failed piece
-        // makes the store rewrite it all).
-        let piece_bytes = self.limits.commit_bytes_max.max(1);
-        let mut pieces = vec![Vec::new()];
-        for (device, mailbox) in self.index.mailboxes() {
-            let state = DeviceState {
-                user: device.user,
-                device: device.device,
-                last_seq: mailbox.last_seq,
-                acked_seq: mailbox.acked_seq,
-            };
-            if pieces.last().is_some_and(|piece| piece.len() >= piece_bytes) {
-                pieces.push(Vec::new());
-            }
-            let piece = pieces.last_mut().expect("one piece at least");
-            encode_record(&Record::DeviceState(state), piece);
-        }
-        // Removed devices stay removed after older segments are reclaimed.
-        for device in self.index.removed_devices() {
-            if pieces.last().is_some_and(|piece| piece.len() >= piece_bytes) {
-                pieces.push(Vec::new());
-            }
-            let piece = pieces.last_mut().expect("one piece at least");
-            encode_record(&Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device }), piece);
-        }
-        // The recipient-side dedup window is not checkpointed: its entries
-        // come from the MessageStored records, and segments holding keys
-        // still in the window are not deleted (decision 0010). Writing the
-        // whole window at every rotation stalled the log (see
-        // docs/performance.md, soak).
-        self.checkpoint_bytes = pieces.iter().map(|piece| piece.len() as u64).sum();
-        if self.checkpoint_bytes == 0 {
-            // No device, no state to lose: the segment covers at once.
-            self.checkpoint_pending = None;
-            return;
-        }
-        let mut tickets = pieces.iter().map(|piece| self.push_bytes(piece)).collect::<Vec<_>>().into_iter();
-        let first = tickets.next().expect("one piece at least");
-        let last = tickets.last().unwrap_or(first);
-        self.checkpoint_pending = Some((self.current_segment, first, last));
-    }
-
-    /// Records that `segment` reached the disk up to `last_ticket`: a
-    /// segment covers older ones once its head checkpoint is durable.
-    fn note_durable_segment(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
-        match self.checkpoint_pending {
-            Some((pending, _, ticket)) if pending == segment => {
-                if (first_ticket..=last_ticket).contains(&ticket) {
-                    self.checkpoint_pending = None;
-                    self.committed_segment = self.committed_segment.max(segment);
-                }
-            }
-            // A chunk of an older segment (written before the rotation).
-            Some(_) => {}
-            None => self.committed_segment = self.committed_segment.max(segment),
-        }
+    /// Whether every record appended to `segment` has an outcome.
+    fn segment_settled(&self, segment: u64) -> bool {
+        self.segment_last_ticket.get(&segment).is_none_or(|last| *last <= self.committed)
     }
 
     fn note_stored_in(&mut self, segment: u64) {
@@ -509,15 +497,23 @@ impl LogStore {
         self.newest_stored_by_segment.get(&segment).is_some_and(|newest| newest + window > self.stored_count)
     }
 
-    fn append_removal(&mut self, device: DeviceKey) {
+    /// Appends a `DeviceRemoved` for `device`; its removal moves there once durable.
+    fn append_removal_record(&mut self, device: DeviceKey) -> Ticket {
         let record = Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device });
-        let (ticket, _) = self.append(&record);
+        let (ticket, segment) = self.append(&record);
+        self.homes.move_when_durable(ticket, device, StateKind::Removed, segment);
+        ticket
+    }
+
+    fn append_removal(&mut self, device: DeviceKey) {
+        let ticket = self.append_removal_record(device);
         self.removals_pending.push_back((ticket, device));
     }
 
     fn append_registration(&mut self, device: DeviceKey) {
         let record = Record::DeviceRegistered(DeviceRegistered { user: device.user, device: device.device });
-        let (ticket, _) = self.append(&record);
+        let (ticket, segment) = self.append(&record);
+        self.homes.move_when_durable(ticket, device, StateKind::Seqs, segment);
         self.registrations_pending.push_back((ticket, device));
         self.registering_devices.insert(device);
     }
@@ -593,7 +589,11 @@ impl MailboxStore for LogStore {
         if self.index.is_removed(device) {
             return Ok(());
         }
-        let Some(mailbox) = self.index.remove(device) else { return Err(StoreError::UnknownDevice(device)) };
+        let (mailbox, forgotten) = self.index.remove(device);
+        let Some(mailbox) = mailbox else { return Err(StoreError::UnknownDevice(device)) };
+        if let Some(forgotten) = forgotten {
+            self.homes.forget(forgotten);
+        }
         let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
         self.forget_entries(device, &entries);
         self.registrations_pending.retain(|(_, pending)| *pending != device);
@@ -636,6 +636,7 @@ impl MailboxStore for LogStore {
             assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
             self.live_add(segment, *device, seq, live_bytes(&message));
             self.uncommitted_entries.push_back((ticket, *device, seq));
+            self.homes.move_when_durable(ticket, *device, StateKind::Seqs, segment);
         }
         self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, ticket);
         self.note_stored_in(segment);
@@ -649,7 +650,9 @@ impl MailboxStore for LogStore {
         let dropped = self.index.acknowledge(device, up_to_seq);
         self.forget_entries(device, &dropped);
         let up_to_seq = self.index.acked_seq(device);
-        self.append(&Record::Acknowledged(Acknowledged { user: device.user, device: device.device, up_to_seq }));
+        let record = Record::Acknowledged(Acknowledged { user: device.user, device: device.device, up_to_seq });
+        let (ticket, segment) = self.append(&record);
+        self.homes.move_when_durable(ticket, device, StateKind::Acked, segment);
     }
 
     fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)> {
@@ -698,7 +701,7 @@ impl MailboxStore for LogStore {
         while self.uncommitted_entries.front().is_some_and(|(ticket, _, _)| *ticket <= last_ticket) {
             self.uncommitted_entries.pop_front();
         }
-        self.note_durable_segment(segment, first_ticket, last_ticket);
+        self.homes.on_durable(last_ticket);
         while self.registrations_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
             if let Some((_, device)) = self.registrations_pending.pop_front() {
                 self.registering_devices.remove(&device);
@@ -743,18 +746,11 @@ impl MailboxStore for LogStore {
             self.failed.pop_front();
         }
         self.committed = last_ticket;
+        // Device state stays where it was durable.
+        self.homes.on_failed(last_ticket);
         // The segment may exist partially; the writer rewrites from its last
         // durable end, so it is tracked like any other.
         self.on_disk.insert(segment);
-        let checkpoint_hit =
-            self.checkpoint_pending.is_some_and(|(_, first, last)| first <= last_ticket && first_ticket <= last);
-        if checkpoint_hit {
-            // The only copy of the device state meant to cover older segments
-            // is gone: write a fresh one into the same segment (the writer
-            // cut the failed bytes off; a new segment per failure would pile
-            // up empty files while a disk keeps failing).
-            self.write_checkpoint();
-        }
         // A registration in the failed chunk is written again: the device
         // stays registered in memory, and its Hello waits for the new record.
         for device in take_tickets_in(&mut self.registrations_pending, first_ticket, last_ticket) {
@@ -766,21 +762,23 @@ impl MailboxStore for LogStore {
         }
     }
 
-    /// Segments that can be deleted now: older than the newest durable
-    /// segment (whose head checkpoint covers them) and holding no
-    /// undelivered message. They are forgotten once returned.
+    /// Segments that can be deleted now: sealed and settled, holding no
+    /// undelivered message, no device's newest state and no dedup key still
+    /// in the window. They are forgotten once returned.
     fn take_reclaimable(&mut self) -> Vec<u64> {
         let reclaimable: Vec<u64> = self
             .on_disk
             .iter()
             .copied()
-            .filter(|segment| *segment < self.committed_segment && !self.live_by_segment.contains_key(segment))
+            .filter(|segment| *segment < self.current_segment && self.segment_settled(*segment))
+            .filter(|segment| !self.live_by_segment.contains_key(segment) && !self.homes.holds(*segment))
             .filter(|segment| !self.holds_recent_dedup_keys(*segment))
             .filter(|segment| self.compaction.as_ref().is_none_or(|compaction| compaction.from != *segment))
             .collect();
         for segment in &reclaimable {
             self.on_disk.remove(segment);
             self.newest_stored_by_segment.remove(segment);
+            self.segment_last_ticket.remove(segment);
         }
         reclaimable
     }
@@ -823,7 +821,10 @@ mod tests {
     }
 
     /// Writes every pending chunk into in-memory "segment files" and marks it durable.
+    /// What the driver does between writes: upkeep, then every chunk made
+    /// durable, then reclaim.
     fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
+        store.maintain();
         while let Some(chunk) = store.take_write() {
             append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
             store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
@@ -874,7 +875,7 @@ mod tests {
     }
 
     #[test]
-    fn rotation_checkpoints_reclaim_and_compaction_keep_state_across_recovery() {
+    fn rotation_reclaim_and_compaction_keep_state_across_recovery() {
         let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
         let mut store = LogStore::new(limits(), log_limits);
         let mut files = BTreeMap::new();
@@ -893,24 +894,24 @@ mod tests {
         assert!(store.current_segment > 5, "the log should have rotated many times");
         assert!(files.len() <= 3, "delivered and compacted segments should be gone: {:?}", files.keys());
         let recovered = recover(&files, log_limits);
-        assert_eq!(recovered.last_seq(busy), 200, "seq state comes from the checkpoints");
+        assert_eq!(recovered.last_seq(busy), 200, "seq state survives reclaim");
         assert!(mailbox(&recovered, busy).is_empty());
         assert_eq!(mailbox(&recovered, idle), vec![(1, 0)], "the undelivered message survives compaction");
         assert_eq!(recovered.devices_of(3), &[1]);
     }
 
-    /// Like `flush`, but the first chunk of the next new segment (the one
-    /// carrying its checkpoint) fails, `failures` times in all.
-    fn flush_failing_checkpoints(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
-        let mut seen = files.keys().copied().max().unwrap_or(0);
+    /// Like `flush` after `maintain`, but a chunk carrying device state
+    /// forward (a `DeviceState` record) fails, `failures` times in all.
+    fn flush_failing_carries(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
+        store.maintain();
         while let Some(chunk) = store.take_write() {
-            if chunk.segment > seen && *failures > 0 && !files.contains_key(&chunk.segment) {
+            let carries =
+                scan_segment(&chunk.bytes).records.iter().any(|(_, record)| matches!(record, Record::DeviceState(_)));
+            if carries && *failures > 0 {
                 *failures -= 1;
-                seen = chunk.segment;
                 store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
                 continue;
             }
-            seen = seen.max(chunk.segment);
             append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
             store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         }
@@ -932,7 +933,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_checkpoint_never_lets_reclaim_delete_the_only_device_state() {
+    fn a_failed_carry_never_lets_reclaim_delete_the_only_device_state() {
         let (log_limits, mut store, mut files) = small_log_of_two_devices();
         let (quiet, busy) = (QUIET, BUSY);
         for id in 1..=5 {
@@ -941,17 +942,18 @@ mod tests {
         flush(&mut store, &mut files);
         store.acknowledge(quiet, 5);
         flush(&mut store, &mut files);
-        // Delivered traffic until the log rotates; the new segment's first
-        // chunk (its checkpoint) fails; a little more traffic follows.
-        let mut failures = 1;
+        // Delivered traffic: compaction carries the quiet device's state out
+        // of the first segment; that write fails twice, then succeeds.
+        let mut failures = 2;
         let mut id = 100;
         let mut after_failure = 0;
         while after_failure < 2 * DEDUP_WINDOW {
             after_failure += u32::from(failures == 0);
             store.store_message(message(id, 3, 100), &[busy]).unwrap();
-            flush_failing_checkpoints(&mut store, &mut files, &mut failures);
+            flush_failing_carries(&mut store, &mut files, &mut failures);
+            assert!(failures == 0 || files.contains_key(&1), "reclaimed before its device state was carried");
             store.acknowledge(busy, store.last_seq(busy));
-            flush_failing_checkpoints(&mut store, &mut files, &mut failures);
+            flush_failing_carries(&mut store, &mut files, &mut failures);
             id += 1;
         }
         assert!(!files.contains_key(&1), "the delivered first segment should be reclaimed");
@@ -962,15 +964,14 @@ mod tests {
     }
 
     #[test]
-    fn recovery_continues_in_a_new_checkpointed_segment() {
+    fn recovery_continues_in_a_new_segment_and_state_is_carried_out_of_old_ones() {
         let (log_limits, mut store, mut files) = small_log_of_two_devices();
         let (quiet, busy) = (QUIET, BUSY);
         store.store_message(message(1, 2, 10), &[quiet]).unwrap();
         flush(&mut store, &mut files);
         store.acknowledge(quiet, 1);
         flush(&mut store, &mut files);
-        // A second segment without a checkpoint (its first chunk failed
-        // before a crash), holding only later records.
+        // A second segment holding only a later record.
         let mut records = Vec::new();
         encode_record(&Record::Acknowledged(Acknowledged { user: 3, device: 1, up_to_seq: 0 }), &mut records);
         let mut second = Vec::new();
@@ -983,6 +984,7 @@ mod tests {
             for id in 10..20 {
                 store.store_message(message(id, 3, 100), &[busy]).unwrap();
                 store.acknowledge(busy, store.last_seq(busy));
+                store.maintain();
                 flush(&mut store, &mut files);
             }
             store = recover(&files, log_limits);
@@ -1037,7 +1039,7 @@ mod tests {
         assert!(recovered.is_removed(QUIET) && recovered.devices_of(QUIET.user).is_empty());
         assert_eq!(mailbox(&recovered, QUIET), vec![], "its undelivered message is gone");
         // Many rotations later, with the segment of the removal record
-        // reclaimed, the checkpoints still carry it.
+        // reclaimed, the carried DeviceRemoved records keep it.
         let mut store = recovered;
         for id in 10..200 {
             store.store_message(message(id, BUSY.user, 100), &[BUSY]).unwrap();
@@ -1070,25 +1072,42 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_larger_than_a_segment_do_not_rotate_on_every_record() {
-        let log_limits = LogLimits { segment_bytes_max: 2048, commit_bytes_max: 1024 };
-        let mut store = LogStore::new(limits(), log_limits);
+    fn idle_devices_state_is_carried_with_its_segment_not_rewritten_at_every_rotation() {
+        let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+        let mut store = LogStore::new(StoreLimits { devices_per_shard_max: 1000, ..limits() }, log_limits);
         let mut files = BTreeMap::new();
-        // 100 devices: a checkpoint (~3.6 KB) is larger than a segment.
-        for user in 10..110 {
+        // Idle devices: about 40 B of state each, 500 of them ~20 KB.
+        for user in 10..510 {
             store.register_device(DeviceKey { user, device: 1 }).unwrap();
         }
+        flush(&mut store, &mut files);
         let busy = DeviceKey { user: 10, device: 1 };
-        for id in 0..200 {
+        let mut state_records = 0;
+        for id in 0..1500 {
             store.store_message(message(id, 10, 100), &[busy]).unwrap();
-            flush(&mut store, &mut files);
+            store.acknowledge(busy, store.last_seq(busy));
+            store.maintain();
+            while let Some(chunk) = store.take_write() {
+                state_records += scan_segment(&chunk.bytes)
+                    .records
+                    .iter()
+                    .filter(|(_, record)| matches!(record, Record::DeviceState(_)))
+                    .count();
+                append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+                store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+            }
+            for segment in store.take_reclaimable() {
+                files.remove(&segment);
+            }
         }
-        // ~40 KB of messages: a handful of rotations, not one per record.
-        assert!(store.current_segment < 12, "rotated {} times", store.current_segment);
-        assert!(store.checkpoint_bytes > log_limits.segment_bytes_max);
+        // ~300 KB of messages: about 70 rotations. A full checkpoint per
+        // rotation would have written 500 states each time (35,000 records).
+        assert!(store.current_segment > 60, "rotated only {} times", store.current_segment);
+        assert!(state_records < 5 * 500, "{state_records} device states written for 500 idle devices");
+        assert!(files.len() < 20, "the idle devices' state should stay compact: {} segments", files.len());
         let recovered = recover(&files, log_limits);
-        assert_eq!(recovered.last_seq(busy), 200);
-        assert_eq!(recovered.devices_of(109), &[1]);
+        assert_eq!(recovered.last_seq(busy), 1500);
+        assert_eq!((10..510).filter(|user| recovered.devices_of(*user) == [1]).count(), 500);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`record`]: the record format and the segment scanner (pure).
 //! - [`log_store`]: [`LogStore`], the durable `MailboxStore` (pure: it
 //!   produces write chunks and learns their outcome from the driver).
+//! - [`state_homes`]: which segment holds each device's durable state, so
+//!   reclaim never deletes it and compaction carries it forward.
 //! - [`layout`]: the data directory's layout file, format version and shard
 //!   count checks, boot counters, and reading segments at start (blocking
 //!   file I/O, run before a shard serves).
@@ -12,5 +14,6 @@
 pub mod layout;
 pub mod log_store;
 pub mod record;
+pub mod state_homes;
 
 pub use log_store::{LogLimits, LogStore, RecoveryReport};
