@@ -30,6 +30,7 @@ fn message_path(c: &mut Criterion) {
         mailbox_messages_max: 1_000_000,
         mailbox_bytes_max: 1 << 32,
         stored_dedup_entries_max: 100_000,
+        shard_mailbox_bytes_max: 1 << 40,
     });
     let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
     let (sender, receiver) = (ConnId(1), ConnId(2));

@@ -109,6 +109,9 @@ pub struct Limits {
     pub mailbox_messages_max: u32,
     /// Undelivered payload bytes held per device. Over it: MailboxFull to the sender.
     pub mailbox_bytes_max: u64,
+    /// Memory all mailboxes of one shard hold together (payload + 128 B per
+    /// device entry). Over it: Throttle to senders until devices drain.
+    pub shard_mailbox_bytes_max: u64,
     /// Remembered (client_msg_id -> server_msg_id) entries per sending device;
     /// the oldest acknowledged entry is forgotten first.
     pub dedup_entries_per_device_max: u32,
@@ -179,6 +182,10 @@ impl Default for Limits {
             // shard-wide limits of the durable store (see docs/decisions).
             mailbox_messages_max: 10_000,
             mailbox_bytes_max: 8 * 1024 * 1024,
+            // 2 GiB per shard: about 7.5 million queued 150-byte messages
+            // (278 B each with the entry overhead); 32 shards on a 128 GiB host
+            // keep half of it for everything else.
+            shard_mailbox_bytes_max: 2 * 1024 * 1024 * 1024,
             // A client keeps at most a few dozen sends unacknowledged; 256
             // covers its retry window with room to spare, at ~24 B per entry.
             dedup_entries_per_device_max: 256,
@@ -269,6 +276,9 @@ impl Config {
         if limits.mailbox_bytes_max < u64::from(limits.frame_bytes_max) {
             return invalid("limits.mailbox_bytes_max must be at least limits.frame_bytes_max".into());
         }
+        if limits.shard_mailbox_bytes_max < limits.mailbox_bytes_max {
+            return invalid("limits.shard_mailbox_bytes_max must be at least limits.mailbox_bytes_max".into());
+        }
         if self.runtime.io_memory_bytes < 512 * 1024 {
             return invalid("runtime.io_memory_bytes must be at least 524288 (glommio's minimum)".into());
         }
@@ -313,5 +323,8 @@ mod tests {
         assert!(parsed.unwrap_err().to_string().contains("no_such_limit"));
         let parsed: Config = toml::from_str("shards = 3\n[limits]\nmailbox_messages_max = 7\n").unwrap();
         assert_eq!((parsed.shards, parsed.limits.mailbox_messages_max), (Some(3), 7));
+        let mut config = Config::default();
+        config.limits.shard_mailbox_bytes_max = 1024;
+        assert!(config.validate().unwrap_err().to_string().contains("shard_mailbox_bytes_max"));
     }
 }

@@ -147,6 +147,7 @@ const STORE_LIMITS: StoreLimits = StoreLimits {
     // Small, so segments age out of the dedup window and are reclaimed
     // within a run; still above the sends a crash can leave unanswered.
     stored_dedup_entries_max: 256,
+    shard_mailbox_bytes_max: 1 << 40,
 };
 /// Tiny segments and chunks, so rotation, checkpoints, reclaim and
 /// compaction happen many times in one run.

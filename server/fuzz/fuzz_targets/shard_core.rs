@@ -54,6 +54,8 @@ fuzz_target!(|ops: Vec<Op>| {
         mailbox_messages_max: 16,
         mailbox_bytes_max: 4096,
         stored_dedup_entries_max: 32,
+        // Small, so the shard-wide budget refuses some sends too.
+        shard_mailbox_bytes_max: 16 * 1024,
     });
     let mut core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
     let mut conns: Vec<Conn> = Vec::new();

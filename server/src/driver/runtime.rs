@@ -270,6 +270,7 @@ async fn run_shard(
         mailbox_messages_max: limits.mailbox_messages_max,
         mailbox_bytes_max: limits.mailbox_bytes_max,
         stored_dedup_entries_max: limits.stored_dedup_entries_max,
+        shard_mailbox_bytes_max: limits.shard_mailbox_bytes_max,
     };
     let core_limits = CoreLimits {
         dedup_entries_per_device_max: limits.dedup_entries_per_device_max,

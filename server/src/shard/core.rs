@@ -685,6 +685,11 @@ impl<S: MailboxStore> ShardCore<S> {
         if devices.is_empty() {
             return refuse(ErrorCode::UnknownRecipient, 0);
         }
+        // The shard-wide budget first: when every mailbox together is at it,
+        // no device is to blame (and none is removed).
+        if self.store.shard_has_room(message.payload.len(), devices.len()).is_err() {
+            return refuse(ErrorCode::Throttle, MAILBOX_FULL_RETRY_AFTER_MS);
+        }
         // A full mailbox of one device must not make its user unreachable
         // (decision 0012): an offline device whose mailbox is full is removed
         // when another device of the user takes the message (like a
@@ -942,6 +947,11 @@ mod tests {
     const NOW_MS: u64 = 1_000_000;
 
     fn core(authority: &TokenAuthority) -> ShardCore<MemoryStore> {
+        core_with(authority, |_| {})
+    }
+
+    /// A core whose store limits `adjust` changes.
+    fn core_with(authority: &TokenAuthority, adjust: impl FnOnce(&mut StoreLimits)) -> ShardCore<MemoryStore> {
         let identity = ShardIdentity {
             node: NodeId(0),
             shard: ShardId(0),
@@ -954,14 +964,17 @@ mod tests {
             sends_in_flight_per_device_max: 8,
             shard_outbox_messages_max: 8,
         };
-        let store = MemoryStore::new(StoreLimits {
+        let mut store_limits = StoreLimits {
             devices_per_user_max: 2,
             devices_per_shard_max: 100,
             mailbox_messages_max: 100,
             mailbox_bytes_max: 1 << 20,
             // One entry: the recipient side forgets a key at the next store.
             stored_dedup_entries_max: 1,
-        });
+            shard_mailbox_bytes_max: 1 << 40,
+        };
+        adjust(&mut store_limits);
+        let store = MemoryStore::new(store_limits);
         let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
         ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
     }
@@ -1092,6 +1105,43 @@ mod tests {
         assert_eq!(core.stats().devices_removed_overflow, 1);
         let out = hello_device(&mut core, &authority, ConnId(5), 20, 2);
         assert_eq!(closed_with(&out, ConnId(5)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+    }
+
+    #[test]
+    fn the_shard_mailbox_budget_throttles_senders_and_removes_no_device() {
+        let authority = TokenAuthority::from_secret([9; 32]);
+        // Room for 20 entries of a 100-byte message (228 B charged each).
+        let mut core = core_with(&authority, |limits| limits.shard_mailbox_bytes_max = 20 * 228);
+        let sender = ConnId(1);
+        for (conn, user) in [(ConnId(2), 20), (ConnId(3), 30)] {
+            hello_device(&mut core, &authority, conn, user, 1);
+            core.on_connection_closed(conn);
+        }
+        hello(&mut core, &authority, sender, 10);
+        let mut acked = 0;
+        let mut throttled = None;
+        for id in 0..40u64 {
+            let send = frames::Send { client_msg_id: id, to_user: 20 + 10 * (id % 2), payload: vec![7; 100] };
+            core.on_frame(sender, Frame::Send(send), NOW_MS);
+            for output in outputs(&mut core) {
+                match output {
+                    Output::Frame { frame: Frame::Ack(_), .. } => acked += 1,
+                    Output::Frame { frame: Frame::Error(error), .. } => throttled = throttled.or(Some(error)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(acked, 20, "the budget holds exactly 20 entries");
+        let error = throttled.expect("sends past the budget are refused");
+        assert_eq!((error.code, error.retry_after_ms > 0), (ErrorCode::Throttle as u16, true));
+        assert_eq!((core.store().devices_of(20), core.store().devices_of(30)), (&[1][..], &[1][..]));
+        // A recipient that drains frees room.
+        let conn = ConnId(4);
+        hello_device(&mut core, &authority, conn, 20, 1);
+        drain_and_ack(&mut core, conn);
+        let send = frames::Send { client_msg_id: 100, to_user: 30, payload: vec![7; 100] };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        assert!(outputs(&mut core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })));
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// The shard holds the maximum number of devices.
     #[error("shard device registry is full")]
     RegistryFull,
+    /// The shard's mailboxes hold `shard_mailbox_bytes_max` together.
+    #[error("shard mailbox memory budget is used up")]
+    ShardMailboxesFull,
     /// The underlying medium failed or is full.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -75,6 +78,7 @@ impl StoreError {
             StoreError::MailboxFull(_) => ErrorCode::MailboxFull,
             StoreError::TooManyDevices(_) => ErrorCode::TooManyDevices,
             StoreError::RegistryFull => ErrorCode::Throttle,
+            StoreError::ShardMailboxesFull => ErrorCode::Throttle,
             StoreError::Unavailable(_) => ErrorCode::StorageUnavailable,
             StoreError::Backlog => ErrorCode::Throttle,
             StoreError::DeviceRemoved(_) => ErrorCode::DeviceRemoved,
@@ -97,7 +101,16 @@ pub struct StoreLimits {
     /// Recipient-side dedup entries per shard (sender device, client_msg_id);
     /// the oldest is forgotten first. About 60 bytes each.
     pub stored_dedup_entries_max: u32,
+    /// Memory all mailboxes of the shard may hold together: payload plus
+    /// [`MAILBOX_ENTRY_OVERHEAD_BYTES`] per (device, message) entry. Over it,
+    /// Sends get Throttle until devices drain.
+    pub shard_mailbox_bytes_max: u64,
 }
+
+/// What one mailbox entry costs in memory besides its payload, charged
+/// against `shard_mailbox_bytes_max`: the entry (40 B) in its deque, its
+/// segment membership (~30 B) and a share of the message record; rounded up.
+pub const MAILBOX_ENTRY_OVERHEAD_BYTES: u64 = 128;
 
 /// Removed devices remembered per user (so their ids cannot register again):
 /// the newest 16; an older one could register again as a new, empty device.
@@ -130,6 +143,11 @@ pub trait MailboxStore {
     }
     /// Whether `device` could take one more message of `payload_bytes`.
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError>;
+    /// Whether the shard's mailbox budget can take a message of
+    /// `payload_bytes` for `devices` devices.
+    fn shard_has_room(&self, _payload_bytes: usize, _devices: usize) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// If `sender` already stored `client_msg_id` here: its server_msg_id and ticket.
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)>;
     /// Appends `message` to the mailboxes of `devices` (registered, with room).
@@ -232,6 +250,8 @@ pub struct MailboxIndex {
     /// Removed devices of each user, oldest first (at most
     /// [`REMOVED_DEVICES_PER_USER_MAX`] each).
     removed: StateMap<u64, VecDeque<u32>>,
+    /// Bytes charged against `shard_mailbox_bytes_max` by every entry held.
+    charged_bytes: u64,
     /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
     /// `stored_dedup_entries_max` stored messages.
     stored: StoredIndex,
@@ -244,6 +264,7 @@ impl MailboxIndex {
             users: StateMap::default(),
             mailboxes: StateMap::default(),
             removed: StateMap::default(),
+            charged_bytes: 0,
             stored: StoredIndex::new(limits.stored_dedup_entries_max),
             limits,
         }
@@ -290,6 +311,9 @@ impl MailboxIndex {
     /// [`REMOVED_DEVICES_PER_USER_MAX`] per user, if any.
     pub fn remove(&mut self, device: DeviceKey) -> (Option<Mailbox>, Option<DeviceKey>) {
         let mailbox = self.mailboxes.remove(&device);
+        for entry in mailbox.iter().flat_map(|mailbox| mailbox.entries.iter()) {
+            self.charged_bytes -= entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
+        }
         if let Some(devices) = self.users.get_mut(&device.user) {
             devices.retain(|known| *known != device.device);
             if devices.is_empty() {
@@ -345,6 +369,24 @@ impl MailboxIndex {
         Ok(())
     }
 
+    /// See [`MailboxStore::shard_has_room`].
+    pub fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {
+        let needed = (payload_bytes as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES) * devices as u64;
+        if self.charged_bytes + needed > self.limits.shard_mailbox_bytes_max {
+            return Err(StoreError::ShardMailboxesFull);
+        }
+        Ok(())
+    }
+
+    /// Bytes the mailboxes hold against the shard budget.
+    pub fn charged_bytes(&self) -> u64 {
+        self.charged_bytes
+    }
+
+    fn uncharge(&mut self, entry: &MailboxEntry) {
+        self.charged_bytes -= entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
+    }
+
     /// See [`MailboxStore::find_stored`].
     pub fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
         self.stored.find(sender, client_msg_id)
@@ -392,6 +434,7 @@ impl MailboxIndex {
             }
         }
         mailbox.bytes += message.payload.len() as u64;
+        self.charged_bytes += message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
         true
     }
 
@@ -435,6 +478,9 @@ impl MailboxIndex {
                 dropped.push(entry);
             }
         }
+        for entry in &dropped {
+            self.uncharge(entry);
+        }
         dropped
     }
 
@@ -459,6 +505,9 @@ impl MailboxIndex {
                 mailbox.bytes -= entry.message.payload.len() as u64;
                 removed.push((device, entry));
             }
+        }
+        for (_, entry) in &removed {
+            self.uncharge(entry);
         }
         self.stored.forget_tickets(first, last);
         removed
@@ -543,6 +592,10 @@ impl MailboxStore for MemoryStore {
 
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
         self.index.has_room(device, payload_bytes)
+    }
+
+    fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {
+        self.index.shard_has_room(payload_bytes, devices)
     }
 
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {

@@ -614,6 +614,10 @@ impl MailboxStore for LogStore {
         self.index.has_room(device, payload_bytes)
     }
 
+    fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {
+        self.index.shard_has_room(payload_bytes, devices)
+    }
+
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
         self.index.find_stored(sender, client_msg_id)
     }
@@ -803,6 +807,7 @@ mod tests {
             mailbox_bytes_max: 1 << 30,
             // Small, so segments leave the dedup window within a test.
             stored_dedup_entries_max: DEDUP_WINDOW,
+            shard_mailbox_bytes_max: 1 << 40,
         }
     }
 
