@@ -5,7 +5,9 @@
 //! like the real channels) whose deliveries are interleaved at random.
 //! Simulated devices send, retry with the same ids, disconnect, reconnect
 //! with resume, open a second connection that replaces the first,
-//! acknowledge and pull pushes in random order. Each disk completes one
+//! acknowledge and pull pushes in random order, and (in a third of the
+//! runs) remove the other device of their user, asking again after a crash
+//! until the removal is answered. Each disk completes one
 //! write chunk at a time, framed as the real writer frames it (commit
 //! marker), after a random delay, and fails some of them, often leaving
 //! part or all of the failed chunk's bytes where the next chunk goes; the
@@ -72,6 +74,14 @@ struct Device {
     processed_seq: u64,
     /// Payloads received, in order, after seq dedup.
     received: Vec<String>,
+    /// Another device of its user asked to remove it: it no longer
+    /// connects or sends, and the checks leave it out.
+    removed: bool,
+    /// Its removal was answered (durable): a Hello of it must be refused.
+    removal_durable: bool,
+    /// A sibling this device asks to remove, until the answer arrives
+    /// (asked again after every Welcome: a crash may have lost it).
+    removing: Option<u32>,
 }
 
 /// One shard's disk: durable segment bytes, and the chunk being written.
@@ -126,6 +136,8 @@ impl SimDisk {
 struct Faults {
     write_failures_per_mille: u64,
     crashes_per_mille: u64,
+    /// Whether devices remove siblings (RemoveDevice) in this run.
+    removals: bool,
 }
 
 impl Faults {
@@ -171,6 +183,10 @@ struct Sim {
     authority: TokenAuthority,
     /// server_msg_id -> (payload, recipient user, sending device) of every acknowledged send.
     acked: BTreeMap<u64, (String, u64, (u64, u32))>,
+    /// Connections of removed devices closed with `REMOVED`.
+    refused_hellos: u64,
+    /// Payloads a removed device never saw acknowledged.
+    abandoned: std::collections::HashSet<String>,
     rng: Rng,
 }
 
@@ -215,11 +231,16 @@ impl Sim {
             (0..SHARDS).map(|shard| core_over(shard, 1, &authority, LogStore::new(STORE_LIMITS, LOG_LIMITS))).collect();
         let mut rng = Rng(seed);
         // Some seeds run fault-free, the rest with a few failures and crashes.
-        let faults = match rng.below(4) {
-            0 => Faults { write_failures_per_mille: 0, crashes_per_mille: 0 },
-            1 => Faults { write_failures_per_mille: 1 + rng.below(60), crashes_per_mille: 1 + rng.below(4) },
-            _ => Faults { write_failures_per_mille: 0, crashes_per_mille: 1 + rng.below(6) },
+        let mut faults = match rng.below(4) {
+            0 => Faults { write_failures_per_mille: 0, crashes_per_mille: 0, removals: false },
+            1 => Faults {
+                write_failures_per_mille: 1 + rng.below(60),
+                crashes_per_mille: 1 + rng.below(4),
+                removals: false,
+            },
+            _ => Faults { write_failures_per_mille: 0, crashes_per_mille: 1 + rng.below(6), removals: false },
         };
+        faults.removals = rng.below(3) == 0;
         let mut devices = Vec::new();
         for user in 1..=USERS {
             for device in 1..=DEVICES_PER_USER {
@@ -235,6 +256,9 @@ impl Sim {
                     next_number: 0,
                     processed_seq: 0,
                     received: Vec::new(),
+                    removed: false,
+                    removal_durable: false,
+                    removing: None,
                 });
             }
         }
@@ -254,14 +278,18 @@ impl Sim {
             now_ms: 1_700_000_000_000,
             authority,
             acked: BTreeMap::new(),
+            abandoned: Default::default(),
+            refused_hellos: 0,
             rng,
         }
     }
 
     fn connect(&mut self, index: usize, may_misroute: bool) {
-        if self.devices[index].conn.is_some() {
+        let device = &self.devices[index];
+        if device.conn.is_some() || (device.removed && !device.removal_durable) {
             return;
         }
+        // A removed device tries its old token now and then: refused.
         self.open_connection(index, may_misroute);
     }
 
@@ -296,7 +324,33 @@ impl Sim {
     /// The device's connection, once it has been welcomed on it.
     fn ready_conn(&self, index: usize) -> Option<ConnId> {
         let device = &self.devices[index];
-        device.conn.filter(|_| device.welcomed)
+        device.conn.filter(|_| device.welcomed && !device.removed)
+    }
+
+    /// The device asks to remove the other device of its user (once per
+    /// user, so every user keeps one). The removed one stops at once; its
+    /// unacknowledged sends are abandoned (they may still be delivered, once).
+    fn remove_sibling(&mut self, index: usize) {
+        let user = self.devices[index].user;
+        if self.devices.iter().any(|d| d.user == user && (d.removed || d.removing.is_some())) {
+            return;
+        }
+        let Some(sibling) = self.devices.iter().position(|d| d.user == user && d.device != self.devices[index].device)
+        else {
+            return;
+        };
+        self.devices[sibling].removed = true;
+        for (_, _, payload) in std::mem::take(&mut self.devices[sibling].pending) {
+            self.abandoned.insert(String::from_utf8(payload).unwrap());
+        }
+        self.devices[index].removing = Some(self.devices[sibling].device);
+        self.ask_removal(index);
+    }
+
+    fn ask_removal(&mut self, index: usize) {
+        let (Some(conn), Some(device_id)) = (self.ready_conn(index), self.devices[index].removing) else { return };
+        let remove = Frame::RemoveDevice(frames::RemoveDevice { device_id });
+        self.cores[self.devices[index].home as usize].on_frame(conn, remove, self.now_ms);
     }
 
     fn disconnect(&mut self, index: usize) {
@@ -509,6 +563,11 @@ impl Sim {
                     }
                     Frame::Welcome(welcome) => {
                         assert_eq!(welcome.shard, shard);
+                        assert!(
+                            !device.removal_durable,
+                            "device {}/{} came back after its removal",
+                            device.user, device.device
+                        );
                         // Seqs of messages still being written may vanish in a
                         // crash, but never one the device has processed.
                         let key = (device.user, device.device);
@@ -523,13 +582,43 @@ impl Sim {
                             device.welcomed = true;
                             // Resend everything unacknowledged with the same ids, in order.
                             self.resend_all(index);
+                            self.ask_removal(index);
                         }
                     }
                     // A refused Send (a failed write, a full queue) is retried
                     // later with the same id, as the SDK does.
                     Frame::Error(error) if error.client_msg_id.is_some() => {
                         let code = iris_protocol::ErrorCode::from_u16(error.code);
-                        assert!(code.is_some_and(iris_protocol::ErrorCode::is_retryable), "send refused: {error:?}");
+                        let id = error.client_msg_id;
+                        let position = device.pending.iter().position(|(pending, ..)| Some(*pending) == id);
+                        let to_user = position.map(|position| device.pending[position].1);
+                        // A user whose other device was removed writing to itself
+                        // has no recipient left: a final refusal, as the SDK treats it.
+                        let alone = to_user == Some(device.user)
+                            && code == Some(iris_protocol::ErrorCode::UnknownRecipient)
+                            && self.devices.iter().any(|d| d.user == to_user.unwrap_or(0) && d.removed);
+                        let device = &mut self.devices[index];
+                        if alone {
+                            if let Some((_, _, payload)) = position.and_then(|position| device.pending.remove(position))
+                            {
+                                self.abandoned.insert(String::from_utf8(payload).unwrap());
+                            }
+                        } else {
+                            assert!(
+                                code.is_some_and(iris_protocol::ErrorCode::is_retryable),
+                                "send refused: {error:?}"
+                            );
+                        }
+                    }
+                    Frame::DeviceRemoved(removed) => {
+                        assert_eq!(device.removing, Some(removed.device_id), "an answer to no request");
+                        device.removing = None;
+                        let user = device.user;
+                        for sibling in
+                            self.devices.iter_mut().filter(|d| d.user == user && d.device == removed.device_id)
+                        {
+                            sibling.removal_durable = true;
+                        }
                     }
                     Frame::Error(error) => panic!("unexpected error {error:?}"),
                     other => panic!("unexpected frame {other:?}"),
@@ -538,12 +627,20 @@ impl Sim {
             Output::Close { conn, frame, close_code } => {
                 let redirect = matches!(frame, Some(Frame::Redirect(_)));
                 let replaced = close_code == iris_protocol::close_code::REPLACED;
-                assert!(redirect || replaced, "only redirects and replacements close connections here, got {frame:?}");
+                let removed = close_code == iris_protocol::close_code::REMOVED
+                    && self.conn_owner.get(&(shard, conn)).is_some_and(|index| self.devices[*index].removed);
+                assert!(
+                    redirect || replaced || removed,
+                    "only redirects, replacements and removals close connections here, got {frame:?}"
+                );
                 self.conn_owner.remove(&(shard, conn));
                 self.cores[shard as usize].on_connection_closed(conn);
                 if let Some(&index) = self.devices.iter().position(|d| d.conn == Some(conn) && d.home == shard).as_ref()
                 {
                     self.devices[index].conn = None;
+                }
+                if removed {
+                    self.refused_hellos += 1;
                 }
             }
             Output::Authenticated { .. } => {}
@@ -567,6 +664,9 @@ impl Sim {
             let index = self.rng.below(self.devices.len() as u64) as usize;
             if self.rng.below(1000) < self.faults.crashes_per_mille {
                 self.crash();
+            }
+            if self.faults.removals && self.rng.below(1500) == 0 {
+                self.remove_sibling(index);
             }
             match self.rng.below(100) {
                 0..=24 => self.send_new(index),
@@ -612,7 +712,7 @@ impl Sim {
                 self.resend_all(index);
             }
             self.settle();
-            let idle = self.devices.iter().all(|d| d.pending.is_empty());
+            let idle = self.devices.iter().all(|d| d.pending.is_empty() && d.removing.is_none());
             if idle {
                 break;
             }
@@ -644,9 +744,18 @@ impl Sim {
 
     fn check(&self) {
         assert!(self.devices.iter().all(|d| d.pending.is_empty()), "sends never acknowledged");
+        assert!(self.devices.iter().all(|d| d.removing.is_none()), "a removal never answered");
         assert!(self.acked.len() > 100, "the simulation acknowledged only {} sends", self.acked.len());
-        let acked_payloads: std::collections::HashSet<&str> = self.acked.values().map(|(p, ..)| p.as_str()).collect();
-        for device in &self.devices {
+        let mut acked_payloads: std::collections::HashSet<&str> =
+            self.acked.values().map(|(p, ..)| p.as_str()).collect();
+        // A removed device's abandoned sends may have been stored: never twice.
+        acked_payloads.extend(self.abandoned.iter().map(String::as_str));
+        for device in self.devices.iter().filter(|d| !d.removed) {
+            for abandoned in &self.abandoned {
+                assert!(device.received.iter().filter(|p| *p == abandoned).count() <= 1, "{abandoned} duplicated");
+            }
+        }
+        for device in self.devices.iter().filter(|d| !d.removed) {
             let mut last_from: HashMap<(u64, u64), u64> = HashMap::new();
             for payload in &device.received {
                 // Only acknowledged messages are delivered.
@@ -666,9 +775,10 @@ impl Sim {
             }
         }
         // Every acknowledged message reached every device of its recipient
-        // (but the sending device itself) exactly once.
+        // (but the sending device itself, and removed ones) exactly once.
         for (payload, to_user, sender) in self.acked.values() {
-            for device in self.devices.iter().filter(|d| d.user == *to_user && (d.user, d.device) != *sender) {
+            let recipients = self.devices.iter().filter(|d| d.user == *to_user && (d.user, d.device) != *sender);
+            for device in recipients.filter(|d| !d.removed) {
                 let copies = device.received.iter().filter(|p| *p == payload).count();
                 assert_eq!(copies, 1, "device {}/{} got {payload} {copies} times", device.user, device.device);
             }
@@ -697,16 +807,18 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
             (0..count).map(|i| base.wrapping_add(i.wrapping_mul(7919))).collect()
         }
     };
-    let (mut crashes, mut failed_writes, mut reclaimed, mut acked) = (0, 0, 0, 0);
+    let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed) = (0, 0, 0, 0, 0);
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| {
             let mut sim = Sim::new(seed);
             sim.run(STEPS);
             sim.check();
-            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len())
+            let run_removed = sim.devices.iter().filter(|device| device.removed).count();
+            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len(), run_removed)
         });
         match outcome {
-            Ok((run_crashes, run_failed, run_reclaimed, run_acked)) => {
+            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed)) => {
+                removed += run_removed;
                 crashes += run_crashes;
                 failed_writes += run_failed;
                 reclaimed += run_reclaimed;
@@ -717,6 +829,6 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
     }
     println!(
         "simulated {crashes} crashes, {failed_writes} failed writes, {reclaimed} reclaimed segments, \
-         {acked} acknowledged sends"
+         {acked} acknowledged sends, {removed} removed devices"
     );
 }
