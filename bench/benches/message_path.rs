@@ -23,6 +23,7 @@ fn message_path(c: &mut Criterion) {
         dedup_entries_per_device_max: 256,
         sends_in_flight_per_device_max: 256,
         shard_outbox_messages_max: 1024,
+        device_inactive_expiry_s: 0,
     };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 5,

@@ -119,6 +119,10 @@ pub struct Limits {
     /// per shard, so a retry after a crash is not stored twice; the oldest is
     /// forgotten first. About 60 bytes per entry.
     pub stored_dedup_entries_max: u32,
+    /// Seconds without a session after which a device is removed (its Hello
+    /// then gets DeviceRemoved); 0 never removes. Counted from the last
+    /// session's end, or from the start for devices recovered from the log.
+    pub device_inactive_expiry_s: u64,
     /// Sends of one device accepted but not yet acknowledged. Over it: Throttle.
     pub sends_in_flight_per_device_max: u32,
     /// Client connections per shard. Over it: new connections are refused.
@@ -190,6 +194,8 @@ impl Default for Limits {
             // covers its retry window with room to spare, at ~24 B per entry.
             dedup_entries_per_device_max: 256,
             sends_in_flight_per_device_max: 256,
+            // 30 days, as WhatsApp unlinks companion devices.
+            device_inactive_expiry_s: 30 * 24 * 3600,
             // 256k entries, ~16 MiB per shard: covers every send of the last
             // seconds to minutes at full load, the window in which clients retry.
             stored_dedup_entries_max: 262_144,

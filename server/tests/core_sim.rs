@@ -205,6 +205,8 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore)
         dedup_entries_per_device_max: 64,
         sends_in_flight_per_device_max: 16,
         shard_outbox_messages_max: 1000,
+        // Expiry needs hours of simulated time; its unit test covers it.
+        device_inactive_expiry_s: 0,
     };
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
@@ -598,7 +600,9 @@ impl Sim {
                             && code == Some(iris_protocol::ErrorCode::UnknownRecipient)
                             && self.devices.iter().any(|d| d.user == to_user.unwrap_or(0) && d.removed);
                         let device = &mut self.devices[index];
-                        if alone {
+                        if position.is_none() {
+                            // A refusal of a retry whose send was settled already.
+                        } else if alone {
                             if let Some((_, _, payload)) = position.and_then(|position| device.pending.remove(position))
                             {
                                 self.abandoned.insert(String::from_utf8(payload).unwrap());

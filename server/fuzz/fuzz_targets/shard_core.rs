@@ -47,7 +47,12 @@ fuzz_target!(|ops: Vec<Op>| {
     };
     let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
     let limits =
-        CoreLimits { dedup_entries_per_device_max: 8, sends_in_flight_per_device_max: 4, shard_outbox_messages_max: 8 };
+        CoreLimits {
+            dedup_entries_per_device_max: 8,
+            sends_in_flight_per_device_max: 4,
+            shard_outbox_messages_max: 8,
+            device_inactive_expiry_s: 0,
+        };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 3,
         devices_per_shard_max: 16,

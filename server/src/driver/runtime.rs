@@ -276,6 +276,7 @@ async fn run_shard(
         dedup_entries_per_device_max: limits.dedup_entries_per_device_max,
         sends_in_flight_per_device_max: limits.sends_in_flight_per_device_max,
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
+        device_inactive_expiry_s: limits.device_inactive_expiry_s,
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
     let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK, 0) {

@@ -266,6 +266,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
+        self.core.expire_inactive(Self::now_ms());
         self.publish_metrics();
         self.reserve_message_ids();
         busy || !self.dirty.is_empty()

@@ -19,6 +19,7 @@
 //!    Ack (or Error) to the sender device's current connection.
 
 use super::dedup::{DedupWindow, Seen};
+use super::inactivity::Inactivity;
 use super::mailbox::{MailboxStore, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use super::StateMap;
@@ -65,6 +66,8 @@ pub struct CoreLimits {
     pub sends_in_flight_per_device_max: u32,
     /// Messages buffered per destination shard; over it: Throttle.
     pub shard_outbox_messages_max: u32,
+    /// A device with no session for this long is removed; 0: never.
+    pub device_inactive_expiry_s: u64,
 }
 
 /// Something the driver must do for a connection.
@@ -173,6 +176,8 @@ pub struct CoreStats {
     pub deliveries: u64,
     /// Devices removed by a RemoveDevice.
     pub devices_removed: u64,
+    /// Devices removed after `device_inactive_expiry_s` without a session.
+    pub devices_expired: u64,
     /// Offline devices removed because their mailbox was full while another
     /// device of the user took the message.
     pub devices_removed_overflow: u64,
@@ -216,6 +221,10 @@ pub struct ShardCore<S: MailboxStore> {
     /// RemoveDevice requests waiting for the removal to be durable:
     /// (requesting connection, removed device). One per request in flight.
     removals: VecDeque<(ConnId, DeviceKey)>,
+    /// Offline devices by how long they have been away.
+    inactivity: Inactivity,
+    /// The latest wall-clock time seen (s since the epoch).
+    now_s: u64,
     /// The committed ticket when `registering` was last checked.
     registering_checked_at: Ticket,
     /// Sequence part of the next server_msg_id.
@@ -284,6 +293,8 @@ impl<S: MailboxStore> ShardCore<S> {
             awaiting_commit: VecDeque::new(),
             registering: VecDeque::new(),
             removals: VecDeque::new(),
+            inactivity: Inactivity::new(limits.device_inactive_expiry_s),
+            now_s: 0,
             registering_checked_at: 0,
             next_message_sequence: message_ids.start,
             message_sequence_end: message_ids.end,
@@ -330,10 +341,45 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// The connection is gone (closed by either side or timed out).
     pub fn on_connection_closed(&mut self, conn: ConnId) {
-        if let Some(Session::Active { device, .. }) = self.sessions.remove(&conn) {
-            if self.online.get(&device) == Some(&conn) {
+        match self.sessions.remove(&conn) {
+            Some(Session::Active { device, .. }) if self.online.get(&device) == Some(&conn) => {
                 self.online.remove(&device);
+                self.inactivity.offline(device, self.now_s);
             }
+            // A new device whose Welcome never came is idle as well.
+            Some(Session::Registering { device, .. })
+                if !self.online.contains_key(&device)
+                    && self.store.devices_of(device.user).contains(&device.device) =>
+            {
+                self.inactivity.offline(device, self.now_s);
+            }
+            _ => {}
+        }
+    }
+
+    /// Removes devices that have had no session for
+    /// `device_inactive_expiry_s` (checked at most once a minute, a bounded
+    /// number per check). Call regularly with the wall-clock time.
+    pub fn expire_inactive(&mut self, now_ms: u64) {
+        self.now_s = self.now_s.max(now_ms / 1000);
+        if self.inactivity.needs_seeding() {
+            // Devices recovered from the log count as idle from now on.
+            for device in self.store.registered_devices() {
+                if !self.online.contains_key(&device) {
+                    self.inactivity.seed(device, self.now_s);
+                }
+            }
+        }
+        if !self.inactivity.check_due(self.now_s) {
+            return;
+        }
+        for device in self.inactivity.take_expired(self.now_s) {
+            if self.online.contains_key(&device) || self.store.remove_device(device).is_err() {
+                continue;
+            }
+            tracing::info!(user = device.user, device = device.device, "inactive device removed");
+            self.stats.devices_expired += 1;
+            self.forget_device(device, ConnId(u64::MAX));
         }
     }
 
@@ -344,6 +390,7 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// A frame arrived on `conn`'s request stream. `now_ms` is wall-clock time.
     pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now_ms: u64) {
+        self.now_s = self.now_s.max(now_ms / 1000);
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
@@ -437,6 +484,7 @@ impl<S: MailboxStore> ShardCore<S> {
         }
         // What the client processed can only be what some connection of it
         // was pushed; anything above is pushed again (the SDK drops repeats).
+        self.inactivity.online(device);
         let resume = resume_after_seq.min(self.store.pushed_seq(device));
         self.store.acknowledge(device, resume);
         let session = Session::Active { device, expires_at_s, pushed_up_to: resume, push_queued: false };
@@ -568,6 +616,7 @@ impl<S: MailboxStore> ShardCore<S> {
     /// than `except` (its mailbox is gone).
     fn forget_device(&mut self, device: DeviceKey, except: ConnId) {
         self.senders.remove(&device);
+        self.inactivity.forget(device);
         let close = |conn| Output::Close {
             conn,
             frame: Some(Frame::error(ErrorCode::DeviceRemoved, "this device was removed")),
@@ -872,6 +921,7 @@ impl<S: MailboxStore> ShardCore<S> {
             if self.online.get(device) == Some(&conn) {
                 let device = *device;
                 self.online.remove(&device);
+                self.inactivity.offline(device, self.now_s);
             }
         }
         if self.sessions.contains_key(&conn) {
@@ -963,6 +1013,7 @@ mod tests {
             dedup_entries_per_device_max: 8,
             sends_in_flight_per_device_max: 8,
             shard_outbox_messages_max: 8,
+            device_inactive_expiry_s: 100,
         };
         let mut store_limits = StoreLimits {
             devices_per_user_max: 2,
@@ -1142,6 +1193,36 @@ mod tests {
         let send = frames::Send { client_msg_id: 100, to_user: 30, payload: vec![7; 100] };
         core.on_frame(sender, Frame::Send(send), NOW_MS);
         assert!(outputs(&mut core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })));
+    }
+
+    #[test]
+    fn a_device_without_a_session_for_the_expiry_is_removed_and_an_online_one_never() {
+        // The test core expires devices after 100 s without a session.
+        let authority = TokenAuthority::from_secret([10; 32]);
+        let mut core = core(&authority);
+        let (phone, laptop) = (ConnId(1), ConnId(2));
+        hello_device(&mut core, &authority, phone, 20, 1);
+        hello_device(&mut core, &authority, laptop, 20, 2);
+        core.expire_inactive(NOW_MS);
+        core.on_connection_closed(laptop);
+        core.expire_inactive(NOW_MS + 99_000);
+        assert_eq!(core.store().devices_of(20), &[1, 2], "not yet: checked before the expiry");
+        core.expire_inactive(NOW_MS + 170_000);
+        assert_eq!(core.store().devices_of(20), &[1], "the laptop was away past the expiry");
+        assert_eq!(core.stats().devices_expired, 1);
+        // The phone stayed online all along; its token still works, the laptop's does not.
+        let out = hello_device(&mut core, &authority, ConnId(3), 20, 2);
+        assert_eq!(closed_with(&out, ConnId(3)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+        core.expire_inactive(NOW_MS + 1_000_000);
+        assert_eq!(core.store().devices_of(20), &[1]);
+        // A reconnect within the expiry resets the clock.
+        hello_device(&mut core, &authority, ConnId(4), 30, 1);
+        core.on_connection_closed(ConnId(4));
+        core.expire_inactive(NOW_MS + 1_060_000);
+        hello_device(&mut core, &authority, ConnId(5), 30, 1);
+        core.on_connection_closed(ConnId(5));
+        core.expire_inactive(NOW_MS + 1_120_000);
+        assert_eq!(core.store().devices_of(30), &[1], "away 60 s at most each time");
     }
 
     #[test]

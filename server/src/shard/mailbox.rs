@@ -131,6 +131,9 @@ pub trait MailboxStore {
     }
     /// Devices registered for `user`, in registration order.
     fn devices_of(&self, user: u64) -> &[u32];
+    /// Every registered device (once, at start, to seed the inactivity
+    /// tracking).
+    fn registered_devices(&self) -> Vec<DeviceKey>;
     /// Removes a registered device: its mailbox goes, and it may never
     /// register again under this id (remembered for the newest
     /// [`REMOVED_DEVICES_PER_USER_MAX`] removals of its user).
@@ -577,6 +580,10 @@ impl MailboxStore for MemoryStore {
 
     fn devices_of(&self, user: u64) -> &[u32] {
         self.index.devices_of(user)
+    }
+
+    fn registered_devices(&self) -> Vec<DeviceKey> {
+        self.index.mailboxes().map(|(device, _)| *device).collect()
     }
 
     fn remove_device(&mut self, device: DeviceKey) -> Result<(), StoreError> {

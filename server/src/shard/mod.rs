@@ -12,6 +12,7 @@
 
 pub mod core;
 pub mod dedup;
+pub mod inactivity;
 pub mod mailbox;
 pub mod messages;
 pub mod stored;

@@ -585,6 +585,10 @@ impl MailboxStore for LogStore {
         self.index.devices_of(user)
     }
 
+    fn registered_devices(&self) -> Vec<DeviceKey> {
+        self.index.mailboxes().map(|(device, _)| *device).collect()
+    }
+
     fn remove_device(&mut self, device: DeviceKey) -> Result<(), StoreError> {
         if self.index.is_removed(device) {
             return Ok(());
