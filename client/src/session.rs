@@ -176,8 +176,13 @@ impl Session {
             let _ = pending.reply.send(Err(error.clone()));
         }
         self.pending_order.clear();
-        for (_, reply) in self.removal.take().into_iter().chain(self.queued_removals.drain(..)) {
-            let _ = reply.send(Err(error.clone()));
+        // Removing this very device ends its session with DeviceRemoved (the
+        // answer may have been lost with the connection): that is success.
+        let own = self.shared.info.lock().map(|info| info.device_id).ok();
+        let removed_itself = matches!(&error, ClientError::Server { code: Some(ErrorCode::DeviceRemoved), .. });
+        for (device_id, reply) in self.removal.take().into_iter().chain(self.queued_removals.drain(..)) {
+            let outcome = if removed_itself && Some(device_id) == own { Ok(()) } else { Err(error.clone()) };
+            let _ = reply.send(outcome);
         }
         error
     }

@@ -183,6 +183,20 @@ pub struct CoreStats {
     pub devices_removed_overflow: u64,
 }
 
+/// A removal waiting to be durable before anyone is told: until then the
+/// removed device's sessions are parked (Closing) rather than told
+/// `DeviceRemoved`, which a crash could still make untrue.
+#[derive(Debug)]
+struct PendingRemoval {
+    /// The device removed.
+    device: DeviceKey,
+    /// The connection that asked, and its device (ids are reused once a
+    /// connection is gone: the answer goes only to the same session).
+    requester: Option<(ConnId, DeviceKey)>,
+    /// Sessions of the removed device to close with `DeviceRemoved`.
+    closing: Vec<ConnId>,
+}
+
 /// The message path of one shard.
 #[derive(Debug)]
 pub struct ShardCore<S: MailboxStore> {
@@ -220,7 +234,7 @@ pub struct ShardCore<S: MailboxStore> {
     registering: VecDeque<ConnId>,
     /// RemoveDevice requests waiting for the removal to be durable:
     /// (requesting connection, removed device). One per request in flight.
-    removals: VecDeque<(ConnId, DeviceKey)>,
+    removals: VecDeque<PendingRemoval>,
     /// Offline devices by how long they have been away.
     inactivity: Inactivity,
     /// The latest wall-clock time seen (s since the epoch).
@@ -253,8 +267,8 @@ const STORAGE_RETRY_AFTER_MS: u32 = 500;
 /// How long a client should wait when a mailbox is full, in ms.
 const MAILBOX_FULL_RETRY_AFTER_MS: u32 = 1000;
 /// RemoveDevice requests waiting for durability per shard; past it, Throttle.
-/// Each is a connection id and a device key; removals are rare, and each
-/// session has at most one answer it waits for in practice.
+/// Each is a device, the asking connection and the removed device's
+/// sessions (at most a few); removals are rare.
 const REMOVALS_IN_FLIGHT_MAX: usize = 1024;
 
 impl<S: MailboxStore> ShardCore<S> {
@@ -341,6 +355,14 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// The connection is gone (closed by either side or timed out).
     pub fn on_connection_closed(&mut self, conn: ConnId) {
+        // Connection ids are reused: a pending removal must not answer or
+        // close a later connection under the same id.
+        for pending in &mut self.removals {
+            pending.closing.retain(|closing| *closing != conn);
+            if pending.requester.is_some_and(|(asking, _)| asking == conn) {
+                pending.requester = None;
+            }
+        }
         match self.sessions.remove(&conn) {
             Some(Session::Active { device, .. }) if self.online.get(&device) == Some(&conn) => {
                 self.online.remove(&device);
@@ -379,7 +401,8 @@ impl<S: MailboxStore> ShardCore<S> {
             }
             tracing::info!(user = device.user, device = device.device, "inactive device removed");
             self.stats.devices_expired += 1;
-            self.forget_device(device, ConnId(u64::MAX));
+            let closing = self.forget_device(device, ConnId(u64::MAX));
+            self.removals.push_back(PendingRemoval { device, requester: None, closing });
         }
     }
 
@@ -450,6 +473,9 @@ impl<S: MailboxStore> ShardCore<S> {
             return;
         }
         let device = DeviceKey { user: claims.user_id, device: claims.device_id };
+        if self.store.removal_pending(device) && self.park_until_removed(conn, device) {
+            return;
+        }
         if let Err(error) = self.store.register_device(device) {
             return self.fail(conn, error.code(), error.to_string());
         }
@@ -602,31 +628,28 @@ impl<S: MailboxStore> ShardCore<S> {
             return self.emit(conn, Frame::error(error.code(), error.to_string()));
         }
         self.stats.devices_removed += 1;
-        self.forget_device(target, conn);
+        let closing = self.forget_device(target, conn);
         if target == own {
             // Nothing more is accepted on it; the answer closes it.
             self.online.remove(&own);
             self.sessions.insert(conn, Session::Closing);
         }
-        self.removals.push_back((conn, target));
+        self.removals.push_back(PendingRemoval { device: target, requester: Some((conn, own)), closing });
         self.answer_removals();
     }
 
-    /// Forgets a removed device's sender state and ends its sessions other
-    /// than `except` (its mailbox is gone).
-    fn forget_device(&mut self, device: DeviceKey, except: ConnId) {
+    /// Forgets a removed device's sender state and parks its sessions other
+    /// than `except` (its mailbox is gone); returns them, to be closed with
+    /// `DeviceRemoved` once the removal is durable.
+    fn forget_device(&mut self, device: DeviceKey, except: ConnId) -> Vec<ConnId> {
         self.senders.remove(&device);
         self.inactivity.forget(device);
-        let close = |conn| Output::Close {
-            conn,
-            frame: Some(Frame::error(ErrorCode::DeviceRemoved, "this device was removed")),
-            close_code: close_code::REMOVED,
-        };
+        let mut closing = Vec::new();
         if let Some(&conn) = self.online.get(&device) {
             if conn != except {
                 self.online.remove(&device);
                 self.sessions.insert(conn, Session::Closing);
-                self.outputs.push_back(close(conn));
+                closing.push(conn);
             }
         }
         for index in 0..self.registering.len() {
@@ -634,24 +657,45 @@ impl<S: MailboxStore> ShardCore<S> {
             if matches!(self.sessions.get(&conn), Some(Session::Registering { device: waiting, .. }) if *waiting == device)
             {
                 self.sessions.insert(conn, Session::Closing);
-                self.outputs.push_back(close(conn));
+                closing.push(conn);
             }
         }
+        closing
     }
 
-    /// Answers the RemoveDevice requests whose removal is durable.
+    /// A Hello of a device whose removal is not durable yet waits for it
+    /// (then gets `DeviceRemoved`); returns false if there is no such removal.
+    fn park_until_removed(&mut self, conn: ConnId, device: DeviceKey) -> bool {
+        let Some(pending) = self.removals.iter_mut().find(|pending| pending.device == device) else { return false };
+        pending.closing.push(conn);
+        self.sessions.insert(conn, Session::Closing);
+        true
+    }
+
+    /// Tells everyone concerned by removals that are now durable.
     fn answer_removals(&mut self) {
         for _ in 0..self.removals.len() {
-            let Some((conn, device)) = self.removals.pop_front() else { break };
-            if self.store.removal_pending(device) {
-                self.removals.push_back((conn, device));
+            let Some(pending) = self.removals.pop_front() else { break };
+            if self.store.removal_pending(pending.device) {
+                self.removals.push_back(pending);
                 continue;
             }
+            let device = pending.device;
+            for conn in pending.closing {
+                if matches!(self.sessions.get(&conn), Some(Session::Closing)) {
+                    self.outputs.push_back(Output::Close {
+                        conn,
+                        frame: Some(Frame::error(ErrorCode::DeviceRemoved, "this device was removed")),
+                        close_code: close_code::REMOVED,
+                    });
+                }
+            }
+            let Some((conn, requester)) = pending.requester else { continue };
             let answer = Frame::DeviceRemoved(frames::DeviceRemoved { device_id: device.device });
             match self.sessions.get(&conn) {
-                Some(Session::Active { .. }) => self.emit(conn, answer),
+                Some(Session::Active { device: asking, .. }) if *asking == requester => self.emit(conn, answer),
                 // The device removed itself: the answer ends the session.
-                Some(Session::Closing) => {
+                Some(Session::Closing) if requester == device => {
                     self.outputs.push_back(Output::Close { conn, frame: Some(answer), close_code: close_code::REMOVED })
                 }
                 _ => {} // closed meanwhile
@@ -755,27 +799,28 @@ impl<S: MailboxStore> ShardCore<S> {
             if keeps_up || full.len() == devices.len() {
                 return refuse(ErrorCode::MailboxFull, MAILBOX_FULL_RETRY_AFTER_MS);
             }
-            for device in &full {
-                if self.store.remove_device(*device).is_ok() {
-                    tracing::warn!(
-                        user = device.user,
-                        device = device.device,
-                        "offline device with a full mailbox removed"
-                    );
-                    self.stats.devices_removed_overflow += 1;
-                    self.forget_device(*device, ConnId(u64::MAX));
-                }
-            }
             devices.retain(|device| !full.contains(device));
         }
         let server_msg_id = message.server_msg_id;
-        match self.store.store_message(Rc::new(message), &devices) {
-            Ok(ticket) => {
-                self.stats.messages_stored += 1;
-                (Ok(server_msg_id), ticket, devices)
+        let ticket = match self.store.store_message(Rc::new(message), &devices) {
+            Ok(ticket) => ticket,
+            // Not taken by anyone: nobody is removed for it either.
+            Err(error) => return refuse(error.code(), STORAGE_RETRY_AFTER_MS),
+        };
+        self.stats.messages_stored += 1;
+        for device in full {
+            if self.store.remove_device(device).is_ok() {
+                tracing::warn!(
+                    user = device.user,
+                    device = device.device,
+                    "offline device with a full mailbox removed"
+                );
+                self.stats.devices_removed_overflow += 1;
+                let closing = self.forget_device(device, ConnId(u64::MAX));
+                self.removals.push_back(PendingRemoval { device, requester: None, closing });
             }
-            Err(error) => refuse(error.code(), STORAGE_RETRY_AFTER_MS),
         }
+        (Ok(server_msg_id), ticket, devices)
     }
 
     /// Releases everything the store has committed: answers to origins and
@@ -797,7 +842,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 self.welcome(conn, device, expires_at_s, resume_after_seq);
             }
         }
-        if commit_moved {
+        if !self.removals.is_empty() {
             self.answer_removals();
         }
         let committed = self.store.committed_ticket();

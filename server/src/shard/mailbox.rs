@@ -250,9 +250,9 @@ pub struct MailboxIndex {
     users: StateMap<u64, Vec<u32>>,
     /// Mailbox of each registered device.
     mailboxes: StateMap<DeviceKey, Mailbox>,
-    /// Removed devices of each user, oldest first (at most
+    /// Removed devices of each user with their removal ordinals, oldest first (at most
     /// [`REMOVED_DEVICES_PER_USER_MAX`] each).
-    removed: StateMap<u64, VecDeque<u32>>,
+    removed: StateMap<u64, VecDeque<(u32, u64)>>,
     /// Bytes charged against `shard_mailbox_bytes_max` by every entry held.
     charged_bytes: u64,
     /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
@@ -307,12 +307,26 @@ impl MailboxIndex {
         }
     }
 
-    /// Removes `device` and remembers it as removed; returns its mailbox
-    /// (`None` if it was not registered; it is remembered as removed anyway,
-    /// as recovery replays removals of devices whose records are gone).
-    /// Also returns the removed device forgotten to keep at most
-    /// [`REMOVED_DEVICES_PER_USER_MAX`] per user, if any.
-    pub fn remove(&mut self, device: DeviceKey) -> (Option<Mailbox>, Option<DeviceKey>) {
+    /// Removes a registered `device` and remembers it as removed, with the
+    /// next removal ordinal of its user. Returns its mailbox, the ordinal and
+    /// the removal forgotten to keep [`REMOVED_DEVICES_PER_USER_MAX`], or
+    /// `None` (nothing changed) if it is not registered.
+    pub fn remove_registered(&mut self, device: DeviceKey) -> Option<(Mailbox, u64, Option<DeviceKey>)> {
+        if !self.mailboxes.contains_key(&device) {
+            return None;
+        }
+        let ordinal = self.removed.get(&device.user).and_then(|removed| removed.back()).map_or(1, |(_, last)| last + 1);
+        let (mailbox, forgotten) = self.remember_removed(device, ordinal);
+        Some((mailbox.unwrap_or_default(), ordinal, forgotten))
+    }
+
+    /// Remembers `device` as removed with `ordinal` (recovery replays
+    /// removals in log order, which compaction copies can change: the
+    /// ordinal, not the order, says which are the newest), dropping its
+    /// mailbox if it has one. Returns the mailbox and the removal forgotten
+    /// to keep at most [`REMOVED_DEVICES_PER_USER_MAX`] per user (possibly
+    /// this one, if older than all those kept).
+    pub fn remember_removed(&mut self, device: DeviceKey, ordinal: u64) -> (Option<Mailbox>, Option<DeviceKey>) {
         let mailbox = self.mailboxes.remove(&device);
         for entry in mailbox.iter().flat_map(|mailbox| mailbox.entries.iter()) {
             self.charged_bytes -= entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
@@ -325,13 +339,32 @@ impl MailboxIndex {
         }
         let removed = self.removed.entry(device.user).or_default();
         let mut forgotten = None;
-        if !removed.contains(&device.device) {
-            removed.push_back(device.device);
+        if !removed.iter().any(|(known, _)| *known == device.device) {
+            let position = removed.partition_point(|(_, known)| *known < ordinal);
+            removed.insert(position, (device.device, ordinal));
             if removed.len() > REMOVED_DEVICES_PER_USER_MAX {
-                forgotten = removed.pop_front().map(|oldest| DeviceKey { user: device.user, device: oldest });
+                forgotten = removed.pop_front().map(|(oldest, _)| DeviceKey { user: device.user, device: oldest });
             }
         }
         (mailbox, forgotten)
+    }
+
+    /// Forgets that `device` was removed (recovery: a registration logged
+    /// after its removal means the removal had been forgotten, as only then
+    /// can the id register again).
+    pub fn forget_removed(&mut self, device: DeviceKey) {
+        if let Some(removed) = self.removed.get_mut(&device.user) {
+            removed.retain(|(known, _)| *known != device.device);
+            if removed.is_empty() {
+                self.removed.remove(&device.user);
+            }
+        }
+    }
+
+    /// The ordinal of `device`'s removal, if it is remembered as removed.
+    pub fn removal_ordinal(&self, device: DeviceKey) -> Option<u64> {
+        let removed = self.removed.get(&device.user)?;
+        removed.iter().find(|(known, _)| *known == device.device).map(|(_, ordinal)| *ordinal)
     }
 
     /// The mailbox of a registered device.
@@ -341,14 +374,14 @@ impl MailboxIndex {
 
     /// Whether `device` is remembered as removed.
     pub fn is_removed(&self, device: DeviceKey) -> bool {
-        self.removed.get(&device.user).is_some_and(|removed| removed.contains(&device.device))
+        self.removed.get(&device.user).is_some_and(|removed| removed.iter().any(|(known, _)| *known == device.device))
     }
 
     /// Every removed device remembered, for checkpoints.
     pub fn removed_devices(&self) -> impl Iterator<Item = DeviceKey> + '_ {
         self.removed
             .iter()
-            .flat_map(|(user, devices)| devices.iter().map(|device| DeviceKey { user: *user, device: *device }))
+            .flat_map(|(user, devices)| devices.iter().map(|(device, _)| DeviceKey { user: *user, device: *device }))
     }
 
     /// Devices of `user`.
@@ -590,7 +623,7 @@ impl MailboxStore for MemoryStore {
         if self.index.is_removed(device) {
             return Ok(());
         }
-        self.index.remove(device).0.map(|_| ()).ok_or(StoreError::UnknownDevice(device))
+        self.index.remove_registered(device).map(|_| ()).ok_or(StoreError::UnknownDevice(device))
     }
 
     fn is_removed(&self, device: DeviceKey) -> bool {

@@ -252,10 +252,16 @@ impl LogStore {
         (self, report)
     }
 
+    /// Applies one recovered record. A record of a device's life (its
+    /// registration, a message for it, its acks or state) that comes after
+    /// its removal in the log means the removal had been forgotten (16 newer
+    /// ones pushed it out, and only then can the id register again), even
+    /// when compaction moved the records that pushed it out further on.
     fn replay(&mut self, segment: u64, record: &Record) {
         match record {
             Record::DeviceRegistered(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
+                self.index.forget_removed(device);
                 self.index.register_recovered(device);
                 if !self.index.is_removed(device) && self.index.last_seq(device) == 0 {
                     self.homes.set(device, StateKind::Seqs, segment);
@@ -273,6 +279,7 @@ impl LogStore {
                 });
                 for recipient in &r.recipients {
                     let device = DeviceKey { user: r.to_user, device: recipient.device };
+                    self.index.forget_removed(device);
                     let newest = recipient.seq >= self.index.last_seq(device);
                     if self.index.insert(device, recipient.seq, &message, 0, segment) {
                         self.live_add(segment, device, recipient.seq, live_bytes(&message));
@@ -287,6 +294,7 @@ impl LogStore {
             }
             Record::Acknowledged(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
+                self.index.forget_removed(device);
                 // An ack proves the seqs up to it were assigned (the record of
                 // the highest may be in a later segment, or reclaimed).
                 self.index.raise_last_seq(device, r.up_to_seq);
@@ -299,6 +307,7 @@ impl LogStore {
             }
             Record::DeviceState(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
+                self.index.forget_removed(device);
                 let newest_seq = r.last_seq >= self.index.last_seq(device);
                 let newest_ack = r.acked_seq >= self.index.acked_seq(device);
                 self.index.raise_last_seq(device, r.last_seq);
@@ -321,12 +330,14 @@ impl LogStore {
             }
             Record::DeviceRemoved(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
-                let (mailbox, forgotten) = self.index.remove(device);
+                let (mailbox, forgotten) = self.index.remember_removed(device, r.ordinal);
                 if let Some(mailbox) = mailbox {
                     let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
                     self.forget_entries(device, &entries);
                 }
-                self.homes.set(device, StateKind::Removed, segment);
+                if self.index.is_removed(device) {
+                    self.homes.set(device, StateKind::Removed, segment);
+                }
                 if let Some(forgotten) = forgotten {
                     self.homes.forget(forgotten);
                 }
@@ -415,8 +426,8 @@ impl LogStore {
         // The state of devices whose newest record is in `from` goes forward
         // too: one record each, moved once durable.
         for device in self.homes.devices_in(from) {
-            if self.homes.is_removal(device) {
-                self.append_removal_record(device);
+            if let Some(ordinal) = self.index.removal_ordinal(device).filter(|_| self.homes.is_removal(device)) {
+                last_ticket = self.append_removal_record(device, ordinal);
             } else if self.index.mailbox(device).is_some() {
                 let state = DeviceState {
                     user: device.user,
@@ -498,15 +509,18 @@ impl LogStore {
     }
 
     /// Appends a `DeviceRemoved` for `device`; its removal moves there once durable.
-    fn append_removal_record(&mut self, device: DeviceKey) -> Ticket {
-        let record = Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device });
+    fn append_removal_record(&mut self, device: DeviceKey, ordinal: u64) -> Ticket {
+        let record = Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device, ordinal });
         let (ticket, segment) = self.append(&record);
         self.homes.move_when_durable(ticket, device, StateKind::Removed, segment);
         ticket
     }
 
+    /// Logs `device`'s removal (its ordinal from the index), answered once durable.
     fn append_removal(&mut self, device: DeviceKey) {
-        let ticket = self.append_removal_record(device);
+        // A removal forgotten meanwhile (16 newer ones) is not written again.
+        let Some(ordinal) = self.index.removal_ordinal(device) else { return };
+        let ticket = self.append_removal_record(device, ordinal);
         self.removals_pending.push_back((ticket, device));
     }
 
@@ -593,10 +607,12 @@ impl MailboxStore for LogStore {
         if self.index.is_removed(device) {
             return Ok(());
         }
-        let (mailbox, forgotten) = self.index.remove(device);
-        let Some(mailbox) = mailbox else { return Err(StoreError::UnknownDevice(device)) };
+        let Some((mailbox, _, forgotten)) = self.index.remove_registered(device) else {
+            return Err(StoreError::UnknownDevice(device));
+        };
         if let Some(forgotten) = forgotten {
             self.homes.forget(forgotten);
+            self.removals_pending.retain(|(_, pending)| *pending != forgotten);
         }
         let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
         self.forget_entries(device, &entries);
@@ -652,7 +668,8 @@ impl MailboxStore for LogStore {
     }
 
     fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64) {
-        if up_to_seq <= self.index.acked_seq(device) {
+        // A removed device logs nothing more (replay would take it as alive).
+        if up_to_seq <= self.index.acked_seq(device) || self.index.mailbox(device).is_none() {
             return;
         }
         let dropped = self.index.acknowledge(device, up_to_seq);
@@ -1063,6 +1080,40 @@ mod tests {
             recovered.remove_device(DeviceKey { user: 9, device: 1 }),
             Err(StoreError::UnknownDevice(DeviceKey { user: 9, device: 1 }))
         );
+    }
+
+    #[test]
+    fn removals_past_the_per_user_memory_and_unknown_ids_keep_the_right_devices_removed() {
+        let (log_limits, mut store, mut files) = small_log_of_two_devices();
+        let user = 7;
+        let device = |id| DeviceKey { user, device: id };
+        // Removing ids the user never had changes nothing.
+        for id in 100..120 {
+            assert_eq!(store.remove_device(device(id)), Err(StoreError::UnknownDevice(device(id))));
+        }
+        // 17 devices registered and removed in turn: the first is forgotten.
+        for id in 1..=17 {
+            store.register_device(device(id)).unwrap();
+            store.store_message(message(id.into(), user, 50), &[device(id)]).unwrap();
+            flush(&mut store, &mut files);
+            store.remove_device(device(id)).unwrap();
+            flush(&mut store, &mut files);
+        }
+        assert!(!store.is_removed(device(1)) && store.is_removed(device(2)) && store.is_removed(device(17)));
+        // The forgotten one registers again and gets a message; traffic
+        // rotates, compacts and reclaims the log meanwhile.
+        store.register_device(device(1)).unwrap();
+        store.store_message(message(500, user, 50), &[device(1)]).unwrap();
+        for id in 600..800 {
+            store.store_message(message(id, BUSY.user, 100), &[BUSY]).unwrap();
+            store.acknowledge(BUSY, store.last_seq(BUSY));
+            flush(&mut store, &mut files);
+        }
+        assert_eq!(mailbox(&store, device(1)).len(), 1, "before the restart");
+        let recovered = recover(&files, log_limits);
+        assert_eq!(recovered.devices_of(user), &[1], "only the re-registered device lives");
+        assert_eq!(mailbox(&recovered, device(1)).len(), 1, "its new message survives");
+        assert!((2..=17).all(|id| recovered.is_removed(device(id))), "the 16 newest removals are remembered");
     }
 
     #[test]

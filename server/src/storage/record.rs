@@ -121,6 +121,9 @@ pub struct DeviceRemoved {
     pub user: u64,
     /// Device.
     pub device: u32,
+    /// The user's removal count at this removal: of the removals replayed,
+    /// those with the highest ordinals are the ones remembered.
+    pub ordinal: u64,
 }
 
 /// The first record of every format-2 segment.
@@ -454,18 +457,40 @@ fn next_certified_chunk(bytes: &[u8], from: usize) -> Option<usize> {
     pattern[2] = Record::ChunkEnd(ChunkEnd { start: 0, crc: 0 }).type_byte();
     pattern[3] = RECORD_VERSION;
     let finder = memchr::memmem::Finder::new(&pattern);
+    let marker_body = chunk_framing_bytes(false) - RECORD_HEADER_BYTES;
+    // Bytes that candidate chunks may make the scan walk before it gives up:
+    // marker-shaped bytes in payloads must not make recovery quadratic.
+    let mut budget = bytes.len().saturating_mul(RESYNC_WORK_FACTOR);
     let mut search = from + 1;
     while search < bytes.len() {
         let marker = search + finder.find(&bytes[search..])?;
         search = marker + 1;
+        // A marker has one length: anything else is not checksummed at all.
+        let length =
+            bytes.get(marker + 4..marker + 8).map(|field| u32::from_le_bytes(field.try_into().expect("4 bytes")));
+        if length != Some(marker_body as u32) {
+            continue;
+        }
         let Ok((Record::ChunkEnd(end), _)) = decode_record(&bytes[marker..]) else { continue };
         let Ok(start) = usize::try_from(end.start) else { continue };
-        if start > from && start < marker && read_chunk(bytes, start).is_ok() {
+        if start <= from || start >= marker {
+            continue;
+        }
+        if budget < marker - start {
+            tracing::error!(from, "giving up resynchronising a damaged segment: too many candidate chunk markers");
+            return None;
+        }
+        budget -= marker - start;
+        if read_chunk(bytes, start).is_ok() {
             return Some(start);
         }
     }
     None
 }
+
+/// How many times its own length one resynchronisation may walk through
+/// candidate chunks; genuine damage needs one or two candidates.
+const RESYNC_WORK_FACTOR: usize = 8;
 
 /// Format 1: record by record; after an invalid stretch the scan resumes at
 /// the next record magic whose record decodes.

@@ -68,11 +68,20 @@ impl StateHomes {
         let before = self.homes.get(&device).copied().unwrap_or_default();
         let mut after = before;
         match kind {
-            StateKind::Seqs => after.seqs = segment,
-            StateKind::Acked => after.acked = segment,
+            // A seq or ack fact means the device lives (again): a removal
+            // home left from before its id was forgotten no longer counts.
+            StateKind::Seqs => {
+                after.seqs = segment;
+                after.removed = 0;
+            }
+            StateKind::Acked => {
+                after.acked = segment;
+                after.removed = 0;
+            }
             StateKind::Both => {
                 after.seqs = segment;
                 after.acked = segment;
+                after.removed = 0;
             }
             StateKind::Removed => after = Homes { seqs: 0, acked: 0, removed: segment },
         }
