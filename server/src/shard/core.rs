@@ -396,7 +396,14 @@ impl<S: MailboxStore> ShardCore<S> {
             return;
         }
         for device in self.inactivity.take_expired(self.now_s) {
-            if self.online.contains_key(&device) || self.store.remove_device(device).is_err() {
+            if self.online.contains_key(&device) {
+                continue;
+            }
+            if let Err(error) = self.store.remove_device(device) {
+                if matches!(error, crate::shard::mailbox::StoreError::Backlog) {
+                    // Another removal of its user is still being written: later.
+                    self.inactivity.offline(device, self.now_s.saturating_sub(self.limits.device_inactive_expiry_s));
+                }
                 continue;
             }
             tracing::info!(user = device.user, device = device.device, "inactive device removed");

@@ -339,12 +339,16 @@ impl MailboxIndex {
         }
         let removed = self.removed.entry(device.user).or_default();
         let mut forgotten = None;
-        if !removed.iter().any(|(known, _)| *known == device.device) {
-            let position = removed.partition_point(|(_, known)| *known < ordinal);
-            removed.insert(position, (device.device, ordinal));
-            if removed.len() > REMOVED_DEVICES_PER_USER_MAX {
-                forgotten = removed.pop_front().map(|(oldest, _)| DeviceKey { user: device.user, device: oldest });
-            }
+        // Listed already (an older removal of the same id replayed first):
+        // the newer ordinal wins, in its sorted place.
+        let ordinal = match removed.iter().position(|(known, _)| *known == device.device) {
+            Some(position) => removed.remove(position).map_or(ordinal, |(_, known)| known.max(ordinal)),
+            None => ordinal,
+        };
+        let position = removed.partition_point(|(_, known)| *known < ordinal);
+        removed.insert(position, (device.device, ordinal));
+        if removed.len() > REMOVED_DEVICES_PER_USER_MAX {
+            forgotten = removed.pop_front().map(|(oldest, _)| DeviceKey { user: device.user, device: oldest });
         }
         (mailbox, forgotten)
     }
@@ -359,6 +363,12 @@ impl MailboxIndex {
                 self.removed.remove(&device.user);
             }
         }
+    }
+
+    /// The removal a new removal of one of `user`'s devices would forget.
+    pub fn removal_to_forget(&self, user: u64) -> Option<DeviceKey> {
+        let removed = self.removed.get(&user).filter(|removed| removed.len() >= REMOVED_DEVICES_PER_USER_MAX)?;
+        removed.front().map(|(device, _)| DeviceKey { user, device: *device })
     }
 
     /// The ordinal of `device`'s removal, if it is remembered as removed.

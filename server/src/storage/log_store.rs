@@ -607,12 +607,19 @@ impl MailboxStore for LogStore {
         if self.index.is_removed(device) {
             return Ok(());
         }
+        if self.index.mailbox(device).is_none() {
+            return Err(StoreError::UnknownDevice(device));
+        }
+        // The removal it would push out of memory must be durable first:
+        // otherwise a crash could bring back a device someone was told is gone.
+        if self.index.removal_to_forget(device.user).is_some_and(|oldest| self.removal_pending(oldest)) {
+            return Err(StoreError::Backlog);
+        }
         let Some((mailbox, _, forgotten)) = self.index.remove_registered(device) else {
             return Err(StoreError::UnknownDevice(device));
         };
         if let Some(forgotten) = forgotten {
             self.homes.forget(forgotten);
-            self.removals_pending.retain(|(_, pending)| *pending != forgotten);
         }
         let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
         self.forget_entries(device, &entries);
@@ -1114,6 +1121,36 @@ mod tests {
         assert_eq!(recovered.devices_of(user), &[1], "only the re-registered device lives");
         assert_eq!(mailbox(&recovered, device(1)).len(), 1, "its new message survives");
         assert!((2..=17).all(|id| recovered.is_removed(device(id))), "the 16 newest removals are remembered");
+    }
+
+    #[test]
+    fn a_removal_that_would_forget_one_not_yet_durable_waits() {
+        let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+        let mut store = LogStore::new(StoreLimits { devices_per_user_max: 20, ..limits() }, log_limits);
+        let mut files = BTreeMap::new();
+        let device = |id| DeviceKey { user: 7, device: id };
+        for id in 1..=17 {
+            store.register_device(device(id)).unwrap();
+        }
+        flush(&mut store, &mut files);
+        // 16 removals in one write window: all remembered, none durable.
+        for id in 1..=16 {
+            store.remove_device(device(id)).unwrap();
+        }
+        assert_eq!(
+            store.remove_device(device(17)),
+            Err(StoreError::Backlog),
+            "it would forget device 1's pending removal"
+        );
+        flush(&mut store, &mut files);
+        store.remove_device(device(17)).unwrap();
+        assert!(!store.is_removed(device(1)) && store.is_removed(device(17)));
+        // A removal replayed twice (an old copy first) keeps its newest ordinal.
+        let mut index = MailboxIndex::new(limits());
+        index.remember_removed(device(1), 18);
+        index.remember_removed(device(2), 5);
+        index.remember_removed(device(1), 1);
+        assert_eq!((index.removal_ordinal(device(1)), index.removal_ordinal(device(2))), (Some(18), Some(5)));
     }
 
     #[test]

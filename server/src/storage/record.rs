@@ -256,6 +256,10 @@ pub enum RecordError {
     /// of a format this build does not read.
     #[error("misplaced or unsupported segment framing record")]
     Framing,
+    /// After damage, too many marker-shaped candidates to check: the rest
+    /// of the segment is not read (and kept on disk).
+    #[error("resynchronisation abandoned: too many candidate chunk markers")]
+    ResyncAbandoned,
 }
 
 /// Decodes the record at the start of `bytes`; returns it and its total size.
@@ -394,13 +398,22 @@ fn scan_chunks(bytes: &[u8]) -> Scan {
                     break;
                 };
                 match next_certified_chunk(bytes, position) {
-                    Some(next) => {
+                    Ok(next) => {
                         scan.corrupt.push(CorruptSpan { offset: position, length: next - position, error });
                         position = next;
                     }
-                    None => {
+                    Err(Resync::NoneFound) => {
                         let length = last_nonzero + 1;
                         scan.torn_tail = Some(CorruptSpan { offset: position, length, error });
+                        break;
+                    }
+                    Err(Resync::GaveUp) => {
+                        let length = bytes.len() - position;
+                        scan.corrupt.push(CorruptSpan {
+                            offset: position,
+                            length,
+                            error: RecordError::ResyncAbandoned,
+                        });
                         break;
                     }
                 }
@@ -451,7 +464,7 @@ fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize
 /// it is never taken. (A payload crafted as a whole chunk, with the offset
 /// it will be written at, would still be taken if the disk damages the
 /// record around it: docs/storage.md lists that limit.)
-fn next_certified_chunk(bytes: &[u8], from: usize) -> Option<usize> {
+fn next_certified_chunk(bytes: &[u8], from: usize) -> Result<usize, Resync> {
     let mut pattern = [0u8; 4];
     pattern[..2].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     pattern[2] = Record::ChunkEnd(ChunkEnd { start: 0, crc: 0 }).type_byte();
@@ -463,7 +476,8 @@ fn next_certified_chunk(bytes: &[u8], from: usize) -> Option<usize> {
     let mut budget = bytes.len().saturating_mul(RESYNC_WORK_FACTOR);
     let mut search = from + 1;
     while search < bytes.len() {
-        let marker = search + finder.find(&bytes[search..])?;
+        let Some(found) = finder.find(&bytes[search..]) else { break };
+        let marker = search + found;
         search = marker + 1;
         // A marker has one length: anything else is not checksummed at all.
         let length =
@@ -477,20 +491,32 @@ fn next_certified_chunk(bytes: &[u8], from: usize) -> Option<usize> {
             continue;
         }
         if budget < marker - start {
-            tracing::error!(from, "giving up resynchronising a damaged segment: too many candidate chunk markers");
-            return None;
+            return Err(Resync::GaveUp);
         }
         budget -= marker - start;
-        if read_chunk(bytes, start).is_ok() {
-            return Some(start);
+        // Only up to this marker: the walk costs what was charged.
+        let end = (marker + marker_body + RECORD_HEADER_BYTES).min(bytes.len());
+        if read_chunk(&bytes[..end], start).is_ok() {
+            return Ok(start);
         }
     }
-    None
+    Err(Resync::NoneFound)
+}
+
+/// Why no chunk to resume at was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resync {
+    /// No certified chunk follows: the rest is a torn tail.
+    NoneFound,
+    /// Too many candidates to check: the rest is left unread (and, unlike a
+    /// torn tail, never cut off the file, since it may hold acknowledged
+    /// chunks).
+    GaveUp,
 }
 
 /// How many times its own length one resynchronisation may walk through
 /// candidate chunks; genuine damage needs one or two candidates.
-const RESYNC_WORK_FACTOR: usize = 8;
+const RESYNC_WORK_FACTOR: usize = 64;
 
 /// Format 1: record by record; after an invalid stretch the scan resumes at
 /// the next record magic whose record decodes.
@@ -669,6 +695,21 @@ mod tests {
         assert_eq!((scan.corrupt[0].offset, scan.corrupt[0].length), (starts[2], starts[3] - starts[2]));
         assert!(scan.torn_tail.is_none());
         assert_eq!(scan.valid_end, file.len());
+    }
+
+    #[test]
+    fn marker_shaped_bytes_after_damage_cost_a_bounded_walk_and_never_a_truncation() {
+        let (mut file, starts, _) = chunked(2, 2);
+        // Damage in chunk 1, then thousands of well-formed markers naming a
+        // start just after the damage (as a crafted payload could hold).
+        file[starts[1] + 3] ^= 0xFF;
+        for _ in 0..4000 {
+            encode_record(&Record::ChunkEnd(ChunkEnd { start: starts[1] as u64 + 1, crc: 7 }), &mut file);
+        }
+        let scan = scan_segment(&file);
+        assert_eq!(ids(&scan), vec![0, 1]);
+        assert!(scan.torn_tail.is_none(), "the unread rest must not be cut off as a torn tail");
+        assert_eq!(scan.corrupt.last().map(|span| span.error.clone()), Some(RecordError::ResyncAbandoned));
     }
 
     #[test]
