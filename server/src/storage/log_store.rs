@@ -106,6 +106,10 @@ pub struct LogStore {
     registrations_pending: VecDeque<(Ticket, DeviceKey)>,
     /// Removals not yet durable, with the ticket of their record.
     removals_pending: VecDeque<(Ticket, DeviceKey)>,
+    /// How many records in `removals_pending` each device has, so that
+    /// `removal_pending` is one lookup (the core asks once per pending
+    /// removal on every pass).
+    removing_devices: std::collections::HashMap<DeviceKey, u32, foldhash::fast::RandomState>,
     /// The devices in `registrations_pending` (each at most once).
     registering_devices: std::collections::HashSet<DeviceKey, foldhash::fast::RandomState>,
 }
@@ -210,6 +214,7 @@ impl LogStore {
             corrupt_records: 0,
             registrations_pending: VecDeque::new(),
             removals_pending: VecDeque::new(),
+            removing_devices: Default::default(),
             registering_devices: Default::default(),
             stored_count: 0,
             newest_stored_by_segment: BTreeMap::new(),
@@ -516,12 +521,23 @@ impl LogStore {
         ticket
     }
 
+    /// One record of `device`'s removal left `removals_pending`.
+    fn not_removing(&mut self, device: DeviceKey) {
+        if let Some(count) = self.removing_devices.get_mut(&device) {
+            *count -= 1;
+            if *count == 0 {
+                self.removing_devices.remove(&device);
+            }
+        }
+    }
+
     /// Logs `device`'s removal (its ordinal from the index), answered once durable.
     fn append_removal(&mut self, device: DeviceKey) {
         // A removal forgotten meanwhile (16 newer ones) is not written again.
         let Some(ordinal) = self.index.removal_ordinal(device) else { return };
         let ticket = self.append_removal_record(device, ordinal);
         self.removals_pending.push_back((ticket, device));
+        *self.removing_devices.entry(device).or_default() += 1;
     }
 
     fn append_registration(&mut self, device: DeviceKey) {
@@ -634,7 +650,7 @@ impl MailboxStore for LogStore {
     }
 
     fn removal_pending(&self, device: DeviceKey) -> bool {
-        self.removals_pending.iter().any(|(_, pending)| *pending == device)
+        self.removing_devices.contains_key(&device)
     }
 
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
@@ -740,7 +756,9 @@ impl MailboxStore for LogStore {
             }
         }
         while self.removals_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
-            self.removals_pending.pop_front();
+            if let Some((_, device)) = self.removals_pending.pop_front() {
+                self.not_removing(device);
+            }
         }
         self.on_disk.insert(segment);
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
@@ -790,6 +808,7 @@ impl MailboxStore for LogStore {
         }
         // Likewise a removal: the device stays removed in memory.
         for device in take_tickets_in(&mut self.removals_pending, first_ticket, last_ticket) {
+            self.not_removing(device);
             self.append_removal(device);
         }
     }
