@@ -24,6 +24,12 @@ pub struct ShardMetrics {
     pub sends_refused_total: AtomicU64,
     /// Deliver frames pulled for push streams.
     pub deliveries_total: AtomicU64,
+    /// Devices removed by RemoveDevice.
+    pub devices_removed_total: AtomicU64,
+    /// Offline devices removed because their mailbox was full.
+    pub devices_removed_overflow_total: AtomicU64,
+    /// Devices removed after the inactivity expiry.
+    pub devices_expired_total: AtomicU64,
     /// Log chunks written and synced.
     pub log_writes_total: AtomicU64,
     /// Log chunks whose write or sync failed.
@@ -63,7 +69,7 @@ impl ShardMetrics {
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 15] = [
+    let families: [(&str, &str, &str, Field); 18] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -72,6 +78,16 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_duplicates_total", "counter", "Retries answered without storing again.", |m| &m.duplicates_total),
         ("iris_sends_refused_total", "counter", "Sends refused with an Error.", |m| &m.sends_refused_total),
         ("iris_deliveries_total", "counter", "Deliver frames pushed.", |m| &m.deliveries_total),
+        ("iris_devices_removed_total", "counter", "Devices removed by RemoveDevice.", |m| &m.devices_removed_total),
+        (
+            "iris_devices_removed_overflow_total",
+            "counter",
+            "Offline devices removed because their mailbox was full.",
+            |m| &m.devices_removed_overflow_total,
+        ),
+        ("iris_devices_expired_total", "counter", "Devices removed after the inactivity expiry.", |m| {
+            &m.devices_expired_total
+        }),
         ("iris_log_writes_total", "counter", "Log chunks written and synced.", |m| &m.log_writes_total),
         ("iris_log_write_failures_total", "counter", "Log chunks that failed to write or sync.", |m| {
             &m.log_write_failures_total

@@ -382,7 +382,9 @@ async fn a_rotated_token_key_keeps_old_tokens_until_retired_and_accepts_new_ones
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_removed_by_another_device_of_its_user_stays_removed_after_a_crash() {
-    let mut server = Server::start(1);
+    let admin = format!("127.0.0.1:{}", 20_000 + rand_u64() % 12_000);
+    let admin_line = format!("admin_listen = \"{admin}\"");
+    let mut server = Server::start_with(1, &[admin_line.as_str()]);
     let user = user_on_shard(0, 1, 72);
     let mut phone = Raw::connect(&server, 0).await;
     assert!(matches!(phone.hello(&server.token(user, 1), 0).await, Frame::Welcome(_)));
@@ -399,6 +401,8 @@ async fn a_device_removed_by_another_device_of_its_user_stays_removed_after_a_cr
         other => panic!("the removed laptop's session should end with DeviceRemoved, got {other:?}"),
     }
     assert_eq!(laptop.closed_code().await, Some(u64::from(close_code::REMOVED)));
+    let metrics = common::http_get(&admin, "/metrics");
+    assert!(metrics.contains("iris_devices_removed_total{shard=\"0\"} 1"), "{metrics}");
     // The answer came after the removal was durable: a SIGKILL keeps it.
     server.kill9();
     server.restart();

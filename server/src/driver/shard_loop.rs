@@ -315,6 +315,9 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.duplicates_total, stats.duplicates);
         ShardMetrics::set(&metrics.sends_refused_total, stats.sends_refused);
         ShardMetrics::set(&metrics.deliveries_total, stats.deliveries);
+        ShardMetrics::set(&metrics.devices_removed_total, stats.devices_removed);
+        ShardMetrics::set(&metrics.devices_removed_overflow_total, stats.devices_removed_overflow);
+        ShardMetrics::set(&metrics.devices_expired_total, stats.devices_expired);
     }
 
     async fn wait(&mut self) -> Wake {

@@ -1131,14 +1131,24 @@ mod tests {
         })
     }
 
+    /// User 20 with a phone (conn 1, device 1) and a laptop (conn 2, device
+    /// 2) online, and a sender of user 10 on conn 3.
+    fn phone_laptop_and_sender(
+        core: &mut ShardCore<MemoryStore>,
+        authority: &TokenAuthority,
+    ) -> (ConnId, ConnId, ConnId) {
+        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
+        hello_device(core, authority, phone, 20, 1);
+        hello_device(core, authority, laptop, 20, 2);
+        hello(core, authority, sender, 10);
+        (phone, laptop, sender)
+    }
+
     #[test]
     fn a_device_removed_by_its_sibling_is_closed_refused_and_no_longer_receives() {
         let authority = TokenAuthority::from_secret([6; 32]);
         let mut core = core(&authority);
-        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
-        hello_device(&mut core, &authority, phone, 20, 1);
-        hello_device(&mut core, &authority, laptop, 20, 2);
-        hello(&mut core, &authority, sender, 10);
+        let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
         core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
         let out = outputs(&mut core);
         assert!(
@@ -1179,11 +1189,8 @@ mod tests {
     fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_message() {
         let authority = TokenAuthority::from_secret([7; 32]);
         let mut core = core(&authority);
-        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
-        hello_device(&mut core, &authority, phone, 20, 1);
-        hello_device(&mut core, &authority, laptop, 20, 2);
+        let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
         core.on_connection_closed(laptop);
-        hello(&mut core, &authority, sender, 10);
         // The store's cap is 100 messages per device: the phone acknowledges
         // as it goes, the offline laptop fills up.
         let mut next_id = 1;
@@ -1281,10 +1288,7 @@ mod tests {
     fn a_full_mailbox_of_an_online_device_or_of_every_device_refuses_the_send() {
         let authority = TokenAuthority::from_secret([8; 32]);
         let mut core = core(&authority);
-        let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
-        hello_device(&mut core, &authority, phone, 20, 1);
-        hello_device(&mut core, &authority, laptop, 20, 2);
-        hello(&mut core, &authority, sender, 10);
+        let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
         for id in 1..=101 {
             let send = frames::Send { client_msg_id: id, to_user: 20, payload: b"m".to_vec() };
             core.on_frame(sender, Frame::Send(send), NOW_MS);
