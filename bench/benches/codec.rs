@@ -5,7 +5,7 @@ use iris_protocol::{encode_into, Frame, FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
 fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("codec");
     for payload_bytes in [150usize, 4096] {
-        let send = Frame::Send(Send { client_msg_id: 42, to_user: 7, payload: vec![0xA5; payload_bytes] });
+        let send = Frame::Send(Send { client_msg_id: 42, to_user: 7, after: None, payload: vec![0xA5; payload_bytes] });
         let deliver = Frame::Deliver(Deliver {
             seq: 9,
             from_user: 1,

@@ -21,6 +21,7 @@ fn message_path(c: &mut Criterion) {
     };
     let limits = CoreLimits {
         dedup_entries_per_device_max: 256,
+        sender_dedup_entries_max: 1_048_576,
         sends_in_flight_per_device_max: 256,
         shard_outbox_messages_max: 1024,
         device_inactive_expiry_s: 0,
@@ -48,7 +49,7 @@ fn message_path(c: &mut Criterion) {
     group.bench_function("send_store_ack_deliver_150B", |b| {
         b.iter(|| {
             client_msg_id += 1;
-            let send = Frame::Send(frames::Send { client_msg_id, to_user: 2, payload: vec![7; 150] });
+            let send = Frame::Send(frames::Send { client_msg_id, to_user: 2, after: None, payload: vec![7; 150] });
             core.on_frame(sender, send, 1);
             core.flush_commits();
             let ack = core.poll_output();

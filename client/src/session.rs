@@ -7,11 +7,18 @@
 //! and a periodic cumulative DeliveryAck. When the connection is lost it
 //! reconnects with backoff and resends every unacknowledged send with its
 //! original client_msg_id, in the original order.
+//!
+//! Order per recipient: each Send names the previous unacknowledged send to
+//! the same user (`after`), so the server never stores it ahead of that one.
+//! A refused send is retried after `retry_after_ms` (jittered); the later
+//! sends to the same recipient wait behind it and go out again, in order,
+//! right after it (their `OutOfOrder` refusals are expected and never reach
+//! the application).
 
 use crate::{Acked, ClientConfig, ClientError, Command, Delivered, Shared};
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::{encode, ErrorCode, FrameDecoder};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -44,7 +51,8 @@ struct PendingSend {
     payload: Vec<u8>,
     /// Where the outcome goes.
     reply: oneshot::Sender<Result<Acked, ClientError>>,
-    /// Set after a retryable refusal: resend at this time.
+    /// Set after a retryable refusal (or while an earlier send to the same
+    /// recipient waits): resend at this time, in order behind the earlier ones.
     retry_at: Option<Instant>,
 }
 
@@ -273,15 +281,11 @@ impl Session {
 
     async fn serve(&mut self, mut live: Live) -> Ended {
         // Resend everything unacknowledged, in order, with the same ids.
-        let order: Vec<u64> = self.pending_order.iter().copied().collect();
-        for id in order {
-            if let Some(pending) = self.pending.get_mut(&id) {
-                pending.retry_at = None;
-                let frame = send_frame(id, pending);
-                if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
-                    return ended;
-                }
-            }
+        for pending in self.pending.values_mut() {
+            pending.retry_at = Some(Instant::now());
+        }
+        if let Err(ended) = self.resend_due(&mut live).await {
+            return ended;
         }
         // A removal in flight is asked again (removing is idempotent).
         if let Some((device_id, _)) = &self.removal {
@@ -313,12 +317,26 @@ impl Session {
                     Some(Command::Send { to_user, payload, reply }) => {
                         let id = self.next_client_msg_id;
                         self.next_client_msg_id = self.next_client_msg_id.wrapping_add(1);
-                        let pending = PendingSend { to_user, payload, reply, retry_at: None };
-                        let frame = send_frame(id, &pending);
+                        // The previous unacknowledged send to this recipient,
+                        // and whether it (or one before it) waits for a retry.
+                        let mut after = None;
+                        let mut held = false;
+                        for earlier in self.pending_order.iter().rev() {
+                            let Some(earlier_send) = self.pending.get(earlier) else { continue };
+                            if earlier_send.to_user == to_user {
+                                after = after.or(Some(*earlier));
+                                held |= earlier_send.retry_at.is_some();
+                            }
+                        }
+                        let retry_at = held.then(Instant::now);
+                        let pending = PendingSend { to_user, payload, reply, retry_at };
+                        let frame = send_frame(id, after, &pending);
                         self.pending.insert(id, pending);
                         self.pending_order.push_back(id);
-                        if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
-                            return ended;
+                        if !held {
+                            if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                                return ended;
+                            }
                         }
                     }
                     Some(Command::Close { reply }) => {
@@ -445,11 +463,15 @@ impl Session {
                 let code = ErrorCode::from_u16(error.code);
                 match error.client_msg_id {
                     Some(id) => {
-                        let retryable = self.config.retry_refusals && code.is_some_and(ErrorCode::is_retryable);
+                        // OutOfOrder only says an earlier send is not stored
+                        // yet: this one goes again behind it, whatever the
+                        // application's retry policy.
+                        let behind = code == Some(ErrorCode::OutOfOrder);
+                        let retryable =
+                            behind || self.config.retry_refusals && code.is_some_and(ErrorCode::is_retryable);
                         if retryable {
                             if let Some(pending) = self.pending.get_mut(&id) {
-                                let wait = Duration::from_millis(u64::from(error.retry_after_ms.max(10)));
-                                pending.retry_at = Some(Instant::now() + wait);
+                                pending.retry_at = Some(Instant::now() + retry_delay(error.retry_after_ms));
                             }
                         } else if let Some(pending) = self.pending.remove(&id) {
                             self.pending_order.retain(|pending_id| *pending_id != id);
@@ -500,18 +522,28 @@ impl Session {
         Ok(())
     }
 
+    /// Resends, in send order, every waiting send whose time has come and
+    /// that no earlier waiting send to the same recipient holds back; each
+    /// names the send before it to that recipient as `after`.
     async fn resend_due(&mut self, live: &mut Live) -> Result<(), Ended> {
         let now = Instant::now();
-        let due: Vec<u64> = self
-            .pending_order
-            .iter()
-            .copied()
-            .filter(|id| self.pending.get(id).and_then(|p| p.retry_at).is_some_and(|at| at <= now))
-            .collect();
-        for id in due {
+        let mut previous: HashMap<u64, u64> = HashMap::new();
+        let mut held: HashSet<u64> = HashSet::new();
+        let mut due = Vec::new();
+        for &id in &self.pending_order {
+            let Some(pending) = self.pending.get(&id) else { continue };
+            let after = previous.insert(pending.to_user, id);
+            let Some(at) = pending.retry_at else { continue };
+            if at > now || held.contains(&pending.to_user) {
+                held.insert(pending.to_user);
+            } else {
+                due.push((id, after));
+            }
+        }
+        for (id, after) in due {
             if let Some(pending) = self.pending.get_mut(&id) {
                 pending.retry_at = None;
-                let frame = send_frame(id, pending);
+                let frame = send_frame(id, after, pending);
                 write_frame(live, &frame, self.config.frame_bytes_max).await?;
             }
         }
@@ -524,8 +556,16 @@ enum HelloOutcome {
     Redirect(frames::Redirect),
 }
 
-fn send_frame(client_msg_id: u64, pending: &PendingSend) -> Frame {
-    Frame::Send(frames::Send { client_msg_id, to_user: pending.to_user, payload: pending.payload.clone() })
+fn send_frame(client_msg_id: u64, after: Option<u64>, pending: &PendingSend) -> Frame {
+    Frame::Send(frames::Send { client_msg_id, to_user: pending.to_user, after, payload: pending.payload.clone() })
+}
+
+/// How long to wait before retrying a refused send: the server's
+/// `retry_after_ms` (at least 10 ms) plus up to half of it again at random,
+/// so senders refused together do not all come back at the same moment.
+fn retry_delay(retry_after_ms: u32) -> Duration {
+    let base = u64::from(retry_after_ms.max(10));
+    Duration::from_millis(base + rand::random::<u64>() % (base / 2 + 1))
 }
 
 async fn write_frame(live: &mut Live, frame: &Frame, frame_bytes_max: u32) -> Result<(), Ended> {

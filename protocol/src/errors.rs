@@ -62,6 +62,11 @@ pub enum ErrorCode {
     DeviceRemoved = 17,
     /// A RemoveDevice named a device its user does not have.
     UnknownDevice = 18,
+    /// A Send named an `after` send that is not stored (refused, still being
+    /// retried, or abandoned). Not stored; send it again once the earlier one
+    /// is acknowledged (with the same `after`) or abandoned (with the `after`
+    /// of the send before it). Never a reason to give up on the message.
+    OutOfOrder = 19,
 }
 
 impl ErrorCode {
@@ -88,6 +93,7 @@ impl ErrorCode {
             16 => ResumeBeyondLastSeq,
             17 => DeviceRemoved,
             18 => UnknownDevice,
+            19 => OutOfOrder,
             _ => return None,
         })
     }
@@ -101,6 +107,7 @@ impl ErrorCode {
                 | ErrorCode::StorageUnavailable
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Internal
+                | ErrorCode::OutOfOrder
         )
     }
 }

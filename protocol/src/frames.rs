@@ -87,6 +87,13 @@ pub struct Send {
     pub client_msg_id: u64,
     /// Recipient user.
     pub to_user: u64,
+    /// The `client_msg_id` of this device's previous Send to `to_user` if
+    /// that one was not yet acknowledged when this one was (re)sent: the
+    /// server stores this Send only once that one is stored, and refuses it
+    /// with `OutOfOrder` otherwise, so a refusal of an earlier send can never
+    /// let a later one overtake it. `None` when every earlier send to
+    /// `to_user` is acknowledged or abandoned.
+    pub after: Option<u64>,
     /// Opaque bytes (end-to-end ciphertext in production).
     pub payload: Vec<u8>,
 }

@@ -14,7 +14,7 @@ fn all_frames() -> Vec<Frame> {
             nodes: vec![NodeEntry { node_id: 0, address: "::1".into(), shard_ports: vec![7700, 7701] }],
             slots: (0..4096).map(|i| SlotOwner { node: 0, shard: (i % 2) as u16 }).collect(),
         }),
-        Frame::Send(Send { client_msg_id: 1, to_user: 2, payload: vec![0xAB; 1000] }),
+        Frame::Send(Send { client_msg_id: 1, to_user: 2, after: None, payload: vec![0xAB; 1000] }),
         Frame::Ack(Ack { client_msg_id: 1, server_msg_id: u64::MAX }),
         Frame::Deliver(Deliver {
             seq: 3,
@@ -63,7 +63,7 @@ fn oversized_length_prefix_is_refused_before_the_body_arrives() {
 
 #[test]
 fn encoding_refuses_a_frame_over_the_limit() {
-    let frame = Frame::Send(Send { client_msg_id: 1, to_user: 2, payload: vec![0; 2048] });
+    let frame = Frame::Send(Send { client_msg_id: 1, to_user: 2, after: None, payload: vec![0; 2048] });
     assert!(encode(&frame, 1024).is_err());
 }
 
@@ -85,7 +85,8 @@ fn unknown_kind_and_version_are_typed_errors() {
 #[test]
 fn a_truncated_body_inside_a_valid_header_is_bad_frame() {
     // A Send whose String/Vec pointers point outside the body must not validate.
-    let wire = encode(&Frame::Send(Send { client_msg_id: 1, to_user: 2, payload: vec![7; 64] }), 4096).unwrap();
+    let wire =
+        encode(&Frame::Send(Send { client_msg_id: 1, to_user: 2, after: None, payload: vec![7; 64] }), 4096).unwrap();
     let body_len = wire.len() - 6;
     let mut cut = Vec::new();
     let short = (body_len / 2) as u32 + 2;

@@ -115,6 +115,10 @@ pub struct Limits {
     /// Remembered (client_msg_id -> server_msg_id) entries per sending device;
     /// the oldest acknowledged entry is forgotten first.
     pub dedup_entries_per_device_max: u32,
+    /// Acknowledged (client_msg_id -> server_msg_id) entries all sending
+    /// devices of one shard keep together (~40 B each); past it the device
+    /// that sent least recently forgets its acknowledged entries first.
+    pub sender_dedup_entries_max: u32,
     /// Recipient-side memory of (sender device, client_msg_id) -> stored id,
     /// per shard, so a retry after a crash is not stored twice; the oldest is
     /// forgotten first. About 60 bytes per entry.
@@ -193,6 +197,7 @@ impl Default for Limits {
             // A client keeps at most a few dozen sends unacknowledged; 256
             // covers its retry window with room to spare, at ~24 B per entry.
             dedup_entries_per_device_max: 256,
+            sender_dedup_entries_max: 1_048_576,
             sends_in_flight_per_device_max: 256,
             // 30 days, as WhatsApp unlinks companion devices.
             device_inactive_expiry_s: 30 * 24 * 3600,
@@ -261,6 +266,7 @@ impl Config {
             ("devices_per_shard_max", limits.devices_per_shard_max),
             ("mailbox_messages_max", limits.mailbox_messages_max),
             ("dedup_entries_per_device_max", limits.dedup_entries_per_device_max),
+            ("sender_dedup_entries_max", limits.sender_dedup_entries_max),
             ("sends_in_flight_per_device_max", limits.sends_in_flight_per_device_max),
             ("stored_dedup_entries_max", limits.stored_dedup_entries_max),
             ("connections_per_shard_max", limits.connections_per_shard_max),

@@ -6,6 +6,7 @@
 //! relaxed ordering: a scrape may see one counter a moment older than
 //! another, which monitoring tolerates; the data path never waits on it.
 
+use iris_protocol::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub struct ShardMetrics {
     pub duplicates_total: AtomicU64,
     /// Sends refused (any code).
     pub sends_refused_total: AtomicU64,
+    /// Sends refused, by error code (index: the code's wire value).
+    pub refusals_by_code: [AtomicU64; crate::shard::core::REFUSAL_CODES],
     /// Deliver frames pulled for push streams.
     pub deliveries_total: AtomicU64,
     /// Devices removed by RemoveDevice.
@@ -65,6 +68,19 @@ impl ShardMetrics {
         counter.fetch_add(value, Ordering::Relaxed);
     }
 }
+
+/// The codes a Send can be refused with (each exported, zero or not, so
+/// that rates and alerts see a stable set of series).
+const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
+    ErrorCode::FrameTooLarge,
+    ErrorCode::UnknownRecipient,
+    ErrorCode::MailboxFull,
+    ErrorCode::Throttle,
+    ErrorCode::StorageUnavailable,
+    ErrorCode::ShuttingDown,
+    ErrorCode::Internal,
+    ErrorCode::OutOfOrder,
+];
 
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
@@ -111,6 +127,14 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (shard, metrics) in shards.iter().enumerate() {
             out.push_str(&format!("{name}{{shard=\"{shard}\"}} {}\n", field(metrics).load(Ordering::Relaxed)));
+        }
+    }
+    let name = "iris_send_refusals_total";
+    out.push_str(&format!("# HELP {name} Sends refused, by error code.\n# TYPE {name} counter\n"));
+    for code in SEND_REFUSAL_CODES {
+        for (shard, metrics) in shards.iter().enumerate() {
+            let count = metrics.refusals_by_code[code as usize].load(Ordering::Relaxed);
+            out.push_str(&format!("{name}{{shard=\"{shard}\",code=\"{code:?}\"}} {count}\n"));
         }
     }
     out

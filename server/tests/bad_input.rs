@@ -92,7 +92,7 @@ async fn oversized_garbage_and_unknown_frames_get_typed_errors() {
     raw.write_frame(&Frame::Ack(frames::Ack { client_msg_id: 1, server_msg_id: 2 })).await;
     assert_eq!(error_code(raw.read_frame().await), ErrorCode::ProtocolViolation);
     let mut raw = Raw::connect(&server, 0).await;
-    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 1, to_user: 2, payload: vec![] })).await;
+    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 1, to_user: 2, after: None, payload: vec![] })).await;
     assert_eq!(error_code(raw.read_frame().await), ErrorCode::ProtocolViolation);
 
     // Random bytes of every shape, many connections at once.
@@ -121,7 +121,13 @@ async fn a_send_to_a_user_without_devices_is_refused_but_the_session_goes_on() {
     let nobody = user_on_shard(1, 2, 7_000_000);
     let mut raw = Raw::connect(&server, 0).await;
     assert!(matches!(raw.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
-    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 5, to_user: nobody, payload: b"hi".to_vec() })).await;
+    raw.write_frame(&Frame::Send(frames::Send {
+        client_msg_id: 5,
+        to_user: nobody,
+        after: None,
+        payload: b"hi".to_vec(),
+    }))
+    .await;
     match raw.read_frame().await {
         Some(Frame::Error(error)) => {
             assert_eq!(ErrorCode::from_u16(error.code), Some(ErrorCode::UnknownRecipient));
@@ -142,8 +148,13 @@ async fn a_send_to_a_user_without_devices_is_refused_but_the_session_goes_on() {
     assert!(matches!(error, iris_client::ClientError::PayloadTooLarge { .. }), "{error:?}");
     // ...and the server refuses it (without closing) when a raw client sends it.
     let limit = iris_protocol::payload_bytes_max(iris_protocol::FRAME_BYTES_MAX_DEFAULT);
-    raw.write_frame(&Frame::Send(frames::Send { client_msg_id: 6, to_user: sender, payload: vec![1; limit + 1] }))
-        .await;
+    raw.write_frame(&Frame::Send(frames::Send {
+        client_msg_id: 6,
+        to_user: sender,
+        after: None,
+        payload: vec![1; limit + 1],
+    }))
+    .await;
     let refused = raw.read_frame().await;
     assert!(
         matches!(&refused, Some(Frame::Error(e)) if e.code == ErrorCode::FrameTooLarge as u16 && e.client_msg_id == Some(6)),
@@ -240,16 +251,9 @@ async fn small_requests_for_large_answers_cannot_grow_server_memory() {
 }
 
 /// The value of `name{shard="0"}` in a Prometheus exposition.
-fn metric(exposition: &str, name: &str) -> u64 {
-    let prefix = format!("{name}{{shard=\"0\"}} ");
-    let line = exposition.lines().find(|line| line.starts_with(&prefix)).unwrap_or_else(|| panic!("no {name}"));
-    line[prefix.len()..].trim().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_are_validated_under_load_and_one_source_cannot_take_every_slot() {
-    let admin = format!("127.0.0.1:{}", 20_000 + common::rand_u64() % 12_000);
-    let admin_line = format!("admin_listen = \"{admin}\"");
+    let (admin, admin_line) = common::admin_address();
     // Every handshake counts as "under load", and one address may hold two.
     let server = Server::start_with(
         1,
@@ -258,7 +262,10 @@ async fn handshakes_are_validated_under_load_and_one_source_cannot_take_every_sl
     let first = Raw::connect(&server, 0).await;
     let second = Raw::connect(&server, 0).await;
     let exposition = common::http_get(&admin, "/metrics");
-    assert!(metric(&exposition, "iris_handshake_retries_total") >= 2, "each handshake proved its address first");
+    assert!(
+        common::metric_sum(&exposition, "iris_handshake_retries_total", "shard=\"0\"") >= 2,
+        "each handshake proved its address first"
+    );
     // A third connection from 127.0.0.1 is refused, the two keep working.
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(common::client_tls(&server.ca()));
@@ -267,7 +274,10 @@ async fn handshakes_are_validated_under_load_and_one_source_cannot_take_every_sl
         .await
         .expect("an answer, not a timeout");
     assert!(refused.is_err(), "a third connection from one source must be refused");
-    assert_eq!(metric(&common::http_get(&admin, "/metrics"), "iris_handshakes_refused_total"), 1);
+    assert_eq!(
+        common::metric_sum(&common::http_get(&admin, "/metrics"), "iris_handshakes_refused_total", "shard=\"0\""),
+        1
+    );
     for mut raw in [first, second] {
         raw.write_frame(&Frame::Ping(frames::Ping { nonce: 9 })).await;
         assert!(matches!(raw.read_frame().await, Some(Frame::Pong(pong)) if pong.nonce == 9));

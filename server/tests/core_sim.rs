@@ -57,6 +57,14 @@ impl Rng {
     }
 }
 
+/// The `after` of the send at `position` in a device's pending sends (in
+/// send order): the unacknowledged send before it to the same recipient,
+/// as the SDK computes it.
+fn after_in(pending: &VecDeque<(u64, u64, Vec<u8>)>, position: usize) -> Option<u64> {
+    let to_user = pending[position].1;
+    pending.range(..position).rev().find(|(_, to, _)| *to == to_user).map(|(id, ..)| *id)
+}
+
 /// A simulated device (the client side of the protocol).
 struct Device {
     user: u64,
@@ -138,17 +146,10 @@ struct Faults {
     crashes_per_mille: u64,
     /// Whether devices remove siblings (RemoveDevice) in this run.
     removals: bool,
-}
-
-impl Faults {
-    /// Whether order per sender device -> recipient device is checked. A
-    /// refused Send (here: its write failed) is retried after later sends of
-    /// the same device may have been stored, so refusals can still reorder;
-    /// making them order-safe is issue 9's per-sender sequencing. Runs with
-    /// crashes but no failed writes check order strictly.
-    fn order_checked(&self) -> bool {
-        self.write_failures_per_mille == 0
-    }
+    /// Whether the sender's shard runs with tiny in-flight and outbox
+    /// bounds, so that it refuses (Throttle) some sends and lets later ones
+    /// of the same device through: order must hold anyway.
+    tight: bool,
 }
 
 const STORE_LIMITS: StoreLimits = StoreLimits {
@@ -169,8 +170,6 @@ struct Sim {
     cores: Vec<ShardCore<LogStore>>,
     disks: Vec<SimDisk>,
     faults: Faults,
-    /// Whether `check` verifies order (see [`Faults::order_checked`]).
-    order_checked: bool,
     boot: u64,
     crashes: u64,
     failed_writes: u64,
@@ -187,11 +186,13 @@ struct Sim {
     refused_hellos: u64,
     /// Payloads a removed device never saw acknowledged.
     abandoned: std::collections::HashSet<String>,
+    /// Send refusals seen, by error code.
+    refusals: BTreeMap<u16, u64>,
     rng: Rng,
 }
 
 /// A shard core over `store`, as the runtime builds it.
-fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore) -> ShardCore<LogStore> {
+fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore, tight: bool) -> ShardCore<LogStore> {
     let table = SlotTable::single_node(NodeId(0), SHARDS, 1).unwrap();
     let identity = ShardIdentity {
         node: NodeId(0),
@@ -203,8 +204,10 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore)
     };
     let limits = CoreLimits {
         dedup_entries_per_device_max: 64,
-        sends_in_flight_per_device_max: 16,
-        shard_outbox_messages_max: 1000,
+        // Small, so the least recent senders forget their acknowledged ids.
+        sender_dedup_entries_max: 96,
+        sends_in_flight_per_device_max: if tight { 2 } else { 16 },
+        shard_outbox_messages_max: if tight { 3 } else { 1000 },
         // Expiry needs hours of simulated time; its unit test covers it.
         device_inactive_expiry_s: 0,
     };
@@ -229,20 +232,28 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let authority = TokenAuthority::from_secret([3; 32]);
         let table = SlotTable::single_node(NodeId(0), SHARDS, 1).unwrap();
-        let cores =
-            (0..SHARDS).map(|shard| core_over(shard, 1, &authority, LogStore::new(STORE_LIMITS, LOG_LIMITS))).collect();
         let mut rng = Rng(seed);
         // Some seeds run fault-free, the rest with a few failures and crashes.
         let mut faults = match rng.below(4) {
-            0 => Faults { write_failures_per_mille: 0, crashes_per_mille: 0, removals: false },
+            0 => Faults { write_failures_per_mille: 0, crashes_per_mille: 0, removals: false, tight: false },
             1 => Faults {
                 write_failures_per_mille: 1 + rng.below(60),
                 crashes_per_mille: 1 + rng.below(4),
                 removals: false,
+                tight: false,
             },
-            _ => Faults { write_failures_per_mille: 0, crashes_per_mille: 1 + rng.below(6), removals: false },
+            _ => Faults {
+                write_failures_per_mille: 0,
+                crashes_per_mille: 1 + rng.below(6),
+                removals: false,
+                tight: false,
+            },
         };
         faults.removals = rng.below(3) == 0;
+        faults.tight = rng.below(3) == 0;
+        let cores = (0..SHARDS)
+            .map(|shard| core_over(shard, 1, &authority, LogStore::new(STORE_LIMITS, LOG_LIMITS), faults.tight))
+            .collect();
         let mut devices = Vec::new();
         for user in 1..=USERS {
             for device in 1..=DEVICES_PER_USER {
@@ -267,7 +278,6 @@ impl Sim {
         Sim {
             cores,
             disks: (0..SHARDS).map(|_| SimDisk::default()).collect(),
-            order_checked: faults.order_checked(),
             faults,
             boot: 1,
             crashes: 0,
@@ -282,6 +292,7 @@ impl Sim {
             acked: BTreeMap::new(),
             abandoned: Default::default(),
             refused_hellos: 0,
+            refusals: BTreeMap::new(),
             rng,
         }
     }
@@ -377,7 +388,8 @@ impl Sim {
         let id = device.next_id;
         device.next_id += 1;
         device.pending.push_back((id, to_user, payload.clone()));
-        let send = Frame::Send(frames::Send { client_msg_id: id, to_user, payload });
+        let after = after_in(&device.pending, device.pending.len() - 1);
+        let send = Frame::Send(frames::Send { client_msg_id: id, to_user, after, payload });
         self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
     }
 
@@ -387,7 +399,7 @@ impl Sim {
         };
         let device = &self.devices[index];
         if let Some((id, to_user, payload)) = device.pending.front().cloned() {
-            let send = Frame::Send(frames::Send { client_msg_id: id, to_user, payload });
+            let send = Frame::Send(frames::Send { client_msg_id: id, to_user, after: None, payload });
             self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
         }
     }
@@ -399,8 +411,9 @@ impl Sim {
             return;
         };
         let device = &self.devices[index];
-        for (id, to_user, payload) in device.pending.clone() {
-            let send = Frame::Send(frames::Send { client_msg_id: id, to_user, payload });
+        for (position, (id, to_user, payload)) in device.pending.clone().into_iter().enumerate() {
+            let after = after_in(&device.pending, position);
+            let send = Frame::Send(frames::Send { client_msg_id: id, to_user, after, payload });
             self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
         }
     }
@@ -517,7 +530,7 @@ impl Sim {
             disk.ends.clear();
             disk.uncut = None;
             let store = recover_store(disk);
-            self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store);
+            self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store, self.faults.tight);
         }
         self.links.clear();
         self.conn_owner.clear();
@@ -590,6 +603,7 @@ impl Sim {
                     // A refused Send (a failed write, a full queue) is retried
                     // later with the same id, as the SDK does.
                     Frame::Error(error) if error.client_msg_id.is_some() => {
+                        *self.refusals.entry(error.code).or_default() += 1;
                         let code = iris_protocol::ErrorCode::from_u16(error.code);
                         let id = error.client_msg_id;
                         let position = device.pending.iter().position(|(pending, ..)| Some(*pending) == id);
@@ -687,7 +701,6 @@ impl Sim {
         }
         // No more faults: the run must converge.
         self.faults.crashes_per_mille = 0;
-        self.order_checked = self.faults.order_checked();
         self.faults.write_failures_per_mille = 0;
         // Quiesce: everyone connected, all links drained, all pushes pulled.
         for _ in 0..1000 {
@@ -767,7 +780,7 @@ impl Sim {
                 // In order per sending device.
                 let parts: Vec<u64> = payload.split('/').map(|p| p.parse().unwrap()).collect();
                 let previous = last_from.insert((parts[0], parts[1]), parts[2]);
-                if let Some(previous) = previous.filter(|_| self.order_checked) {
+                if let Some(previous) = previous {
                     assert!(
                         parts[2] > previous,
                         "reordered from {}/{}: {previous} then {}",
@@ -812,16 +825,21 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
         }
     };
     let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed) = (0, 0, 0, 0, 0);
+    let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| {
             let mut sim = Sim::new(seed);
             sim.run(STEPS);
             sim.check();
             let run_removed = sim.devices.iter().filter(|device| device.removed).count();
-            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len(), run_removed)
+            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len(), run_removed, sim.refusals)
         });
         match outcome {
-            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed)) => {
+            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals)) => {
+                for (code, count) in run_refusals {
+                    let name = iris_protocol::ErrorCode::from_u16(code).map_or(code.to_string(), |c| format!("{c:?}"));
+                    *refusals.entry(name).or_default() += count;
+                }
                 removed += run_removed;
                 crashes += run_crashes;
                 failed_writes += run_failed;
@@ -833,6 +851,6 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
     }
     println!(
         "simulated {crashes} crashes, {failed_writes} failed writes, {reclaimed} reclaimed segments, \
-         {acked} acknowledged sends, {removed} removed devices"
+         {acked} acknowledged sends, {removed} removed devices; send refusals {refusals:?}"
     );
 }

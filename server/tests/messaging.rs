@@ -67,6 +67,53 @@ async fn two_users_on_different_shards_exchange_10000_messages_each_way() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_refused_and_retried_reach_a_slow_reader_in_order_exactly_once() {
+    // The reader's mailbox holds 64 KiB; every third message is 24 KiB, so a
+    // large one is refused (MailboxFull) while the small ones pipelined
+    // behind it would still fit. Before the ordering rule they were stored
+    // ahead of it; now they are refused with OutOfOrder and retried behind it.
+    let (admin, admin_line) = common::admin_address();
+    let server = Server::start_with(2, &[&admin_line, "[limits]", "mailbox_bytes_max = 65536"]);
+    let sender = user_on_shard(0, 2, 3000);
+    let receiver = user_on_shard(1, 2, 3000);
+    let mut reading = Client::connect(server.client_config(receiver, 1)).await.unwrap();
+    let sending = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    const COUNT: usize = 60;
+    let payload = |index: usize| {
+        let mut payload = format!("paced:{index}:").into_bytes();
+        payload.resize(if index % 3 == 0 { 24 * 1024 } else { 100 }, b'.');
+        payload
+    };
+    let handle = sending.sender();
+    let sends = async {
+        let mut outcomes = Vec::new();
+        for index in 0..COUNT {
+            outcomes.push(handle.send_nowait(receiver, payload(index)).await.expect("queue send"));
+        }
+        for outcome in outcomes {
+            outcome.await.expect("outcome").expect("acked");
+        }
+    };
+    let slow_reader = async {
+        for expected in 0..COUNT {
+            let message = tokio::time::timeout(Duration::from_secs(60), reading.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for message {expected}"))
+                .expect("session ended");
+            let got = String::from_utf8_lossy(&message.payload[..message.payload.len().min(16)]).into_owned();
+            assert!(message.payload == payload(expected), "expected message {expected}, got {got}…: reordered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::join!(sends, slow_reader);
+    let extra = tokio::time::timeout(Duration::from_millis(300), reading.recv()).await;
+    assert!(extra.is_err(), "unexpected extra message {extra:?}");
+    let metrics = common::http_get(&admin, "/metrics");
+    let full = common::metric_sum(&metrics, "iris_send_refusals_total", "code=\"MailboxFull\"");
+    assert!(full > 0, "the test must make the server refuse sends:\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_receives_everything_on_reconnect() {
     let server = Server::start(2);
     let sender = user_on_shard(0, 2, 2000);
@@ -126,7 +173,8 @@ async fn a_repeated_client_msg_id_is_stored_and_delivered_once() {
 
     let mut sending = Raw::connect(&server, 0).await;
     assert!(matches!(sending.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
-    let send = Frame::Send(frames::Send { client_msg_id: 77, to_user: receiver, payload: b"once".to_vec() });
+    let send =
+        Frame::Send(frames::Send { client_msg_id: 77, to_user: receiver, after: None, payload: b"once".to_vec() });
     sending.write_frame(&send).await;
     let Some(Frame::Ack(first)) = sending.read_frame().await else { panic!("expected Ack") };
     // Same id again, on the same connection and after a reconnect.
@@ -140,7 +188,8 @@ async fn a_repeated_client_msg_id_is_stored_and_delivered_once() {
     let Some(Frame::Ack(third)) = again.read_frame().await else { panic!("expected Ack") };
     assert_eq!(first, third);
     // A new id goes through as a new message.
-    let next = Frame::Send(frames::Send { client_msg_id: 78, to_user: receiver, payload: b"twice".to_vec() });
+    let next =
+        Frame::Send(frames::Send { client_msg_id: 78, to_user: receiver, after: None, payload: b"twice".to_vec() });
     again.write_frame(&next).await;
     assert!(matches!(again.read_frame().await, Some(Frame::Ack(_))));
 

@@ -281,7 +281,9 @@ async fn a_full_disk_refuses_sends_and_recovers_when_space_returns() {
     let mut raw = Raw::connect(&server, 0).await;
     assert!(matches!(raw.hello(&server.token(sender, 1), 0).await, Frame::Welcome(_)));
     let payload = vec![7u8; 60_000];
-    let send = |id: u64| Frame::Send(frames::Send { client_msg_id: id, to_user: recipient, payload: payload.clone() });
+    let send = |id: u64| {
+        Frame::Send(frames::Send { client_msg_id: id, to_user: recipient, after: None, payload: payload.clone() })
+    };
     let mut refused = None;
     let mut acked = Vec::new();
     for id in 1..=20u64 {

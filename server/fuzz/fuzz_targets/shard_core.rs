@@ -19,7 +19,7 @@ use std::collections::HashMap;
 enum Op {
     Connect,
     Hello { conn: u8, user: u8, device: u8, resume_after_seq: u64, expired: bool },
-    Send { conn: u8, to_user: u8, client_msg_id: u8, payload_bytes: u8 },
+    Send { conn: u8, to_user: u8, client_msg_id: u8, after: Option<u8>, payload_bytes: u8 },
     DeliveryAck { conn: u8, up_to_seq: u64 },
     Bytes { conn: u8, bytes: Vec<u8> },
     Ping { conn: u8 },
@@ -49,6 +49,7 @@ fuzz_target!(|ops: Vec<Op>| {
     let limits =
         CoreLimits {
             dedup_entries_per_device_max: 8,
+            sender_dedup_entries_max: 1_048_576,
             sends_in_flight_per_device_max: 4,
             shard_outbox_messages_max: 8,
             device_inactive_expiry_s: 0,
@@ -87,11 +88,12 @@ fuzz_target!(|ops: Vec<Op>| {
                     frames_in.push((conns[index].id, Frame::Hello(hello)));
                 }
             }
-            Op::Send { conn, to_user, client_msg_id, payload_bytes } => {
+            Op::Send { conn, to_user, client_msg_id, after, payload_bytes } => {
                 if let Some(index) = pick(&conns, conn) {
                     let send = frames::Send {
                         client_msg_id: u64::from(client_msg_id),
                         to_user: u64::from(to_user % 8),
+                        after: after.map(u64::from),
                         payload: vec![7; usize::from(payload_bytes)],
                     };
                     frames_in.push((conns[index].id, Frame::Send(send)));

@@ -235,7 +235,13 @@ pub async fn run_writer(
                 // Through io_uring: a blocking unlink of a large file would stall the shard.
                 match glommio::io::remove(&path).await {
                     Ok(()) => tracing::debug!(segment, "segment reclaimed"),
-                    Err(error) => tracing::warn!(segment, %error, "deleting a reclaimed segment failed"),
+                    Err(error) => match std::io::Error::from(error) {
+                        // A segment whose every chunk failed was never created.
+                        error if error.kind() == std::io::ErrorKind::NotFound => {
+                            tracing::debug!(segment, "reclaimed segment was never written")
+                        }
+                        error => tracing::warn!(segment, %error, "deleting a reclaimed segment failed"),
+                    },
                 }
             }
         }

@@ -274,6 +274,7 @@ async fn run_shard(
     };
     let core_limits = CoreLimits {
         dedup_entries_per_device_max: limits.dedup_entries_per_device_max,
+        sender_dedup_entries_max: limits.sender_dedup_entries_max,
         sends_in_flight_per_device_max: limits.sends_in_flight_per_device_max,
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
         device_inactive_expiry_s: limits.device_inactive_expiry_s,

@@ -314,6 +314,9 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.messages_stored_total, stats.messages_stored);
         ShardMetrics::set(&metrics.duplicates_total, stats.duplicates);
         ShardMetrics::set(&metrics.sends_refused_total, stats.sends_refused);
+        for (counter, value) in metrics.refusals_by_code.iter().zip(stats.refused_by_code) {
+            ShardMetrics::set(counter, value);
+        }
         ShardMetrics::set(&metrics.deliveries_total, stats.deliveries);
         ShardMetrics::set(&metrics.devices_removed_total, stats.devices_removed);
         ShardMetrics::set(&metrics.devices_removed_overflow_total, stats.devices_removed_overflow);

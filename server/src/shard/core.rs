@@ -18,7 +18,7 @@
 //! 3. the sender's shard records the outcome in the dedup window and sends
 //!    Ack (or Error) to the sender device's current connection.
 
-use super::dedup::{DedupWindow, Seen};
+use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
 use super::mailbox::{MailboxStore, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
@@ -52,6 +52,9 @@ pub struct ShardIdentity {
     pub message_ids: std::ops::Range<u64>,
 }
 
+/// Size of [`CoreStats::refused_by_code`]: above every wire error code.
+pub const REFUSAL_CODES: usize = 32;
+
 /// server_msg_id layout: shard (10 bits) | sequence (54 bits). Sequences
 /// are reserved in blocks that survive restarts, so ids never repeat: 2^54
 /// is 570 years at a million messages per second on one shard.
@@ -62,6 +65,9 @@ pub const MESSAGE_SEQUENCE_BITS: u32 = 54;
 pub struct CoreLimits {
     /// Acknowledged ids remembered per sending device.
     pub dedup_entries_per_device_max: u32,
+    /// Acknowledged ids remembered by all sending devices of the shard; past
+    /// it the least recent sender's are forgotten.
+    pub sender_dedup_entries_max: u32,
     /// Unanswered Sends per device; over it: Throttle.
     pub sends_in_flight_per_device_max: u32,
     /// Messages buffered per destination shard; over it: Throttle.
@@ -154,13 +160,6 @@ struct Completion {
     devices: Vec<DeviceKey>,
 }
 
-/// Per sending device state on its home shard.
-#[derive(Debug, Default)]
-struct Sender {
-    /// Recent client_msg_ids.
-    dedup: DedupWindow,
-}
-
 /// Counters of the message path (exported as metrics by the driver).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CoreStats {
@@ -172,6 +171,8 @@ pub struct CoreStats {
     pub duplicates: u64,
     /// Sends refused with an Error.
     pub sends_refused: u64,
+    /// Sends refused, by error code (index: the code's wire value).
+    pub refused_by_code: [u64; REFUSAL_CODES],
     /// Deliver frames handed to push streams.
     pub deliveries: u64,
     /// Devices removed by a RemoveDevice.
@@ -218,8 +219,8 @@ pub struct ShardCore<S: MailboxStore> {
     sessions: StateMap<ConnId, Session>,
     /// Device -> its current connection. At most one per device.
     online: StateMap<DeviceKey, ConnId>,
-    /// Sending devices' dedup state. Bounded by the registered devices.
-    senders: StateMap<DeviceKey, Sender>,
+    /// Sending devices' dedup windows, within `sender_dedup_entries_max`.
+    senders: SenderWindows,
     /// Pending outputs for the driver; drained every loop iteration.
     outputs: VecDeque<Output>,
     /// Connections with messages to push; each appears once (`push_queued`).
@@ -300,7 +301,7 @@ impl<S: MailboxStore> ShardCore<S> {
             store,
             sessions: StateMap::default(),
             online: StateMap::default(),
-            senders: StateMap::default(),
+            senders: SenderWindows::new(limits.dedup_entries_per_device_max, limits.sender_dedup_entries_max),
             outputs: VecDeque::new(),
             push_ready: VecDeque::new(),
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -546,8 +547,7 @@ impl<S: MailboxStore> ShardCore<S> {
             let detail = format!("payload of {} bytes exceeds {payload_max} bytes", send.payload.len());
             return self.refuse(conn, send.client_msg_id, ErrorCode::FrameTooLarge, 0, &detail);
         }
-        let window = &mut self.senders.entry(sender).or_default().dedup;
-        match window.check(send.client_msg_id) {
+        match self.senders.check(sender, send.client_msg_id) {
             Seen::Acknowledged(server_msg_id) => {
                 self.stats.duplicates += 1;
                 let ack = Frame::Ack(frames::Ack { client_msg_id: send.client_msg_id, server_msg_id });
@@ -556,7 +556,7 @@ impl<S: MailboxStore> ShardCore<S> {
             Seen::Pending => return,
             Seen::New => {}
         }
-        if window.pending() >= self.limits.sends_in_flight_per_device_max {
+        if self.senders.pending(sender) >= self.limits.sends_in_flight_per_device_max {
             return self.refuse(
                 conn,
                 send.client_msg_id,
@@ -592,7 +592,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 "message ids exhausted until the next reservation",
             );
         }
-        window.begin(send.client_msg_id);
+        self.senders.begin(sender, send.client_msg_id);
         self.stats.sends_accepted += 1;
         let server_msg_id = (u64::from(self.identity.shard.0) << MESSAGE_SEQUENCE_BITS) | self.next_message_sequence;
         self.next_message_sequence += 1;
@@ -603,6 +603,7 @@ impl<S: MailboxStore> ShardCore<S> {
             server_msg_id,
             sent_at_ms: now_ms,
             to_user: send.to_user,
+            after: send.after,
             payload: send.payload,
         };
         self.route(destination, store);
@@ -649,7 +650,7 @@ impl<S: MailboxStore> ShardCore<S> {
     /// than `except` (its mailbox is gone); returns them, to be closed with
     /// `DeviceRemoved` once the removal is durable.
     fn forget_device(&mut self, device: DeviceKey, except: ConnId) -> Vec<ConnId> {
-        self.senders.remove(&device);
+        self.senders.forget(device);
         self.inactivity.forget(device);
         let mut closing = Vec::new();
         if let Some(&conn) = self.online.get(&device) {
@@ -720,6 +721,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 server_msg_id,
                 sent_at_ms,
                 to_user,
+                after,
                 payload,
             } => {
                 debug_assert_eq!(origin_shard, from);
@@ -734,15 +736,12 @@ impl<S: MailboxStore> ShardCore<S> {
                     to_user,
                     payload,
                 };
-                let (result, ticket, devices) = self.store_for_user(sender, to_user, stored);
+                let (result, ticket, devices) = self.store_for_user(sender, to_user, after, stored);
                 let outcome = ShardMessage::Stored { sender, client_msg_id, result };
                 self.awaiting_commit.push_back(Completion { ticket, origin_shard, stored: outcome, devices });
             }
             ShardMessage::Stored { sender, client_msg_id, result } => {
-                let acknowledged_max = self.limits.dedup_entries_per_device_max as usize;
-                if let Some(state) = self.senders.get_mut(&sender) {
-                    state.dedup.finish(client_msg_id, result.ok(), acknowledged_max);
-                }
+                self.senders.finish(sender, client_msg_id, result.ok());
                 let Some(&conn) = self.online.get(&sender) else {
                     return;
                 };
@@ -764,6 +763,7 @@ impl<S: MailboxStore> ShardCore<S> {
         &mut self,
         sender: DeviceKey,
         to_user: u64,
+        after: Option<u64>,
         message: StoredMessage,
     ) -> (Result<u64, Refusal>, Ticket, Vec<DeviceKey>) {
         let committed = self.store.committed_ticket();
@@ -782,6 +782,14 @@ impl<S: MailboxStore> ShardCore<S> {
             return (Ok(server_msg_id), ticket, devices);
         }
         let refuse = |code, retry_after_ms| (Err(Refusal { code, retry_after_ms }), committed, Vec::new());
+        // Order per sender device -> recipient (docs/protocol.md, "Order"):
+        // a Send waits for the earlier one it names. That one is in the
+        // index from the moment it was appended; if its write fails, every
+        // change appended before the store learned of it fails too (the log
+        // store's failure fence), this one included.
+        if after.is_some_and(|after| self.store.find_stored(sender, after).is_none()) {
+            return refuse(ErrorCode::OutOfOrder, 0);
+        }
         if devices.is_empty() {
             return refuse(ErrorCode::UnknownRecipient, 0);
         }
@@ -956,6 +964,9 @@ impl<S: MailboxStore> ShardCore<S> {
 
     fn refuse(&mut self, conn: ConnId, client_msg_id: u64, code: ErrorCode, retry_after_ms: u32, message: &str) {
         self.stats.sends_refused += 1;
+        if let Some(count) = self.stats.refused_by_code.get_mut(code as usize) {
+            *count += 1;
+        }
         self.emit(
             conn,
             Frame::Error(frames::Error {
@@ -1063,6 +1074,7 @@ mod tests {
         };
         let limits = CoreLimits {
             dedup_entries_per_device_max: 8,
+            sender_dedup_entries_max: 1_048_576,
             sends_in_flight_per_device_max: 8,
             shard_outbox_messages_max: 8,
             device_inactive_expiry_s: 100,
@@ -1176,7 +1188,7 @@ mod tests {
             &out[..],
             [Output::Close { conn, frame: Some(Frame::DeviceRemoved(r)), close_code: close_code::REMOVED }] if *conn == phone && r.device_id == 1
         ));
-        let send = frames::Send { client_msg_id: 1, to_user: 20, payload: b"hi".to_vec() };
+        let send = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: b"hi".to_vec() };
         core.on_frame(sender, Frame::Send(send), NOW_MS);
         let out = outputs(&mut core);
         assert!(
@@ -1195,7 +1207,7 @@ mod tests {
         // as it goes, the offline laptop fills up.
         let mut next_id = 1;
         let mut send = |core: &mut ShardCore<MemoryStore>| {
-            let send = frames::Send { client_msg_id: next_id, to_user: 20, payload: b"m".to_vec() };
+            let send = frames::Send { client_msg_id: next_id, to_user: 20, after: None, payload: b"m".to_vec() };
             next_id += 1;
             core.on_frame(sender, Frame::Send(send), NOW_MS);
             let out = outputs(core);
@@ -1231,7 +1243,8 @@ mod tests {
         let mut acked = 0;
         let mut throttled = None;
         for id in 0..40u64 {
-            let send = frames::Send { client_msg_id: id, to_user: 20 + 10 * (id % 2), payload: vec![7; 100] };
+            let send =
+                frames::Send { client_msg_id: id, to_user: 20 + 10 * (id % 2), after: None, payload: vec![7; 100] };
             core.on_frame(sender, Frame::Send(send), NOW_MS);
             for output in outputs(&mut core) {
                 match output {
@@ -1249,7 +1262,7 @@ mod tests {
         let conn = ConnId(4);
         hello_device(&mut core, &authority, conn, 20, 1);
         drain_and_ack(&mut core, conn);
-        let send = frames::Send { client_msg_id: 100, to_user: 30, payload: vec![7; 100] };
+        let send = frames::Send { client_msg_id: 100, to_user: 30, after: None, payload: vec![7; 100] };
         core.on_frame(sender, Frame::Send(send), NOW_MS);
         assert!(outputs(&mut core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })));
     }
@@ -1290,7 +1303,7 @@ mod tests {
         let mut core = core(&authority);
         let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
         for id in 1..=101 {
-            let send = frames::Send { client_msg_id: id, to_user: 20, payload: b"m".to_vec() };
+            let send = frames::Send { client_msg_id: id, to_user: 20, after: None, payload: b"m".to_vec() };
             core.on_frame(sender, Frame::Send(send), NOW_MS);
             let out = outputs(&mut core);
             if id == 101 {
@@ -1304,11 +1317,56 @@ mod tests {
         assert_eq!(core.store().devices_of(20), &[1, 2], "an online device draining slowly is never removed");
         // Once the laptop is offline and still full, the phone's next message removes it.
         core.on_connection_closed(laptop);
-        let send = frames::Send { client_msg_id: 200, to_user: 20, payload: b"m".to_vec() };
+        let send = frames::Send { client_msg_id: 200, to_user: 20, after: None, payload: b"m".to_vec() };
         core.on_frame(sender, Frame::Send(send), NOW_MS);
         let out = outputs(&mut core);
         assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
         assert_eq!(core.store().devices_of(20), &[1]);
+    }
+
+    #[test]
+    fn a_send_naming_a_refused_one_waits_for_it_so_retries_keep_the_order() {
+        let authority = TokenAuthority::from_secret([8; 32]);
+        let mut core = core(&authority);
+        let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
+        let send = |id: u64, after: Option<u64>| {
+            Frame::Send(frames::Send { client_msg_id: id, to_user: 20, after, payload: id.to_le_bytes().to_vec() })
+        };
+        let answers = |out: &[Output]| -> Vec<(u64, Option<u16>)> {
+            out.iter()
+                .filter_map(|output| match output {
+                    Output::Frame { frame: Frame::Ack(ack), .. } => Some((ack.client_msg_id, None)),
+                    Output::Frame { frame: Frame::Error(error), .. } => Some((error.client_msg_id?, Some(error.code))),
+                    _ => None,
+                })
+                .collect()
+        };
+        // The laptop is online and does not read: its mailbox fills up.
+        for id in 1..=100 {
+            core.on_frame(sender, send(id, None), NOW_MS);
+            outputs(&mut core);
+            drain_and_ack(&mut core, phone);
+        }
+        // 101 is refused; 102 and 103, pipelined behind it, must not overtake it.
+        core.on_frame(sender, send(101, Some(100)), NOW_MS);
+        core.on_frame(sender, send(102, Some(101)), NOW_MS);
+        core.on_frame(sender, send(103, Some(102)), NOW_MS);
+        let (full, behind) = (Some(ErrorCode::MailboxFull as u16), Some(ErrorCode::OutOfOrder as u16));
+        assert_eq!(answers(&outputs(&mut core)), [(101, full), (102, behind), (103, behind)]);
+        // Once the laptop reads, the retries in order are stored in order.
+        drain_and_ack(&mut core, laptop);
+        core.on_frame(sender, send(101, None), NOW_MS);
+        core.on_frame(sender, send(102, Some(101)), NOW_MS);
+        core.on_frame(sender, send(103, Some(102)), NOW_MS);
+        assert_eq!(answers(&outputs(&mut core)), [(101, None), (102, None), (103, None)]);
+        let mut received = Vec::new();
+        while let Some(Frame::Deliver(deliver)) = core.next_push(laptop) {
+            received.push(u64::from_le_bytes(deliver.payload.try_into().unwrap()));
+        }
+        assert_eq!(received, [101, 102, 103]);
+        // An `after` naming a send that was never stored is refused too.
+        core.on_frame(sender, send(104, Some(999)), NOW_MS);
+        assert_eq!(answers(&outputs(&mut core)), [(104, behind)]);
     }
 
     #[test]
@@ -1323,13 +1381,13 @@ mod tests {
         let (sender, recipient) = (ConnId(1), ConnId(2));
         hello(&mut core, &authority, recipient, 20);
         hello(&mut core, &authority, sender, 10);
-        let send = frames::Send { client_msg_id: 7, to_user: 20, payload: b"hi".to_vec() };
+        let send = frames::Send { client_msg_id: 7, to_user: 20, after: None, payload: b"hi".to_vec() };
         core.on_frame(sender, Frame::Send(send.clone()), NOW_MS);
         core.on_connection_closed(sender);
         core.flush_commits();
         // Another sender's message pushes the key out of the recipient side.
         hello(&mut core, &authority, ConnId(4), 30);
-        let other = frames::Send { client_msg_id: 1, to_user: 20, payload: b"other".to_vec() };
+        let other = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: b"other".to_vec() };
         core.on_frame(ConnId(4), Frame::Send(other), NOW_MS);
         core.flush_commits();
         while core.poll_output().is_some() {}

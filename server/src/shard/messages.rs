@@ -39,6 +39,9 @@ pub enum ShardMessage {
         sent_at_ms: u64,
         /// The recipient user.
         to_user: u64,
+        /// The sender's earlier Send to `to_user` that must be stored first
+        /// (`frames::Send::after`).
+        after: Option<u64>,
         /// The opaque payload.
         payload: Vec<u8>,
     },

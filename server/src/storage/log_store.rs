@@ -773,10 +773,26 @@ impl MailboxStore for LogStore {
         }
     }
 
-    /// The writer could not make the chunk durable: its changes are dropped.
-    fn on_write_failed(&mut self, segment: u64, first_ticket: Ticket, last_ticket: Ticket) {
+    /// The writer could not make the chunk durable: its changes are dropped,
+    /// and so are those of every chunk not written yet (the failure fence).
+    /// What stays is a prefix of the changes in the order they were made:
+    /// a later change (a Send appended after an earlier one of the same
+    /// sender, which it names as `after`) is never durable while an earlier
+    /// one was lost, so a retry of the earlier one cannot land behind it.
+    /// Changes made after this call are written normally.
+    fn on_write_failed(&mut self, segment: u64, first_ticket: Ticket, chunk_last_ticket: Ticket) {
         assert_eq!(first_ticket, self.committed + 1, "write chunks must complete contiguously, in order");
-        assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
+        assert!(chunk_last_ticket >= first_ticket, "a chunk's tickets are ascending");
+        // One chunk is written at a time, so every other change made so far
+        // is in a chunk the writer has not seen.
+        let last_ticket = self.last_ticket;
+        for chunk in self.pending.drain(..) {
+            debug_assert!(chunk.first_ticket > chunk_last_ticket && chunk.last_ticket <= last_ticket);
+            // Tracked like a written segment (a later chunk may create it;
+            // if none does, reclaiming it deletes a file that never was).
+            self.on_disk.insert(chunk.segment);
+        }
+        self.pending_bytes = 0;
         let mut failed_entries = Vec::new();
         while self.uncommitted_entries.front().is_some_and(|(ticket, _, _)| *ticket <= last_ticket) {
             if let Some((_, device, seq)) = self.uncommitted_entries.pop_front() {
@@ -1257,5 +1273,38 @@ mod tests {
         assert_eq!(store.committed_ticket(), chunk.last_ticket);
         assert!(store.next_after(device, 0).is_none());
         assert!(store.find_stored(DeviceKey { user: 1, device: 1 }, 1).is_none(), "a retry must be stored again");
+    }
+
+    #[test]
+    fn a_failed_write_fails_every_change_made_before_the_store_learned_of_it() {
+        // Tiny chunks: each message is a chunk of its own.
+        let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 64 };
+        let mut store = LogStore::new(limits(), log_limits);
+        let device = DeviceKey { user: 2, device: 1 };
+        let sender = DeviceKey { user: 1, device: 1 };
+        store.register_device(device).unwrap();
+        let mut files = BTreeMap::new();
+        flush(&mut store, &mut files);
+        let first = store.store_message(message(1, 2, 100), &[device]).unwrap();
+        let chunk = store.take_write().unwrap();
+        // Appended while the first chunk is being written, in chunks of their own.
+        let second = store.store_message(message(2, 2, 100), &[device]).unwrap();
+        let third = store.store_message(message(3, 2, 100), &[device]).unwrap();
+        assert!(store.pending_write_bytes() > 0);
+        store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        for ticket in [first, second, third] {
+            assert!(store.ticket_failed(ticket), "ticket {ticket} must fail with the chunk before it");
+        }
+        assert_eq!(store.pending_write_bytes(), 0, "nothing appended before the failure is written");
+        assert!(store.find_stored(sender, 2).is_none() && store.find_stored(sender, 3).is_none());
+        // The retries, in order, are stored normally after the failure.
+        for id in 1..=3 {
+            store.store_message(message(id, 2, 100), &[device]).unwrap();
+        }
+        flush(&mut store, &mut files);
+        let ids: Vec<u64> = mailbox(&store, device).iter().map(|(_, id)| *id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        let recovered = recover(&files, log_limits);
+        assert_eq!(mailbox(&recovered, device).iter().map(|(_, id)| *id).collect::<Vec<_>>(), [1, 2, 3]);
     }
 }

@@ -296,6 +296,23 @@ impl Raw {
     }
 }
 
+/// The sum over every series of metric `name` whose labels contain `label`
+/// (e.g. `shard="0"` or `code="MailboxFull"`) in a Prometheus exposition.
+pub fn metric_sum(exposition: &str, name: &str, label: &str) -> u64 {
+    let prefix = format!("{name}{{");
+    let series: Vec<&str> =
+        exposition.lines().filter(|line| line.starts_with(&prefix) && line.contains(label)).collect();
+    assert!(!series.is_empty(), "no {name} with {label} in the exposition");
+    series.iter().map(|line| line.rsplit(' ').next().and_then(|value| value.parse::<u64>().ok()).unwrap()).sum()
+}
+
+/// An admin listen address for a test server, and its config line.
+pub fn admin_address() -> (String, String) {
+    let admin = format!("127.0.0.1:{}", 20_000 + rand_u64() % 12_000);
+    let line = format!("admin_listen = \"{admin}\"");
+    (admin, line)
+}
+
 /// A plain HTTP GET against the admin endpoint; the whole response.
 pub fn http_get(address: &str, path: &str) -> String {
     use std::io::{Read, Write};
