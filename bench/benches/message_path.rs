@@ -7,7 +7,7 @@ use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::StoreLimits;
-use irisd::shard::{ConnId, CoreLimits, MemoryStore, ShardCore, ShardIdentity};
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, SendRates, ShardCore, ShardIdentity};
 
 fn message_path(c: &mut Criterion) {
     let authority = TokenAuthority::from_secret([1; 32]);
@@ -25,6 +25,7 @@ fn message_path(c: &mut Criterion) {
         sends_in_flight_per_device_max: 256,
         shard_outbox_messages_max: 1024,
         device_inactive_expiry_s: 0,
+        rates: SendRates::OFF,
     };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 5,

@@ -490,6 +490,21 @@ fn run_pairs(
     Ok(())
 }
 
+/// Rate limits for a spawned server: so high that no load this harness
+/// offers reaches them (their buckets are still charged, so their cost is
+/// measured), unless `--server-config` sets any `rate_limits.` key itself.
+fn benchmark_rate_limits(server_config: &[String]) -> Vec<String> {
+    if server_config.iter().any(|line| line.trim_start().starts_with("rate_limits.")) {
+        return Vec::new();
+    }
+    ["device_sends", "device_bytes", "pair_sends"]
+        .iter()
+        .flat_map(|name| {
+            [format!("rate_limits.{name}_per_s = 1000000000000"), format!("rate_limits.{name}_burst = 1000000000000")]
+        })
+        .collect()
+}
+
 /// The server to drive: spawned, or given by flags.
 fn target(args: &ServerArgs) -> Result<(Option<server::SpawnedServer>, pairs::Target, Option<u32>), String> {
     let (spawned, address, data_dir, pid) = if args.spawn_server {
@@ -506,6 +521,7 @@ fn target(args: &ServerArgs) -> Result<(Option<server::SpawnedServer>, pairs::Ta
                 .iter()
                 .cloned()
                 .chain([format!("storage.durability = \"{}\"", args.durability)])
+                .chain(benchmark_rate_limits(&args.server_config))
                 .collect(),
             args: args.server_args.clone(),
         };

@@ -49,6 +49,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Limits on everything a peer can make the server hold.
     pub limits: Limits,
+    /// Per-sender rate limits (token buckets; docs/overload.md).
+    pub rate_limits: RateLimits,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
     /// Durable storage.
@@ -150,6 +152,46 @@ pub struct Limits {
     pub shard_outbox_messages_max: u32,
 }
 
+/// Per-sender rate limits, each a token bucket: `*_burst` tokens at most,
+/// refilled at `*_per_s` a second; a send needs a token in every bucket it
+/// is charged to (its device's sends and bytes, and its device -> user
+/// pair), else it is refused with `Throttle{retry_after_ms}` saying when it
+/// would pass. A `*_per_s` of 0 turns that bucket off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// Sends per second of one device, to anyone.
+    pub device_sends_per_s: u64,
+    /// Sends one device may make at once.
+    pub device_sends_burst: u64,
+    /// Payload bytes per second of one device.
+    pub device_bytes_per_s: u64,
+    /// Payload bytes one device may send at once.
+    pub device_bytes_burst: u64,
+    /// Sends per second of one device to one user.
+    pub pair_sends_per_s: u64,
+    /// Sends one device may make at once to one user.
+    pub pair_sends_burst: u64,
+    /// Keys (devices; device -> user pairs) each shard's tables track at
+    /// most, ~80 B each; refilled buckets are forgotten. At the bound a new
+    /// pair is not limited (its device still is).
+    pub tracked_keys_max: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> RateLimits {
+        RateLimits {
+            device_sends_per_s: 200,
+            device_sends_burst: 2_000,
+            device_bytes_per_s: 4 * 1024 * 1024,
+            device_bytes_burst: 32 * 1024 * 1024,
+            pair_sends_per_s: 10,
+            pair_sends_burst: 300,
+            tracked_keys_max: 1_048_576,
+        }
+    }
+}
+
 /// Runtime tuning.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -173,6 +215,7 @@ impl Default for Config {
             shards: None,
             admin_listen: None,
             limits: Limits::default(),
+            rate_limits: RateLimits::default(),
             runtime: RuntimeConfig::default(),
             storage: StorageConfig::default(),
         }
@@ -308,6 +351,22 @@ impl Config {
         }
         if storage.commit_delay_us > 100_000 {
             return invalid("storage.commit_delay_us must be at most 100000".into());
+        }
+        let rates = &self.rate_limits;
+        for (name, per_s, burst) in [
+            ("device_sends", rates.device_sends_per_s, rates.device_sends_burst),
+            ("device_bytes", rates.device_bytes_per_s, rates.device_bytes_burst),
+            ("pair_sends", rates.pair_sends_per_s, rates.pair_sends_burst),
+        ] {
+            if per_s > 0 && burst == 0 {
+                return invalid(format!("rate_limits.{name}_burst must be at least 1 while {name}_per_s is set"));
+            }
+            if per_s > 1 << 40 || burst > 1 << 40 {
+                return invalid(format!("rate_limits.{name}_per_s and _burst must be at most 2^40"));
+            }
+        }
+        if rates.device_bytes_per_s > 0 && rates.device_bytes_burst < u64::from(self.limits.frame_bytes_max) {
+            return invalid("rate_limits.device_bytes_burst must be at least limits.frame_bytes_max".into());
         }
         if self.runtime.hello_timeout_ms < 100 {
             return invalid("runtime.hello_timeout_ms must be at least 100".into());

@@ -23,6 +23,8 @@ pub struct ShardMetrics {
     pub duplicates_total: AtomicU64,
     /// Sends refused (any code).
     pub sends_refused_total: AtomicU64,
+    /// Sends refused by a per-sender rate limit.
+    pub sends_rate_limited_total: AtomicU64,
     /// Sends refused, by error code (index: the code's wire value).
     pub refusals_by_code: [AtomicU64; crate::shard::core::REFUSAL_CODES],
     /// Deliver frames pulled for push streams.
@@ -85,7 +87,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 18] = [
+    let families: [(&str, &str, &str, Field); 19] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -93,6 +95,9 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_messages_stored_total", "counter", "Messages stored in mailboxes here.", |m| &m.messages_stored_total),
         ("iris_duplicates_total", "counter", "Retries answered without storing again.", |m| &m.duplicates_total),
         ("iris_sends_refused_total", "counter", "Sends refused with an Error.", |m| &m.sends_refused_total),
+        ("iris_sends_rate_limited_total", "counter", "Sends refused by a per-sender rate limit.", |m| {
+            &m.sends_rate_limited_total
+        }),
         ("iris_deliveries_total", "counter", "Deliver frames pushed.", |m| &m.deliveries_total),
         ("iris_devices_removed_total", "counter", "Devices removed by RemoveDevice.", |m| &m.devices_removed_total),
         (

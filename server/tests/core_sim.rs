@@ -28,7 +28,8 @@ use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::{StoreLimits, WriteChunk};
-use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, ShardCore, ShardIdentity, ShardMessage};
+use irisd::shard::rate::Rate;
+use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
 use irisd::storage::record::{frame_chunk, scan_segment, Scan};
 use irisd::storage::{LogLimits, LogStore};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -210,6 +211,17 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
         shard_outbox_messages_max: if tight { 3 } else { 1000 },
         // Expiry needs hours of simulated time; its unit test covers it.
         device_inactive_expiry_s: 0,
+        // Tight runs also rate-limit senders (Throttle with retry_after_ms).
+        rates: if tight {
+            SendRates {
+                device_sends: Rate { per_s: 10, burst: 4 },
+                device_bytes: Rate::OFF,
+                pair_sends: Rate { per_s: 5, burst: 2 },
+                keys_max: 64,
+            }
+        } else {
+            SendRates::OFF
+        },
     };
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
@@ -702,8 +714,10 @@ impl Sim {
         // No more faults: the run must converge.
         self.faults.crashes_per_mille = 0;
         self.faults.write_failures_per_mille = 0;
-        // Quiesce: everyone connected, all links drained, all pushes pulled.
+        // Quiesce: everyone connected, all links drained, all pushes pulled
+        // (time goes on, so that rate-limited senders get their tokens back).
         for _ in 0..1000 {
+            self.now_ms += 100;
             for index in 0..self.devices.len() {
                 self.connect(index, false);
                 self.pull_pushes(index);

@@ -11,7 +11,7 @@ use iris_protocol::{FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
 use iris_shard_map::{NodeId, ShardId, SlotTable};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::StoreLimits;
-use irisd::shard::{ConnId, CoreLimits, MemoryStore, Output, ShardCore, ShardIdentity};
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, Output, SendRates, ShardCore, ShardIdentity};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
 
@@ -53,6 +53,7 @@ fuzz_target!(|ops: Vec<Op>| {
             sends_in_flight_per_device_max: 4,
             shard_outbox_messages_max: 8,
             device_inactive_expiry_s: 0,
+            rates: SendRates::OFF,
         };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 3,

@@ -278,6 +278,7 @@ async fn run_shard(
         sends_in_flight_per_device_max: limits.sends_in_flight_per_device_max,
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
         device_inactive_expiry_s: limits.device_inactive_expiry_s,
+        rates: send_rates(&config.rate_limits),
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
     let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK, 0) {
@@ -442,4 +443,15 @@ fn quic_server_config(
     let mut server_config = quinn_proto::ServerConfig::with_crypto(crypto);
     server_config.transport_config(Arc::new(transport));
     Arc::new(server_config)
+}
+
+/// The core's rate limits from the configuration.
+fn send_rates(rates: &crate::config::RateLimits) -> crate::shard::SendRates {
+    use crate::shard::rate::Rate;
+    crate::shard::SendRates {
+        device_sends: Rate { per_s: rates.device_sends_per_s, burst: rates.device_sends_burst },
+        device_bytes: Rate { per_s: rates.device_bytes_per_s, burst: rates.device_bytes_burst },
+        pair_sends: Rate { per_s: rates.pair_sends_per_s, burst: rates.pair_sends_burst },
+        keys_max: rates.tracked_keys_max,
+    }
 }

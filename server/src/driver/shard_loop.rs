@@ -314,6 +314,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.messages_stored_total, stats.messages_stored);
         ShardMetrics::set(&metrics.duplicates_total, stats.duplicates);
         ShardMetrics::set(&metrics.sends_refused_total, stats.sends_refused);
+        ShardMetrics::set(&metrics.sends_rate_limited_total, stats.rate_limited);
         for (counter, value) in metrics.refusals_by_code.iter().zip(stats.refused_by_code) {
             ShardMetrics::set(counter, value);
         }

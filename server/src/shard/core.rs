@@ -22,6 +22,7 @@ use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
 use super::mailbox::{MailboxStore, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
+use super::rate::{Rate, RateTable};
 use super::StateMap;
 use crate::auth::{TokenError, TokenVerifier};
 use iris_protocol::frames::{self, Frame};
@@ -74,6 +75,28 @@ pub struct CoreLimits {
     pub shard_outbox_messages_max: u32,
     /// A device with no session for this long is removed; 0: never.
     pub device_inactive_expiry_s: u64,
+    /// Per-sender rate limits.
+    pub rates: SendRates,
+}
+
+/// Per-sender rate limits (token buckets, [`super::rate`]), applied on the
+/// sender's home shard.
+#[derive(Debug, Clone, Copy)]
+pub struct SendRates {
+    /// Sends of one device.
+    pub device_sends: Rate,
+    /// Payload bytes of one device.
+    pub device_bytes: Rate,
+    /// Sends of one device to one user.
+    pub pair_sends: Rate,
+    /// Keys each table tracks at most (devices; device -> user pairs).
+    pub keys_max: u32,
+}
+
+impl SendRates {
+    /// No limits (tests and benchmarks that measure the rest).
+    pub const OFF: SendRates =
+        SendRates { device_sends: Rate::OFF, device_bytes: Rate::OFF, pair_sends: Rate::OFF, keys_max: 0 };
 }
 
 /// Something the driver must do for a connection.
@@ -171,6 +194,8 @@ pub struct CoreStats {
     pub duplicates: u64,
     /// Sends refused with an Error.
     pub sends_refused: u64,
+    /// Sends refused by a rate limit (also counted as Throttle refusals).
+    pub rate_limited: u64,
     /// Sends refused, by error code (index: the code's wire value).
     pub refused_by_code: [u64; REFUSAL_CODES],
     /// Deliver frames handed to push streams.
@@ -221,6 +246,10 @@ pub struct ShardCore<S: MailboxStore> {
     online: StateMap<DeviceKey, ConnId>,
     /// Sending devices' dedup windows, within `sender_dedup_entries_max`.
     senders: SenderWindows,
+    /// Each sending device's message and byte buckets.
+    device_rates: RateTable<DeviceKey, 2>,
+    /// Each (sending device, recipient user)'s message bucket.
+    pair_rates: RateTable<(DeviceKey, u64), 1>,
     /// Pending outputs for the driver; drained every loop iteration.
     outputs: VecDeque<Output>,
     /// Connections with messages to push; each appears once (`push_queued`).
@@ -302,6 +331,11 @@ impl<S: MailboxStore> ShardCore<S> {
             sessions: StateMap::default(),
             online: StateMap::default(),
             senders: SenderWindows::new(limits.dedup_entries_per_device_max, limits.sender_dedup_entries_max),
+            device_rates: RateTable::new(
+                [limits.rates.device_sends, limits.rates.device_bytes],
+                limits.rates.keys_max as usize,
+            ),
+            pair_rates: RateTable::new([limits.rates.pair_sends], limits.rates.keys_max as usize),
             outputs: VecDeque::new(),
             push_ready: VecDeque::new(),
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -591,6 +625,20 @@ impl<S: MailboxStore> ShardCore<S> {
                 STORAGE_RETRY_AFTER_MS,
                 "message ids exhausted until the next reservation",
             );
+        }
+        // Rate limits last, so that a send refused for anything else is not
+        // charged (docs/overload.md, "Rate limits").
+        let costs = [1, send.payload.len() as u64];
+        if let Err(wait_ms) = self.device_rates.charge(sender, now_ms, costs) {
+            self.stats.rate_limited += 1;
+            let detail = "this device's send rate is over its limit";
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, wait_ms, detail);
+        }
+        if let Err(wait_ms) = self.pair_rates.charge((sender, send.to_user), now_ms, [1]) {
+            self.device_rates.refund(sender, costs);
+            self.stats.rate_limited += 1;
+            let detail = "this device's send rate to this user is over its limit";
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, wait_ms, detail);
         }
         self.senders.begin(sender, send.client_msg_id);
         self.stats.sends_accepted += 1;
@@ -1078,6 +1126,7 @@ mod tests {
             sends_in_flight_per_device_max: 8,
             shard_outbox_messages_max: 8,
             device_inactive_expiry_s: 100,
+            rates: SendRates::OFF,
         };
         let mut store_limits = StoreLimits {
             devices_per_user_max: 2,

@@ -15,6 +15,7 @@ pub mod dedup;
 pub mod inactivity;
 pub mod mailbox;
 pub mod messages;
+pub mod rate;
 pub mod stored;
 
 /// The hash map of shard state. Some keys are chosen by clients
@@ -24,6 +25,6 @@ pub mod stored;
 /// connections x 16 messages in flight (docs/performance.md, "Profiles").
 pub type StateMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-pub use self::core::{ConnId, CoreLimits, CoreStats, Output, ShardCore, ShardIdentity};
+pub use self::core::{ConnId, CoreLimits, CoreStats, Output, SendRates, ShardCore, ShardIdentity};
 pub use mailbox::{MailboxStore, MemoryStore};
 pub use messages::{DeviceKey, ShardMessage};

@@ -53,9 +53,13 @@ impl Server {
     }
 
     fn start_at(shards: u16, data_dir: DataDir, config_toml: &[&str]) -> Server {
-        if !config_toml.is_empty() {
-            std::fs::write(data_dir.path().join("test-config.toml"), config_toml.join("\n")).expect("write config");
+        // Rate limits are off unless a test sets them: most tests send as
+        // fast as they can and measure other things.
+        let mut lines: Vec<&str> = config_toml.to_vec();
+        if !lines.contains(&"[rate_limits]") {
+            lines.extend(["[rate_limits]", "device_sends_per_s = 0", "device_bytes_per_s = 0", "pair_sends_per_s = 0"]);
         }
+        std::fs::write(data_dir.path().join("test-config.toml"), lines.join("\n")).expect("write config");
         for attempt in 0..20 {
             // Below the kernel's ephemeral range (32768+), so a client socket
             // bound while the server is down cannot take the server's port.

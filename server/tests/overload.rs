@@ -1,0 +1,71 @@
+//! Overload over real QUIC against irisd as a child process: rate limits
+//! refuse a flooding sender explicitly while others are served.
+
+mod common;
+
+use common::{user_on_shard, Raw, Server};
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::ErrorCode;
+
+/// Sends `count` messages to `to_user` without waiting, then reads every
+/// answer: (acknowledged, throttled with a retry_after_ms).
+async fn flood(raw: &mut Raw, to_user: u64, first_id: u64, count: u64) -> (u64, u64) {
+    for id in first_id..first_id + count {
+        let send = frames::Send { client_msg_id: id, to_user, after: None, payload: vec![1; 100] };
+        raw.write_frame(&Frame::Send(send)).await;
+    }
+    let (mut acked, mut throttled) = (0, 0);
+    for _ in 0..count {
+        match raw.read_frame().await {
+            Some(Frame::Ack(_)) => acked += 1,
+            Some(Frame::Error(error)) if error.code == ErrorCode::Throttle as u16 => {
+                assert!(error.retry_after_ms > 0, "a throttled send must say when to retry: {error:?}");
+                throttled += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    (acked, throttled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_sender_is_throttled_while_another_on_its_shard_is_not() {
+    let (admin, admin_line) = common::admin_address();
+    let server = Server::start_with(
+        2,
+        &[
+            &admin_line,
+            "[rate_limits]",
+            "device_sends_per_s = 5",
+            "device_sends_burst = 60",
+            "pair_sends_per_s = 2",
+            "pair_sends_burst = 30",
+        ],
+    );
+    let (flooder, quiet) = (user_on_shard(0, 2, 100), user_on_shard(0, 2, 500));
+    let recipient = user_on_shard(1, 2, 100);
+    let other_recipient = user_on_shard(1, 2, recipient + 1);
+    let mut inbox = Raw::connect(&server, 1).await;
+    assert!(matches!(inbox.hello(&server.token(recipient, 1), 0).await, Frame::Welcome(_)));
+    let mut other_inbox = Raw::connect(&server, 1).await;
+    assert!(matches!(other_inbox.hello(&server.token(other_recipient, 1), 0).await, Frame::Welcome(_)));
+    let mut flooding = Raw::connect(&server, 0).await;
+    assert!(matches!(flooding.hello(&server.token(flooder, 1), 0).await, Frame::Welcome(_)));
+    let mut quiet_sender = Raw::connect(&server, 0).await;
+    assert!(matches!(quiet_sender.hello(&server.token(quiet, 1), 0).await, Frame::Welcome(_)));
+
+    // To one user: the pair's burst of 30 passes (plus what refills while
+    // the flood is read), the rest is refused with Throttle.
+    let (acked, throttled) = flood(&mut flooding, recipient, 1, 200).await;
+    assert_eq!(acked + throttled, 200);
+    assert!((30..=40).contains(&acked), "{acked} of 200 acknowledged");
+    // To another user: the device's own burst (60 in all) is what is left.
+    let (acked_other, _) = flood(&mut flooding, other_recipient, 1_000, 100).await;
+    assert!(acked + acked_other <= 70, "the device limit holds across recipients: {acked} + {acked_other}");
+    // The other sender on the same shard, to the same user, is not throttled.
+    let (quiet_acked, quiet_throttled) = flood(&mut quiet_sender, recipient, 1, 20).await;
+    assert_eq!((quiet_acked, quiet_throttled), (20, 0));
+    let metrics = common::http_get(&admin, "/metrics");
+    let limited = common::metric_sum(&metrics, "iris_sends_rate_limited_total", "shard=\"0\"");
+    assert!(limited >= 200, "{limited} rate-limited sends counted:\n{metrics}");
+}
