@@ -47,8 +47,13 @@ pub struct ClientConfig {
     /// Attempts to connect before the first connect is reported as failed.
     pub connect_attempts: u32,
     /// Retry sends refused with a retryable code (Throttle, MailboxFull, ...)
-    /// after `retry_after_ms`; when false such a send fails with the refusal.
+    /// after `retry_after_ms` (plus jitter); when false such a send fails
+    /// with the refusal.
     pub retry_refusals: bool,
+    /// How long a send keeps being retried after its first refusal; past it
+    /// the send fails with the last refusal (`ClientError::Server` with its
+    /// code), so a persistent refusal reaches the application.
+    pub refusal_retry_for: Duration,
     /// A client endpoint (one UDP socket) to open connections on, shared
     /// with other sessions of this process; `None` opens a new one per
     /// connection. Many sessions in one process (a gateway, a load
@@ -68,6 +73,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
             retry_refusals: true,
+            refusal_retry_for: Duration::from_secs(60),
             endpoint: None,
         }
     }

@@ -1,7 +1,7 @@
 //! `iris`: the command-line client.
 //!
 //! ```text
-//! iris send --to U TEXT            # prints the ack as JSON
+//! iris send --to U TEXT            # prints the ack (or the refusal) as JSON
 //! iris listen [--count N] [--timeout SECS]   # one JSON object per message
 //! iris remove-device D             # unlinks device D of this user (may be this one)
 //! ```
@@ -9,7 +9,7 @@
 //! and IRIS_TOKEN.
 
 use clap::{Parser, Subcommand};
-use iris_client::{Client, ClientConfig};
+use iris_client::{Client, ClientConfig, ClientError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,11 +35,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Send TEXT to every device of user U and print the ack as JSON.
+    /// Send TEXT to every device of user U and print the ack as JSON. A
+    /// refusal that persists (retried meanwhile) is printed as JSON
+    /// ({"error": CODE, ...}) and the exit status is 1.
     Send {
         /// Recipient user id.
         #[arg(long)]
         to: u64,
+        /// Keep retrying a refused send (Throttle, MailboxFull, ...) for this
+        /// many seconds.
+        #[arg(long, default_value_t = 30.0)]
+        retry_for: f64,
         /// Message text.
         text: String,
     },
@@ -92,10 +98,29 @@ async fn run(cli: Cli) -> Result<(), String> {
     let token = cli.token.ok_or("no token: pass --token or set IRIS_TOKEN (mint one with `irisd token`)")?;
     let mut config = ClientConfig::new(cli.server, cli.ca, token);
     config.resume_after_seq = cli.resume_after_seq;
+    if let Command::Send { retry_for, .. } = &cli.command {
+        config.refusal_retry_for = Duration::try_from_secs_f64(*retry_for)
+            .map_err(|_| format!("--retry-for {retry_for}: not a number of seconds"))?;
+    }
     let mut client = Client::connect(config).await.map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Send { to, text } => {
-            let acked = client.send(to, text.into_bytes()).await.map_err(|e| e.to_string())?;
+        Command::Send { to, text, .. } => {
+            let acked = match client.send(to, text.into_bytes()).await {
+                Ok(acked) => acked,
+                Err(ClientError::Server { code, message }) => {
+                    // The refusal as data, for scripts; the exit status says it failed.
+                    let line = serde_json::json!({
+                        "to_user": to,
+                        "error": code.map_or("Unknown".to_string(), |code| format!("{code:?}")),
+                        "code": code.map(|code| code as u16),
+                        "message": message,
+                    });
+                    println!("{line}");
+                    let _ = client.close().await;
+                    return Err(format!("send refused: {message}"));
+                }
+                Err(error) => return Err(error.to_string()),
+            };
             let line = serde_json::json!({
                 "to_user": to,
                 "client_msg_id": acked.client_msg_id,

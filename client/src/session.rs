@@ -54,6 +54,8 @@ struct PendingSend {
     /// Set after a retryable refusal (or while an earlier send to the same
     /// recipient waits): resend at this time, in order behind the earlier ones.
     retry_at: Option<Instant>,
+    /// When the server first refused it (OutOfOrder aside).
+    first_refused_at: Option<Instant>,
 }
 
 /// A live, authenticated connection.
@@ -329,7 +331,7 @@ impl Session {
                             }
                         }
                         let retry_at = held.then(Instant::now);
-                        let pending = PendingSend { to_user, payload, reply, retry_at };
+                        let pending = PendingSend { to_user, payload, reply, retry_at, first_refused_at: None };
                         let frame = send_frame(id, after, &pending);
                         self.pending.insert(id, pending);
                         self.pending_order.push_back(id);
@@ -467,11 +469,18 @@ impl Session {
                         // yet: this one goes again behind it, whatever the
                         // application's retry policy.
                         let behind = code == Some(ErrorCode::OutOfOrder);
-                        let retryable =
-                            behind || self.config.retry_refusals && code.is_some_and(ErrorCode::is_retryable);
+                        let now = Instant::now();
+                        let retry_for = self.config.refusal_retry_for;
+                        let within = |pending: &mut PendingSend| {
+                            behind || now.duration_since(*pending.first_refused_at.get_or_insert(now)) < retry_for
+                        };
+                        let retryable = behind
+                            || self.config.retry_refusals
+                                && code.is_some_and(ErrorCode::is_retryable)
+                                && self.pending.get_mut(&id).is_some_and(within);
                         if retryable {
                             if let Some(pending) = self.pending.get_mut(&id) {
-                                pending.retry_at = Some(Instant::now() + retry_delay(error.retry_after_ms));
+                                pending.retry_at = Some(now + retry_delay(error.retry_after_ms));
                             }
                         } else if let Some(pending) = self.pending.remove(&id) {
                             self.pending_order.retain(|pending_id| *pending_id != id);

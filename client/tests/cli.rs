@@ -143,6 +143,9 @@ fn mistakes_give_one_line_errors_and_a_failure_exit() {
     let output = run(no_recipient);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("UnknownRecipient"));
+    // The refusal is also printed as JSON, for scripts.
+    let refusal: serde_json::Value = serde_json::from_slice(&output.stdout).expect("refusal printed as JSON");
+    assert_eq!((refusal["error"].as_str(), refusal["code"].as_u64()), (Some("UnknownRecipient"), Some(8)));
 
     let mut no_token = Command::new(iris());
     no_token.env_remove("IRIS_TOKEN").args(["listen"]);

@@ -4,8 +4,10 @@
 mod common;
 
 use common::{user_on_shard, Raw, Server};
+use iris_client::{Client, ClientError};
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::ErrorCode;
+use std::time::Duration;
 
 /// Sends `count` messages to `to_user` without waiting, then reads every
 /// answer: (acknowledged, throttled with a retry_after_ms).
@@ -68,4 +70,26 @@ async fn a_flooding_sender_is_throttled_while_another_on_its_shard_is_not() {
     let metrics = common::http_get(&admin, "/metrics");
     let limited = common::metric_sum(&metrics, "iris_sends_rate_limited_total", "shard=\"0\"");
     assert!(limited >= 200, "{limited} rate-limited sends counted:\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_persists_reaches_the_application_with_its_code() {
+    // One offline device whose mailbox holds one message: every later send
+    // is refused with MailboxFull until it reads, which it never does.
+    let (admin, admin_line) = common::admin_address();
+    let server = Server::start_with(2, &[&admin_line, "[limits]", "mailbox_messages_max = 1"]);
+    let (sender, recipient) = (user_on_shard(0, 2, 100), user_on_shard(1, 2, 100));
+    Client::connect(server.client_config(recipient, 1)).await.unwrap().close().await.unwrap();
+    let mut config = server.client_config(sender, 1);
+    config.refusal_retry_for = Duration::from_millis(1500);
+    let client = Client::connect(config).await.unwrap();
+    client.send(recipient, b"fits".to_vec()).await.expect("the first message fits");
+    match client.send(recipient, b"does not fit".to_vec()).await {
+        Err(ClientError::Server { code: Some(iris_protocol::ErrorCode::MailboxFull), .. }) => {}
+        other => panic!("expected the MailboxFull refusal, got {other:?}"),
+    }
+    // It was retried (MailboxFull says retry after 1 s) before giving up.
+    let metrics = common::http_get(&admin, "/metrics");
+    let refused = common::metric_sum(&metrics, "iris_send_refusals_total", "code=\"MailboxFull\"");
+    assert!(refused >= 2, "refused {refused} times: retried before giving up");
 }
