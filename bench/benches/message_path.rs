@@ -26,6 +26,8 @@ fn message_path(c: &mut Criterion) {
         shard_outbox_messages_max: 1024,
         device_inactive_expiry_s: 0,
         rates: SendRates::OFF,
+        codel_target_ms: 0,
+        codel_interval_ms: 100,
     };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 5,

@@ -493,6 +493,8 @@ fn run_pairs(
 /// Rate limits for a spawned server: so high that no load this harness
 /// offers reaches them (their buckets are still charged, so their cost is
 /// measured), unless `--server-config` sets any `rate_limits.` key itself.
+/// CoDel is off as well unless an `admission.` key is given: the harness
+/// measures capacity at saturation, where CoDel would refuse sends.
 fn benchmark_rate_limits(server_config: &[String]) -> Vec<String> {
     if server_config.iter().any(|line| line.trim_start().starts_with("rate_limits.")) {
         return Vec::new();
@@ -522,6 +524,10 @@ fn target(args: &ServerArgs) -> Result<(Option<server::SpawnedServer>, pairs::Ta
                 .cloned()
                 .chain([format!("storage.durability = \"{}\"", args.durability)])
                 .chain(benchmark_rate_limits(&args.server_config))
+                .chain(
+                    (!args.server_config.iter().any(|line| line.trim_start().starts_with("admission.")))
+                        .then(|| "admission.codel_target_ms = 0".to_string()),
+                )
                 .collect(),
             args: args.server_args.clone(),
         };

@@ -51,6 +51,8 @@ pub struct Config {
     pub limits: Limits,
     /// Per-sender rate limits (token buckets; docs/overload.md).
     pub rate_limits: RateLimits,
+    /// Admission control (CoDel; docs/overload.md).
+    pub admission: Admission,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
     /// Durable storage.
@@ -192,6 +194,26 @@ impl Default for RateLimits {
     }
 }
 
+/// CoDel admission control (RFC 8289's control law, applied to new Sends).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admission {
+    /// Target sojourn of a Send, from its arrival to its answer (which
+    /// includes the fsync), in ms. While sojourns stay above it for a whole
+    /// `codel_interval_ms`, new Sends are refused with Throttle at the
+    /// control law's rate until they fall below it. Set it above the disk's
+    /// normal fsync latency. 0 disables.
+    pub codel_target_ms: u64,
+    /// CoDel interval, ms (the RFC's 100 ms: about a worst-case round trip).
+    pub codel_interval_ms: u64,
+}
+
+impl Default for Admission {
+    fn default() -> Admission {
+        Admission { codel_target_ms: 5, codel_interval_ms: 100 }
+    }
+}
+
 /// Runtime tuning.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -216,6 +238,7 @@ impl Default for Config {
             admin_listen: None,
             limits: Limits::default(),
             rate_limits: RateLimits::default(),
+            admission: Admission::default(),
             runtime: RuntimeConfig::default(),
             storage: StorageConfig::default(),
         }
@@ -367,6 +390,9 @@ impl Config {
         }
         if rates.device_bytes_per_s > 0 && rates.device_bytes_burst < u64::from(self.limits.frame_bytes_max) {
             return invalid("rate_limits.device_bytes_burst must be at least limits.frame_bytes_max".into());
+        }
+        if self.admission.codel_target_ms > 10_000 || !(1..=60_000).contains(&self.admission.codel_interval_ms) {
+            return invalid("admission.codel_target_ms must be at most 10000 and codel_interval_ms 1..=60000".into());
         }
         if self.runtime.hello_timeout_ms < 100 {
             return invalid("runtime.hello_timeout_ms must be at least 100".into());

@@ -6,6 +6,7 @@
 //! relaxed ordering: a scrape may see one counter a moment older than
 //! another, which monitoring tolerates; the data path never waits on it.
 
+use crate::shard::core::SOJOURN_BUCKETS_MS;
 use iris_protocol::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,17 @@ pub struct ShardMetrics {
     pub sends_refused_total: AtomicU64,
     /// Sends refused by a per-sender rate limit.
     pub sends_rate_limited_total: AtomicU64,
+    /// Sends refused by CoDel admission.
+    pub codel_refusals_total: AtomicU64,
+    /// CoDel dropping states entered.
+    pub codel_episodes_total: AtomicU64,
+    /// Whether CoDel is dropping now (gauge, 0 or 1).
+    pub codel_dropping: AtomicU64,
+    /// Sojourn histogram of answered sends: counts per bucket of
+    /// `SOJOURN_BUCKETS_MS` (not cumulative; the last is the overflow).
+    pub sojourn_buckets: [AtomicU64; SOJOURN_BUCKETS_MS.len() + 1],
+    /// Sum of the sojourns, ms.
+    pub sojourn_ms_sum: AtomicU64,
     /// Sends refused, by error code (index: the code's wire value).
     pub refusals_by_code: [AtomicU64; crate::shard::core::REFUSAL_CODES],
     /// Deliver frames pulled for push streams.
@@ -87,7 +99,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 19] = [
+    let families: [(&str, &str, &str, Field); 22] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -98,6 +110,9 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_sends_rate_limited_total", "counter", "Sends refused by a per-sender rate limit.", |m| {
             &m.sends_rate_limited_total
         }),
+        ("iris_codel_refusals_total", "counter", "Sends refused by CoDel admission.", |m| &m.codel_refusals_total),
+        ("iris_codel_episodes_total", "counter", "CoDel dropping states entered.", |m| &m.codel_episodes_total),
+        ("iris_codel_dropping", "gauge", "Whether CoDel admission is refusing sends now.", |m| &m.codel_dropping),
         ("iris_deliveries_total", "counter", "Deliver frames pushed.", |m| &m.deliveries_total),
         ("iris_devices_removed_total", "counter", "Devices removed by RemoveDevice.", |m| &m.devices_removed_total),
         (
@@ -133,6 +148,22 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         for (shard, metrics) in shards.iter().enumerate() {
             out.push_str(&format!("{name}{{shard=\"{shard}\"}} {}\n", field(metrics).load(Ordering::Relaxed)));
         }
+    }
+    let name = "iris_send_sojourn_milliseconds";
+    out.push_str(&format!(
+        "# HELP {name} Time from a Send's arrival to its answer (Ack or refusal).\n# TYPE {name} histogram\n"
+    ));
+    for (shard, metrics) in shards.iter().enumerate() {
+        let mut cumulative = 0;
+        for (index, bucket) in metrics.sojourn_buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = SOJOURN_BUCKETS_MS.get(index).map_or("+Inf".to_string(), u64::to_string);
+            out.push_str(&format!("{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}\n"));
+        }
+        let sum = metrics.sojourn_ms_sum.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "{name}_sum{{shard=\"{shard}\"}} {sum}\n{name}_count{{shard=\"{shard}\"}} {cumulative}\n"
+        ));
     }
     let name = "iris_send_refusals_total";
     out.push_str(&format!("# HELP {name} Sends refused, by error code.\n# TYPE {name} counter\n"));

@@ -222,6 +222,10 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
         } else {
             SendRates::OFF
         },
+        // RFC 8289's defaults: the simulated disks' delays and the tight
+        // runs' refusals push sojourns past them, so it refuses sends too.
+        codel_target_ms: 5,
+        codel_interval_ms: 100,
     };
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
@@ -554,6 +558,9 @@ impl Sim {
 
     /// Moves outputs of every core to links and simulated clients.
     fn settle(&mut self) {
+        for core in &mut self.cores {
+            core.set_clock(self.now_ms);
+        }
         self.submit_writes();
         for shard in 0..SHARDS {
             let core = &mut self.cores[shard as usize];
@@ -616,6 +623,10 @@ impl Sim {
                     // later with the same id, as the SDK does.
                     Frame::Error(error) if error.client_msg_id.is_some() => {
                         *self.refusals.entry(error.code).or_default() += 1;
+                        if error.message.contains("overloaded") {
+                            // Throttle from CoDel admission, counted apart.
+                            *self.refusals.entry(u16::MAX).or_default() += 1;
+                        }
                         let code = iris_protocol::ErrorCode::from_u16(error.code);
                         let id = error.client_msg_id;
                         let position = device.pending.iter().position(|(pending, ..)| Some(*pending) == id);
@@ -851,7 +862,11 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
         match outcome {
             Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals)) => {
                 for (code, count) in run_refusals {
-                    let name = iris_protocol::ErrorCode::from_u16(code).map_or(code.to_string(), |c| format!("{c:?}"));
+                    let name = match iris_protocol::ErrorCode::from_u16(code) {
+                        Some(code) => format!("{code:?}"),
+                        None if code == u16::MAX => "of which CoDel".to_string(),
+                        None => code.to_string(),
+                    };
                     *refusals.entry(name).or_default() += count;
                 }
                 removed += run_removed;

@@ -54,6 +54,8 @@ fuzz_target!(|ops: Vec<Op>| {
             shard_outbox_messages_max: 8,
             device_inactive_expiry_s: 0,
             rates: SendRates::OFF,
+            codel_target_ms: 0,
+            codel_interval_ms: 100,
         };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 3,

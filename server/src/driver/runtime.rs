@@ -279,6 +279,8 @@ async fn run_shard(
         shard_outbox_messages_max: limits.shard_outbox_messages_max,
         device_inactive_expiry_s: limits.device_inactive_expiry_s,
         rates: send_rates(&config.rate_limits),
+        codel_target_ms: config.admission.codel_target_ms,
+        codel_interval_ms: config.admission.codel_interval_ms,
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
     let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK, 0) {

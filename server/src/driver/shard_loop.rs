@@ -255,6 +255,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     /// One pass of the loop. Returns whether work is left over.
     fn iterate(&mut self) -> bool {
         let now = Instant::now();
+        self.core.set_clock(Self::now_ms());
         let mut busy = self.receive_datagrams(now);
         busy |= self.receive_shard_batches();
         self.receive_writer_events();
@@ -315,6 +316,13 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.duplicates_total, stats.duplicates);
         ShardMetrics::set(&metrics.sends_refused_total, stats.sends_refused);
         ShardMetrics::set(&metrics.sends_rate_limited_total, stats.rate_limited);
+        ShardMetrics::set(&metrics.codel_refusals_total, stats.codel_refusals);
+        ShardMetrics::set(&metrics.codel_episodes_total, stats.codel_episodes);
+        ShardMetrics::set(&metrics.codel_dropping, stats.codel_dropping);
+        for (counter, value) in metrics.sojourn_buckets.iter().zip(stats.sojourn_buckets) {
+            ShardMetrics::set(counter, value);
+        }
+        ShardMetrics::set(&metrics.sojourn_ms_sum, stats.sojourn_ms_sum);
         for (counter, value) in metrics.refusals_by_code.iter().zip(stats.refused_by_code) {
             ShardMetrics::set(counter, value);
         }

@@ -18,6 +18,7 @@
 //! 3. the sender's shard records the outcome in the dedup window and sends
 //!    Ack (or Error) to the sender device's current connection.
 
+use super::codel::CoDel;
 use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
 use super::mailbox::{MailboxStore, StoredMessage, Ticket};
@@ -53,6 +54,17 @@ pub struct ShardIdentity {
     pub message_ids: std::ops::Range<u64>,
 }
 
+/// Upper bounds (ms, inclusive) of the sojourn histogram's buckets.
+pub const SOJOURN_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+impl CoreStats {
+    fn record_sojourn(&mut self, sojourn_ms: u64) {
+        let bucket = SOJOURN_BUCKETS_MS.partition_point(|bound| *bound < sojourn_ms);
+        self.sojourn_buckets[bucket] += 1;
+        self.sojourn_ms_sum += sojourn_ms;
+    }
+}
+
 /// Size of [`CoreStats::refused_by_code`]: above every wire error code.
 pub const REFUSAL_CODES: usize = 32;
 
@@ -77,6 +89,10 @@ pub struct CoreLimits {
     pub device_inactive_expiry_s: u64,
     /// Per-sender rate limits.
     pub rates: SendRates,
+    /// CoDel target sojourn of a Send (arrival to answer), ms; 0 disables.
+    pub codel_target_ms: u64,
+    /// CoDel interval, ms.
+    pub codel_interval_ms: u64,
 }
 
 /// Per-sender rate limits (token buckets, [`super::rate`]), applied on the
@@ -196,6 +212,17 @@ pub struct CoreStats {
     pub sends_refused: u64,
     /// Sends refused by a rate limit (also counted as Throttle refusals).
     pub rate_limited: u64,
+    /// Sends refused by CoDel admission (also counted as Throttle refusals).
+    pub codel_refusals: u64,
+    /// CoDel dropping states entered.
+    pub codel_episodes: u64,
+    /// Whether CoDel is in its dropping state now (0 or 1).
+    pub codel_dropping: u64,
+    /// Sojourns of this shard's answered sends (arrival to answer), counted
+    /// per bucket of [`SOJOURN_BUCKETS_MS`] (the last counts the rest).
+    pub sojourn_buckets: [u64; SOJOURN_BUCKETS_MS.len() + 1],
+    /// Sum of those sojourns, ms.
+    pub sojourn_ms_sum: u64,
     /// Sends refused, by error code (index: the code's wire value).
     pub refused_by_code: [u64; REFUSAL_CODES],
     /// Deliver frames handed to push streams.
@@ -269,6 +296,12 @@ pub struct ShardCore<S: MailboxStore> {
     inactivity: Inactivity,
     /// The latest wall-clock time seen (s since the epoch).
     now_s: u64,
+    /// Wall-clock ms, as last passed in ([`ShardCore::set_clock`], `on_frame`).
+    now_ms: u64,
+    /// Admission control over the sojourn of this shard's sends.
+    codel: CoDel,
+    /// Sends accepted here and not yet answered (CoDel's queue).
+    sends_in_flight: u64,
     /// The committed ticket when `registering` was last checked.
     registering_checked_at: Ticket,
     /// Sequence part of the next server_msg_id.
@@ -344,6 +377,9 @@ impl<S: MailboxStore> ShardCore<S> {
             removals: VecDeque::new(),
             inactivity: Inactivity::new(limits.device_inactive_expiry_s),
             now_s: 0,
+            now_ms: 0,
+            codel: CoDel::new(limits.codel_target_ms, limits.codel_interval_ms),
+            sends_in_flight: 0,
             registering_checked_at: 0,
             next_message_sequence: message_ids.start,
             message_sequence_end: message_ids.end,
@@ -374,7 +410,11 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// Counters of the message path.
     pub fn stats(&self) -> CoreStats {
-        self.stats
+        let mut stats = self.stats;
+        stats.codel_refusals = self.codel.refusals();
+        stats.codel_episodes = self.codel.episodes();
+        stats.codel_dropping = u64::from(self.codel.dropping());
+        stats
     }
 
     /// Live connections.
@@ -412,6 +452,14 @@ impl<S: MailboxStore> ShardCore<S> {
             }
             _ => {}
         }
+    }
+
+    /// Advances the core's clock to `now_ms` (wall-clock ms; never goes
+    /// back). Call before each batch of shard messages and commits, so that
+    /// sojourn times are measured against the present.
+    pub fn set_clock(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.now_s = self.now_s.max(self.now_ms / 1000);
     }
 
     /// Removes devices that have had no session for
@@ -455,7 +503,7 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// A frame arrived on `conn`'s request stream. `now_ms` is wall-clock time.
     pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now_ms: u64) {
-        self.now_s = self.now_s.max(now_ms / 1000);
+        self.set_clock(now_ms);
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
@@ -626,6 +674,13 @@ impl<S: MailboxStore> ShardCore<S> {
                 "message ids exhausted until the next reservation",
             );
         }
+        // CoDel: while this shard's sends wait too long, refuse new ones
+        // (never one already accepted).
+        if !self.codel.admit(now_ms) {
+            let retry_after_ms = self.codel.retry_after_ms();
+            let detail = "the server is overloaded (send latency above target)";
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, retry_after_ms, detail);
+        }
         // Rate limits last, so that a send refused for anything else is not
         // charged (docs/overload.md, "Rate limits").
         let costs = [1, send.payload.len() as u64];
@@ -641,6 +696,7 @@ impl<S: MailboxStore> ShardCore<S> {
             return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, wait_ms, detail);
         }
         self.senders.begin(sender, send.client_msg_id);
+        self.sends_in_flight += 1;
         self.stats.sends_accepted += 1;
         let server_msg_id = (u64::from(self.identity.shard.0) << MESSAGE_SEQUENCE_BITS) | self.next_message_sequence;
         self.next_message_sequence += 1;
@@ -785,10 +841,17 @@ impl<S: MailboxStore> ShardCore<S> {
                     payload,
                 };
                 let (result, ticket, devices) = self.store_for_user(sender, to_user, after, stored);
-                let outcome = ShardMessage::Stored { sender, client_msg_id, result };
+                let outcome = ShardMessage::Stored { sender, accepted_at_ms: sent_at_ms, client_msg_id, result };
                 self.awaiting_commit.push_back(Completion { ticket, origin_shard, stored: outcome, devices });
             }
-            ShardMessage::Stored { sender, client_msg_id, result } => {
+            ShardMessage::Stored { sender, accepted_at_ms, client_msg_id, result } => {
+                let sojourn_ms = self.now_ms.saturating_sub(accepted_at_ms);
+                self.codel.on_sojourn(self.now_ms, sojourn_ms);
+                self.stats.record_sojourn(sojourn_ms);
+                self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+                if self.sends_in_flight == 0 {
+                    self.codel.on_idle();
+                }
                 self.senders.finish(sender, client_msg_id, result.ok());
                 let Some(&conn) = self.online.get(&sender) else {
                     return;
@@ -1127,6 +1190,8 @@ mod tests {
             shard_outbox_messages_max: 8,
             device_inactive_expiry_s: 100,
             rates: SendRates::OFF,
+            codel_target_ms: 0,
+            codel_interval_ms: 100,
         };
         let mut store_limits = StoreLimits {
             devices_per_user_max: 2,

@@ -50,6 +50,9 @@ pub enum ShardMessage {
     Stored {
         /// The sending device.
         sender: DeviceKey,
+        /// When the origin shard accepted the Send (its `sent_at_ms`), so the
+        /// origin measures the whole sojourn (CoDel admission).
+        accepted_at_ms: u64,
         /// The sender's id.
         client_msg_id: u64,
         /// `Ok(server_msg_id)` or why it was refused.

@@ -10,6 +10,7 @@
 //! - [`dedup`]: the bounded per-device window of recent client_msg_ids.
 //! - [`messages`]: the owned messages shards exchange.
 
+pub mod codel;
 pub mod core;
 pub mod dedup;
 pub mod inactivity;

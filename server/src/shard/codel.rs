@@ -1,0 +1,219 @@
+//! CoDel admission control (RFC 8289's control law, applied at admission).
+//!
+//! The "queue" is a shard's send path: a Send accepted by this shard waits
+//! for the recipient's shard to store it and for the group commit that makes
+//! it durable. Its *sojourn* is the time from its arrival to its answer,
+//! observed when the answer comes back ([`CoDel::on_sojourn`]). While the
+//! sojourn stays above `target` for a whole `interval`, the controller enters
+//! the dropping state. RFC 8289 drops packets at dequeue; a server must never
+//! drop work it has accepted (an accepted Send ends in an Ack or a refusal),
+//! so here a "drop" is the refusal of the next *new* Send at admission, with
+//! Throttle ([`CoDel::admit`]). Refusals are spaced as the RFC's control law
+//! spaces drops, `interval / sqrt(count)`, so the refusal rate grows until
+//! the sojourn falls below `target`, which ends the dropping state.
+//!
+//! Everything is in integer milliseconds of the caller's clock; nothing here
+//! reads a clock, so the tests drive it with simulated time.
+
+/// The controller of one shard.
+#[derive(Debug, Clone)]
+pub struct CoDel {
+    target_ms: u64,
+    interval_ms: u64,
+    /// When the sojourn went above target and, if it stays there, may drop
+    /// (0: it is below target).
+    first_above_ms: u64,
+    /// Whether the sojourn has been above target for an interval.
+    ok_to_drop: bool,
+    dropping: bool,
+    /// When the next refusal is due in the dropping state.
+    drop_next_ms: u64,
+    /// Refusals in this dropping state (sets the spacing).
+    count: u32,
+    /// `count` when the last dropping state ended.
+    last_count: u32,
+    /// Refusals made, and dropping states entered (for metrics).
+    refusals: u64,
+    episodes: u64,
+}
+
+impl CoDel {
+    /// A controller with `target_ms` and `interval_ms` (RFC 8289's defaults
+    /// are 5 and 100). `target_ms == 0` disables it: every Send is admitted.
+    pub fn new(target_ms: u64, interval_ms: u64) -> CoDel {
+        CoDel {
+            target_ms,
+            interval_ms: interval_ms.max(1),
+            first_above_ms: 0,
+            ok_to_drop: false,
+            dropping: false,
+            drop_next_ms: 0,
+            count: 0,
+            last_count: 0,
+            refusals: 0,
+            episodes: 0,
+        }
+    }
+
+    /// A send accepted at some earlier time was answered at `now_ms`, after
+    /// `sojourn_ms` (RFC 8289 `dodequeue`).
+    pub fn on_sojourn(&mut self, now_ms: u64, sojourn_ms: u64) {
+        if self.target_ms == 0 {
+            return;
+        }
+        if sojourn_ms < self.target_ms {
+            // Went below target: stay below for an interval before dropping again.
+            self.first_above_ms = 0;
+            self.ok_to_drop = false;
+            self.dropping = false;
+        } else if self.first_above_ms == 0 {
+            // Just went above: drop only if it stays above for an interval.
+            self.first_above_ms = now_ms + self.interval_ms;
+        } else if now_ms >= self.first_above_ms {
+            self.ok_to_drop = true;
+        }
+    }
+
+    /// No send of the shard is waiting for its answer: the queue is empty
+    /// (RFC 8289 leaves the dropping state then). Without this a shard that
+    /// refused everything would never see another sojourn to end it.
+    pub fn on_idle(&mut self) {
+        self.first_above_ms = 0;
+        self.ok_to_drop = false;
+        self.dropping = false;
+    }
+
+    /// Whether a new Send arriving at `now_ms` may be accepted (false: refuse
+    /// it with Throttle). Counts the refusal.
+    pub fn admit(&mut self, now_ms: u64) -> bool {
+        if self.target_ms == 0 || !self.ok_to_drop {
+            return true;
+        }
+        if self.dropping {
+            if now_ms < self.drop_next_ms {
+                return true;
+            }
+            self.count = self.count.saturating_add(1);
+            self.drop_next_ms = self.control_law(self.drop_next_ms);
+        } else {
+            // Enter the dropping state. If it was dropping recently, start
+            // from near the drop rate that controlled the queue last time.
+            self.dropping = true;
+            self.episodes += 1;
+            let delta = self.count.saturating_sub(self.last_count);
+            let recently = now_ms.saturating_sub(self.drop_next_ms) < 16 * self.interval_ms;
+            self.count = if recently && delta > 1 { delta } else { 1 };
+            self.last_count = self.count;
+            self.drop_next_ms = self.control_law(now_ms);
+        }
+        self.refusals += 1;
+        false
+    }
+
+    /// `t + interval / sqrt(count)`, in integer ms.
+    fn control_law(&self, t_ms: u64) -> u64 {
+        let spacing = (self.interval_ms as f64 / f64::from(self.count.max(1)).sqrt()) as u64;
+        t_ms + spacing.max(1)
+    }
+
+    /// Whether it is in the dropping state.
+    pub fn dropping(&self) -> bool {
+        self.dropping
+    }
+
+    /// Sends refused so far.
+    pub fn refusals(&self) -> u64 {
+        self.refusals
+    }
+
+    /// Dropping states entered so far.
+    pub fn episodes(&self) -> u64 {
+        self.episodes
+    }
+
+    /// How long a refused sender should wait: one interval.
+    pub fn retry_after_ms(&self) -> u32 {
+        u32::try_from(self.interval_ms).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds a sojourn of `sojourn_ms` every ms from `from` to `to` and
+    /// offers one Send every ms; returns the times of the refusals.
+    fn run(codel: &mut CoDel, from: u64, to: u64, sojourn_ms: u64) -> Vec<u64> {
+        let mut refused = Vec::new();
+        for now in from..to {
+            codel.on_sojourn(now, sojourn_ms);
+            if !codel.admit(now) {
+                refused.push(now);
+            }
+        }
+        refused
+    }
+
+    #[test]
+    fn below_target_nothing_is_refused() {
+        let mut codel = CoDel::new(5, 100);
+        assert!(run(&mut codel, 1, 10_000, 4).is_empty());
+        assert!(!codel.dropping());
+    }
+
+    #[test]
+    fn above_target_for_an_interval_refusals_follow_the_control_law() {
+        let mut codel = CoDel::new(5, 100);
+        // Above target from t=1000: first_above = 1100; dropping from then.
+        let refused = run(&mut codel, 1000, 1700, 20);
+        assert_eq!(refused[0], 1100, "the first refusal comes one interval after going above target");
+        // Then at interval / sqrt(count): +100 (count 1), +70 (2), +57 (3), +50 (4), +44 (5) ...
+        let gaps: Vec<u64> = refused.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        assert_eq!(&gaps[..5], &[100, 70, 57, 50, 44]);
+        assert!(codel.dropping());
+        // Below target: it leaves the dropping state at once.
+        assert!(run(&mut codel, 1700, 1800, 1).is_empty());
+        assert!(!codel.dropping());
+    }
+
+    #[test]
+    fn a_quick_return_to_overload_resumes_near_the_last_drop_rate() {
+        let mut codel = CoDel::new(5, 100);
+        let first = run(&mut codel, 1000, 2000, 20);
+        let count_at_end = first.len() as u32;
+        assert!(count_at_end > 5);
+        run(&mut codel, 2000, 2050, 1);
+        // Back above target within 16 intervals of the last drop: the count
+        // resumes from count - last_count instead of 1, so the first gaps are short.
+        let second = run(&mut codel, 2050, 2500, 20);
+        assert_eq!(second[0], 2150);
+        assert!(second[1] - second[0] < 100, "resumed spacing {} ms", second[1] - second[0]);
+        assert_eq!(codel.episodes(), 2);
+    }
+
+    #[test]
+    fn a_short_burst_above_target_is_absorbed() {
+        let mut codel = CoDel::new(5, 100);
+        // 90 ms above target, then below: never an interval in a row.
+        for start in (1000..5000).step_by(200) {
+            assert!(run(&mut codel, start, start + 90, 50).is_empty());
+            assert!(run(&mut codel, start + 90, start + 200, 1).is_empty());
+        }
+    }
+
+    #[test]
+    fn an_empty_queue_ends_the_dropping_state() {
+        let mut codel = CoDel::new(5, 100);
+        assert!(!run(&mut codel, 1000, 1300, 20).is_empty());
+        assert!(codel.dropping());
+        codel.on_idle();
+        assert!(!codel.dropping());
+        assert!(codel.admit(1301), "nothing waits: admit");
+    }
+
+    #[test]
+    fn a_zero_target_turns_it_off() {
+        let mut codel = CoDel::new(0, 100);
+        assert!(run(&mut codel, 0, 5000, 1000).is_empty());
+    }
+}
