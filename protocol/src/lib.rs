@@ -44,4 +44,7 @@ pub mod close_code {
     pub const REPLACED: u32 = 4;
     /// The device of this session was removed (error `DeviceRemoved`).
     pub const REMOVED: u32 = 5;
+    /// The push stream accepted nothing for the server's stall timeout while
+    /// messages waited; they stay in the mailbox. Reconnect when able to read.
+    pub const SLOW_READER: u32 = 6;
 }

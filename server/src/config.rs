@@ -226,6 +226,10 @@ pub struct RuntimeConfig {
     pub idle_timeout_ms: u32,
     /// A connection that has not authenticated within this many milliseconds is closed.
     pub hello_timeout_ms: u32,
+    /// A connection whose push stream accepts nothing for this long while
+    /// messages wait for it is closed (close code 6, SLOW_READER); its
+    /// messages stay in its mailbox for its next connection.
+    pub push_stall_timeout_ms: u32,
 }
 
 impl Default for Config {
@@ -291,6 +295,7 @@ impl Default for RuntimeConfig {
             pin_cores: true,
             idle_timeout_ms: 30_000,
             hello_timeout_ms: 10_000,
+            push_stall_timeout_ms: 30_000,
         }
     }
 }
@@ -397,6 +402,9 @@ impl Config {
         if self.runtime.hello_timeout_ms < 100 {
             return invalid("runtime.hello_timeout_ms must be at least 100".into());
         }
+        if self.runtime.push_stall_timeout_ms < 100 {
+            return invalid("runtime.push_stall_timeout_ms must be at least 100".into());
+        }
         Ok(())
     }
 
@@ -423,5 +431,18 @@ mod tests {
         let mut config = Config::default();
         config.limits.shard_mailbox_bytes_max = 1024;
         assert!(config.validate().unwrap_err().to_string().contains("shard_mailbox_bytes_max"));
+        let mut config = Config::default();
+        config.rate_limits.pair_sends_burst = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("pair_sends_burst"));
+    }
+
+    #[test]
+    fn the_annotated_example_file_parses_validates_and_states_the_defaults() {
+        let example: Config = toml::from_str(include_str!("../../deploy/irisd.toml")).expect("deploy/irisd.toml");
+        example.validate().unwrap();
+        let defaults = Config::default();
+        assert_eq!(format!("{:?}", example.limits), format!("{:?}", defaults.limits));
+        assert_eq!(format!("{:?}", example.rate_limits), format!("{:?}", defaults.rate_limits));
+        assert_eq!(format!("{:?}", example.admission), format!("{:?}", defaults.admission));
     }
 }

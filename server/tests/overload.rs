@@ -96,3 +96,33 @@ async fn a_refusal_that_persists_reaches_the_application_with_its_code() {
     let refused = common::metric_sum(&metrics, "iris_send_refusals_total", "code=\"MailboxFull\"");
     assert!(refused >= 2, "refused {refused} times: retried before giving up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_is_disconnected_and_gets_everything_on_its_next_connection() {
+    let server = Server::start_with(2, &["[runtime]", "push_stall_timeout_ms = 500"]);
+    let (sender, recipient) = (user_on_shard(0, 2, 100), user_on_shard(1, 2, 100));
+    // Online, but never reads its push stream: once its QUIC windows are
+    // full the server can push nothing more.
+    let mut stuck = Raw::connect(&server, 1).await;
+    assert!(matches!(stuck.hello(&server.token(recipient, 1), 0).await, Frame::Welcome(_)));
+    let sending = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    const COUNT: usize = 300;
+    let handle = sending.sender();
+    let mut outcomes = Vec::new();
+    for index in 0..COUNT {
+        let mut payload = format!("{index}:").into_bytes();
+        payload.resize(8 * 1024, b'.');
+        outcomes.push(handle.send_nowait(recipient, payload).await.unwrap());
+    }
+    for outcome in outcomes {
+        outcome.await.unwrap().expect("stored while the reader is stuck");
+    }
+    assert_eq!(stuck.closed_code().await, Some(u64::from(iris_protocol::close_code::SLOW_READER)));
+    // Everything waited in the mailbox.
+    let mut reader = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    for index in 0..COUNT {
+        let message = tokio::time::timeout(Duration::from_secs(30), reader.recv()).await.unwrap().unwrap();
+        assert!(message.payload.starts_with(format!("{index}:").as_bytes()), "message {index} out of order");
+    }
+    reader.close().await.unwrap();
+}

@@ -16,7 +16,11 @@ use std::time::Duration;
 
 /// One MiB segments: the smallest irisd accepts, so a few MiB of messages
 /// rotate the log several times.
-const SMALL_SEGMENTS: &str = "[storage]\nsegment_bytes_max = 1048576\n";
+/// Small segments, and no rate limits or CoDel: the test sends as fast as it
+/// can and counts refusals, which only a rotation could cause.
+const SMALL_SEGMENTS: &str = "[storage]\nsegment_bytes_max = 1048576\n\
+    [rate_limits]\ndevice_sends_per_s = 0\ndevice_bytes_per_s = 0\npair_sends_per_s = 0\n\
+    [admission]\ncodel_target_ms = 0\n";
 
 /// Sends `count` messages of `bytes` each, 32 in flight, without retrying
 /// refusals, and returns how many were refused (each is printed).

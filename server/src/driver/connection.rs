@@ -12,7 +12,9 @@
 //! grow the buffer past its bound, however many are sent at once.
 //! Deliver frames are pulled from the shard core only while the push stream
 //! accepts bytes, so a slow reader holds at most one partly written frame
-//! here; its messages stay in its mailbox.
+//! here; its messages stay in its mailbox. A reader whose push stream
+//! accepts nothing for `push_stall_timeout` while pushes wait is closed with
+//! close code `SLOW_READER` (its messages wait for its next connection).
 
 use crate::shard::core::SMALL_RESPONSE_BYTES_MAX;
 use crate::shard::{ConnId, MailboxStore, Output, ShardCore};
@@ -40,6 +42,10 @@ pub struct ConnectionLimits {
     /// How long a new connection may take to authenticate before it is
     /// closed, so an idle unauthenticated peer cannot hold a connection slot.
     pub hello_timeout: Duration,
+    /// How long the push stream may accept nothing while pushes wait before
+    /// the connection is closed (a stuck reader holds a session, its QUIC
+    /// buffers and a share of the shard's attention for nothing).
+    pub push_stall_timeout: Duration,
 }
 
 /// Bytes waiting for a stream, with the part already written.
@@ -49,6 +55,8 @@ struct Outgoing {
     bytes: Vec<u8>,
     /// Prefix of `bytes` already accepted by the stream.
     written: usize,
+    /// Bytes the stream accepted, ever (progress, for the stall deadline).
+    accepted: u64,
     /// The stream refused more bytes; cleared by a Writable event.
     blocked: bool,
 }
@@ -62,7 +70,10 @@ impl Outgoing {
     fn flush(&mut self, quic: &mut quinn_proto::Connection, stream: StreamId) -> bool {
         while self.pending() > 0 {
             match quic.send_stream(stream).write(&self.bytes[self.written..]) {
-                Ok(count) => self.written += count,
+                Ok(count) => {
+                    self.written += count;
+                    self.accepted += count as u64;
+                }
                 Err(WriteError::Blocked) => {
                     self.blocked = true;
                     return true;
@@ -120,6 +131,8 @@ pub struct Connection {
     responses: Outgoing,
     /// The server's push stream, once opened.
     push: Option<StreamId>,
+    /// Since when the push stream has accepted nothing while pushes wait.
+    push_stalled_since: Option<Instant>,
     /// Authenticated, but the stream limit did not allow opening the push stream yet.
     push_open_pending: bool,
     /// Deliver frames for the push stream (at most one partly written frame
@@ -155,6 +168,7 @@ impl Connection {
             held: None,
             responses: Outgoing::default(),
             push: None,
+            push_stalled_since: None,
             push_open_pending: false,
             pushes: Outgoing::default(),
             closing: None,
@@ -349,6 +363,7 @@ impl Connection {
         if self.closing.is_some() {
             return;
         }
+        let accepted_before = self.pushes.accepted;
         if !self.pushes.flush(&mut self.quic, stream) {
             return self.close(now, close_code::NORMAL, "push stream stopped");
         }
@@ -370,6 +385,16 @@ impl Connection {
                 return self.close(now, close_code::NORMAL, "push stream stopped");
             }
         }
+        if self.pushes.accepted != accepted_before || !self.pushes.blocked {
+            self.push_stalled_since = None;
+        } else if self.push_stalled_since.is_none() {
+            self.push_stalled_since = Some(now);
+        }
+    }
+
+    /// When the push stream will have been stalled for too long, if it is stalled.
+    pub fn stall_deadline(&self) -> Option<Instant> {
+        self.push_stalled_since.map(|since| since + self.limits.push_stall_timeout)
     }
 
     /// Whether the connection can make progress without new input.
@@ -387,6 +412,11 @@ impl Connection {
 
     /// Called when the loop's timer for this connection fires.
     pub fn on_close_deadline(&mut self, now: Instant) {
+        if self.closing.is_none() && self.stall_deadline().is_some_and(|deadline| deadline <= now) {
+            self.push_stalled_since = None;
+            tracing::debug!("push stream stalled; closing the connection");
+            return self.close(now, close_code::SLOW_READER, "push stream accepted nothing for too long");
+        }
         if self.close_deadline.is_some_and(|deadline| deadline <= now) {
             if self.closing.is_none() {
                 self.close(now, close_code::PROTOCOL_ERROR, "no Hello in time");

@@ -310,6 +310,7 @@ async fn run_shard(
         connection_limits: ConnectionLimits {
             response_bytes_max: limits.connection_response_bytes_max as usize,
             hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
+            push_stall_timeout: Duration::from_millis(u64::from(config.runtime.push_stall_timeout_ms)),
         },
         metrics: Arc::clone(&metrics),
         shard_dir: dir.clone(),

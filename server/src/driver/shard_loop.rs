@@ -755,7 +755,10 @@ impl<S: MailboxStore> ShardLoop<S> {
                 self.core.on_connection_closed(ConnId(handle.0 as u64));
                 continue;
             }
-            let next = [connection.quic.poll_timeout(), connection.close_deadline].into_iter().flatten().min();
+            let next = [connection.quic.poll_timeout(), connection.close_deadline, connection.stall_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
             if next != connection.deadline {
                 if let Some(old) = connection.deadline {
                     self.timers.remove(&(old, handle));
