@@ -30,7 +30,7 @@ use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::{StoreLimits, WriteChunk};
 use irisd::shard::rate::Rate;
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
-use irisd::storage::record::{frame_chunk, scan_segment, Scan};
+use irisd::storage::record::{decode_record, frame_chunk, scan_segment, Record, Scan};
 use irisd::storage::{LogLimits, LogStore};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -501,6 +501,13 @@ impl Sim {
         let store = self.cores[shard].store_mut();
         let disk = &mut self.disks[shard];
         disk.cut_back();
+        // The store computed every record's offset from this start.
+        let end = disk.ends.get(&chunk.segment).copied().unwrap_or(0);
+        assert_eq!(
+            chunk.start, end as u64,
+            "shard {shard}: chunk start in segment {} is not the file's end",
+            chunk.segment
+        );
         let framed = disk.framed(&chunk);
         if self.rng.below(1000) < self.faults.write_failures_per_mille {
             self.failed_writes += 1;
@@ -548,6 +555,8 @@ impl Sim {
             let store = recover_store(disk);
             self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store, self.faults.tight);
         }
+        // Recovered entries know where their records lie too.
+        self.check_record_positions();
         self.links.clear();
         self.conn_owner.clear();
         for device in &mut self.devices {
@@ -784,7 +793,33 @@ impl Sim {
         panic!("pushes never ended");
     }
 
+    /// Every committed mailbox entry's record lies where the store says:
+    /// reading those bytes of its segment gives this message, naming this
+    /// device and seq (what a read-back of a body from the log relies on).
+    fn check_record_positions(&self) {
+        for (shard, core) in self.cores.iter().enumerate() {
+            let store = core.store();
+            let committed = store.committed_ticket();
+            for (device, entry) in store.mailbox_entries().filter(|(_, entry)| entry.ticket <= committed) {
+                let file = self.disks[shard].files.get(&entry.segment).expect("an entry's segment exists");
+                let start = entry.offset as usize;
+                let end = (start + entry.record_bytes as usize).min(file.len());
+                let (record, _) = decode_record(&file[start..end]).unwrap_or_else(|error| {
+                    panic!("shard {shard}: {device:?} seq {} at {}:{start}: {error}", entry.seq, entry.segment)
+                });
+                match record {
+                    Record::MessageStored(message) => {
+                        assert_eq!(message.server_msg_id, entry.message.server_msg_id, "another message there");
+                        assert!(message.recipients.iter().any(|r| r.device == device.device && r.seq == entry.seq));
+                    }
+                    other => panic!("shard {shard}: {device:?} seq {} points at {other:?}", entry.seq),
+                }
+            }
+        }
+    }
+
     fn check(&self) {
+        self.check_record_positions();
         assert!(self.devices.iter().all(|d| d.pending.is_empty()), "sends never acknowledged");
         assert!(self.devices.iter().all(|d| d.removing.is_none()), "a removal never answered");
         assert!(self.acked.len() > 100, "the simulation acknowledged only {} sends", self.acked.len());

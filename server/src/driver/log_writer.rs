@@ -332,6 +332,14 @@ impl Writer {
             self.open(chunk.segment, resume).await?;
         }
         let Some((_, file)) = &self.file else { unreachable!("opened above") };
+        if chunk.start != self.end {
+            // The store computed record offsets from where it thinks this
+            // chunk goes; written elsewhere they would point at other bytes.
+            return Err(std::io::Error::other(format!(
+                "chunk expected at offset {} of segment {}, the file ends at {}",
+                chunk.start, chunk.segment, self.end
+            )));
+        }
         // The records with their commit marker (and, at offset 0, the
         // segment header): the scanner keeps them only if the marker is on disk.
         let mut framed = Vec::with_capacity(chunk.bytes.len() + 128);
@@ -415,7 +423,7 @@ mod tests {
     use super::*;
 
     fn chunk(first_ticket: u64) -> WriteChunk {
-        WriteChunk { segment: 1, bytes: vec![1, 2, 3], first_ticket, last_ticket: first_ticket }
+        WriteChunk { segment: 1, start: 0, bytes: vec![1, 2, 3], first_ticket, last_ticket: first_ticket }
     }
 
     #[test]

@@ -204,12 +204,35 @@ pub trait MailboxStore {
 pub struct WriteChunk {
     /// Target segment.
     pub segment: u64,
+    /// The offset in the segment file where the store expects the chunk to
+    /// start (where the writer's durable bytes end): record positions are
+    /// computed from it, so a writer that finds its file elsewhere must
+    /// fail the chunk rather than write it.
+    pub start: u64,
     /// Records, back to back.
     pub bytes: Vec<u8>,
     /// First ticket in the chunk.
     pub first_ticket: Ticket,
     /// Last ticket in the chunk.
     pub last_ticket: Ticket,
+}
+
+/// Where a message's record lies in the log: it can be read back from
+/// there once its change is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordAt {
+    /// Log segment (0 for memory-only stores).
+    pub segment: u64,
+    /// Offset of the record in the segment file ([`RecordAt::NOWHERE`]'s for memory-only stores).
+    pub offset: u64,
+    /// Bytes to read there to hold the whole record: its exact size when
+    /// appended, an upper bound when recovered (the scan does not keep sizes).
+    pub bytes: u32,
+}
+
+impl RecordAt {
+    /// Not in any log (memory-only stores).
+    pub const NOWHERE: RecordAt = RecordAt { segment: 0, offset: u64::MAX, bytes: 0 };
 }
 
 /// One stored message in one device's mailbox.
@@ -221,8 +244,19 @@ pub struct MailboxEntry {
     pub ticket: Ticket,
     /// Log segment holding it (0 for memory-only stores).
     pub segment: u64,
+    /// Offset and size of its record in `segment` (see [`RecordAt`]).
+    pub offset: u64,
+    /// See [`RecordAt::bytes`].
+    pub record_bytes: u32,
     /// The shared body.
     pub message: Rc<StoredMessage>,
+}
+
+impl MailboxEntry {
+    /// Where its record lies.
+    pub fn record_at(&self) -> RecordAt {
+        RecordAt { segment: self.segment, offset: self.offset, bytes: self.record_bytes }
+    }
 }
 
 /// One device's mailbox.
@@ -444,11 +478,11 @@ impl MailboxIndex {
     }
 
     /// Assigns the next seq of `device` to `message`. The device must be registered.
-    pub fn append(&mut self, device: DeviceKey, message: &Rc<StoredMessage>, ticket: Ticket, segment: u64) -> u64 {
+    pub fn append(&mut self, device: DeviceKey, message: &Rc<StoredMessage>, ticket: Ticket, at: RecordAt) -> u64 {
         let mailbox = self.mailboxes.get_mut(&device).expect("append to a registered device");
         mailbox.last_seq += 1;
         let seq = mailbox.last_seq;
-        self.insert(device, seq, message, ticket, segment);
+        self.insert(device, seq, message, ticket, at);
         seq
     }
 
@@ -461,7 +495,7 @@ impl MailboxIndex {
         seq: u64,
         message: &Rc<StoredMessage>,
         ticket: Ticket,
-        segment: u64,
+        at: RecordAt,
     ) -> bool {
         self.register_recovered(device);
         // A removed device stays removed.
@@ -470,7 +504,14 @@ impl MailboxIndex {
         if seq <= mailbox.acked_seq {
             return false;
         }
-        let entry = MailboxEntry { seq, ticket, segment, message: Rc::clone(message) };
+        let entry = MailboxEntry {
+            seq,
+            ticket,
+            segment: at.segment,
+            offset: at.offset,
+            record_bytes: at.bytes,
+            message: Rc::clone(message),
+        };
         if mailbox.entries.back().is_none_or(|last| last.seq < seq) {
             mailbox.entries.push_back(entry);
         } else {
@@ -493,14 +534,14 @@ impl MailboxIndex {
 
     /// Records that the entry (device, seq) now lives in segment `to` (it was
     /// copied there by compaction). Returns false if it is gone or elsewhere.
-    pub fn relocate(&mut self, device: DeviceKey, seq: u64, from: u64, to: u64) -> bool {
+    pub fn relocate(&mut self, device: DeviceKey, seq: u64, from: u64, to: RecordAt) -> bool {
         let Some(mailbox) = self.mailboxes.get_mut(&device) else { return false };
         let Ok(position) = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq) else { return false };
         let entry = &mut mailbox.entries[position];
         if entry.segment != from {
             return false;
         }
-        entry.segment = to;
+        (entry.segment, entry.offset, entry.record_bytes) = (to.segment, to.offset, to.bytes);
         true
     }
 
@@ -655,7 +696,7 @@ impl MailboxStore for MemoryStore {
     fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
         self.last_ticket += 1;
         for device in devices {
-            self.index.append(*device, &message, self.last_ticket, 0);
+            self.index.append(*device, &message, self.last_ticket, RecordAt::NOWHERE);
         }
         self.index.remember_stored(message.sender(), message.client_msg_id, message.server_msg_id, self.last_ticket);
         Ok(self.last_ticket)

@@ -14,11 +14,11 @@
 
 use super::record::{
     chunk_framing_bytes, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceState, MessageStored,
-    RecipientSeq, Record, Scan,
+    RecipientSeq, Record, Scan, RECORD_HEADER_BYTES,
 };
 use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
-    MailboxEntry, MailboxIndex, MailboxStore, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
+    MailboxEntry, MailboxIndex, MailboxStore, RecordAt, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
 };
 use crate::shard::DeviceKey;
 use std::collections::{BTreeMap, VecDeque};
@@ -91,6 +91,12 @@ pub struct LogStore {
     compaction: Option<Compaction>,
     /// Segments that exist on disk (recovered or written), ascending.
     on_disk: std::collections::BTreeSet<u64>,
+    /// (segment, offset) where the last durable chunk ended: where the
+    /// writer appends next in that segment (a failed write is cut back to it).
+    durable_end: (u64, u64),
+    /// (last ticket, segment, file end) of each chunk taken by the writer
+    /// and not yet answered, oldest first.
+    taken_ends: VecDeque<(Ticket, u64, u64)>,
     /// Corrupt records seen (recovery), for the metric.
     corrupt_records: u64,
     /// Messages remembered by the recipient-side dedup window so far.
@@ -115,6 +121,15 @@ pub struct LogStore {
 }
 
 /// The log record of `message` stored for `recipients`.
+/// At least the encoded size of a `MessageStored` record with
+/// `payload_bytes` and `recipients` (what recovery reads back for one,
+/// since the scan keeps offsets, not sizes). Checked against the encoder
+/// by `a_message_record_fits_its_size_bound`.
+pub fn message_record_bytes_max(payload_bytes: usize, recipients: usize) -> u32 {
+    let bound = RECORD_HEADER_BYTES + 96 + payload_bytes + 16 * recipients;
+    u32::try_from(bound).unwrap_or(u32::MAX)
+}
+
 fn message_record(message: &StoredMessage, recipients: Vec<RecipientSeq>) -> Record {
     Record::MessageStored(MessageStored {
         server_msg_id: message.server_msg_id,
@@ -159,8 +174,8 @@ struct Compaction {
     from: u64,
     /// The last ticket of the copies; when it is durable the entries move.
     last_ticket: Ticket,
-    /// (device, seq, payload bytes, segment the copy went to).
-    moves: Vec<(DeviceKey, u64, u64, u64)>,
+    /// (device, seq, payload bytes, where the copy went).
+    moves: Vec<(DeviceKey, u64, u64, RecordAt)>,
 }
 
 /// A sealed segment whose live payload is below this fraction of
@@ -211,6 +226,8 @@ impl LogStore {
             live_by_segment: BTreeMap::new(),
             compaction: None,
             on_disk: Default::default(),
+            durable_end: (0, 0),
+            taken_ends: VecDeque::new(),
             corrupt_records: 0,
             registrations_pending: VecDeque::new(),
             removals_pending: VecDeque::new(),
@@ -262,7 +279,7 @@ impl LogStore {
     /// its removal in the log means the removal had been forgotten (16 newer
     /// ones pushed it out, and only then can the id register again), even
     /// when compaction moved the records that pushed it out further on.
-    fn replay(&mut self, segment: u64, record: &Record) {
+    fn replay(&mut self, segment: u64, offset: usize, record: &Record) {
         match record {
             Record::DeviceRegistered(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
@@ -282,11 +299,16 @@ impl LogStore {
                     to_user: r.to_user,
                     payload: r.payload.clone(),
                 });
+                let at = RecordAt {
+                    segment,
+                    offset: offset as u64,
+                    bytes: message_record_bytes_max(r.payload.len(), r.recipients.len()),
+                };
                 for recipient in &r.recipients {
                     let device = DeviceKey { user: r.to_user, device: recipient.device };
                     self.index.forget_removed(device);
                     let newest = recipient.seq >= self.index.last_seq(device);
-                    if self.index.insert(device, recipient.seq, &message, 0, segment) {
+                    if self.index.insert(device, recipient.seq, &message, 0, at) {
                         self.live_add(segment, device, recipient.seq, live_bytes(&message));
                     }
                     // A compaction copy of an older message is not where the seq lives.
@@ -412,7 +434,8 @@ impl LogStore {
         let mut last_ticket = self.last_ticket;
         for (_, (message, recipients)) in by_message {
             let record = message_record(&message, recipients.clone());
-            let (ticket, segment) = self.append(&record);
+            let (ticket, at) = self.append(&record);
+            let segment = at.segment;
             last_ticket = ticket;
             // Recovery remembers the copy's dedup key where it lies; so does
             // the running store, so the window means the same in both. Ticket
@@ -425,7 +448,7 @@ impl LogStore {
             self.note_stored_in(segment);
             for recipient in recipients {
                 let device = DeviceKey { user: message.to_user, device: recipient.device };
-                moves.push((device, recipient.seq, live_bytes(&message), segment));
+                moves.push((device, recipient.seq, live_bytes(&message), at));
             }
         }
         // The state of devices whose newest record is in `from` goes forward
@@ -440,7 +463,7 @@ impl LogStore {
                     last_seq: self.index.last_seq(device),
                     acked_seq: self.index.acked_seq(device),
                 };
-                let (ticket, segment) = self.append(&Record::DeviceState(state));
+                let (ticket, RecordAt { segment, .. }) = self.append(&Record::DeviceState(state));
                 self.homes.move_when_durable(ticket, device, StateKind::Both, segment);
                 last_ticket = ticket;
             }
@@ -451,7 +474,8 @@ impl LogStore {
     }
 
     /// Appends one record; returns its ticket and the segment it went to.
-    fn append(&mut self, record: &Record) -> (Ticket, u64) {
+    /// Appends `record`; returns its ticket and where it will lie.
+    fn append(&mut self, record: &Record) -> (Ticket, RecordAt) {
         let mut bytes = Vec::new();
         encode_record(record, &mut bytes);
         // With room for the commit marker of a chunk it may open, so a
@@ -460,11 +484,16 @@ impl LogStore {
         if self.current_segment_bytes > 0 && self.current_segment_bytes + needed > self.limits.segment_bytes_max {
             self.start_segment();
         }
-        let ticket = self.push_bytes(&bytes);
-        (ticket, self.current_segment)
+        self.push_bytes(&bytes)
     }
 
-    fn push_bytes(&mut self, bytes: &[u8]) -> Ticket {
+    /// Appends encoded records to the open chunk (or a new one). The store
+    /// knows every record's file offset in advance: chunks are written back
+    /// to back from where the durable ones end, framed as `frame_chunk`
+    /// frames them (a failed write resets the count to the durable end,
+    /// `on_write_failed`), and the writer refuses a chunk that would start
+    /// anywhere else.
+    fn push_bytes(&mut self, bytes: &[u8]) -> (Ticket, RecordAt) {
         self.last_ticket += 1;
         let ticket = self.last_ticket;
         let reuse = self.pending.back().is_some_and(|chunk| {
@@ -473,9 +502,11 @@ impl LogStore {
         if !reuse {
             // The writer frames each chunk (commit marker, and the segment
             // header before the first): counted so rotation sees file bytes.
-            self.current_segment_bytes += chunk_framing_bytes(self.current_segment_bytes == 0) as u64;
+            let start = self.current_segment_bytes;
+            self.current_segment_bytes += chunk_framing_bytes(start == 0) as u64;
             self.pending.push_back(WriteChunk {
                 segment: self.current_segment,
+                start,
                 bytes: Vec::new(),
                 first_ticket: ticket,
                 last_ticket: ticket,
@@ -483,11 +514,15 @@ impl LogStore {
         }
         self.segment_last_ticket.insert(self.current_segment, ticket);
         let chunk = self.pending.back_mut().expect("a chunk was ensured above");
+        let header = if chunk.start == 0 { chunk_framing_bytes(true) - chunk_framing_bytes(false) } else { 0 };
+        let offset = chunk.start + (header + chunk.bytes.len()) as u64;
         chunk.bytes.extend_from_slice(bytes);
         chunk.last_ticket = ticket;
         self.pending_bytes += bytes.len();
         self.current_segment_bytes += bytes.len() as u64;
-        ticket
+        let at =
+            RecordAt { segment: self.current_segment, offset, bytes: u32::try_from(bytes.len()).unwrap_or(u32::MAX) };
+        (ticket, at)
     }
 
     /// Opens the next segment.
@@ -516,7 +551,7 @@ impl LogStore {
     /// Appends a `DeviceRemoved` for `device`; its removal moves there once durable.
     fn append_removal_record(&mut self, device: DeviceKey, ordinal: u64) -> Ticket {
         let record = Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device, ordinal });
-        let (ticket, segment) = self.append(&record);
+        let (ticket, RecordAt { segment, .. }) = self.append(&record);
         self.homes.move_when_durable(ticket, device, StateKind::Removed, segment);
         ticket
     }
@@ -542,10 +577,16 @@ impl LogStore {
 
     fn append_registration(&mut self, device: DeviceKey) {
         let record = Record::DeviceRegistered(DeviceRegistered { user: device.user, device: device.device });
-        let (ticket, segment) = self.append(&record);
+        let (ticket, RecordAt { segment, .. }) = self.append(&record);
         self.homes.move_when_durable(ticket, device, StateKind::Seqs, segment);
         self.registrations_pending.push_back((ticket, device));
         self.registering_devices.insert(device);
+    }
+
+    /// Every mailbox entry with its device (for checks: the simulation reads
+    /// each committed one back from where its record lies).
+    pub fn mailbox_entries(&self) -> impl Iterator<Item = (DeviceKey, &MailboxEntry)> {
+        self.index.mailboxes().flat_map(|(device, mailbox)| mailbox.entries.iter().map(|entry| (*device, entry)))
     }
 
     /// Segments believed to be on disk.
@@ -586,8 +627,8 @@ impl Recovery {
         self.report.segments += 1;
         self.report.corrupt_records += scan.corrupt.len() as u64;
         self.report.torn_bytes += scan.torn_tail.as_ref().map_or(0, |tail| tail.length as u64);
-        for (_, record) in &scan.records {
-            self.store.replay(segment, record);
+        for (offset, record) in &scan.records {
+            self.store.replay(segment, *offset, record);
             self.report.records += 1;
         }
     }
@@ -677,9 +718,10 @@ impl MailboxStore for LogStore {
             })
             .collect();
         let record = message_record(&message, recipients.clone());
-        let (ticket, segment) = self.append(&record);
+        let (ticket, at) = self.append(&record);
+        let segment = at.segment;
         for (device, recipient) in devices.iter().zip(&recipients) {
-            let seq = self.index.append(*device, &message, ticket, segment);
+            let seq = self.index.append(*device, &message, ticket, at);
             assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
             self.live_add(segment, *device, seq, live_bytes(&message));
             self.uncommitted_entries.push_back((ticket, *device, seq));
@@ -699,7 +741,7 @@ impl MailboxStore for LogStore {
         self.forget_entries(device, &dropped);
         let up_to_seq = self.index.acked_seq(device);
         let record = Record::Acknowledged(Acknowledged { user: device.user, device: device.device, up_to_seq });
-        let (ticket, segment) = self.append(&record);
+        let (ticket, RecordAt { segment, .. }) = self.append(&record);
         self.homes.move_when_durable(ticket, device, StateKind::Acked, segment);
     }
 
@@ -731,6 +773,8 @@ impl MailboxStore for LogStore {
     fn take_write(&mut self) -> Option<WriteChunk> {
         let chunk = self.pending.pop_front()?;
         self.pending_bytes -= chunk.bytes.len();
+        let end = chunk.start + (chunk_framing_bytes(chunk.start == 0) + chunk.bytes.len()) as u64;
+        self.taken_ends.push_back((chunk.last_ticket, chunk.segment, end));
         Some(chunk)
     }
 
@@ -746,6 +790,13 @@ impl MailboxStore for LogStore {
         assert_eq!(first_ticket, self.committed + 1, "write chunks must complete contiguously, in order");
         assert!(last_ticket >= first_ticket, "a chunk's tickets are ascending");
         self.committed = last_ticket;
+        while let Some((taken_last, taken_segment, end)) = self.taken_ends.pop_front() {
+            if taken_last == last_ticket {
+                debug_assert_eq!(taken_segment, segment);
+                self.durable_end = (segment, end);
+                break;
+            }
+        }
         while self.uncommitted_entries.front().is_some_and(|(ticket, _, _)| *ticket <= last_ticket) {
             self.uncommitted_entries.pop_front();
         }
@@ -767,7 +818,7 @@ impl MailboxStore for LogStore {
                 // Entries acknowledged meanwhile are gone: nothing to move.
                 if self.index.relocate(device, seq, compaction.from, to) {
                     self.live_remove(compaction.from, device, seq, bytes);
-                    self.live_add(to, device, seq, bytes);
+                    self.live_add(to.segment, device, seq, bytes);
                 }
             }
         }
@@ -793,6 +844,13 @@ impl MailboxStore for LogStore {
             self.on_disk.insert(chunk.segment);
         }
         self.pending_bytes = 0;
+        self.taken_ends.clear();
+        // The writer cuts the file back to its last durable chunk and writes
+        // the next one there; so do the offsets handed out from now on.
+        self.current_segment_bytes = match self.durable_end {
+            (durable_segment, end) if durable_segment == self.current_segment => end,
+            _ => 0,
+        };
         let mut failed_entries = Vec::new();
         while self.uncommitted_entries.front().is_some_and(|(ticket, _, _)| *ticket <= last_ticket) {
             if let Some((_, device, seq)) = self.uncommitted_entries.pop_front() {
@@ -1273,6 +1331,21 @@ mod tests {
         assert_eq!(store.committed_ticket(), chunk.last_ticket);
         assert!(store.next_after(device, 0).is_none());
         assert!(store.find_stored(DeviceKey { user: 1, device: 1 }, 1).is_none(), "a retry must be stored again");
+    }
+
+    #[test]
+    fn a_message_record_fits_its_size_bound() {
+        for (payload, recipients) in [(0, 1), (1, 1), (100, 5), (65_000, 64), (7, 64)] {
+            let mut bytes = Vec::new();
+            let list = (0..recipients).map(|device| RecipientSeq { device, seq: u64::MAX - 1 }).collect();
+            let mut stored = (*message(u64::MAX / 2, u64::MAX, payload)).clone();
+            stored.client_msg_id = u64::MAX;
+            encode_record(&message_record(&stored, list), &mut bytes);
+            assert!(
+                bytes.len() as u32 <= message_record_bytes_max(payload, recipients as usize),
+                "{payload} B, {recipients}"
+            );
+        }
     }
 
     #[test]
