@@ -348,7 +348,7 @@ impl Client {
     }
 }
 
-/// Builds the QUIC client configuration (TLS 1.3, ALPN `iris/1`, keep-alive)
+/// Builds the QUIC client configuration (TLS 1.3, ALPN `iris/2`, keep-alive)
 /// trusting the CA in `ca_path`. Public for tools that drive the protocol
 /// directly (the perf harness).
 pub fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {

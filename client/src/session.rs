@@ -480,7 +480,13 @@ impl Session {
                                 && self.pending.get_mut(&id).is_some_and(within);
                         if retryable {
                             if let Some(pending) = self.pending.get_mut(&id) {
-                                pending.retry_at = Some(now + retry_delay(error.retry_after_ms));
+                                // Never past the deadline: the refusal that
+                                // answers the last retry ends the send in time.
+                                let left = pending
+                                    .first_refused_at
+                                    .map_or(retry_for, |first| retry_for.saturating_sub(now.duration_since(first)));
+                                let delay = retry_delay(error.retry_after_ms);
+                                pending.retry_at = Some(now + if behind { delay } else { delay.min(left) });
                             }
                         } else if let Some(pending) = self.pending.remove(&id) {
                             self.pending_order.retain(|pending_id| *pending_id != id);
@@ -542,11 +548,23 @@ impl Session {
         for &id in &self.pending_order {
             let Some(pending) = self.pending.get(&id) else { continue };
             let after = previous.insert(pending.to_user, id);
-            let Some(at) = pending.retry_at else { continue };
+            let refused_before = pending.first_refused_at.is_some();
+            let Some(at) = pending.retry_at else {
+                // The retry of a refused send is out: the later sends to its
+                // recipient wait for its outcome rather than follow it into
+                // a likely refusal (and each spend a rate token).
+                if refused_before {
+                    held.insert(pending.to_user);
+                }
+                continue;
+            };
             if at > now || held.contains(&pending.to_user) {
                 held.insert(pending.to_user);
             } else {
                 due.push((id, after));
+                if refused_before {
+                    held.insert(pending.to_user);
+                }
             }
         }
         for (id, after) in due {

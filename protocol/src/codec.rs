@@ -17,7 +17,7 @@ use crate::frames::{self, Frame, FrameKind};
 use rkyv::rancor;
 
 /// Protocol version carried in every frame header.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Bytes of the length field.
 pub const LENGTH_PREFIX_BYTES: usize = 4;

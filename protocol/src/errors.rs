@@ -65,7 +65,9 @@ pub enum ErrorCode {
     /// A Send named an `after` send that is not stored (refused, still being
     /// retried, or abandoned). Not stored; send it again once the earlier one
     /// is acknowledged (with the same `after`) or abandoned (with the `after`
-    /// of the send before it). Never a reason to give up on the message.
+    /// of the send before it). Never a reason to give up on the message, but
+    /// `after` must name a send to the same user: one naming a send to
+    /// another user, or an id never sent, is refused every time.
     OutOfOrder = 19,
 }
 

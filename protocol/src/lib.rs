@@ -27,7 +27,7 @@ pub use errors::ErrorCode;
 pub use frames::Frame;
 
 /// ALPN protocol id negotiated by Iris clients and servers.
-pub const ALPN: &[u8] = b"iris/1";
+pub const ALPN: &[u8] = b"iris/2";
 
 /// QUIC application close codes used by Iris (the Error frame sent before the
 /// close carries the detail).

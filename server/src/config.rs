@@ -393,6 +393,14 @@ impl Config {
                 return invalid(format!("rate_limits.{name}_per_s and _burst must be at most 2^40"));
             }
         }
+        if rates.tracked_keys_max == 0 {
+            return invalid("rate_limits.tracked_keys_max must be at least 1 (0 would limit nobody)".into());
+        }
+        if self.limits.sender_dedup_entries_max < self.limits.dedup_entries_per_device_max {
+            return invalid(
+                "limits.sender_dedup_entries_max must be at least limits.dedup_entries_per_device_max".into(),
+            );
+        }
         if rates.device_bytes_per_s > 0 && rates.device_bytes_burst < u64::from(self.limits.frame_bytes_max) {
             return invalid("rate_limits.device_bytes_burst must be at least limits.frame_bytes_max".into());
         }

@@ -69,7 +69,7 @@ impl TlsFiles {
         Ok(true)
     }
 
-    /// Builds a QUIC server crypto configuration (ALPN `iris/1`). Each call
+    /// Builds a QUIC server crypto configuration (ALPN `iris/2`). Each call
     /// makes a new one with its own session cache, so each shard gets its
     /// own and no lock is shared across cores.
     pub fn quic_server_config(&self) -> Result<Arc<quinn_proto::crypto::rustls::QuicServerConfig>, TlsError> {

@@ -13,8 +13,9 @@
 //! Deliver frames are pulled from the shard core only while the push stream
 //! accepts bytes, so a slow reader holds at most one partly written frame
 //! here; its messages stay in its mailbox. A reader whose push stream
-//! accepts nothing for `push_stall_timeout` while pushes wait is closed with
-//! close code `SLOW_READER` (its messages wait for its next connection).
+//! accepts nothing for `push_stall_timeout` while pushes wait, and that
+//! acknowledges nothing meanwhile, is closed with close code `SLOW_READER`
+//! (its messages wait for its next connection).
 
 use crate::shard::core::SMALL_RESPONSE_BYTES_MAX;
 use crate::shard::{ConnId, MailboxStore, Output, ShardCore};
@@ -283,6 +284,13 @@ impl Connection {
             }
         }
         for frame in frames {
+            if matches!(frame, Frame::DeliveryAck(_)) {
+                // The client processes what it was pushed: a slow reader, not
+                // a stuck one (QUIC window updates come only every 1/8 of a
+                // window, which a reader of small messages can take long
+                // to consume).
+                self.push_stalled_since = None;
+            }
             core.on_frame(conn, frame, now_ms);
         }
         if let Some(error) = failure {

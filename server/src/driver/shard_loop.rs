@@ -255,7 +255,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     /// One pass of the loop. Returns whether work is left over.
     fn iterate(&mut self) -> bool {
         let now = Instant::now();
-        self.core.set_clock(Self::now_ms());
+        self.core.set_clock(Self::monotonic_ms());
         let mut busy = self.receive_datagrams(now);
         busy |= self.receive_shard_batches();
         self.receive_writer_events();
@@ -381,6 +381,13 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn now_ms() -> u64 {
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Milliseconds on a monotonic clock shared by every shard of the
+    /// process (the core's clock for sojourns and rate limits).
+    fn monotonic_ms() -> u64 {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
     }
 
     /// Applies every completion the writer has reported.

@@ -12,8 +12,20 @@
 //! spaces drops, `interval / sqrt(count)`, so the refusal rate grows until
 //! the sojourn falls below `target`, which ends the dropping state.
 //!
-//! Everything is in integer milliseconds of the caller's clock; nothing here
-//! reads a clock, so the tests drive it with simulated time.
+//! A Send's sojourn always includes the sync that makes it durable, which
+//! is no queue: on a disk whose fdatasync takes 8 ms, every sojourn would be
+//! above a 5 ms target and CoDel would refuse sends on an idle server. So the
+//! controller works on *queueing delay*: the sojourn minus its floor, the
+//! lowest sojourn seen over the last 10 to 20 s (kept in two 10 s windows).
+//! The floor is what the path costs with no queue; what comes on top of it
+//! is what CoDel's target is about. (Delay-based congestion control uses
+//! the minimum round-trip time the same way.)
+//!
+//! Everything is in integer milliseconds of the caller's monotonic clock;
+//! nothing here reads a clock, so the tests drive it with simulated time.
+
+/// Length of each of the two windows the sojourn floor is the minimum of.
+pub const FLOOR_WINDOW_MS: u64 = 10_000;
 
 /// The controller of one shard.
 #[derive(Debug, Clone)]
@@ -35,6 +47,11 @@ pub struct CoDel {
     /// Refusals made, and dropping states entered (for metrics).
     refusals: u64,
     episodes: u64,
+    /// Lowest sojourn in the current floor window, and in the one before.
+    floor_current_ms: u64,
+    floor_previous_ms: u64,
+    /// When the current floor window started.
+    floor_window_start_ms: u64,
 }
 
 impl CoDel {
@@ -52,16 +69,31 @@ impl CoDel {
             last_count: 0,
             refusals: 0,
             episodes: 0,
+            floor_current_ms: u64::MAX,
+            floor_previous_ms: u64::MAX,
+            floor_window_start_ms: 0,
         }
     }
 
+    /// The lowest sojourn of the last 10 to 20 s, updated with `sojourn_ms`.
+    fn floor(&mut self, now_ms: u64, sojourn_ms: u64) -> u64 {
+        if now_ms.saturating_sub(self.floor_window_start_ms) >= FLOOR_WINDOW_MS {
+            self.floor_previous_ms = self.floor_current_ms;
+            self.floor_current_ms = u64::MAX;
+            self.floor_window_start_ms = now_ms;
+        }
+        self.floor_current_ms = self.floor_current_ms.min(sojourn_ms);
+        self.floor_current_ms.min(self.floor_previous_ms)
+    }
+
     /// A send accepted at some earlier time was answered at `now_ms`, after
-    /// `sojourn_ms` (RFC 8289 `dodequeue`).
+    /// `sojourn_ms` (RFC 8289 `dodequeue`, on the queueing part of it).
     pub fn on_sojourn(&mut self, now_ms: u64, sojourn_ms: u64) {
         if self.target_ms == 0 {
             return;
         }
-        if sojourn_ms < self.target_ms {
+        let queueing_ms = sojourn_ms - self.floor(now_ms, sojourn_ms);
+        if queueing_ms < self.target_ms {
             // Went below target: stay below for an interval before dropping again.
             self.first_above_ms = 0;
             self.ok_to_drop = false;
@@ -141,6 +173,14 @@ impl CoDel {
 mod tests {
     use super::*;
 
+    /// A controller whose sojourn floor is 1 ms (an answer without queueing
+    /// was seen at t = 999), so later sojourns are 1 ms of path plus queueing.
+    fn controller() -> CoDel {
+        let mut codel = CoDel::new(5, 100);
+        codel.on_sojourn(999, 1);
+        codel
+    }
+
     /// Feeds a sojourn of `sojourn_ms` every ms from `from` to `to` and
     /// offers one Send every ms; returns the times of the refusals.
     fn run(codel: &mut CoDel, from: u64, to: u64, sojourn_ms: u64) -> Vec<u64> {
@@ -156,14 +196,14 @@ mod tests {
 
     #[test]
     fn below_target_nothing_is_refused() {
-        let mut codel = CoDel::new(5, 100);
-        assert!(run(&mut codel, 1, 10_000, 4).is_empty());
+        let mut codel = controller();
+        assert!(run(&mut codel, 1000, 10_000, 5).is_empty(), "4 ms of queueing on a 1 ms path");
         assert!(!codel.dropping());
     }
 
     #[test]
     fn above_target_for_an_interval_refusals_follow_the_control_law() {
-        let mut codel = CoDel::new(5, 100);
+        let mut codel = controller();
         // Above target from t=1000: first_above = 1100; dropping from then.
         let refused = run(&mut codel, 1000, 1700, 20);
         assert_eq!(refused[0], 1100, "the first refusal comes one interval after going above target");
@@ -178,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_quick_return_to_overload_resumes_near_the_last_drop_rate() {
-        let mut codel = CoDel::new(5, 100);
+        let mut codel = controller();
         let first = run(&mut codel, 1000, 2000, 20);
         let count_at_end = first.len() as u32;
         assert!(count_at_end > 5);
@@ -193,7 +233,7 @@ mod tests {
 
     #[test]
     fn a_short_burst_above_target_is_absorbed() {
-        let mut codel = CoDel::new(5, 100);
+        let mut codel = controller();
         // 90 ms above target, then below: never an interval in a row.
         for start in (1000..5000).step_by(200) {
             assert!(run(&mut codel, start, start + 90, 50).is_empty());
@@ -203,12 +243,27 @@ mod tests {
 
     #[test]
     fn an_empty_queue_ends_the_dropping_state() {
-        let mut codel = CoDel::new(5, 100);
+        let mut codel = controller();
         assert!(!run(&mut codel, 1000, 1300, 20).is_empty());
         assert!(codel.dropping());
         codel.on_idle();
         assert!(!codel.dropping());
         assert!(codel.admit(1301), "nothing waits: admit");
+    }
+
+    #[test]
+    fn a_slow_disk_is_a_floor_not_a_queue() {
+        // Every answer takes 8 ms (an 8 ms fdatasync) and nothing queues.
+        let mut codel = CoDel::new(5, 100);
+        assert!(run(&mut codel, 0, 30_000, 8).is_empty());
+        // A queue on top of it: 8 ms more for half a second is refused.
+        assert!(!run(&mut codel, 30_000, 30_500, 16).is_empty());
+        // The floor forgets old minimums: once the disk is slower for good
+        // (12 ms), it is the new floor within two windows.
+        let mut later = CoDel::new(5, 100);
+        run(&mut later, 0, 1000, 2);
+        let refused = run(&mut later, 1000, 40_000, 12);
+        assert!(refused.iter().all(|at| *at < 1000 + 2 * FLOOR_WINDOW_MS), "still refusing at {:?}", refused.last());
     }
 
     #[test]

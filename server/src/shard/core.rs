@@ -216,7 +216,7 @@ pub struct CoreStats {
     pub codel_refusals: u64,
     /// CoDel dropping states entered.
     pub codel_episodes: u64,
-    /// Whether CoDel is in its dropping state now (0 or 1).
+    /// Destination shards whose CoDel controller is dropping now.
     pub codel_dropping: u64,
     /// Sojourns of this shard's answered sends (arrival to answer), counted
     /// per bucket of [`SOJOURN_BUCKETS_MS`] (the last counts the rest).
@@ -296,12 +296,14 @@ pub struct ShardCore<S: MailboxStore> {
     inactivity: Inactivity,
     /// The latest wall-clock time seen (s since the epoch).
     now_s: u64,
-    /// Wall-clock ms, as last passed in ([`ShardCore::set_clock`], `on_frame`).
-    now_ms: u64,
-    /// Admission control over the sojourn of this shard's sends.
-    codel: CoDel,
-    /// Sends accepted here and not yet answered (CoDel's queue).
-    sends_in_flight: u64,
+    /// Monotonic ms ([`ShardCore::set_clock`]): sojourns and rate limits.
+    clock_ms: u64,
+    /// Admission control over the sojourn of this shard's sends, one
+    /// controller per destination shard.
+    codels: Vec<CoDel>,
+    /// Sends accepted here and not yet answered, per destination shard
+    /// (each controller's queue).
+    sends_in_flight: Vec<u64>,
     /// The committed ticket when `registering` was last checked.
     registering_checked_at: Ticket,
     /// Sequence part of the next server_msg_id.
@@ -377,9 +379,9 @@ impl<S: MailboxStore> ShardCore<S> {
             removals: VecDeque::new(),
             inactivity: Inactivity::new(limits.device_inactive_expiry_s),
             now_s: 0,
-            now_ms: 0,
-            codel: CoDel::new(limits.codel_target_ms, limits.codel_interval_ms),
-            sends_in_flight: 0,
+            clock_ms: 0,
+            codels: vec![CoDel::new(limits.codel_target_ms, limits.codel_interval_ms); shard_count],
+            sends_in_flight: vec![0; shard_count],
             registering_checked_at: 0,
             next_message_sequence: message_ids.start,
             message_sequence_end: message_ids.end,
@@ -411,9 +413,9 @@ impl<S: MailboxStore> ShardCore<S> {
     /// Counters of the message path.
     pub fn stats(&self) -> CoreStats {
         let mut stats = self.stats;
-        stats.codel_refusals = self.codel.refusals();
-        stats.codel_episodes = self.codel.episodes();
-        stats.codel_dropping = u64::from(self.codel.dropping());
+        stats.codel_refusals = self.codels.iter().map(CoDel::refusals).sum();
+        stats.codel_episodes = self.codels.iter().map(CoDel::episodes).sum();
+        stats.codel_dropping = self.codels.iter().filter(|codel| codel.dropping()).count() as u64;
         stats
     }
 
@@ -454,12 +456,13 @@ impl<S: MailboxStore> ShardCore<S> {
         }
     }
 
-    /// Advances the core's clock to `now_ms` (wall-clock ms; never goes
-    /// back). Call before each batch of shard messages and commits, so that
-    /// sojourn times are measured against the present.
-    pub fn set_clock(&mut self, now_ms: u64) {
-        self.now_ms = self.now_ms.max(now_ms);
-        self.now_s = self.now_s.max(self.now_ms / 1000);
+    /// Advances the core's monotonic clock to `clock_ms` (ms from any fixed
+    /// origin shared by every shard of the process; never wall-clock time,
+    /// whose steps would look like sojourns or stop buckets refilling).
+    /// Call before each batch of inputs, so that sojourns and token buckets
+    /// are measured against the present.
+    pub fn set_clock(&mut self, clock_ms: u64) {
+        self.clock_ms = self.clock_ms.max(clock_ms);
     }
 
     /// Removes devices that have had no session for
@@ -503,7 +506,7 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// A frame arrived on `conn`'s request stream. `now_ms` is wall-clock time.
     pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now_ms: u64) {
-        self.set_clock(now_ms);
+        self.now_s = self.now_s.max(now_ms / 1000);
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
@@ -674,29 +677,31 @@ impl<S: MailboxStore> ShardCore<S> {
                 "message ids exhausted until the next reservation",
             );
         }
-        // CoDel: while this shard's sends wait too long, refuse new ones
-        // (never one already accepted).
-        if !self.codel.admit(now_ms) {
-            let retry_after_ms = self.codel.retry_after_ms();
+        // CoDel: while this shard's sends to the recipient's shard wait too
+        // long, refuse new ones there (never one already accepted); sends to
+        // other shards are not held up by one slow shard.
+        let codel = &mut self.codels[usize::from(destination)];
+        if !codel.admit(self.clock_ms) {
+            let retry_after_ms = codel.retry_after_ms();
             let detail = "the server is overloaded (send latency above target)";
             return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, retry_after_ms, detail);
         }
         // Rate limits last, so that a send refused for anything else is not
         // charged (docs/overload.md, "Rate limits").
         let costs = [1, send.payload.len() as u64];
-        if let Err(wait_ms) = self.device_rates.charge(sender, now_ms, costs) {
+        if let Err(wait_ms) = self.device_rates.charge(sender, self.clock_ms, costs) {
             self.stats.rate_limited += 1;
             let detail = "this device's send rate is over its limit";
             return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, wait_ms, detail);
         }
-        if let Err(wait_ms) = self.pair_rates.charge((sender, send.to_user), now_ms, [1]) {
+        if let Err(wait_ms) = self.pair_rates.charge((sender, send.to_user), self.clock_ms, [1]) {
             self.device_rates.refund(sender, costs);
             self.stats.rate_limited += 1;
             let detail = "this device's send rate to this user is over its limit";
             return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, wait_ms, detail);
         }
         self.senders.begin(sender, send.client_msg_id);
-        self.sends_in_flight += 1;
+        self.sends_in_flight[usize::from(destination)] += 1;
         self.stats.sends_accepted += 1;
         let server_msg_id = (u64::from(self.identity.shard.0) << MESSAGE_SEQUENCE_BITS) | self.next_message_sequence;
         self.next_message_sequence += 1;
@@ -706,6 +711,7 @@ impl<S: MailboxStore> ShardCore<S> {
             client_msg_id: send.client_msg_id,
             server_msg_id,
             sent_at_ms: now_ms,
+            accepted_at_ms: self.clock_ms,
             to_user: send.to_user,
             after: send.after,
             payload: send.payload,
@@ -824,6 +830,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 client_msg_id,
                 server_msg_id,
                 sent_at_ms,
+                accepted_at_ms,
                 to_user,
                 after,
                 payload,
@@ -840,17 +847,31 @@ impl<S: MailboxStore> ShardCore<S> {
                     to_user,
                     payload,
                 };
+                let payload_bytes = u32::try_from(stored.payload.len()).unwrap_or(u32::MAX);
                 let (result, ticket, devices) = self.store_for_user(sender, to_user, after, stored);
-                let outcome = ShardMessage::Stored { sender, accepted_at_ms: sent_at_ms, client_msg_id, result };
+                let outcome =
+                    ShardMessage::Stored { sender, accepted_at_ms, to_user, payload_bytes, client_msg_id, result };
                 self.awaiting_commit.push_back(Completion { ticket, origin_shard, stored: outcome, devices });
             }
-            ShardMessage::Stored { sender, accepted_at_ms, client_msg_id, result } => {
-                let sojourn_ms = self.now_ms.saturating_sub(accepted_at_ms);
-                self.codel.on_sojourn(self.now_ms, sojourn_ms);
+            ShardMessage::Stored { sender, accepted_at_ms, to_user, payload_bytes, client_msg_id, result } => {
+                // `from` is the recipient's shard: its controller sees the sojourn.
+                let destination = usize::from(from);
+                let sojourn_ms = self.clock_ms.saturating_sub(accepted_at_ms);
+                if let Some(codel) = self.codels.get_mut(destination) {
+                    codel.on_sojourn(self.clock_ms, sojourn_ms);
+                }
                 self.stats.record_sojourn(sojourn_ms);
-                self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                if self.sends_in_flight == 0 {
-                    self.codel.on_idle();
+                if let Some(in_flight) = self.sends_in_flight.get_mut(destination) {
+                    *in_flight = in_flight.saturating_sub(1);
+                    if *in_flight == 0 {
+                        self.codels[destination].on_idle();
+                    }
+                }
+                if result.is_err() {
+                    // Not stored: it costs the sender no rate tokens (its
+                    // retry is charged again).
+                    self.device_rates.refund(sender, [1, u64::from(payload_bytes)]);
+                    self.pair_rates.refund((sender, to_user), [1]);
                 }
                 self.senders.finish(sender, client_msg_id, result.ok());
                 let Some(&conn) = self.online.get(&sender) else {
@@ -1481,6 +1502,95 @@ mod tests {
         // An `after` naming a send that was never stored is refused too.
         core.on_frame(sender, send(104, Some(999)), NOW_MS);
         assert_eq!(answers(&outputs(&mut core)), [(104, behind)]);
+    }
+
+    #[test]
+    fn codel_holds_back_only_the_sends_to_the_slow_shard() {
+        // Shard 0 of two; a device on it sends to a user on shard 1, whose
+        // answers come back 50 ms late, and to a user on shard 0.
+        let authority = TokenAuthority::from_secret([9; 32]);
+        let identity = ShardIdentity {
+            node: NodeId(0),
+            shard: ShardId(0),
+            advertised_host: "h".into(),
+            shard_ports: vec![1, 2],
+            message_ids: 1..100_000,
+        };
+        let limits = CoreLimits {
+            dedup_entries_per_device_max: 8,
+            sender_dedup_entries_max: 64,
+            sends_in_flight_per_device_max: 100_000,
+            shard_outbox_messages_max: 100_000,
+            device_inactive_expiry_s: 0,
+            rates: SendRates::OFF,
+            codel_target_ms: 5,
+            codel_interval_ms: 100,
+        };
+        let store = MemoryStore::new(StoreLimits {
+            devices_per_user_max: 2,
+            devices_per_shard_max: 100,
+            mailbox_messages_max: 100_000,
+            mailbox_bytes_max: 1 << 30,
+            stored_dedup_entries_max: 100,
+            shard_mailbox_bytes_max: 1 << 40,
+        });
+        let table = SlotTable::single_node(NodeId(0), 2, 1).unwrap();
+        let on_shard =
+            |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
+        let (sender, local, remote) = (on_shard(0, 1), on_shard(0, 1000), on_shard(1, 1));
+        let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
+        hello(&mut core, &authority, ConnId(1), sender);
+        hello(&mut core, &authority, ConnId(2), local);
+        let mut next_id = 0;
+        let mut send = |core: &mut ShardCore<MemoryStore>, to_user: u64, clock_ms: u64| {
+            next_id += 1;
+            core.set_clock(clock_ms);
+            let frame = Frame::Send(frames::Send { client_msg_id: next_id, to_user, after: None, payload: vec![1] });
+            core.on_frame(ConnId(1), frame, NOW_MS);
+            let refused = outputs(core).iter().any(
+                |o| matches!(o, Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::Throttle as u16),
+            );
+            (next_id, refused)
+        };
+        // Shard 1 answers every send 50 ms after it was accepted; the first
+        // answer (1 ms) sets the floor.
+        let answer = |core: &mut ShardCore<MemoryStore>, id: u64, accepted_at_ms: u64, latency_ms: u64| {
+            core.set_clock(accepted_at_ms + latency_ms);
+            let stored = ShardMessage::Stored {
+                sender: DeviceKey { user: sender, device: 1 },
+                accepted_at_ms,
+                to_user: remote,
+                payload_bytes: 1,
+                client_msg_id: id,
+                result: Ok(id),
+            };
+            core.on_shard_message(1, stored);
+            outputs(core);
+        };
+        let (first, _) = send(&mut core, remote, 1_000);
+        answer(&mut core, first, 1_000, 1);
+        let mut refused_remote = 0;
+        let mut refused_local = 0;
+        // Each answer comes after the next send is out, so the queue to
+        // shard 1 never empties.
+        let mut outstanding: Option<(u64, u64)> = None;
+        for step in 0..100u64 {
+            let at = 2_000 + step * 60;
+            let (id, refused) = send(&mut core, remote, at);
+            refused_remote += u64::from(refused);
+            let (_, refused_here) = send(&mut core, local, at);
+            refused_local += u64::from(refused_here);
+            if let Some((previous, accepted_at)) = outstanding.take() {
+                answer(&mut core, previous, accepted_at, 50);
+            }
+            if !refused {
+                outstanding = Some((id, at));
+            }
+        }
+        assert!(refused_remote > 0, "sends to the slow shard must be refused");
+        assert_eq!(refused_local, 0, "sends to the healthy shard never are");
+        let stats = core.stats();
+        assert!(stats.codel_refusals >= refused_remote && stats.codel_episodes >= 1, "{stats:?}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum ShardMessage {
         server_msg_id: u64,
         /// Acceptance time, ms since the Unix epoch.
         sent_at_ms: u64,
+        /// Acceptance time on the origin's monotonic clock (CoDel's sojourn).
+        accepted_at_ms: u64,
         /// The recipient user.
         to_user: u64,
         /// The sender's earlier Send to `to_user` that must be stored first
@@ -50,9 +52,14 @@ pub enum ShardMessage {
     Stored {
         /// The sending device.
         sender: DeviceKey,
-        /// When the origin shard accepted the Send (its `sent_at_ms`), so the
-        /// origin measures the whole sojourn (CoDel admission).
+        /// When the origin shard accepted the Send, on its monotonic clock
+        /// (echoed, so the origin measures the whole sojourn for CoDel).
         accepted_at_ms: u64,
+        /// The recipient user and the payload's size (a refused send's rate
+        /// tokens are given back).
+        to_user: u64,
+        /// See `to_user`.
+        payload_bytes: u32,
         /// The sender's id.
         client_msg_id: u64,
         /// `Ok(server_msg_id)` or why it was refused.
