@@ -26,6 +26,8 @@ pub struct ShardMetrics {
     pub sends_refused_total: AtomicU64,
     /// Sends refused by a per-sender rate limit.
     pub sends_rate_limited_total: AtomicU64,
+    /// Connections closed because their push stream stalled (SLOW_READER).
+    pub slow_reader_disconnects_total: AtomicU64,
     /// Sends refused by CoDel admission.
     pub codel_refusals_total: AtomicU64,
     /// CoDel dropping states entered.
@@ -99,7 +101,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 22] = [
+    let families: [(&str, &str, &str, Field); 23] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -109,6 +111,9 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_sends_refused_total", "counter", "Sends refused with an Error.", |m| &m.sends_refused_total),
         ("iris_sends_rate_limited_total", "counter", "Sends refused by a per-sender rate limit.", |m| {
             &m.sends_rate_limited_total
+        }),
+        ("iris_slow_reader_disconnects_total", "counter", "Connections closed for a stalled push stream.", |m| {
+            &m.slow_reader_disconnects_total
         }),
         ("iris_codel_refusals_total", "counter", "Sends refused by CoDel admission.", |m| &m.codel_refusals_total),
         ("iris_codel_episodes_total", "counter", "CoDel dropping states entered.", |m| &m.codel_episodes_total),

@@ -99,7 +99,8 @@ async fn a_refusal_that_persists_reaches_the_application_with_its_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_reads_is_disconnected_and_gets_everything_on_its_next_connection() {
-    let server = Server::start_with(2, &["[runtime]", "push_stall_timeout_ms = 500"]);
+    let (admin, admin_line) = common::admin_address();
+    let server = Server::start_with(2, &[&admin_line, "[runtime]", "push_stall_timeout_ms = 500"]);
     let (sender, recipient) = (user_on_shard(0, 2, 100), user_on_shard(1, 2, 100));
     // Online, but never reads its push stream: once its QUIC windows are
     // full the server can push nothing more.
@@ -118,11 +119,68 @@ async fn a_reader_that_never_reads_is_disconnected_and_gets_everything_on_its_ne
         outcome.await.unwrap().expect("stored while the reader is stuck");
     }
     assert_eq!(stuck.closed_code().await, Some(u64::from(iris_protocol::close_code::SLOW_READER)));
+    let metrics = common::http_get(&admin, "/metrics");
+    assert_eq!(common::metric_sum(&metrics, "iris_slow_reader_disconnects_total", "shard=\"1\""), 1);
     // Everything waited in the mailbox.
     let mut reader = Client::connect(server.client_config(recipient, 1)).await.unwrap();
     for index in 0..COUNT {
         let message = tokio::time::timeout(Duration::from_secs(30), reader.recv()).await.unwrap().unwrap();
         assert!(message.payload.starts_with(format!("{index}:").as_bytes()), "message {index} out of order");
     }
+    reader.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_gets_200000_messages_in_order_after_a_sigkill() {
+    // Far more than the default mailbox cap (10,000) holds; the caps are
+    // raised for it. Four senders on both shards, pipelined.
+    const SENDERS: u64 = 4;
+    const PER_SENDER: u64 = 50_000;
+    let mut server =
+        Server::start_with(2, &["[limits]", "mailbox_messages_max = 250000", "mailbox_bytes_max = 67108864"]);
+    let recipient = user_on_shard(1, 2, 100);
+    Client::connect(server.client_config(recipient, 1)).await.unwrap().close().await.unwrap();
+    let mut sending = Vec::new();
+    for index in 0..SENDERS {
+        let user = user_on_shard((index % 2) as u16, 2, 1_000 + 100 * index);
+        let client = Client::connect(server.client_config(user, 1)).await.unwrap();
+        sending.push(tokio::spawn(async move {
+            let handle = client.sender();
+            let mut window = std::collections::VecDeque::new();
+            for number in 0..PER_SENDER {
+                let payload = format!("{user}:{number}").into_bytes();
+                window.push_back(handle.send_nowait(recipient, payload).await.unwrap());
+                if window.len() >= 128 {
+                    window.pop_front().unwrap().await.unwrap().expect("acknowledged");
+                }
+            }
+            for outcome in window {
+                outcome.await.unwrap().expect("acknowledged");
+            }
+            client.close().await.unwrap();
+            user
+        }));
+    }
+    let mut senders = Vec::new();
+    for task in sending {
+        senders.push(task.await.unwrap());
+    }
+    // Every one was acknowledged: each is durable, across a SIGKILL.
+    server.kill9();
+    server.restart();
+    let mut reader = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    let mut next: std::collections::HashMap<u64, u64> = senders.iter().map(|user| (*user, 0)).collect();
+    for _ in 0..SENDERS * PER_SENDER {
+        let message = tokio::time::timeout(Duration::from_secs(60), reader.recv()).await.unwrap().unwrap();
+        let text = String::from_utf8(message.payload).unwrap();
+        let (user, number) = text.split_once(':').unwrap();
+        let (user, number): (u64, u64) = (user.parse().unwrap(), number.parse().unwrap());
+        let expected = next.get_mut(&user).expect("a sender of this test");
+        assert_eq!(number, *expected, "from {user}: lost, duplicated or reordered");
+        *expected += 1;
+    }
+    assert!(next.values().all(|count| *count == PER_SENDER));
+    let extra = tokio::time::timeout(Duration::from_millis(300), reader.recv()).await;
+    assert!(extra.is_err(), "unexpected extra message {extra:?}");
     reader.close().await.unwrap();
 }

@@ -418,12 +418,14 @@ impl Connection {
         can_read || can_push || can_respond
     }
 
-    /// Called when the loop's timer for this connection fires.
-    pub fn on_close_deadline(&mut self, now: Instant) {
+    /// Called when the loop's timer for this connection fires. Returns
+    /// whether it closed the connection as a stuck reader.
+    pub fn on_close_deadline(&mut self, now: Instant) -> bool {
         if self.closing.is_none() && self.stall_deadline().is_some_and(|deadline| deadline <= now) {
             self.push_stalled_since = None;
             tracing::debug!("push stream stalled; closing the connection");
-            return self.close(now, close_code::SLOW_READER, "push stream accepted nothing for too long");
+            self.close(now, close_code::SLOW_READER, "push stream accepted nothing for too long");
+            return true;
         }
         if self.close_deadline.is_some_and(|deadline| deadline <= now) {
             if self.closing.is_none() {
@@ -432,6 +434,7 @@ impl Connection {
                 self.close_now(now);
             }
         }
+        false
     }
 
     fn close(&mut self, now: Instant, code: u32, reason: &'static str) {

@@ -617,7 +617,9 @@ impl<S: MailboxStore> ShardLoop<S> {
             if let Some(connection) = self.connections.get_mut(&handle) {
                 connection.deadline = None;
                 connection.quic.handle_timeout(now);
-                connection.on_close_deadline(now);
+                if connection.on_close_deadline(now) {
+                    ShardMetrics::add(&self.metrics.slow_reader_disconnects_total, 1);
+                }
                 self.mark_dirty(handle);
             }
         }
