@@ -27,7 +27,7 @@
 use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
-use irisd::shard::mailbox::{StoreLimits, WriteChunk};
+use irisd::shard::mailbox::{StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
 use irisd::shard::rate::Rate;
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
 use irisd::storage::record::{decode_record, frame_chunk, scan_segment, Record, Scan};
@@ -557,6 +557,7 @@ impl Sim {
         }
         // Recovered entries know where their records lie too.
         self.check_record_positions();
+        self.check_memory_accounting();
         self.links.clear();
         self.conn_owner.clear();
         for device in &mut self.devices {
@@ -709,7 +710,10 @@ impl Sim {
             self.step_disk();
             self.settle();
         }
-        for _ in 0..steps {
+        for step in 0..steps {
+            if step % 512 == 0 {
+                self.check_memory_accounting();
+            }
             self.now_ms += self.rng.below(3);
             let index = self.rng.below(self.devices.len() as u64) as usize;
             if self.rng.below(1000) < self.faults.crashes_per_mille {
@@ -818,7 +822,24 @@ impl Sim {
         }
     }
 
+    /// The memory each store charges against its budget is what its
+    /// mailboxes hold (a drift either way would let memory grow past the
+    /// budget, or refuse sends for memory that is not used), and never
+    /// more than the budget.
+    fn check_memory_accounting(&self) {
+        for (shard, core) in self.cores.iter().enumerate() {
+            let store = core.store();
+            let recount: u64 = store
+                .mailbox_entries()
+                .map(|(_, entry)| entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES)
+                .sum();
+            assert_eq!(store.charged_bytes(), recount, "shard {shard}: mailbox memory accounting drifted");
+            assert!(recount <= STORE_LIMITS.shard_mailbox_bytes_max);
+        }
+    }
+
     fn check(&self) {
+        self.check_memory_accounting();
         self.check_record_positions();
         assert!(self.devices.iter().all(|d| d.pending.is_empty()), "sends never acknowledged");
         assert!(self.devices.iter().all(|d| d.removing.is_none()), "a removal never answered");

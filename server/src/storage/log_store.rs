@@ -589,6 +589,12 @@ impl LogStore {
         self.index.mailboxes().flat_map(|(device, mailbox)| mailbox.entries.iter().map(|entry| (*device, entry)))
     }
 
+    /// Bytes the mailboxes hold against `shard_mailbox_bytes_max`, as
+    /// counted incrementally (checks compare it with a recount).
+    pub fn charged_bytes(&self) -> u64 {
+        self.index.charged_bytes()
+    }
+
     /// Segments believed to be on disk.
     pub fn segments_on_disk(&self) -> usize {
         self.on_disk.len()
