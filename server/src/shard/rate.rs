@@ -8,15 +8,20 @@
 //!
 //! [`RateTable`] keeps the buckets of many keys (sending devices, or sender
 //! -> recipient pairs). A full bucket says nothing that a fresh one would
-//! not, so keys whose buckets are all full are forgotten: what stays is at
-//! most the keys charged within the last `burst / per_s` seconds. The table
+//! not, so keys whose buckets are all full are forgotten by a sweep that
+//! runs once per as many charges as it kept keys (amortised O(1) per
+//! charge, no per-charge bookkeeping): what stays is about the keys charged
+//! within the last `burst / per_s` seconds. The table
 //! also has a hard bound; at it, a new key is not tracked (and not limited
 //! by this table; the sending device's own buckets still apply), counted in
 //! [`RateTable::untracked`].
 
 use super::StateMap;
-use std::collections::VecDeque;
 use std::hash::Hash;
+
+/// A sweep for refilled keys runs at most once per this many charges (and
+/// otherwise once per as many charges as keys are tracked).
+const SWEEP_CHARGES_MIN: usize = 1024;
 
 /// One bucket's rule; `per_s == 0` disables it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,9 +57,11 @@ struct Buckets<const N: usize> {
 pub struct RateTable<K, const N: usize> {
     rates: [Rate; N],
     keys: StateMap<K, Buckets<N>>,
-    /// (key, at_ms) of each charge, oldest first; a mark whose time is not
-    /// the key's latest is stale.
-    marks: VecDeque<(K, u64)>,
+    /// Charges since the last sweep for refilled keys.
+    charges_since_sweep: usize,
+    /// Charges after which the next sweep runs: the keys the last one kept
+    /// (at least [`SWEEP_CHARGES_MIN`]), so sweeping costs O(1) per charge.
+    sweep_every: usize,
     keys_max: usize,
     untracked: u64,
 }
@@ -62,7 +69,14 @@ pub struct RateTable<K, const N: usize> {
 impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
     /// A table applying `rates` to each key, tracking at most `keys_max` keys.
     pub fn new(rates: [Rate; N], keys_max: usize) -> RateTable<K, N> {
-        RateTable { rates, keys: StateMap::default(), marks: VecDeque::new(), keys_max, untracked: 0 }
+        RateTable {
+            rates,
+            keys: StateMap::default(),
+            charges_since_sweep: 0,
+            sweep_every: SWEEP_CHARGES_MIN,
+            keys_max,
+            untracked: 0,
+        }
     }
 
     /// Charges `costs` (one per rule) to `key` at `now_ms` if every bucket
@@ -72,9 +86,12 @@ impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
         if !self.rates.iter().any(|rate| rate.enabled()) {
             return Ok(());
         }
-        self.forget_full(now_ms, 2);
-        if !self.keys.contains_key(&key) && self.keys.len() >= self.keys_max {
-            self.forget_full(now_ms, usize::MAX);
+        self.charges_since_sweep += 1;
+        if self.charges_since_sweep >= self.sweep_every {
+            self.forget_full(now_ms);
+        }
+        if self.keys.len() >= self.keys_max && !self.keys.contains_key(&key) {
+            self.forget_full(now_ms);
             if self.keys.len() >= self.keys_max {
                 self.untracked += 1;
                 return Ok(());
@@ -108,13 +125,6 @@ impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
                 }
             }
         }
-        // The state changed (refill at least): its newest mark is this one.
-        let at_ms = state.at_ms;
-        self.marks.push_back((key, at_ms));
-        if self.marks.len() > 2 * self.keys.len() + 64 {
-            let keys = &self.keys;
-            self.marks.retain(|(key, at)| keys.get(key).is_some_and(|state| state.at_ms == *at));
-        }
         match wait_ms {
             0 => Ok(()),
             wait_ms => Err(u32::try_from(wait_ms).unwrap_or(u32::MAX)),
@@ -133,29 +143,17 @@ impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
         }
     }
 
-    /// Forgets up to `count` keys whose buckets have all refilled by `now_ms`
-    /// (the oldest first; stops at the first that has not).
-    fn forget_full(&mut self, now_ms: u64, count: usize) {
-        let mut forgotten = 0;
-        while forgotten < count {
-            let Some(&(key, at)) = self.marks.front() else { break };
-            match self.keys.get(&key) {
-                Some(state) if state.at_ms == at => {
-                    let elapsed_ms = now_ms.saturating_sub(at);
-                    let full = self.rates.iter().zip(state.tokens_milli).all(|(rate, tokens)| {
-                        !rate.enabled()
-                            || tokens.saturating_add(elapsed_ms.saturating_mul(rate.per_s)) >= rate.capacity_milli()
-                    });
-                    if !full {
-                        break; // the oldest charge is not refilled: no later one is
-                    }
-                    self.keys.remove(&key);
-                    forgotten += 1;
-                }
-                _ => {} // stale mark
-            }
-            self.marks.pop_front();
-        }
+    /// Forgets every key whose buckets have all refilled by `now_ms`.
+    fn forget_full(&mut self, now_ms: u64) {
+        self.charges_since_sweep = 0;
+        let rates = self.rates;
+        self.keys.retain(|_, state| {
+            let elapsed_ms = now_ms.saturating_sub(state.at_ms);
+            !rates.iter().zip(state.tokens_milli).all(|(rate, tokens)| {
+                !rate.enabled() || tokens.saturating_add(elapsed_ms.saturating_mul(rate.per_s)) >= rate.capacity_milli()
+            })
+        });
+        self.sweep_every = self.keys.len().max(SWEEP_CHARGES_MIN);
     }
 
     /// Keys tracked now.
@@ -222,7 +220,13 @@ mod tests {
         // One second later every bucket is full again and may be forgotten.
         assert_eq!(table.charge(9, 1_000, [1]), Ok(()));
         assert!(table.tracked() <= 2, "refilled keys forgotten: {}", table.tracked());
-        assert!(table.marks.len() <= 2 * table.tracked() + 64);
+        // The regular sweep forgets them too, without reaching the bound.
+        let mut table: RateTable<u32, 1> = RateTable::new([Rate { per_s: 1, burst: 2 }], 1_000_000);
+        for key in 0..5000 {
+            table.charge(key, u64::from(key) * 10, [1]).unwrap();
+        }
+        // At most the keys since the last sweep (every 1,024 charges here) plus the ~100 of the last second.
+        assert!(table.tracked() <= 1024 + 101, "{} keys tracked, though most refilled long ago", table.tracked());
     }
 
     #[test]
