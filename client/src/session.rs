@@ -327,7 +327,7 @@ impl Session {
                             let Some(earlier_send) = self.pending.get(earlier) else { continue };
                             if earlier_send.to_user == to_user {
                                 after = after.or(Some(*earlier));
-                                held |= earlier_send.retry_at.is_some();
+                                held |= earlier_send.retry_at.is_some() || earlier_send.first_refused_at.is_some();
                             }
                         }
                         let retry_at = held.then(Instant::now);

@@ -134,6 +134,8 @@ pub struct Connection {
     push: Option<StreamId>,
     /// Since when the push stream has accepted nothing while pushes wait.
     push_stalled_since: Option<Instant>,
+    /// Highest `DeliveryAck` seen (progress for the stall timeout).
+    acked_up_to: u64,
     /// Authenticated, but the stream limit did not allow opening the push stream yet.
     push_open_pending: bool,
     /// Deliver frames for the push stream (at most one partly written frame
@@ -170,6 +172,7 @@ impl Connection {
             responses: Outgoing::default(),
             push: None,
             push_stalled_since: None,
+            acked_up_to: 0,
             push_open_pending: false,
             pushes: Outgoing::default(),
             closing: None,
@@ -284,12 +287,15 @@ impl Connection {
             }
         }
         for frame in frames {
-            if matches!(frame, Frame::DeliveryAck(_)) {
+            if let Frame::DeliveryAck(ack) = &frame {
                 // The client processes what it was pushed: a slow reader, not
                 // a stuck one (QUIC window updates come only every 1/8 of a
                 // window, which a reader of small messages can take long
-                // to consume).
-                self.push_stalled_since = None;
+                // to consume). Only an ack that moves forward counts.
+                if ack.up_to_seq > self.acked_up_to {
+                    self.acked_up_to = ack.up_to_seq;
+                    self.push_stalled_since = None;
+                }
             }
             core.on_frame(conn, frame, now_ms);
         }
@@ -402,6 +408,11 @@ impl Connection {
 
     /// When the push stream will have been stalled for too long, if it is stalled.
     pub fn stall_deadline(&self) -> Option<Instant> {
+        // A closing connection has no stall to time: its own deadline ends it
+        // (a stale one would re-arm a past timer on every iteration).
+        if self.closing.is_some() || self.quic.is_closed() {
+            return None;
+        }
         self.push_stalled_since.map(|since| since + self.limits.push_stall_timeout)
     }
 

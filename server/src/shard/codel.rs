@@ -77,7 +77,13 @@ impl CoDel {
 
     /// The lowest sojourn of the last 10 to 20 s, updated with `sojourn_ms`.
     fn floor(&mut self, now_ms: u64, sojourn_ms: u64) -> u64 {
-        if now_ms.saturating_sub(self.floor_window_start_ms) >= FLOOR_WINDOW_MS {
+        let age_ms = now_ms.saturating_sub(self.floor_window_start_ms);
+        if age_ms >= 2 * FLOOR_WINDOW_MS {
+            // Idle for two windows: what was seen before says nothing now.
+            self.floor_previous_ms = u64::MAX;
+            self.floor_current_ms = u64::MAX;
+            self.floor_window_start_ms = now_ms;
+        } else if age_ms >= FLOOR_WINDOW_MS {
             self.floor_previous_ms = self.floor_current_ms;
             self.floor_current_ms = u64::MAX;
             self.floor_window_start_ms = now_ms;
@@ -88,11 +94,15 @@ impl CoDel {
 
     /// A send accepted at some earlier time was answered at `now_ms`, after
     /// `sojourn_ms` (RFC 8289 `dodequeue`, on the queueing part of it).
-    pub fn on_sojourn(&mut self, now_ms: u64, sojourn_ms: u64) {
+    /// `stored` says whether it was stored: only those set the floor, since
+    /// a refusal comes back without waiting for a sync and would make every
+    /// stored send look queued.
+    pub fn on_sojourn(&mut self, now_ms: u64, sojourn_ms: u64, stored: bool) {
         if self.target_ms == 0 {
             return;
         }
-        let queueing_ms = sojourn_ms - self.floor(now_ms, sojourn_ms);
+        let floor = if stored { self.floor(now_ms, sojourn_ms) } else { self.floor(now_ms, u64::MAX) };
+        let queueing_ms = sojourn_ms.saturating_sub(floor.min(sojourn_ms));
         if queueing_ms < self.target_ms {
             // Went below target: stay below for an interval before dropping again.
             self.first_above_ms = 0;
@@ -177,7 +187,7 @@ mod tests {
     /// was seen at t = 999), so later sojourns are 1 ms of path plus queueing.
     fn controller() -> CoDel {
         let mut codel = CoDel::new(5, 100);
-        codel.on_sojourn(999, 1);
+        codel.on_sojourn(999, 1, true);
         codel
     }
 
@@ -186,7 +196,7 @@ mod tests {
     fn run(codel: &mut CoDel, from: u64, to: u64, sojourn_ms: u64) -> Vec<u64> {
         let mut refused = Vec::new();
         for now in from..to {
-            codel.on_sojourn(now, sojourn_ms);
+            codel.on_sojourn(now, sojourn_ms, true);
             if !codel.admit(now) {
                 refused.push(now);
             }
@@ -264,6 +274,19 @@ mod tests {
         run(&mut later, 0, 1000, 2);
         let refused = run(&mut later, 1000, 40_000, 12);
         assert!(refused.iter().all(|at| *at < 1000 + 2 * FLOOR_WINDOW_MS), "still refusing at {:?}", refused.last());
+    }
+
+    #[test]
+    fn fast_refusals_do_not_lower_the_floor() {
+        // Stored sends take 8 ms (the sync); refusals come back in 0 ms.
+        let mut codel = CoDel::new(5, 100);
+        for now in 0..30_000 {
+            codel.on_sojourn(now, 8, true);
+            if now % 1000 == 0 {
+                codel.on_sojourn(now, 0, false);
+            }
+            assert!(codel.admit(now), "refused at {now} on an idle server");
+        }
     }
 
     #[test]

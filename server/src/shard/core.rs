@@ -858,7 +858,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 let destination = usize::from(from);
                 let sojourn_ms = self.clock_ms.saturating_sub(accepted_at_ms);
                 if let Some(codel) = self.codels.get_mut(destination) {
-                    codel.on_sojourn(self.clock_ms, sojourn_ms);
+                    codel.on_sojourn(self.clock_ms, sojourn_ms, result.is_ok());
                 }
                 self.stats.record_sojourn(sojourn_ms);
                 if let Some(in_flight) = self.sends_in_flight.get_mut(destination) {
@@ -867,9 +867,11 @@ impl<S: MailboxStore> ShardCore<S> {
                         self.codels[destination].on_idle();
                     }
                 }
-                if result.is_err() {
-                    // Not stored: it costs the sender no rate tokens (its
-                    // retry is charged again).
+                if result.is_err_and(|refusal| refusal.code.is_retryable()) {
+                    // Not stored, for a reason that passes (a full mailbox,
+                    // an earlier send not stored yet, the server's load): it
+                    // costs the sender no rate tokens, its retry is charged
+                    // again. Final refusals (an unknown recipient) keep them.
                     self.device_rates.refund(sender, [1, u64::from(payload_bytes)]);
                     self.pair_rates.refund((sender, to_user), [1]);
                 }

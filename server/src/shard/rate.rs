@@ -62,6 +62,10 @@ pub struct RateTable<K, const N: usize> {
     /// Charges after which the next sweep runs: the keys the last one kept
     /// (at least [`SWEEP_CHARGES_MIN`]), so sweeping costs O(1) per charge.
     sweep_every: usize,
+    /// When the first key kept by the last sweep will have refilled: before
+    /// then a sweep frees nothing, so a table at its bound does not sweep
+    /// for every new key.
+    next_refill_ms: u64,
     keys_max: usize,
     untracked: u64,
 }
@@ -74,6 +78,7 @@ impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
             keys: StateMap::default(),
             charges_since_sweep: 0,
             sweep_every: SWEEP_CHARGES_MIN,
+            next_refill_ms: 0,
             keys_max,
             untracked: 0,
         }
@@ -91,7 +96,9 @@ impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
             self.forget_full(now_ms);
         }
         if self.keys.len() >= self.keys_max && !self.keys.contains_key(&key) {
-            self.forget_full(now_ms);
+            if now_ms >= self.next_refill_ms {
+                self.forget_full(now_ms);
+            }
             if self.keys.len() >= self.keys_max {
                 self.untracked += 1;
                 return Ok(());
@@ -147,12 +154,23 @@ impl<K: Copy + Eq + Hash, const N: usize> RateTable<K, N> {
     fn forget_full(&mut self, now_ms: u64) {
         self.charges_since_sweep = 0;
         let rates = self.rates;
+        let mut next_refill_ms = u64::MAX;
         self.keys.retain(|_, state| {
-            let elapsed_ms = now_ms.saturating_sub(state.at_ms);
-            !rates.iter().zip(state.tokens_milli).all(|(rate, tokens)| {
-                !rate.enabled() || tokens.saturating_add(elapsed_ms.saturating_mul(rate.per_s)) >= rate.capacity_milli()
-            })
+            // When every bucket of this key is full again.
+            let full_at_ms = rates
+                .iter()
+                .zip(state.tokens_milli)
+                .filter(|(rate, _)| rate.enabled())
+                .map(|(rate, tokens)| state.at_ms + rate.capacity_milli().saturating_sub(tokens).div_ceil(rate.per_s))
+                .max()
+                .unwrap_or(0);
+            let keep = full_at_ms > now_ms;
+            if keep {
+                next_refill_ms = next_refill_ms.min(full_at_ms);
+            }
+            keep
         });
+        self.next_refill_ms = next_refill_ms;
         self.sweep_every = self.keys.len().max(SWEEP_CHARGES_MIN);
     }
 
