@@ -26,6 +26,8 @@ pub struct ShardMetrics {
     pub sends_refused_total: AtomicU64,
     /// Sends refused by a per-sender rate limit.
     pub sends_rate_limited_total: AtomicU64,
+    /// Sends not rate-limited because a rate table was at its bound.
+    pub rate_limit_untracked_total: AtomicU64,
     /// Connections closed because their push stream stalled (SLOW_READER).
     pub slow_reader_disconnects_total: AtomicU64,
     /// Sends refused by CoDel admission.
@@ -101,7 +103,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 23] = [
+    let families: [(&str, &str, &str, Field); 24] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -111,6 +113,9 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_sends_refused_total", "counter", "Sends refused with an Error.", |m| &m.sends_refused_total),
         ("iris_sends_rate_limited_total", "counter", "Sends refused by a per-sender rate limit.", |m| {
             &m.sends_rate_limited_total
+        }),
+        ("iris_rate_limit_untracked_total", "counter", "Sends not rate-limited: a rate table was at its bound.", |m| {
+            &m.rate_limit_untracked_total
         }),
         ("iris_slow_reader_disconnects_total", "counter", "Connections closed for a stalled push stream.", |m| {
             &m.slow_reader_disconnects_total

@@ -14,7 +14,7 @@
 //! within the last `burst / per_s` seconds. The table
 //! also has a hard bound; at it, a new key is not tracked (and not limited
 //! by this table; the sending device's own buckets still apply), counted in
-//! [`RateTable::untracked`].
+//! [`RateTable::untracked`] (exported as `iris_rate_limit_untracked_total`).
 
 use super::StateMap;
 use std::hash::Hash;

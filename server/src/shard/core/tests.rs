@@ -1,0 +1,483 @@
+//! Unit tests of `core`.
+
+use super::*;
+use crate::auth::{Claims, TokenAuthority};
+use crate::shard::mailbox::StoreLimits;
+use crate::shard::MemoryStore;
+use iris_shard_map::NodeId;
+
+const NOW_MS: u64 = 1_000_000;
+
+fn core(authority: &TokenAuthority) -> ShardCore<MemoryStore> {
+    core_with(authority, |_| {})
+}
+
+/// A core whose store limits `adjust` changes.
+fn core_with(authority: &TokenAuthority, adjust: impl FnOnce(&mut StoreLimits)) -> ShardCore<MemoryStore> {
+    core_with_limits(authority, |store, _| adjust(store))
+}
+
+/// A core whose store and core limits `adjust` changes.
+fn core_with_limits(
+    authority: &TokenAuthority,
+    adjust: impl FnOnce(&mut StoreLimits, &mut CoreLimits),
+) -> ShardCore<MemoryStore> {
+    let identity = ShardIdentity {
+        node: NodeId(0),
+        shard: ShardId(0),
+        advertised_host: "h".into(),
+        shard_ports: vec![1],
+        message_ids: 1..1000,
+    };
+    let mut limits = CoreLimits {
+        dedup_entries_per_device_max: 8,
+        sender_dedup_entries_max: 1_048_576,
+        sends_in_flight_per_device_max: 8,
+        shard_outbox_messages_max: 8,
+        device_inactive_expiry_s: 100,
+        rates: SendRates::OFF,
+        codel_target_ms: 0,
+        codel_interval_ms: 100,
+    };
+    let mut store_limits = StoreLimits {
+        devices_per_user_max: 2,
+        devices_per_shard_max: 100,
+        mailbox_messages_max: 100,
+        mailbox_bytes_max: 1 << 20,
+        // One entry: the recipient side forgets a key at the next store.
+        stored_dedup_entries_max: 1,
+        shard_mailbox_bytes_max: 1 << 40,
+    };
+    adjust(&mut store_limits, &mut limits);
+    let store = MemoryStore::new(store_limits);
+    let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
+    ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
+}
+
+fn hello(core: &mut ShardCore<MemoryStore>, authority: &TokenAuthority, conn: ConnId, user: u64) {
+    hello_device(core, authority, conn, user, 1);
+    while core.poll_output().is_some() {}
+}
+
+/// Hello of `user`'s `device`; returns the outputs it produced.
+fn hello_device(
+    core: &mut ShardCore<MemoryStore>,
+    authority: &TokenAuthority,
+    conn: ConnId,
+    user: u64,
+    device: u32,
+) -> Vec<Output> {
+    core.on_connection(conn);
+    let token = authority.mint(Claims { user_id: user, device_id: device, expires_at_s: NOW_MS / 1000 + 60 });
+    core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS);
+    core.flush_commits();
+    std::iter::from_fn(|| core.poll_output()).collect()
+}
+
+fn outputs(core: &mut ShardCore<MemoryStore>) -> Vec<Output> {
+    core.flush_commits();
+    std::iter::from_fn(|| core.poll_output()).collect()
+}
+
+/// The device on `conn` takes every push and acknowledges it.
+fn drain_and_ack(core: &mut ShardCore<MemoryStore>, conn: ConnId) {
+    let mut last = None;
+    while let Some(Frame::Deliver(deliver)) = core.next_push(conn) {
+        last = Some(deliver.seq);
+    }
+    if let Some(up_to_seq) = last {
+        core.on_frame(conn, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq }), NOW_MS);
+    }
+}
+
+fn closed_with(outputs: &[Output], conn: ConnId) -> Option<(u32, Option<u16>)> {
+    outputs.iter().find_map(|output| match output {
+        Output::Close { conn: closed, frame, close_code } if *closed == conn => {
+            let code = match frame {
+                Some(Frame::Error(error)) => Some(error.code),
+                _ => None,
+            };
+            Some((*close_code, code))
+        }
+        _ => None,
+    })
+}
+
+/// User 20 with a phone (conn 1, device 1) and a laptop (conn 2, device
+/// 2) online, and a sender of user 10 on conn 3.
+fn phone_laptop_and_sender(core: &mut ShardCore<MemoryStore>, authority: &TokenAuthority) -> (ConnId, ConnId, ConnId) {
+    let (phone, laptop, sender) = (ConnId(1), ConnId(2), ConnId(3));
+    hello_device(core, authority, phone, 20, 1);
+    hello_device(core, authority, laptop, 20, 2);
+    hello(core, authority, sender, 10);
+    (phone, laptop, sender)
+}
+
+#[test]
+fn a_device_removed_by_its_sibling_is_closed_refused_and_no_longer_receives() {
+    let authority = TokenAuthority::from_secret([6; 32]);
+    let mut core = core(&authority);
+    let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
+    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
+    let out = outputs(&mut core);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Frame { conn, frame: Frame::DeviceRemoved(r) } if *conn == phone && r.device_id == 2)),
+        "the phone gets the answer: {out:?}"
+    );
+    assert_eq!(closed_with(&out, laptop), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+    core.on_connection_closed(laptop);
+    // The laptop's token still verifies, but the device may not come back.
+    let out = hello_device(&mut core, &authority, ConnId(4), 20, 2);
+    assert_eq!(closed_with(&out, ConnId(4)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+    assert_eq!(core.store().devices_of(20), &[1]);
+    // Removing it again is answered the same; an unknown device is not.
+    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
+    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 9 }), NOW_MS);
+    let out = outputs(&mut core);
+    assert!(matches!(&out[0], Output::Frame { frame: Frame::DeviceRemoved(r), .. } if r.device_id == 2));
+    assert!(
+        matches!(&out[1], Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::UnknownDevice as u16)
+    );
+    // A device removing itself gets the answer as its close.
+    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 1 }), NOW_MS);
+    let out = outputs(&mut core);
+    assert!(matches!(
+        &out[..],
+        [Output::Close { conn, frame: Some(Frame::DeviceRemoved(r)), close_code: close_code::REMOVED }] if *conn == phone && r.device_id == 1
+    ));
+    let send = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: b"hi".to_vec() };
+    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    let out = outputs(&mut core);
+    assert!(
+        matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if e.code == ErrorCode::UnknownRecipient as u16),
+        "a user whose devices are all removed has none: {out:?}"
+    );
+}
+
+#[test]
+fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_message() {
+    let authority = TokenAuthority::from_secret([7; 32]);
+    let mut core = core(&authority);
+    let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
+    core.on_connection_closed(laptop);
+    // The store's cap is 100 messages per device: the phone acknowledges
+    // as it goes, the offline laptop fills up.
+    let mut next_id = 1;
+    let mut send = |core: &mut ShardCore<MemoryStore>| {
+        let send = frames::Send { client_msg_id: next_id, to_user: 20, after: None, payload: b"m".to_vec() };
+        next_id += 1;
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        let out = outputs(core);
+        drain_and_ack(core, phone);
+        out
+    };
+    for _ in 0..100 {
+        let out = send(&mut core);
+        assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
+    }
+    let out = send(&mut core);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })),
+        "a full laptop must not block its user: {out:?}"
+    );
+    assert_eq!(core.store().devices_of(20), &[1], "the full offline laptop was removed");
+    assert_eq!(core.stats().devices_removed_overflow, 1);
+    let out = hello_device(&mut core, &authority, ConnId(5), 20, 2);
+    assert_eq!(closed_with(&out, ConnId(5)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+}
+
+#[test]
+fn the_shard_mailbox_budget_throttles_senders_and_removes_no_device() {
+    let authority = TokenAuthority::from_secret([9; 32]);
+    // Room for 20 entries of a 100-byte message (228 B charged each).
+    let mut core = core_with(&authority, |limits| limits.shard_mailbox_bytes_max = 20 * 228);
+    let sender = ConnId(1);
+    for (conn, user) in [(ConnId(2), 20), (ConnId(3), 30)] {
+        hello_device(&mut core, &authority, conn, user, 1);
+        core.on_connection_closed(conn);
+    }
+    hello(&mut core, &authority, sender, 10);
+    let mut acked = 0;
+    let mut throttled = None;
+    for id in 0..40u64 {
+        let send = frames::Send { client_msg_id: id, to_user: 20 + 10 * (id % 2), after: None, payload: vec![7; 100] };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        for output in outputs(&mut core) {
+            match output {
+                Output::Frame { frame: Frame::Ack(_), .. } => acked += 1,
+                Output::Frame { frame: Frame::Error(error), .. } => throttled = throttled.or(Some(error)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(acked, 20, "the budget holds exactly 20 entries");
+    let error = throttled.expect("sends past the budget are refused");
+    assert_eq!((error.code, error.retry_after_ms > 0), (ErrorCode::Throttle as u16, true));
+    assert_eq!((core.store().devices_of(20), core.store().devices_of(30)), (&[1][..], &[1][..]));
+    // A recipient that drains frees room.
+    let conn = ConnId(4);
+    hello_device(&mut core, &authority, conn, 20, 1);
+    drain_and_ack(&mut core, conn);
+    let send = frames::Send { client_msg_id: 100, to_user: 30, after: None, payload: vec![7; 100] };
+    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    assert!(outputs(&mut core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })));
+}
+
+#[test]
+fn a_device_without_a_session_for_the_expiry_is_removed_and_an_online_one_never() {
+    // The test core expires devices after 100 s without a session.
+    let authority = TokenAuthority::from_secret([10; 32]);
+    let mut core = core(&authority);
+    let (phone, laptop) = (ConnId(1), ConnId(2));
+    hello_device(&mut core, &authority, phone, 20, 1);
+    hello_device(&mut core, &authority, laptop, 20, 2);
+    core.expire_inactive(NOW_MS);
+    core.on_connection_closed(laptop);
+    core.expire_inactive(NOW_MS + 99_000);
+    assert_eq!(core.store().devices_of(20), &[1, 2], "not yet: checked before the expiry");
+    core.expire_inactive(NOW_MS + 170_000);
+    assert_eq!(core.store().devices_of(20), &[1], "the laptop was away past the expiry");
+    assert_eq!(core.stats().devices_expired, 1);
+    // The phone stayed online all along; its token still works, the laptop's does not.
+    let out = hello_device(&mut core, &authority, ConnId(3), 20, 2);
+    assert_eq!(closed_with(&out, ConnId(3)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+    core.expire_inactive(NOW_MS + 1_000_000);
+    assert_eq!(core.store().devices_of(20), &[1]);
+    // A reconnect within the expiry resets the clock.
+    hello_device(&mut core, &authority, ConnId(4), 30, 1);
+    core.on_connection_closed(ConnId(4));
+    core.expire_inactive(NOW_MS + 1_060_000);
+    hello_device(&mut core, &authority, ConnId(5), 30, 1);
+    core.on_connection_closed(ConnId(5));
+    core.expire_inactive(NOW_MS + 1_120_000);
+    assert_eq!(core.store().devices_of(30), &[1], "away 60 s at most each time");
+}
+
+#[test]
+fn a_full_mailbox_of_an_online_device_or_of_every_device_refuses_the_send() {
+    let authority = TokenAuthority::from_secret([8; 32]);
+    let mut core = core(&authority);
+    let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
+    for id in 1..=101 {
+        let send = frames::Send { client_msg_id: id, to_user: 20, after: None, payload: b"m".to_vec() };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        let out = outputs(&mut core);
+        if id == 101 {
+            assert!(
+                matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if e.code == ErrorCode::MailboxFull as u16),
+                "{out:?}"
+            );
+        }
+        drain_and_ack(&mut core, phone);
+    }
+    assert_eq!(core.store().devices_of(20), &[1, 2], "an online device draining slowly is never removed");
+    // Once the laptop is offline and still full, the phone's next message removes it.
+    core.on_connection_closed(laptop);
+    let send = frames::Send { client_msg_id: 200, to_user: 20, after: None, payload: b"m".to_vec() };
+    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    let out = outputs(&mut core);
+    assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
+    assert_eq!(core.store().devices_of(20), &[1]);
+}
+
+#[test]
+fn a_send_naming_a_refused_one_waits_for_it_so_retries_keep_the_order() {
+    let authority = TokenAuthority::from_secret([8; 32]);
+    let mut core = core(&authority);
+    let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
+    let send = |id: u64, after: Option<u64>| {
+        Frame::Send(frames::Send { client_msg_id: id, to_user: 20, after, payload: id.to_le_bytes().to_vec() })
+    };
+    let answers = |out: &[Output]| -> Vec<(u64, Option<u16>)> {
+        out.iter()
+            .filter_map(|output| match output {
+                Output::Frame { frame: Frame::Ack(ack), .. } => Some((ack.client_msg_id, None)),
+                Output::Frame { frame: Frame::Error(error), .. } => Some((error.client_msg_id?, Some(error.code))),
+                _ => None,
+            })
+            .collect()
+    };
+    // The laptop is online and does not read: its mailbox fills up.
+    for id in 1..=100 {
+        core.on_frame(sender, send(id, None), NOW_MS);
+        outputs(&mut core);
+        drain_and_ack(&mut core, phone);
+    }
+    // 101 is refused; 102 and 103, pipelined behind it, must not overtake it.
+    core.on_frame(sender, send(101, Some(100)), NOW_MS);
+    core.on_frame(sender, send(102, Some(101)), NOW_MS);
+    core.on_frame(sender, send(103, Some(102)), NOW_MS);
+    let (full, behind) = (Some(ErrorCode::MailboxFull as u16), Some(ErrorCode::OutOfOrder as u16));
+    assert_eq!(answers(&outputs(&mut core)), [(101, full), (102, behind), (103, behind)]);
+    // Once the laptop reads, the retries in order are stored in order.
+    drain_and_ack(&mut core, laptop);
+    core.on_frame(sender, send(101, None), NOW_MS);
+    core.on_frame(sender, send(102, Some(101)), NOW_MS);
+    core.on_frame(sender, send(103, Some(102)), NOW_MS);
+    assert_eq!(answers(&outputs(&mut core)), [(101, None), (102, None), (103, None)]);
+    let mut received = Vec::new();
+    while let Some(Frame::Deliver(deliver)) = core.next_push(laptop) {
+        received.push(u64::from_le_bytes(deliver.payload.try_into().unwrap()));
+    }
+    assert_eq!(received, [101, 102, 103]);
+    // An `after` naming a send that was never stored is refused too.
+    core.on_frame(sender, send(104, Some(999)), NOW_MS);
+    assert_eq!(answers(&outputs(&mut core)), [(104, behind)]);
+}
+
+#[test]
+fn codel_holds_back_only_the_sends_to_the_slow_shard() {
+    // Shard 0 of two; a device on it sends to a user on shard 1, whose
+    // answers come back 50 ms late, and to a user on shard 0.
+    let authority = TokenAuthority::from_secret([9; 32]);
+    let identity = ShardIdentity {
+        node: NodeId(0),
+        shard: ShardId(0),
+        advertised_host: "h".into(),
+        shard_ports: vec![1, 2],
+        message_ids: 1..100_000,
+    };
+    let limits = CoreLimits {
+        dedup_entries_per_device_max: 8,
+        sender_dedup_entries_max: 64,
+        sends_in_flight_per_device_max: 100_000,
+        shard_outbox_messages_max: 100_000,
+        device_inactive_expiry_s: 0,
+        rates: SendRates::OFF,
+        codel_target_ms: 5,
+        codel_interval_ms: 100,
+    };
+    let store = MemoryStore::new(StoreLimits {
+        devices_per_user_max: 2,
+        devices_per_shard_max: 100,
+        mailbox_messages_max: 100_000,
+        mailbox_bytes_max: 1 << 30,
+        stored_dedup_entries_max: 100,
+        shard_mailbox_bytes_max: 1 << 40,
+    });
+    let table = SlotTable::single_node(NodeId(0), 2, 1).unwrap();
+    let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
+    let (sender, local, remote) = (on_shard(0, 1), on_shard(0, 1000), on_shard(1, 1));
+    let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
+    hello(&mut core, &authority, ConnId(1), sender);
+    hello(&mut core, &authority, ConnId(2), local);
+    let mut next_id = 0;
+    let mut send = |core: &mut ShardCore<MemoryStore>, to_user: u64, clock_ms: u64| {
+        next_id += 1;
+        core.set_clock(clock_ms);
+        let frame = Frame::Send(frames::Send { client_msg_id: next_id, to_user, after: None, payload: vec![1] });
+        core.on_frame(ConnId(1), frame, NOW_MS);
+        let refused = outputs(core)
+            .iter()
+            .any(|o| matches!(o, Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::Throttle as u16));
+        (next_id, refused)
+    };
+    // Shard 1 answers every send 50 ms after it was accepted; the first
+    // answer (1 ms) sets the floor.
+    let answer = |core: &mut ShardCore<MemoryStore>, id: u64, accepted_at_ms: u64, latency_ms: u64| {
+        core.set_clock(accepted_at_ms + latency_ms);
+        let stored = ShardMessage::Stored {
+            sender: DeviceKey { user: sender, device: 1 },
+            accepted_at_ms,
+            to_user: remote,
+            payload_bytes: 1,
+            client_msg_id: id,
+            result: Ok(id),
+        };
+        core.on_shard_message(1, stored);
+        outputs(core);
+    };
+    let (first, _) = send(&mut core, remote, 1_000);
+    answer(&mut core, first, 1_000, 1);
+    let mut refused_remote = 0;
+    let mut refused_local = 0;
+    // Each answer comes after the next send is out, so the queue to
+    // shard 1 never empties.
+    let mut outstanding: Option<(u64, u64)> = None;
+    for step in 0..100u64 {
+        let at = 2_000 + step * 60;
+        let (id, refused) = send(&mut core, remote, at);
+        refused_remote += u64::from(refused);
+        let (_, refused_here) = send(&mut core, local, at);
+        refused_local += u64::from(refused_here);
+        if let Some((previous, accepted_at)) = outstanding.take() {
+            answer(&mut core, previous, accepted_at, 50);
+        }
+        if !refused {
+            outstanding = Some((id, at));
+        }
+    }
+    assert!(refused_remote > 0, "sends to the slow shard must be refused");
+    assert_eq!(refused_local, 0, "sends to the healthy shard never are");
+    let stats = core.stats();
+    assert!(stats.codel_refusals >= refused_remote && stats.codel_episodes >= 1, "{stats:?}");
+}
+
+#[test]
+fn a_send_the_recipient_refuses_costs_no_rate_tokens_and_a_final_refusal_does() {
+    let authority = TokenAuthority::from_secret([6; 32]);
+    // Two sends per device -> user, no refill (the clock stands still); the
+    // recipient's mailbox holds one message and its device never reads.
+    let mut core = core_with_limits(&authority, |store, core| {
+        store.mailbox_messages_max = 1;
+        core.rates.pair_sends = Rate { per_s: 1, burst: 2 };
+        core.rates.keys_max = 16;
+    });
+    let (sender, recipient) = (ConnId(1), ConnId(2));
+    hello(&mut core, &authority, recipient, 20);
+    hello(&mut core, &authority, sender, 10);
+    let mut codes = Vec::new();
+    for (id, to_user) in [(1, 20), (2, 20), (3, 20), (4, 20), (5, 20), (6, 999), (7, 999), (8, 20)] {
+        let send = frames::Send { client_msg_id: id, to_user, after: None, payload: b"m".to_vec() };
+        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        for output in outputs(&mut core) {
+            match output {
+                Output::Frame { frame: Frame::Ack(_), .. } => codes.push(None),
+                Output::Frame { frame: Frame::Error(error), .. } => codes.push(ErrorCode::from_u16(error.code)),
+                _ => {}
+            }
+        }
+    }
+    let (full, unknown, throttle) =
+        (Some(ErrorCode::MailboxFull), Some(ErrorCode::UnknownRecipient), Some(ErrorCode::Throttle));
+    // The first is stored (one token); the full mailbox's refusals give their
+    // token back, however many; user 999's final refusals keep theirs.
+    assert_eq!(codes, [None, full, full, full, full, unknown, unknown, full]);
+    let send = frames::Send { client_msg_id: 9, to_user: 999, after: None, payload: b"m".to_vec() };
+    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    let out = outputs(&mut core);
+    assert!(
+        matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if ErrorCode::from_u16(e.code) == throttle),
+        "the pair 10 -> 999 spent its two tokens on final refusals: {out:?}"
+    );
+}
+
+#[test]
+fn a_retry_after_a_reconnect_gets_the_original_ack() {
+    // The Ack of a send answered while its device was offline never
+    // reached it, so the SDK retries on reconnect: the sender's window
+    // must still know the id (dropping offline devices' windows made
+    // such retries depend on the recipient shard's window, and the
+    // simulation then found duplicates once that window had moved on).
+    let authority = TokenAuthority::from_secret([5; 32]);
+    let mut core = core(&authority);
+    let (sender, recipient) = (ConnId(1), ConnId(2));
+    hello(&mut core, &authority, recipient, 20);
+    hello(&mut core, &authority, sender, 10);
+    let send = frames::Send { client_msg_id: 7, to_user: 20, after: None, payload: b"hi".to_vec() };
+    core.on_frame(sender, Frame::Send(send.clone()), NOW_MS);
+    core.on_connection_closed(sender);
+    core.flush_commits();
+    // Another sender's message pushes the key out of the recipient side.
+    hello(&mut core, &authority, ConnId(4), 30);
+    let other = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: b"other".to_vec() };
+    core.on_frame(ConnId(4), Frame::Send(other), NOW_MS);
+    core.flush_commits();
+    while core.poll_output().is_some() {}
+    hello(&mut core, &authority, ConnId(3), 10);
+    core.on_frame(ConnId(3), Frame::Send(send), NOW_MS);
+    core.flush_commits();
+    let ack = core.poll_output();
+    assert!(matches!(ack, Some(Output::Frame { frame: Frame::Ack(ack), .. }) if ack.client_msg_id == 7));
+    assert_eq!(core.stats().messages_stored, 2, "the retry must not be stored again");
+}

@@ -1,0 +1,462 @@
+//! Unit tests of `log_store`.
+
+use super::*;
+use crate::storage::record::{append_chunk, scan_segment};
+
+fn limits() -> StoreLimits {
+    StoreLimits {
+        devices_per_user_max: 5,
+        devices_per_shard_max: 100,
+        mailbox_messages_max: 100_000,
+        mailbox_bytes_max: 1 << 30,
+        // Small, so segments leave the dedup window within a test.
+        stored_dedup_entries_max: DEDUP_WINDOW,
+        shard_mailbox_bytes_max: 1 << 40,
+    }
+}
+
+const DEDUP_WINDOW: u32 = 8;
+
+fn message(id: u64, to_user: u64, bytes: usize) -> Rc<StoredMessage> {
+    Rc::new(StoredMessage {
+        from_user: 1,
+        from_device: 1,
+        client_msg_id: id,
+        server_msg_id: 1000 + id,
+        sent_at_ms: 7,
+        to_user,
+        payload: vec![id as u8; bytes],
+    })
+}
+
+/// Writes every pending chunk into in-memory "segment files" and marks it durable.
+/// What the driver does between writes: upkeep, then every chunk made
+/// durable, then reclaim.
+fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
+    store.maintain();
+    while let Some(chunk) = store.take_write() {
+        append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+        store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    }
+    for segment in store.take_reclaimable() {
+        files.remove(&segment);
+    }
+}
+
+fn recover(files: &BTreeMap<u64, Vec<u8>>, log_limits: LogLimits) -> LogStore {
+    let scans: Vec<(u64, Scan)> = files.iter().map(|(segment, bytes)| (*segment, scan_segment(bytes))).collect();
+    LogStore::recover(limits(), log_limits, &scans).0
+}
+
+fn mailbox(store: &LogStore, device: DeviceKey) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    while let Some((seq, message)) = store.next_after(device, after) {
+        out.push((seq, message.client_msg_id));
+        after = seq;
+    }
+    out
+}
+
+#[test]
+fn replay_rebuilds_registry_mailboxes_seqs_and_dedup() {
+    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 4096 };
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let (a, b) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 2, device: 2 });
+    store.register_device(a).unwrap();
+    store.register_device(b).unwrap();
+    for id in 1..=10 {
+        store.store_message(message(id, 2, 50), &[a, b]).unwrap();
+    }
+    assert!(store.next_after(a, 0).is_none(), "nothing is visible before it is durable");
+    flush(&mut store, &mut files);
+    store.acknowledge(a, 4);
+    flush(&mut store, &mut files);
+
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.devices_of(2), &[1, 2]);
+    assert_eq!(mailbox(&recovered, a), mailbox(&store, a));
+    assert_eq!(mailbox(&recovered, a).first(), Some(&(5, 5)));
+    assert_eq!(mailbox(&recovered, b).len(), 10);
+    assert_eq!(recovered.last_seq(a), 10);
+    assert_eq!(recovered.find_stored(DeviceKey { user: 1, device: 1 }, 3).map(|(id, _)| id), Some(1003));
+}
+
+#[test]
+fn rotation_reclaim_and_compaction_keep_state_across_recovery() {
+    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let (busy, idle) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 3, device: 1 });
+    store.register_device(busy).unwrap();
+    store.register_device(idle).unwrap();
+    // One message that stays undelivered, then many that get acknowledged.
+    store.store_message(message(0, 3, 100), &[idle]).unwrap();
+    for id in 1..=200 {
+        store.store_message(message(id, 2, 100), &[busy]).unwrap();
+        flush(&mut store, &mut files);
+        store.acknowledge(busy, id);
+        store.maintain();
+        flush(&mut store, &mut files);
+    }
+    assert!(store.current_segment > 5, "the log should have rotated many times");
+    assert!(files.len() <= 3, "delivered and compacted segments should be gone: {:?}", files.keys());
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.last_seq(busy), 200, "seq state survives reclaim");
+    assert!(mailbox(&recovered, busy).is_empty());
+    assert_eq!(mailbox(&recovered, idle), vec![(1, 0)], "the undelivered message survives compaction");
+    assert_eq!(recovered.devices_of(3), &[1]);
+}
+
+/// Like `flush` after `maintain`, but a chunk carrying device state
+/// forward (a `DeviceState` record) fails, `failures` times in all.
+fn flush_failing_carries(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
+    store.maintain();
+    while let Some(chunk) = store.take_write() {
+        let carries =
+            scan_segment(&chunk.bytes).records.iter().any(|(_, record)| matches!(record, Record::DeviceState(_)));
+        if carries && *failures > 0 {
+            *failures -= 1;
+            store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+            continue;
+        }
+        append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+        store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    }
+    for segment in store.take_reclaimable() {
+        files.remove(&segment);
+    }
+}
+
+const QUIET: DeviceKey = DeviceKey { user: 2, device: 1 };
+const BUSY: DeviceKey = DeviceKey { user: 3, device: 1 };
+
+/// A log of 4 KiB segments with [`QUIET`] and [`BUSY`] registered.
+fn small_log_of_two_devices() -> (LogLimits, LogStore, BTreeMap<u64, Vec<u8>>) {
+    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let mut store = LogStore::new(limits(), log_limits);
+    store.register_device(QUIET).unwrap();
+    store.register_device(BUSY).unwrap();
+    (log_limits, store, BTreeMap::new())
+}
+
+#[test]
+fn a_failed_carry_never_lets_reclaim_delete_the_only_device_state() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    let (quiet, busy) = (QUIET, BUSY);
+    for id in 1..=5 {
+        store.store_message(message(id, 2, 10), &[quiet]).unwrap();
+    }
+    flush(&mut store, &mut files);
+    store.acknowledge(quiet, 5);
+    flush(&mut store, &mut files);
+    // Delivered traffic: compaction carries the quiet device's state out
+    // of the first segment; that write fails twice, then succeeds.
+    let mut failures = 2;
+    let mut id = 100;
+    let mut after_failure = 0;
+    while after_failure < 2 * DEDUP_WINDOW {
+        after_failure += u32::from(failures == 0);
+        store.store_message(message(id, 3, 100), &[busy]).unwrap();
+        flush_failing_carries(&mut store, &mut files, &mut failures);
+        assert!(failures == 0 || files.contains_key(&1), "reclaimed before its device state was carried");
+        store.acknowledge(busy, store.last_seq(busy));
+        flush_failing_carries(&mut store, &mut files, &mut failures);
+        id += 1;
+    }
+    assert!(!files.contains_key(&1), "the delivered first segment should be reclaimed");
+    // A crash now: the quiet device's state must still be on disk.
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.last_seq(quiet), 5, "the quiet device's seq must survive reclaim");
+    assert_eq!(recovered.last_seq(busy), store.last_seq(busy));
+}
+
+#[test]
+fn recovery_continues_in_a_new_segment_and_state_is_carried_out_of_old_ones() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    let (quiet, busy) = (QUIET, BUSY);
+    store.store_message(message(1, 2, 10), &[quiet]).unwrap();
+    flush(&mut store, &mut files);
+    store.acknowledge(quiet, 1);
+    flush(&mut store, &mut files);
+    // A second segment holding only a later record.
+    let mut records = Vec::new();
+    encode_record(&Record::Acknowledged(Acknowledged { user: 3, device: 1, up_to_seq: 0 }), &mut records);
+    let mut second = Vec::new();
+    append_chunk(&mut second, 2, &records);
+    files.insert(2, second);
+    // Restart twice, each time delivering a little (less than a
+    // segment) and reclaiming.
+    let mut store = recover(&files, log_limits);
+    for _ in 0..2 {
+        for id in 10..20 {
+            store.store_message(message(id, 3, 100), &[busy]).unwrap();
+            store.acknowledge(busy, store.last_seq(busy));
+            store.maintain();
+            flush(&mut store, &mut files);
+        }
+        store = recover(&files, log_limits);
+    }
+    assert!(!files.contains_key(&1), "the first segment should be reclaimed");
+    assert_eq!(store.last_seq(quiet), 1, "the device state of the first segment survives");
+}
+
+#[test]
+fn a_segment_holding_recent_dedup_keys_outlives_its_delivery() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    let sender = DeviceKey { user: 1, device: 1 };
+    store.store_message(message(1, 2, 10), &[QUIET]).unwrap();
+    flush(&mut store, &mut files);
+    store.acknowledge(QUIET, 1);
+    flush(&mut store, &mut files);
+    // Fewer newer messages than the window, but several segments.
+    for id in 2..u64::from(DEDUP_WINDOW) {
+        store.store_message(message(id, 3, 1500), &[BUSY]).unwrap();
+        store.acknowledge(BUSY, store.last_seq(BUSY));
+        flush(&mut store, &mut files);
+    }
+    assert!(store.current_segment > 2, "the log should have rotated");
+    assert!(files.contains_key(&1), "the first segment still holds a recent dedup key");
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.find_stored(sender, 1).map(|(id, _)| id), Some(1001), "a retry after a crash is known");
+    // Once the key has left the window, the segment goes.
+    for id in 100..120 {
+        store.store_message(message(id, 3, 10), &[BUSY]).unwrap();
+        store.acknowledge(BUSY, store.last_seq(BUSY));
+        flush(&mut store, &mut files);
+    }
+    assert!(!files.contains_key(&1), "reclaimed after its keys aged out of the window");
+}
+
+#[test]
+fn a_removed_device_stays_removed_across_failed_writes_reclaim_and_recovery() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    flush(&mut store, &mut files);
+    store.store_message(message(1, QUIET.user, 10), &[QUIET]).unwrap();
+    flush(&mut store, &mut files);
+    store.remove_device(QUIET).unwrap();
+    assert!(store.removal_pending(QUIET));
+    assert_eq!(store.register_device(QUIET), Err(StoreError::DeviceRemoved(QUIET)));
+    // Its first write fails: the removal is written again.
+    let chunk = store.take_write().unwrap();
+    store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    assert!(store.removal_pending(QUIET), "not durable yet: the answer must wait");
+    flush(&mut store, &mut files);
+    assert!(!store.removal_pending(QUIET));
+    let recovered = recover(&files, log_limits);
+    assert!(recovered.is_removed(QUIET) && recovered.devices_of(QUIET.user).is_empty());
+    assert_eq!(mailbox(&recovered, QUIET), vec![], "its undelivered message is gone");
+    // Many rotations later, with the segment of the removal record
+    // reclaimed, the carried DeviceRemoved records keep it.
+    let mut store = recovered;
+    for id in 10..200 {
+        store.store_message(message(id, BUSY.user, 100), &[BUSY]).unwrap();
+        store.acknowledge(BUSY, store.last_seq(BUSY));
+        flush(&mut store, &mut files);
+    }
+    assert!(!files.contains_key(&1), "the first segments should be reclaimed");
+    let mut recovered = recover(&files, log_limits);
+    assert!(recovered.is_removed(QUIET));
+    assert_eq!(recovered.register_device(QUIET), Err(StoreError::DeviceRemoved(QUIET)));
+    assert_eq!(
+        recovered.remove_device(DeviceKey { user: 9, device: 1 }),
+        Err(StoreError::UnknownDevice(DeviceKey { user: 9, device: 1 }))
+    );
+}
+
+#[test]
+fn removals_past_the_per_user_memory_and_unknown_ids_keep_the_right_devices_removed() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    let user = 7;
+    let device = |id| DeviceKey { user, device: id };
+    // Removing ids the user never had changes nothing.
+    for id in 100..120 {
+        assert_eq!(store.remove_device(device(id)), Err(StoreError::UnknownDevice(device(id))));
+    }
+    // 17 devices registered and removed in turn: the first is forgotten.
+    for id in 1..=17 {
+        store.register_device(device(id)).unwrap();
+        store.store_message(message(id.into(), user, 50), &[device(id)]).unwrap();
+        flush(&mut store, &mut files);
+        store.remove_device(device(id)).unwrap();
+        flush(&mut store, &mut files);
+    }
+    assert!(!store.is_removed(device(1)) && store.is_removed(device(2)) && store.is_removed(device(17)));
+    // The forgotten one registers again and gets a message; traffic
+    // rotates, compacts and reclaims the log meanwhile.
+    store.register_device(device(1)).unwrap();
+    store.store_message(message(500, user, 50), &[device(1)]).unwrap();
+    for id in 600..800 {
+        store.store_message(message(id, BUSY.user, 100), &[BUSY]).unwrap();
+        store.acknowledge(BUSY, store.last_seq(BUSY));
+        flush(&mut store, &mut files);
+    }
+    assert_eq!(mailbox(&store, device(1)).len(), 1, "before the restart");
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.devices_of(user), &[1], "only the re-registered device lives");
+    assert_eq!(mailbox(&recovered, device(1)).len(), 1, "its new message survives");
+    assert!((2..=17).all(|id| recovered.is_removed(device(id))), "the 16 newest removals are remembered");
+}
+
+#[test]
+fn a_removal_that_would_forget_one_not_yet_durable_waits() {
+    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let mut store = LogStore::new(StoreLimits { devices_per_user_max: 20, ..limits() }, log_limits);
+    let mut files = BTreeMap::new();
+    let device = |id| DeviceKey { user: 7, device: id };
+    for id in 1..=17 {
+        store.register_device(device(id)).unwrap();
+    }
+    flush(&mut store, &mut files);
+    // 16 removals in one write window: all remembered, none durable.
+    for id in 1..=16 {
+        store.remove_device(device(id)).unwrap();
+    }
+    assert_eq!(store.remove_device(device(17)), Err(StoreError::Backlog), "it would forget device 1's pending removal");
+    flush(&mut store, &mut files);
+    store.remove_device(device(17)).unwrap();
+    assert!(!store.is_removed(device(1)) && store.is_removed(device(17)));
+    // A removal replayed twice (an old copy first) keeps its newest ordinal.
+    let mut index = MailboxIndex::new(limits());
+    index.remember_removed(device(1), 18);
+    index.remember_removed(device(2), 5);
+    index.remember_removed(device(1), 1);
+    assert_eq!((index.removal_ordinal(device(1)), index.removal_ordinal(device(2))), (Some(18), Some(5)));
+}
+
+#[test]
+fn a_registration_whose_write_failed_is_written_again() {
+    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 4096 };
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    store.register_device(QUIET).unwrap();
+    assert!(store.registration_pending(QUIET));
+    let chunk = store.take_write().unwrap();
+    store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    assert!(store.registration_pending(QUIET), "not durable yet: its Hello must keep waiting");
+    flush(&mut store, &mut files);
+    assert!(!store.registration_pending(QUIET));
+    assert_eq!(recover(&files, log_limits).devices_of(QUIET.user), &[QUIET.device]);
+}
+
+#[test]
+fn idle_devices_state_is_carried_with_its_segment_not_rewritten_at_every_rotation() {
+    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let mut store = LogStore::new(StoreLimits { devices_per_shard_max: 1000, ..limits() }, log_limits);
+    let mut files = BTreeMap::new();
+    // Idle devices: about 40 B of state each, 500 of them ~20 KB.
+    for user in 10..510 {
+        store.register_device(DeviceKey { user, device: 1 }).unwrap();
+    }
+    flush(&mut store, &mut files);
+    let busy = DeviceKey { user: 10, device: 1 };
+    let mut state_records = 0;
+    for id in 0..1500 {
+        store.store_message(message(id, 10, 100), &[busy]).unwrap();
+        store.acknowledge(busy, store.last_seq(busy));
+        store.maintain();
+        while let Some(chunk) = store.take_write() {
+            state_records += scan_segment(&chunk.bytes)
+                .records
+                .iter()
+                .filter(|(_, record)| matches!(record, Record::DeviceState(_)))
+                .count();
+            append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+            store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        }
+        for segment in store.take_reclaimable() {
+            files.remove(&segment);
+        }
+    }
+    // ~300 KB of messages: about 70 rotations. A full checkpoint per
+    // rotation would have written 500 states each time (35,000 records).
+    assert!(store.current_segment > 60, "rotated only {} times", store.current_segment);
+    assert!(state_records < 5 * 500, "{state_records} device states written for 500 idle devices");
+    assert!(files.len() < 20, "the idle devices' state should stay compact: {} segments", files.len());
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.last_seq(busy), 1500);
+    assert_eq!((10..510).filter(|user| recovered.devices_of(*user) == [1]).count(), 500);
+}
+
+#[test]
+#[should_panic(expected = "contiguously")]
+fn a_durable_chunk_after_a_lost_one_is_refused() {
+    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 64 };
+    let mut store = LogStore::new(limits(), log_limits);
+    let device = DeviceKey { user: 2, device: 1 };
+    store.register_device(device).unwrap();
+    store.store_message(message(1, 2, 100), &[device]).unwrap();
+    store.store_message(message(2, 2, 100), &[device]).unwrap();
+    let lost = store.take_write().unwrap();
+    let next = store.take_write().unwrap();
+    assert!(next.first_ticket > lost.last_ticket);
+    // The first chunk never reached the disk; the second must not make it count.
+    store.on_write_durable(next.segment, next.first_ticket, next.last_ticket);
+}
+
+/// A store with device 2/1 registered durably, chunks of `commit_bytes_max`.
+fn store_of_one_device(commit_bytes_max: usize) -> (LogLimits, LogStore, DeviceKey, BTreeMap<u64, Vec<u8>>) {
+    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max };
+    let mut store = LogStore::new(limits(), log_limits);
+    let device = DeviceKey { user: 2, device: 1 };
+    store.register_device(device).unwrap();
+    let mut files = BTreeMap::new();
+    flush(&mut store, &mut files);
+    (log_limits, store, device, files)
+}
+
+#[test]
+fn a_failed_write_drops_its_messages_and_reports_the_tickets() {
+    let (_, mut store, device, _) = store_of_one_device(1 << 16);
+    let ticket = store.store_message(message(1, 2, 10), &[device]).unwrap();
+    let chunk = store.take_write().unwrap();
+    store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    assert!(store.ticket_failed(ticket));
+    assert_eq!(store.committed_ticket(), chunk.last_ticket);
+    assert!(store.next_after(device, 0).is_none());
+    assert!(store.find_stored(DeviceKey { user: 1, device: 1 }, 1).is_none(), "a retry must be stored again");
+}
+
+#[test]
+fn a_message_record_fits_its_size_bound() {
+    for (payload, recipients) in [(0, 1), (1, 1), (100, 5), (65_000, 64), (7, 64)] {
+        let mut bytes = Vec::new();
+        let list = (0..recipients).map(|device| RecipientSeq { device, seq: u64::MAX - 1 }).collect();
+        let mut stored = (*message(u64::MAX / 2, u64::MAX, payload)).clone();
+        stored.client_msg_id = u64::MAX;
+        encode_record(&message_record(&stored, list), &mut bytes);
+        assert!(
+            bytes.len() as u32 <= message_record_bytes_max(payload, recipients as usize),
+            "{payload} B, {recipients}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_write_fails_every_change_made_before_the_store_learned_of_it() {
+    // Tiny chunks: each message is a chunk of its own.
+    let (log_limits, mut store, device, mut files) = store_of_one_device(64);
+    let sender = DeviceKey { user: 1, device: 1 };
+    let first = store.store_message(message(1, 2, 100), &[device]).unwrap();
+    let chunk = store.take_write().unwrap();
+    // Appended while the first chunk is being written, in chunks of their own.
+    let second = store.store_message(message(2, 2, 100), &[device]).unwrap();
+    let third = store.store_message(message(3, 2, 100), &[device]).unwrap();
+    assert!(store.pending_write_bytes() > 0);
+    store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    for ticket in [first, second, third] {
+        assert!(store.ticket_failed(ticket), "ticket {ticket} must fail with the chunk before it");
+    }
+    assert_eq!(store.pending_write_bytes(), 0, "nothing appended before the failure is written");
+    assert!(store.find_stored(sender, 2).is_none() && store.find_stored(sender, 3).is_none());
+    // The retries, in order, are stored normally after the failure.
+    for id in 1..=3 {
+        store.store_message(message(id, 2, 100), &[device]).unwrap();
+    }
+    flush(&mut store, &mut files);
+    let ids: Vec<u64> = mailbox(&store, device).iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    let recovered = recover(&files, log_limits);
+    assert_eq!(mailbox(&recovered, device).iter().map(|(_, id)| *id).collect::<Vec<_>>(), [1, 2, 3]);
+}
