@@ -21,7 +21,7 @@ fn store() -> LogStore {
         stored_dedup_entries_max: 1 << 16,
         shard_mailbox_bytes_max: 1 << 40,
     };
-    let mut store = LogStore::new(limits, LogLimits { segment_bytes_max: 1 << 30, commit_bytes_max: 1 << 20 });
+    let mut store = LogStore::new(limits, LogLimits::keep_bodies(1 << 30, 1 << 20));
     store.register_device(DeviceKey { user: 2, device: 1 }).unwrap();
     store
 }

@@ -1,17 +1,24 @@
 //! The `fanin` scenario ("Messi test"): M senders to one recipient, N
 //! messages in total, with the recipient online (receiving as they arrive)
 //! or offline (connecting only after every send was answered). Senders are
-//! closed loop, as many in flight as the SDK allows. The server's RSS is
-//! sampled throughout: it must stay bounded, and an offline recipient's full
-//! mailbox must turn into refusals (MailboxFull), not memory.
+//! closed loop, up to 256 in flight each; with `--retry` they retry refusals
+//! as the SDK does by default (honouring retry_after_ms), so every message
+//! must eventually be acknowledged. The recipient checks that it gets every
+//! sender's messages once each, in order. The server's RSS is sampled
+//! throughout, and the data directory's size at the end of the sends. With
+//! `--probe-shards`, pairs of users homed on another shard than the
+//! recipient's exchange messages at a low rate before (baseline) and during
+//! the fan-in: their latency shows whether the celebrity's load reaches them.
 
 use crate::pairs::Target;
 use crate::report::{Counts, Latencies};
 use hdrhistogram::Histogram;
 use iris_client::{Client, ClientConfig};
+use iris_shard_map::{NodeId, SlotTable, UserId};
 use irisd::auth::Claims;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Scenario parameters.
@@ -25,6 +32,16 @@ pub struct FaninOptions {
     pub payload_bytes: usize,
     /// Recipient offline until all sends are answered.
     pub offline: bool,
+    /// Senders retry refusals (with the SDK's backoff) instead of counting them.
+    pub retry: bool,
+    /// The server's shard count, to home probe users elsewhere than the recipient (0: no probe).
+    pub probe_shards: u16,
+    /// Probe pairs, each sending `probe_rate` messages/s one way.
+    pub probe_pairs: u32,
+    /// Messages per second per probe pair.
+    pub probe_rate: f64,
+    /// Seconds the probes run before the fan-in starts (their baseline).
+    pub baseline_seconds: f64,
 }
 
 /// What a run measured.
@@ -40,6 +57,8 @@ pub struct FaninOutcome {
     pub total_seconds: f64,
     /// Highest server RSS sampled.
     pub peak_rss_bytes: Option<u64>,
+    /// What the recipient saw and the probes measured.
+    pub findings: BTreeMap<String, String>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -52,19 +71,78 @@ const QUIET_LIMIT: Duration = Duration::from_secs(3);
 /// Sends awaiting their ack per sender.
 const WINDOW: usize = 256;
 
-/// Runs the scenario.
-pub async fn run(target: &Target, options: FaninOptions, pid: Option<u32>) -> Result<FaninOutcome, String> {
-    if options.senders == 0 || options.messages == 0 || options.payload_bytes < 8 {
-        return Err("senders and messages must be positive, payload at least 8 bytes".into());
+/// Payload layout: send time (us since the start), sender index, number.
+const HEADER_BYTES: usize = 24;
+
+/// What the recipient saw of the senders' order.
+#[derive(Debug, Default)]
+struct Order {
+    /// Next number expected from each sender.
+    next: std::collections::HashMap<u64, u64>,
+    /// Messages that came after a later one of their sender (or twice).
+    late_or_duplicate: u64,
+    /// Numbers skipped (a refused send that was not retried).
+    skipped: u64,
+}
+
+impl Order {
+    fn saw(&mut self, sender: u64, number: u64) {
+        let next = self.next.entry(sender).or_insert(0);
+        if number < *next {
+            self.late_or_duplicate += 1;
+        } else {
+            self.skipped += number - *next;
+            *next = number + 1;
+        }
+    }
+}
+
+/// Probe latencies: sent before the fan-in started, and while it ran.
+type ProbeHistograms = Arc<Mutex<(Histogram<u64>, Histogram<u64>)>>;
+
+/// Runs the scenario. `data_dir` is the server's, to measure its disk use.
+pub async fn run(
+    target: &Target,
+    options: FaninOptions,
+    pid: Option<u32>,
+    data_dir: Option<&std::path::Path>,
+) -> Result<FaninOutcome, String> {
+    if options.senders == 0 || options.messages == 0 || options.payload_bytes < HEADER_BYTES {
+        return Err(format!("senders and messages must be positive, payload at least {HEADER_BYTES} bytes"));
     }
     let recipient_user = 3_000_000u64;
+    let retry = options.retry;
     let config = |user: u64| {
         let token = target.authority.mint(Claims { user_id: user, device_id: 1, expires_at_s: u64::MAX / 2 });
         let mut config = ClientConfig::new(target.address.clone(), target.ca.clone(), token);
-        // Refusals are what this scenario measures.
-        config.retry_refusals = false;
+        // Without --retry, refusals are what this scenario measures.
+        config.retry_refusals = retry;
+        // A celebrity's shard may refuse a send for a long while under load.
+        config.refusal_retry_for = Duration::from_secs(600);
         config
     };
+    let start = Instant::now();
+    let fanin_window = Arc::new(Mutex::new((u64::MAX, u64::MAX)));
+    let probes_on = Arc::new(AtomicBool::new(true));
+    let probe_histograms: ProbeHistograms = Arc::new(Mutex::new((histogram(), histogram())));
+    let mut probes = Vec::new();
+    if options.probe_shards > 1 && options.probe_pairs > 0 {
+        let table = SlotTable::single_node(NodeId(0), options.probe_shards, 1).map_err(|e| e.to_string())?;
+        let home = |user: u64| table.home(UserId(user)).shard;
+        let elsewhere: Vec<u64> = (4_000_000u64..)
+            .filter(|user| home(*user) != home(recipient_user))
+            .take(2 * options.probe_pairs as usize)
+            .collect();
+        for pair in elsewhere.chunks(2) {
+            let from = Client::connect(config(pair[0])).await.map_err(|e| format!("probe: {e}"))?;
+            let to = Client::connect(config(pair[1])).await.map_err(|e| format!("probe: {e}"))?;
+            let (on, window, histograms) =
+                (Arc::clone(&probes_on), Arc::clone(&fanin_window), Arc::clone(&probe_histograms));
+            probes.push(tokio::spawn(probe(from, to, pair[1], options.probe_rate, start, on, window, histograms)));
+        }
+        tokio::time::sleep(Duration::from_secs_f64(options.baseline_seconds)).await;
+    }
+    fanin_window.lock().map_err(|e| e.to_string())?.0 = start.elapsed().as_micros() as u64;
     // The recipient registers its device first, then (offline) disconnects.
     let recipient = Client::connect(config(recipient_user)).await.map_err(|e| format!("recipient: {e}"))?;
     let mut recipient = if options.offline {
@@ -87,7 +165,7 @@ pub async fn run(target: &Target, options: FaninOptions, pid: Option<u32>) -> Re
         })
     });
 
-    let start = Instant::now();
+    let fanin_start = Instant::now();
     let expected_deliveries = Arc::new(AtomicU64::new(0));
     let senders_done = Arc::new(AtomicBool::new(false));
     let receiver = recipient.take().map(|client| {
@@ -98,7 +176,7 @@ pub async fn run(target: &Target, options: FaninOptions, pid: Option<u32>) -> Re
     for index in 0..u64::from(options.senders) {
         let quota = per_sender.min(options.messages.saturating_sub(index * per_sender));
         let client = Client::connect(config(recipient_user + 1 + index)).await.map_err(|e| format!("sender: {e}"))?;
-        senders.push(tokio::spawn(send(client, recipient_user, quota, options.payload_bytes, start)));
+        senders.push(tokio::spawn(send(client, recipient_user, index, quota, options.payload_bytes, start)));
     }
     let mut counts = Counts::default();
     let mut latencies = Latencies { ack: histogram(), deliver: histogram() };
@@ -111,9 +189,16 @@ pub async fn run(target: &Target, options: FaninOptions, pid: Option<u32>) -> Re
         }
         latencies.ack.add(&histogram).map_err(|e| e.to_string())?;
     }
-    let send_seconds = start.elapsed().as_secs_f64();
+    let send_seconds = fanin_start.elapsed().as_secs_f64();
+    fanin_window.lock().map_err(|e| e.to_string())?.1 = start.elapsed().as_micros() as u64;
+    probes_on.store(false, Ordering::Relaxed);
+    let mut findings = BTreeMap::new();
+    if let Some(dir) = data_dir {
+        findings.insert("disk after sends".into(), format!("{:.1} MiB", directory_bytes(dir) as f64 / 1048576.0));
+    }
     expected_deliveries.store(counts.acked, Ordering::Relaxed);
     senders_done.store(true, Ordering::Relaxed);
+    let connected_at = Instant::now();
     let receiver = match receiver {
         Some(task) => task,
         None => {
@@ -121,24 +206,110 @@ pub async fn run(target: &Target, options: FaninOptions, pid: Option<u32>) -> Re
             tokio::spawn(receive(client, start, expected_deliveries, senders_done))
         }
     };
-    let (delivered, histogram) = tokio::time::timeout(Duration::from_secs(600), receiver)
+    let (delivered, histogram, order) = tokio::time::timeout(Duration::from_secs(1800), receiver)
         .await
-        .map_err(|_| "deliveries still outstanding after 600 s".to_string())?
+        .map_err(|_| "deliveries still outstanding after 1800 s".to_string())?
         .map_err(|e| e.to_string())?;
+    let drain_seconds = connected_at.elapsed().as_secs_f64();
     counts.delivered = delivered;
     latencies.deliver.add(&histogram).map_err(|e| e.to_string())?;
-    let total_seconds = start.elapsed().as_secs_f64();
+    let total_seconds = fanin_start.elapsed().as_secs_f64();
     sampling.store(false, Ordering::Relaxed);
     if let Some(sampler) = sampler {
         let _ = sampler.await;
     }
+    for probe in probes {
+        let _ = probe.await;
+    }
+    findings.insert("late or duplicate".into(), order.late_or_duplicate.to_string());
+    findings.insert("skipped (refused)".into(), order.skipped.to_string());
+    findings.insert("senders seen".into(), order.next.len().to_string());
+    if options.offline {
+        findings.insert("drain after connect".into(), format!("{drain_seconds:.1} s"));
+        findings.insert("delivered/s after connect".into(), format!("{:.0}", delivered as f64 / drain_seconds));
+    }
+    let histograms = probe_histograms.lock().map_err(|e| e.to_string())?;
+    for (name, histogram) in [("probe baseline", &histograms.0), ("probe during fan-in", &histograms.1)] {
+        if !histogram.is_empty() {
+            let (p50, p99) = (histogram.value_at_quantile(0.5), histogram.value_at_quantile(0.99));
+            findings.insert(name.into(), format!("{} msgs, p50 {p50} us, p99 {p99} us", histogram.len()));
+        }
+    }
+    if !histograms.0.is_empty() && !histograms.1.is_empty() {
+        let ratio = histograms.1.value_at_quantile(0.99) as f64 / histograms.0.value_at_quantile(0.99).max(1) as f64;
+        findings.insert("probe p99 during / baseline".into(), format!("{ratio:.2}"));
+    }
+    drop(histograms);
     let peak = peak_rss.load(Ordering::Relaxed);
-    Ok(FaninOutcome { counts, latencies, send_seconds, total_seconds, peak_rss_bytes: (peak > 0).then_some(peak) })
+    Ok(FaninOutcome {
+        counts,
+        latencies,
+        send_seconds,
+        total_seconds,
+        peak_rss_bytes: (peak > 0).then_some(peak),
+        findings,
+    })
+}
+
+/// Bytes of the files under `dir` (the server's data directory).
+fn directory_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => directory_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// One probe pair: `from` sends to `to_user` at `rate` per second while
+/// `on`; `to` records each delivery's latency as baseline (sent before the
+/// fan-in started) or during (sent while its senders ran).
+#[allow(clippy::too_many_arguments)]
+async fn probe(
+    from: Client,
+    mut to: Client,
+    to_user: u64,
+    rate: f64,
+    start: Instant,
+    on: Arc<AtomicBool>,
+    window: Arc<Mutex<(u64, u64)>>,
+    histograms: ProbeHistograms,
+) {
+    let sender = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.1)));
+        let mut payload = vec![0u8; 64];
+        while on.load(Ordering::Relaxed) {
+            ticks.tick().await;
+            payload[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+            if from.send_nowait(to_user, payload.clone()).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = from.close().await;
+    });
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(3), to.recv()).await {
+        let sent = u64::from_le_bytes(message.payload[..8].try_into().unwrap_or([0; 8]));
+        let latency = (start.elapsed().as_micros() as u64).saturating_sub(sent).max(1);
+        let (fanin_start, fanin_end) = window.lock().map(|window| *window).unwrap_or((u64::MAX, u64::MAX));
+        if let Ok(mut histograms) = histograms.lock() {
+            if sent < fanin_start {
+                let _ = histograms.0.record(latency);
+            } else if sent < fanin_end {
+                let _ = histograms.1.record(latency);
+            }
+        }
+    }
+    let _ = sender.await;
+    let _ = to.close().await;
 }
 
 type SendResult = (u64, u64, std::collections::BTreeMap<String, u64>, Histogram<u64>);
 
-async fn send(client: Client, to: u64, quota: u64, payload_bytes: usize, start: Instant) -> SendResult {
+async fn send(client: Client, to: u64, index: u64, quota: u64, payload_bytes: usize, start: Instant) -> SendResult {
     let mut acked_latency = histogram();
     let (mut sent, mut acked) = (0, 0);
     let mut errors = std::collections::BTreeMap::new();
@@ -156,9 +327,11 @@ async fn send(client: Client, to: u64, quota: u64, payload_bytes: usize, start: 
             }
             Err(_) => *errors.entry("session-closed".to_string()).or_default() += 1,
         };
-    for _ in 0..quota {
+    payload[8..16].copy_from_slice(&index.to_le_bytes());
+    for number in 0..quota {
         let sent_at = Instant::now();
         payload[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+        payload[16..24].copy_from_slice(&number.to_le_bytes());
         let Ok(outcome) = client.send_nowait(to, payload.clone()).await else { break };
         sent += 1;
         window.push_back((sent_at, outcome));
@@ -182,8 +355,9 @@ async fn receive(
     start: Instant,
     expected: Arc<AtomicU64>,
     senders_done: Arc<AtomicBool>,
-) -> (u64, Histogram<u64>) {
+) -> (u64, Histogram<u64>, Order) {
     let mut delivered = histogram();
+    let mut order = Order::default();
     let mut count = 0u64;
     let mut quiet_since = Instant::now();
     loop {
@@ -193,9 +367,16 @@ async fn receive(
         }
         match tokio::time::timeout(Duration::from_millis(50), client.recv()).await {
             Ok(Some(message)) => {
-                let sent = u64::from_le_bytes(message.payload[..8].try_into().unwrap_or([0; 8]));
+                let field = |at: usize| {
+                    message
+                        .payload
+                        .get(at..at + 8)
+                        .and_then(|bytes| bytes.try_into().ok())
+                        .map_or(0, u64::from_le_bytes)
+                };
                 let now = start.elapsed().as_micros() as u64;
-                let _ = delivered.record(now.saturating_sub(sent).max(1));
+                let _ = delivered.record(now.saturating_sub(field(0)).max(1));
+                order.saw(field(8), field(16));
                 count += 1;
                 quiet_since = Instant::now();
             }
@@ -204,5 +385,5 @@ async fn receive(
         }
     }
     let _ = client.close().await;
-    (count, delivered)
+    (count, delivered, order)
 }

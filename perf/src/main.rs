@@ -182,6 +182,21 @@ enum Command {
         /// Keep the recipient offline until every send was answered.
         #[arg(long)]
         offline: bool,
+        /// Retry refused sends as applications do (the SDK's default), so all are eventually acked.
+        #[arg(long)]
+        retry: bool,
+        /// The server's shard count, for probe users homed away from the recipient (0: no probes).
+        #[arg(long, default_value_t = 0)]
+        probe_shards: u16,
+        /// Probe pairs on other shards.
+        #[arg(long, default_value_t = 10)]
+        probe_pairs: u32,
+        /// Messages per second per probe pair.
+        #[arg(long, default_value_t = 20.0)]
+        probe_rate: f64,
+        /// Seconds the probes run alone first (their baseline).
+        #[arg(long, default_value_t = 5.0)]
+        baseline_seconds: f64,
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -286,7 +301,8 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
     let runtime = loadgen_runtime(1)?;
     let cpu_before = pid.and_then(server::process_cpu_seconds);
     let own_before = server::own_cpu_seconds();
-    let outcome = runtime.block_on(fanin::run(&target, options, pid))?;
+    let data_dir = spawned.as_ref().map(|spawned| spawned.data_dir().to_path_buf()).or(server.data_dir.clone());
+    let outcome = runtime.block_on(fanin::run(&target, options, pid, data_dir.as_deref()))?;
     let cpu = pid.and_then(server::process_cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
     let mut parameters = BTreeMap::new();
     parameters.insert("senders".into(), options.senders.to_string());
@@ -294,6 +310,7 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
     parameters.insert("payload_bytes".into(), options.payload_bytes.to_string());
     parameters.insert("recipient".into(), if options.offline { "offline" } else { "online" }.into());
     parameters.insert("durability".into(), server.durability.clone());
+    parameters.insert("retry".into(), options.retry.to_string());
     let measured = report::Measured {
         counts: &outcome.counts,
         latencies: &outcome.latencies,
@@ -306,7 +323,9 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
     };
     let mode = if options.offline { "offline" } else { "online" };
     let label = format!("iris {} fanin {mode}", server.durability);
-    report::Report::new("fanin", label, parameters, measured).emit(json.as_deref(), None)?;
+    let mut report = report::Report::new("fanin", label, parameters, measured);
+    report.findings = outcome.findings;
+    report.emit(json.as_deref(), None)?;
     drop(spawned);
     Ok(())
 }
@@ -415,8 +434,31 @@ fn run(cli: Cli) -> Result<(), String> {
             let shape = raw_quic::LoadShape { connections, inflight, payload_bytes: payload, duration };
             raw_quic::run((mode, &server_cpus, &loadgen_cpus), port, shape, json)
         }
-        Command::Fanin { server, senders, messages, payload, offline, json } => {
-            run_fanin(server, fanin::FaninOptions { senders, messages, payload_bytes: payload, offline }, json)
+        Command::Fanin {
+            server,
+            senders,
+            messages,
+            payload,
+            offline,
+            retry,
+            probe_shards,
+            probe_pairs,
+            probe_rate,
+            baseline_seconds,
+            json,
+        } => {
+            let options = fanin::FaninOptions {
+                senders,
+                messages,
+                payload_bytes: payload,
+                offline,
+                retry,
+                probe_shards,
+                probe_pairs,
+                probe_rate,
+                baseline_seconds,
+            };
+            run_fanin(server, options, json)
         }
     }
 }

@@ -138,6 +138,8 @@ pub struct Report {
     pub timeline: Vec<Sample>,
     /// For soak runs: memory growth and latency drift after warm-up.
     pub soak: Option<SoakSummary>,
+    /// Scenario-specific findings (fanin: order, drain, probe latencies, disk).
+    pub findings: BTreeMap<String, String>,
 }
 
 /// What a soak run is about: does memory or latency drift once warmed up?
@@ -221,6 +223,7 @@ impl Report {
             latency_distribution: distribution(measured.latencies),
             timeline: Vec::new(),
             soak: None,
+            findings: BTreeMap::new(),
         }
     }
 
@@ -265,6 +268,9 @@ impl Report {
             println!("  server RSS                 {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
         }
         println!("  load generator CPU         {:.2} s", self.loadgen_cpu_seconds);
+        for (key, value) in &self.findings {
+            println!("  {key:<26} {value}");
+        }
         if let Some(soak) = &self.soak {
             let mib = |bytes: Option<u64>| bytes.map_or("?".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0));
             println!(

@@ -82,6 +82,17 @@ pub struct StorageConfig {
     /// How long a write may wait to gather more records when the log is idle
     /// (0: write at once; batches still form while a sync is in flight).
     pub commit_delay_us: u32,
+    /// Payload bytes of undelivered messages a shard keeps in memory (the
+    /// body cache); the bodies held longest beyond it are read back from
+    /// the log when pushed. Part of `limits.shard_mailbox_bytes_max`.
+    pub body_cache_bytes_max: u64,
+    /// Bodies a shard has read back and not pushed yet, with its reads in
+    /// flight (the read-ahead). Part of `limits.shard_mailbox_bytes_max`.
+    pub read_ahead_bytes_max: u64,
+    /// Disk one shard's log may take (segments and the spare); new messages
+    /// get Throttle once it does. 0: 90% of what the log holds at start plus
+    /// its share of the free space then.
+    pub disk_bytes_max: u64,
 }
 
 impl Default for StorageConfig {
@@ -95,6 +106,13 @@ impl Default for StorageConfig {
             // out a slow fdatasync without one huge write.
             commit_bytes_max: 1024 * 1024,
             commit_delay_us: 0,
+            // 256 MiB: the newest ~1.7 million 150-byte messages of a shard
+            // are pushed without a read; online devices drain well inside it.
+            body_cache_bytes_max: 256 * 1024 * 1024,
+            // 16 MiB: 64 messages ahead for each of ~1,700 devices draining
+            // 150-byte messages at once.
+            read_ahead_bytes_max: 16 * 1024 * 1024,
+            disk_bytes_max: 0,
         }
     }
 }
@@ -255,14 +273,15 @@ impl Default for Limits {
             frame_bytes_max: iris_protocol::FRAME_BYTES_MAX_DEFAULT,
             devices_per_user_max: 5,
             devices_per_shard_max: 1_000_000,
-            // 10k messages or 8 MiB per device: a week of heavy chat for one
-            // offline phone, while 1M offline devices stay bounded by the
-            // shard-wide limits of the durable store (see docs/decisions).
-            mailbox_messages_max: 10_000,
-            mailbox_bytes_max: 8 * 1024 * 1024,
-            // 2 GiB per shard: about 7.5 million queued 150-byte messages
-            // (278 B each with the entry overhead); 32 shards on a 128 GiB host
-            // keep half of it for everything else.
+            // 1M messages or 1 GiB per device: months of heavy chat, or a
+            // celebrity's fan mail, for one offline phone. Bodies wait on
+            // disk; memory holds 128 B per message (docs/storage.md).
+            mailbox_messages_max: 1_000_000,
+            mailbox_bytes_max: 1024 * 1024 * 1024,
+            // 2 GiB per shard: with the 256 MiB body cache and 16 MiB of
+            // read-ahead, about 14 million queued messages of any size
+            // (128 B each in memory); 32 shards on a 128 GiB host keep half
+            // of it for everything else.
             shard_mailbox_bytes_max: 2 * 1024 * 1024 * 1024,
             // A client keeps at most a few dozen sends unacknowledged; 256
             // covers its retry window with room to spare, at ~24 B per entry.
@@ -379,6 +398,22 @@ impl Config {
         }
         if storage.commit_delay_us > 100_000 {
             return invalid("storage.commit_delay_us must be at most 100000".into());
+        }
+        if storage.read_ahead_bytes_max < u64::from(limits.frame_bytes_max) {
+            return invalid("storage.read_ahead_bytes_max must be at least limits.frame_bytes_max".into());
+        }
+        if storage.durability == Durability::Fsync
+            && storage.body_cache_bytes_max.saturating_add(storage.read_ahead_bytes_max)
+                >= limits.shard_mailbox_bytes_max
+        {
+            return invalid(
+                "storage.body_cache_bytes_max + storage.read_ahead_bytes_max must be below \
+                 limits.shard_mailbox_bytes_max (the rest is for the index of queued messages)"
+                    .into(),
+            );
+        }
+        if storage.disk_bytes_max != 0 && storage.disk_bytes_max < 8 * storage.segment_bytes_max {
+            return invalid("storage.disk_bytes_max must be 0 or at least 8 x storage.segment_bytes_max".into());
         }
         let rates = &self.rate_limits;
         for (name, per_s, burst) in [

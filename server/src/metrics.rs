@@ -65,6 +65,24 @@ pub struct ShardMetrics {
     pub log_recovery_ms: AtomicU64,
     /// Segments reclaimed (deleted).
     pub log_segments_reclaimed_total: AtomicU64,
+    /// Memory of the mailbox index (128 B per queued entry).
+    pub mailbox_index_bytes: AtomicU64,
+    /// Payload bytes of queued messages held in memory (the body cache).
+    pub mailbox_body_bytes: AtomicU64,
+    /// Bodies read back and not pushed yet, and reads in flight.
+    pub mailbox_read_ahead_bytes: AtomicU64,
+    /// Bodies let go from the cache (read back when pushed).
+    pub mailbox_bodies_cooled_total: AtomicU64,
+    /// Records read back from the log.
+    pub log_reads_total: AtomicU64,
+    /// Reads back from the log that failed (retried).
+    pub log_read_failures_total: AtomicU64,
+    /// Undelivered messages dropped because their record could not be decoded.
+    pub log_unreadable_messages_total: AtomicU64,
+    /// Disk the log takes (segments and spare).
+    pub log_disk_bytes: AtomicU64,
+    /// Disk the log may take before new messages get Throttle.
+    pub log_disk_budget_bytes: AtomicU64,
     /// QUIC Retry packets sent (address validation under a handshake flood).
     pub handshake_retries_total: AtomicU64,
     /// New connections refused (connection bound or per-source bound).
@@ -103,7 +121,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 24] = [
+    let families: [(&str, &str, &str, Field); 33] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -145,6 +163,32 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_log_torn_bytes", "gauge", "Torn-tail bytes cut at the last recovery.", |m| &m.log_torn_bytes),
         ("iris_log_recovery_milliseconds", "gauge", "Duration of the last recovery.", |m| &m.log_recovery_ms),
         ("iris_log_segments_reclaimed_total", "counter", "Log segments deleted.", |m| &m.log_segments_reclaimed_total),
+        ("iris_mailbox_index_bytes", "gauge", "Memory of the mailbox index (128 B per queued entry).", |m| {
+            &m.mailbox_index_bytes
+        }),
+        ("iris_mailbox_body_bytes", "gauge", "Payload bytes of queued messages held in memory.", |m| {
+            &m.mailbox_body_bytes
+        }),
+        ("iris_mailbox_read_ahead_bytes", "gauge", "Bodies read back and not pushed yet, and reads in flight.", |m| {
+            &m.mailbox_read_ahead_bytes
+        }),
+        ("iris_mailbox_bodies_cooled_total", "counter", "Bodies let go from memory (read back when pushed).", |m| {
+            &m.mailbox_bodies_cooled_total
+        }),
+        ("iris_log_reads_total", "counter", "Message records read back from the log.", |m| &m.log_reads_total),
+        ("iris_log_read_failures_total", "counter", "Reads back from the log that failed (retried).", |m| {
+            &m.log_read_failures_total
+        }),
+        (
+            "iris_log_unreadable_messages_total",
+            "counter",
+            "Undelivered messages dropped: their record did not decode when read back.",
+            |m| &m.log_unreadable_messages_total,
+        ),
+        ("iris_log_disk_bytes", "gauge", "Disk the log takes (segments and spare).", |m| &m.log_disk_bytes),
+        ("iris_log_disk_budget_bytes", "gauge", "Disk the log may take before new messages get Throttle.", |m| {
+            &m.log_disk_budget_bytes
+        }),
         ("iris_handshake_retries_total", "counter", "QUIC Retry packets sent to validate addresses.", |m| {
             &m.handshake_retries_total
         }),

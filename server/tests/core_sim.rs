@@ -16,6 +16,10 @@
 //! prefix, and every shard recovers from its segments (torn tails cut as
 //! `layout::scan_segments` does) with a new boot. Delivered segments are
 //! reclaimed and mostly dead ones compacted along the way (4 KiB segments).
+//! Most runs keep few or no bodies in memory (a body cache of 0 B to 2 KB):
+//! pushes and compaction read records back from the simulated segments,
+//! reads complete in any order and some fail; tight runs also have a disk
+//! budget that refuses sends until devices drain.
 //!
 //! At the end every acknowledged message must have reached every recipient
 //! device exactly once (after seq dedup), in order per sender device, no
@@ -27,7 +31,7 @@
 use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
-use irisd::shard::mailbox::{StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
+use irisd::shard::mailbox::{RecordAt, StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
 use irisd::shard::rate::Rate;
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
 use irisd::storage::record::{decode_record, frame_chunk, scan_segment, Record, Scan};
@@ -105,6 +109,8 @@ struct SimDisk {
     in_flight: Option<WriteChunk>,
     /// A segment where a failed write left bytes the writer has not cut yet.
     uncut: Option<u64>,
+    /// Reads of cold mailbox entries handed to the "reader", not answered yet.
+    reads: Vec<RecordAt>,
 }
 
 impl SimDisk {
@@ -124,6 +130,14 @@ impl SimDisk {
                 file.truncate(end);
             }
         }
+    }
+
+    /// What a read of `at` returns: the bytes there (fewer at the end of
+    /// the file), or an error if the segment is gone.
+    fn read(&self, at: RecordAt) -> Result<Vec<u8>, String> {
+        let file = self.files.get(&at.segment).ok_or_else(|| format!("segment {} is gone", at.segment))?;
+        let start = (at.offset as usize).min(file.len());
+        Ok(file[start..(start + at.bytes as usize).min(file.len())].to_vec())
     }
 
     /// Puts `bytes` at the writer's position in `segment` (over whatever
@@ -151,6 +165,11 @@ struct Faults {
     /// bounds, so that it refuses (Throttle) some sends and lets later ones
     /// of the same device through: order must hold anyway.
     tight: bool,
+    /// Reads back from the log that fail (retried by the next push).
+    read_failures_per_mille: u64,
+    /// The log's bounds in this run: how many bodies stay in memory, how
+    /// much is read ahead, and (tight runs) a disk budget.
+    log_limits: LogLimits,
 }
 
 const STORE_LIMITS: StoreLimits = StoreLimits {
@@ -164,8 +183,27 @@ const STORE_LIMITS: StoreLimits = StoreLimits {
     shard_mailbox_bytes_max: 1 << 40,
 };
 /// Tiny segments and chunks, so rotation, checkpoints, reclaim and
-/// compaction happen many times in one run.
-const LOG_LIMITS: LogLimits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+/// compaction happen many times in one run; bodies kept in memory, read
+/// ahead and the disk budget are drawn per run.
+const SEGMENT_BYTES: u64 = 4096;
+const COMMIT_BYTES: usize = 1024;
+
+/// The log bounds of one run: in most runs some or all bodies are let go
+/// and read back when pushed (or compacted), through tiny read-aheads.
+fn draw_log_limits(rng: &mut Rng, tight: bool) -> LogLimits {
+    let body_cache_bytes_max = [0, 200, 2000, u64::MAX][rng.below(4) as usize];
+    let read_ahead_bytes_max = [150, 1500, 1 << 20][rng.below(3) as usize];
+    // A tight run's log may take 24 segments: sends are refused with Throttle
+    // while it does, until devices drain and segments are reclaimed.
+    let disk_bytes_max = if tight { 24 * SEGMENT_BYTES } else { u64::MAX };
+    LogLimits {
+        segment_bytes_max: SEGMENT_BYTES,
+        commit_bytes_max: COMMIT_BYTES,
+        body_cache_bytes_max,
+        read_ahead_bytes_max,
+        disk_bytes_max,
+    }
+}
 
 struct Sim {
     cores: Vec<ShardCore<LogStore>>,
@@ -232,7 +270,7 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
 
 /// Recovers a store from a disk the way a start does: torn tails cut off,
 /// every segment scanned in order.
-fn recover_store(disk: &mut SimDisk) -> LogStore {
+fn recover_store(disk: &mut SimDisk, log_limits: LogLimits) -> LogStore {
     let mut scans: Vec<(u64, Scan)> = Vec::new();
     for (segment, bytes) in disk.files.iter_mut() {
         let scan = scan_segment(bytes);
@@ -241,7 +279,7 @@ fn recover_store(disk: &mut SimDisk) -> LogStore {
         }
         scans.push((*segment, scan));
     }
-    LogStore::recover(STORE_LIMITS, LOG_LIMITS, &scans).0
+    LogStore::recover(STORE_LIMITS, log_limits, &scans).0
 }
 
 impl Sim {
@@ -250,25 +288,24 @@ impl Sim {
         let table = SlotTable::single_node(NodeId(0), SHARDS, 1).unwrap();
         let mut rng = Rng(seed);
         // Some seeds run fault-free, the rest with a few failures and crashes.
-        let mut faults = match rng.below(4) {
-            0 => Faults { write_failures_per_mille: 0, crashes_per_mille: 0, removals: false, tight: false },
-            1 => Faults {
-                write_failures_per_mille: 1 + rng.below(60),
-                crashes_per_mille: 1 + rng.below(4),
-                removals: false,
-                tight: false,
-            },
-            _ => Faults {
-                write_failures_per_mille: 0,
-                crashes_per_mille: 1 + rng.below(6),
-                removals: false,
-                tight: false,
-            },
+        let (write_failures_per_mille, crashes_per_mille, read_failures_per_mille) = match rng.below(4) {
+            0 => (0, 0, 0),
+            1 => (1 + rng.below(60), 1 + rng.below(4), rng.below(100)),
+            _ => (0, 1 + rng.below(6), 0),
         };
-        faults.removals = rng.below(3) == 0;
-        faults.tight = rng.below(3) == 0;
+        let removals = rng.below(3) == 0;
+        let tight = rng.below(3) == 0;
+        let log_limits = draw_log_limits(&mut rng, tight);
+        let faults = Faults {
+            write_failures_per_mille,
+            crashes_per_mille,
+            removals,
+            tight,
+            read_failures_per_mille,
+            log_limits,
+        };
         let cores = (0..SHARDS)
-            .map(|shard| core_over(shard, 1, &authority, LogStore::new(STORE_LIMITS, LOG_LIMITS), faults.tight))
+            .map(|shard| core_over(shard, 1, &authority, LogStore::new(STORE_LIMITS, log_limits), faults.tight))
             .collect();
         let mut devices = Vec::new();
         for user in 1..=USERS {
@@ -480,12 +517,19 @@ impl Sim {
     /// Hands each idle disk the next chunk, as the driver's loop does.
     fn submit_writes(&mut self) {
         for shard in 0..SHARDS as usize {
+            // Reads go to the "reader" whether or not a write is in flight.
+            let store = self.cores[shard].store_mut();
+            while let Some(at) = store.take_read() {
+                self.disks[shard].reads.push(at);
+            }
             if self.disks[shard].in_flight.is_some() {
                 continue;
             }
-            let store = self.cores[shard].store_mut();
             store.maintain();
             self.disks[shard].in_flight = store.take_write();
+            while let Some(at) = store.take_read() {
+                self.disks[shard].reads.push(at);
+            }
             for segment in store.take_reclaimable() {
                 self.disks[shard].files.remove(&segment);
                 self.disks[shard].ends.remove(&segment);
@@ -533,6 +577,21 @@ impl Sim {
         }
     }
 
+    /// One read of a shard finishes (reads finish in any order): the bytes
+    /// at its position, or (sometimes) an error; a read of a segment that
+    /// was deleted meanwhile fails as the real one does.
+    fn step_read(&mut self) {
+        let shard = self.rng.below(u64::from(SHARDS)) as usize;
+        let disk = &mut self.disks[shard];
+        if disk.reads.is_empty() {
+            return;
+        }
+        let at = disk.reads.swap_remove(self.rng.below(disk.reads.len() as u64) as usize);
+        let failed = self.rng.below(1000) < self.faults.read_failures_per_mille;
+        let result = if failed { Err("injected read failure".to_string()) } else { disk.read(at) };
+        self.cores[shard].on_read(at, result.as_deref().map_err(Clone::clone));
+    }
+
     /// The process dies: every shard loses what was not synced (the chunk
     /// in flight may leave a torn prefix), every connection and every
     /// cross-shard message in flight; then every shard recovers.
@@ -552,7 +611,8 @@ impl Sim {
             // write not yet cut stay for recovery to read.
             disk.ends.clear();
             disk.uncut = None;
-            let store = recover_store(disk);
+            disk.reads.clear();
+            let store = recover_store(disk, self.faults.log_limits);
             self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store, self.faults.tight);
         }
         // Recovered entries know where their records lie too.
@@ -725,7 +785,8 @@ impl Sim {
             match self.rng.below(100) {
                 0..=24 => self.send_new(index),
                 25..=39 => self.step_link(),
-                40..=54 => self.step_disk(),
+                40..=50 => self.step_disk(),
+                51..=54 => self.step_read(),
                 55..=66 => self.pull_pushes(index),
                 67..=73 => self.delivery_ack(index),
                 74..=77 => self.disconnect(index),
@@ -745,9 +806,13 @@ impl Sim {
             for index in 0..self.devices.len() {
                 self.connect(index, false);
                 self.pull_pushes(index);
+                // Acknowledging drains mailboxes, so a log at its disk budget takes sends again.
+                self.delivery_ack(index);
             }
             let mut rounds = 0;
-            while self.links.values().any(|q| !q.is_empty()) || self.disks.iter().any(|d| d.in_flight.is_some()) {
+            while self.links.values().any(|q| !q.is_empty())
+                || self.disks.iter().any(|d| d.in_flight.is_some() || !d.reads.is_empty())
+            {
                 rounds += 1;
                 if rounds == 999_999 {
                     for (shard, disk) in self.disks.iter().enumerate() {
@@ -761,6 +826,7 @@ impl Sim {
                 assert!(rounds < 1_000_000, "links and disks never drained");
                 self.step_link();
                 self.step_disk();
+                self.step_read();
                 self.settle();
             }
             for index in 0..self.devices.len() {
@@ -786,7 +852,19 @@ impl Sim {
         let home = self.devices[index].home as usize;
         for _ in 0..1_000_000 {
             let Some(Frame::Deliver(deliver)) = self.cores[home].next_push(conn) else {
-                return;
+                // A cold entry: its read (asked for by this push) comes back first.
+                if self.disks[home].reads.is_empty() {
+                    self.submit_writes();
+                }
+                if self.disks[home].reads.is_empty() {
+                    return;
+                }
+                while !self.disks[home].reads.is_empty() {
+                    let at = self.disks[home].reads.remove(0);
+                    let result = self.disks[home].read(at);
+                    self.cores[home].on_read(at, result.as_deref().map_err(Clone::clone));
+                }
+                continue;
             };
             let device = &mut self.devices[index];
             if deliver.seq > device.processed_seq {
@@ -813,7 +891,7 @@ impl Sim {
                 });
                 match record {
                     Record::MessageStored(message) => {
-                        assert_eq!(message.server_msg_id, entry.message.server_msg_id, "another message there");
+                        assert_eq!(message.server_msg_id, entry.server_msg_id, "another message there");
                         assert!(message.recipients.iter().any(|r| r.device == device.device && r.seq == entry.seq));
                     }
                     other => panic!("shard {shard}: {device:?} seq {} points at {other:?}", entry.seq),
@@ -831,10 +909,31 @@ impl Sim {
             let store = core.store();
             let recount: u64 = store
                 .mailbox_entries()
-                .map(|(_, entry)| entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES)
+                .map(|(_, entry)| {
+                    let body = entry.body.as_ref().map_or(0, |body| body.payload.len() as u64);
+                    assert!(body == 0 || body == u64::from(entry.payload_bytes), "a body of another size");
+                    body + MAILBOX_ENTRY_OVERHEAD_BYTES
+                })
                 .sum();
             assert_eq!(store.charged_bytes(), recount, "shard {shard}: mailbox memory accounting drifted");
             assert!(recount <= STORE_LIMITS.shard_mailbox_bytes_max);
+            assert_eq!(store.read_back_bytes(), store.recount_read_back_bytes(), "shard {shard}: read-ahead drifted");
+            // Durable bodies in memory stay within the cache; read-back ones within the read-ahead
+            // (a push's own read may exceed it by one record).
+            let committed = store.committed_ticket();
+            let durable_hot: u64 = store
+                .mailbox_entries()
+                .filter(|(_, entry)| entry.ticket <= committed && entry.body.is_some())
+                .map(|(_, entry)| u64::from(entry.payload_bytes))
+                .sum();
+            let limits = self.faults.log_limits;
+            assert!(durable_hot <= limits.body_cache_bytes_max, "shard {shard}: {durable_hot} B of durable bodies");
+            let record_max = u64::from(irisd::storage::message_record_bytes_max(64, 2));
+            assert!(
+                store.read_back_bytes() <= limits.read_ahead_bytes_max.max(record_max),
+                "shard {shard}: read-ahead past its bound"
+            );
+            assert_eq!(store.stats().unreadable_total, 0, "shard {shard}: a record read back did not decode");
         }
     }
 
@@ -905,7 +1004,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
             (0..count).map(|i| base.wrapping_add(i.wrapping_mul(7919))).collect()
         }
     };
-    let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed) = (0, 0, 0, 0, 0);
+    let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed, mut reads) = (0, 0, 0, 0, 0, 0);
     let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| {
@@ -913,10 +1012,12 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
             sim.run(STEPS);
             sim.check();
             let run_removed = sim.devices.iter().filter(|device| device.removed).count();
-            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len(), run_removed, sim.refusals)
+            let run_reads: u64 = sim.cores.iter().map(|core| core.store().stats().reads_total).sum();
+            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len(), run_removed, sim.refusals, run_reads)
         });
         match outcome {
-            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals)) => {
+            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals, run_reads)) => {
+                reads += run_reads;
                 for (code, count) in run_refusals {
                     let name = match iris_protocol::ErrorCode::from_u16(code) {
                         Some(code) => format!("{code:?}"),
@@ -936,6 +1037,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
     }
     println!(
         "simulated {crashes} crashes, {failed_writes} failed writes, {reclaimed} reclaimed segments, \
-         {acked} acknowledged sends, {removed} removed devices; send refusals {refusals:?}"
+         {acked} acknowledged sends, {removed} removed devices, {reads} bodies read back (since each \
+         run's last crash); send refusals {refusals:?}"
     );
 }

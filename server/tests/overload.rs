@@ -134,12 +134,16 @@ async fn a_reader_that_never_reads_is_disconnected_and_gets_everything_on_its_ne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_gets_200000_messages_in_order_after_a_sigkill() {
-    // Far more than the default mailbox cap (10,000) holds; the caps are
-    // raised for it. Four senders on both shards, pipelined.
+    // Twenty times what the old in-memory cap (10,000) held, at the default
+    // caps, from four pipelined senders on both shards. The body cache is
+    // 256 KiB (about 25,000 of these bodies): the rest wait on disk only,
+    // and are read back from the log when pushed after the restart.
     const SENDERS: u64 = 4;
     const PER_SENDER: u64 = 50_000;
-    let mut server =
-        Server::start_with(2, &["[limits]", "mailbox_messages_max = 250000", "mailbox_bytes_max = 67108864"]);
+    const CACHE: u64 = 256 << 10;
+    let (admin, admin_line) = common::admin_address();
+    let cache_line = format!("body_cache_bytes_max = {CACHE}");
+    let mut server = Server::start_with(2, &[&admin_line, "[storage]", &cache_line, "read_ahead_bytes_max = 262144"]);
     let recipient = user_on_shard(1, 2, 100);
     Client::connect(server.client_config(recipient, 1)).await.unwrap().close().await.unwrap();
     let mut sending = Vec::new();
@@ -167,9 +171,15 @@ async fn an_offline_device_gets_200000_messages_in_order_after_a_sigkill() {
     for task in sending {
         senders.push(task.await.unwrap());
     }
+    let metrics = common::http_get(&admin, "/metrics");
+    assert!(common::metric_sum(&metrics, "iris_mailbox_body_bytes", "shard=\"1\"") <= CACHE);
+    assert!(common::metric_sum(&metrics, "iris_mailbox_bodies_cooled_total", "shard=\"1\"") > 100_000);
     // Every one was acknowledged: each is durable, across a SIGKILL.
     server.kill9();
     server.restart();
+    // Recovery keeps no more bodies in memory than the cache either.
+    let metrics = common::http_get(&admin, "/metrics");
+    assert!(common::metric_sum(&metrics, "iris_mailbox_body_bytes", "shard=\"1\"") <= CACHE);
     let mut reader = Client::connect(server.client_config(recipient, 1)).await.unwrap();
     let mut next: std::collections::HashMap<u64, u64> = senders.iter().map(|user| (*user, 0)).collect();
     for _ in 0..SENDERS * PER_SENDER {
@@ -184,5 +194,9 @@ async fn an_offline_device_gets_200000_messages_in_order_after_a_sigkill() {
     assert!(next.values().all(|count| *count == PER_SENDER));
     let extra = tokio::time::timeout(Duration::from_millis(300), reader.recv()).await;
     assert!(extra.is_err(), "unexpected extra message {extra:?}");
+    let metrics = common::http_get(&admin, "/metrics");
+    let reads = common::metric_sum(&metrics, "iris_log_reads_total", "shard=\"1\"");
+    assert!(reads > 100_000, "only {reads} bodies were read back from the log");
+    assert_eq!(common::metric_sum(&metrics, "iris_log_unreadable_messages_total", "shard=\"1\""), 0);
     reader.close().await.unwrap();
 }

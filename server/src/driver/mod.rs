@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod connection;
 pub mod failpoint;
+pub mod log_reader;
 pub mod log_writer;
 pub mod runtime;
 pub mod shard_loop;

@@ -3,6 +3,7 @@
 //! store and core, plus one bounded channel per ordered pair of shards.
 
 use super::connection::ConnectionLimits;
+use super::log_reader::LogReader;
 use super::log_writer::{run_writer, WriterQueue, WriterStart, WRITER_QUEUE_MAX};
 use super::shard_loop::WriterLink;
 use super::shard_loop::{LoopParts, ShardBatch, ShardLinks, ShardLoop};
@@ -288,6 +289,8 @@ async fn run_shard(
         Err(error) => return report_failure(&ready, shard, error.to_string()),
     };
     let first_message_id = message_ids.start;
+    // Every shard's log shares the data directory's filesystem.
+    let shards_on_disk = ports.len().max(1) as u64;
     let identity = ShardIdentity {
         node: NodeId(0),
         shard: ShardId(shard),
@@ -327,6 +330,9 @@ async fn run_shard(
             let log_limits = LogLimits {
                 segment_bytes_max: config.storage.segment_bytes_max,
                 commit_bytes_max: config.storage.commit_bytes_max as usize,
+                body_cache_bytes_max: config.storage.body_cache_bytes_max,
+                read_ahead_bytes_max: config.storage.read_ahead_bytes_max,
+                disk_bytes_max: config.storage.disk_bytes_max,
             };
             assert!(!super::failpoint::armed(super::failpoint::PANIC_IN_RECOVERY, shard), "failpoint: recovery");
             let mut recovery = Recovery::new(store_limits, log_limits);
@@ -335,7 +341,14 @@ async fn run_shard(
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };
             let start = last.map(|(segment, valid_end)| WriterStart { segment, valid_end: valid_end as u64 });
-            let (store, report) = recovery.finish();
+            let (mut store, report) = recovery.finish();
+            if config.storage.disk_bytes_max == 0 {
+                // 90% of what the log holds now plus its share of the free
+                // space: Throttle comes well before the disk is full.
+                let free = crate::files::free_bytes(&dir).unwrap_or(0) / shards_on_disk;
+                let budget = store.disk_bytes().saturating_add(free) / 10 * 9;
+                store.set_disk_budget(budget.max(8 * config.storage.segment_bytes_max));
+            }
             let payload_max = iris_protocol::payload_bytes_max(limits.frame_bytes_max);
             if report.live_payload_bytes_max > payload_max {
                 // Such a message could never be pushed; refusing to start
@@ -366,8 +379,10 @@ async fn run_shard(
             let (commands, command_receiver) = flume::bounded(WRITER_QUEUE_MAX);
             let (event_sender, events) = flume::bounded(WRITER_QUEUE_MAX);
             let spare_bytes = config.storage.segment_bytes_max;
-            glommio::spawn_local(run_writer(dir, start, spare_bytes, command_receiver, event_sender)).detach();
+            glommio::spawn_local(run_writer(dir.clone(), start, spare_bytes, command_receiver, event_sender)).detach();
+            let reader = LogReader::new(dir.clone());
             let writer = WriterLink {
+                reader,
                 commands: WriterQueue::new(commands),
                 events,
                 commit_delay: Duration::from_micros(u64::from(config.storage.commit_delay_us)),

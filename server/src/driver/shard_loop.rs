@@ -12,6 +12,7 @@
 //! left over, in which case the loop yields to the executor and goes on.
 
 use super::connection::{Connection, ConnectionLimits};
+use super::log_reader::{LogReader, ReadDone};
 use super::log_writer::{WriterEvent, WriterQueue};
 use super::udp::UdpIo;
 use crate::metrics::ShardMetrics;
@@ -87,6 +88,8 @@ pub struct WriterLink {
     pub commit_delay: Duration,
     /// Write at once when this many bytes are pending.
     pub commit_bytes_max: usize,
+    /// Reads cold mailbox entries back.
+    pub reader: LogReader,
 }
 
 /// What a shard loop needs besides its core and log writer.
@@ -172,6 +175,10 @@ pub struct ShardLoop<S: MailboxStore> {
     write_retry_at: Option<Instant>,
     /// The current wait after failed writes (0 after a success).
     write_backoff: Duration,
+    /// After a failed read, when the next reads may go.
+    read_retry_at: Option<Instant>,
+    /// The current wait after failed reads (0 after a success).
+    read_backoff: Duration,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -186,6 +193,7 @@ enum Wake {
     Timer,
     Batch(u16, Option<ShardBatch>),
     Writer(Option<WriterEvent>),
+    Read(Option<ReadDone>),
 }
 
 impl<S: MailboxStore> ShardLoop<S> {
@@ -233,6 +241,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             reserve_retry_at: None,
             write_retry_at: None,
             write_backoff: Duration::ZERO,
+            read_retry_at: None,
+            read_backoff: Duration::ZERO,
         }
     }
 
@@ -247,6 +257,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             match self.wait().await {
                 Wake::Batch(from, batch) => self.accept_batch(from, batch),
                 Wake::Writer(event) => self.accept_writer_event(event),
+                Wake::Read(done) => self.accept_read(done),
                 Wake::Socket | Wake::Timer => {}
             }
         }
@@ -259,11 +270,13 @@ impl<S: MailboxStore> ShardLoop<S> {
         let mut busy = self.receive_datagrams(now);
         busy |= self.receive_shard_batches();
         self.receive_writer_events();
+        self.receive_reads();
         self.fire_timers(now);
         self.drive_dirty(now);
         self.core.flush_commits();
         self.apply_outputs();
         self.submit_writes(now);
+        self.submit_reads(now);
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
@@ -331,6 +344,16 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.devices_removed_total, stats.devices_removed);
         ShardMetrics::set(&metrics.devices_removed_overflow_total, stats.devices_removed_overflow);
         ShardMetrics::set(&metrics.devices_expired_total, stats.devices_expired);
+        let store = self.core.store().stats();
+        ShardMetrics::set(&metrics.mailbox_index_bytes, store.index_bytes);
+        ShardMetrics::set(&metrics.mailbox_body_bytes, store.body_bytes);
+        ShardMetrics::set(&metrics.mailbox_read_ahead_bytes, store.read_ahead_bytes);
+        ShardMetrics::set(&metrics.mailbox_bodies_cooled_total, store.cooled_total);
+        ShardMetrics::set(&metrics.log_reads_total, store.reads_total);
+        ShardMetrics::set(&metrics.log_read_failures_total, store.read_failures_total);
+        ShardMetrics::set(&metrics.log_unreadable_messages_total, store.unreadable_total);
+        ShardMetrics::set(&metrics.log_disk_bytes, store.disk_bytes);
+        ShardMetrics::set(&metrics.log_disk_budget_bytes, store.disk_budget_bytes);
     }
 
     async fn wait(&mut self) -> Wake {
@@ -339,7 +362,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             let due = since + writer.commit_delay;
             deadline = Some(deadline.map_or(due, |d| d.min(due)));
         }
-        if let Some(at) = self.write_retry_at {
+        for at in [self.write_retry_at, self.read_retry_at].into_iter().flatten() {
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }
         let writer_backlog = self.writer.as_ref().is_some_and(|writer| writer.commands.backlogged());
@@ -352,6 +375,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         let udp = &self.udp;
         let receivers = &mut self.links.receivers;
         let writer_events = self.writer.as_ref().map(|writer| writer.events.recv_async());
+        let mut reads_done = self.writer.as_ref().map(|writer| writer.reader.done.recv_async());
         let socket = async {
             udp.readable().await;
             Wake::Socket
@@ -368,6 +392,11 @@ impl<S: MailboxStore> ShardLoop<S> {
             if let Some(events) = writer_events.as_mut() {
                 if let Poll::Ready(event) = Pin::new(events).poll(cx) {
                     return Poll::Ready(Wake::Writer(event.ok()));
+                }
+            }
+            if let Some(done) = reads_done.as_mut() {
+                if let Poll::Ready(done) = Pin::new(done).poll(cx) {
+                    return Poll::Ready(Wake::Read(done.ok()));
                 }
             }
             for (from, receiver) in receivers.iter_mut() {
@@ -430,6 +459,42 @@ impl<S: MailboxStore> ShardLoop<S> {
         }
     }
 
+    /// Applies every read the reader has finished.
+    fn receive_reads(&mut self) {
+        loop {
+            let Some(writer) = self.writer.as_ref() else { return };
+            match writer.reader.done.try_recv() {
+                Ok(done) => self.accept_read(Some(done)),
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn accept_read(&mut self, done: Option<ReadDone>) {
+        let Some(ReadDone { at, result }) = done else { return };
+        match &result {
+            Ok(_) => self.read_backoff = Duration::ZERO,
+            Err(_) => {
+                // Asked again by the next push; not faster than this.
+                self.read_backoff = (self.read_backoff * 2).clamp(WRITE_RETRY_MIN, WRITE_RETRY_MAX);
+                self.read_retry_at = Some(Instant::now() + self.read_backoff);
+            }
+        }
+        self.core.on_read(at, result.as_deref().map_err(Clone::clone));
+    }
+
+    /// Hands the reads the store asks for to the reader.
+    fn submit_reads(&mut self, now: Instant) {
+        let Some(writer) = &self.writer else { return };
+        if self.read_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.read_retry_at = None;
+        while let Some(at) = self.core.store_mut().take_read() {
+            writer.reader.submit(at);
+        }
+    }
+
     /// Hands the next chunk to the writer when it is idle (group commit:
     /// whatever accumulated during the previous sync goes in one write), and
     /// reclaimed segments for deletion.
@@ -465,6 +530,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         }
         for segment in store.take_reclaimable() {
             ShardMetrics::add(&self.metrics.log_segments_reclaimed_total, 1);
+            writer.reader.forget(segment);
             writer.commands.submit_delete(segment);
         }
     }

@@ -21,7 +21,7 @@
 use super::codel::CoDel;
 use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
-use super::mailbox::{MailboxStore, StoredMessage, Ticket};
+use super::mailbox::{MailboxStore, Next, RecordAt, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use super::rate::{Rate, RateTable};
 use super::StateMap;
@@ -1071,7 +1071,15 @@ impl<S: MailboxStore> ShardCore<S> {
         let Some(Session::Active { device, pushed_up_to, .. }) = self.sessions.get_mut(&conn) else {
             return None;
         };
-        let (seq, message) = self.store.next_after(*device, *pushed_up_to)?;
+        let (seq, message) = match self.store.next_after(*device, *pushed_up_to)? {
+            Next::Ready(seq, message) => (seq, message),
+            Next::Cold(_) => {
+                // Read back from the log; `on_read` queues this push again.
+                let (device, after) = (*device, *pushed_up_to);
+                self.store.want_bodies(device, after);
+                return None;
+            }
+        };
         *pushed_up_to = seq;
         let device = *device;
         self.store.note_pushed(device, seq);
@@ -1084,6 +1092,16 @@ impl<S: MailboxStore> ShardCore<S> {
             sent_at_ms: message.sent_at_ms,
             payload: message.payload.clone(),
         }))
+    }
+
+    /// The driver read back the record at `at` for the store: pushes that
+    /// waited for it go on.
+    pub fn on_read(&mut self, at: RecordAt, result: Result<&[u8], String>) {
+        for device in self.store.on_read(at, result) {
+            if let Some(&conn) = self.online.get(&device) {
+                self.queue_push(conn);
+            }
+        }
     }
 
     fn queue_push(&mut self, conn: ConnId) {

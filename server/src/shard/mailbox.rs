@@ -69,6 +69,9 @@ pub enum StoreError {
     /// No such device of that user.
     #[error("user {} has no device {}", .0.user, .0.device)]
     UnknownDevice(DeviceKey),
+    /// The log takes its disk budget until devices drain.
+    #[error("the shard's log is at its disk budget")]
+    DiskBudget,
 }
 
 impl StoreError {
@@ -83,8 +86,33 @@ impl StoreError {
             StoreError::Backlog => ErrorCode::Throttle,
             StoreError::DeviceRemoved(_) => ErrorCode::DeviceRemoved,
             StoreError::UnknownDevice(_) => ErrorCode::UnknownDevice,
+            StoreError::DiskBudget => ErrorCode::Throttle,
         }
     }
+}
+
+/// What a store holds and has done, for the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// [`MAILBOX_ENTRY_OVERHEAD_BYTES`] per mailbox entry.
+    pub index_bytes: u64,
+    /// Payload bytes of the bodies in the index (the body cache).
+    pub body_bytes: u64,
+    /// Bodies read back and not pushed yet, reads in flight, and bodies
+    /// gathered for a compaction.
+    pub read_ahead_bytes: u64,
+    /// Records read back from the log.
+    pub reads_total: u64,
+    /// Reads that failed (asked again later).
+    pub read_failures_total: u64,
+    /// Undelivered messages whose record could not be decoded when read back (dropped).
+    pub unreadable_total: u64,
+    /// Bodies let go from the cache.
+    pub cooled_total: u64,
+    /// Disk the log takes.
+    pub disk_bytes: u64,
+    /// Disk the log may take.
+    pub disk_budget_bytes: u64,
 }
 
 /// Bounds every store enforces.
@@ -101,20 +129,32 @@ pub struct StoreLimits {
     /// Recipient-side dedup entries per shard (sender device, client_msg_id);
     /// the oldest is forgotten first. About 60 bytes each.
     pub stored_dedup_entries_max: u32,
-    /// Memory all mailboxes of the shard may hold together: payload plus
-    /// [`MAILBOX_ENTRY_OVERHEAD_BYTES`] per (device, message) entry. Over it,
-    /// Sends get Throttle until devices drain.
+    /// Memory all mailboxes of the shard may hold together:
+    /// [`MAILBOX_ENTRY_OVERHEAD_BYTES`] per (device, message) entry plus the
+    /// bodies in memory (a durable store keeps at most its body cache and
+    /// read-ahead of them; a memory-only store keeps all). Over it, Sends
+    /// get Throttle until devices drain.
     pub shard_mailbox_bytes_max: u64,
 }
 
-/// What one mailbox entry costs in memory besides its payload, charged
-/// against `shard_mailbox_bytes_max`: the entry (40 B) in its deque, its
-/// segment membership (~30 B) and a share of the message record; rounded up.
+/// What one mailbox entry costs in memory besides its body, charged
+/// against `shard_mailbox_bytes_max`: the entry (64 B) in its deque, its
+/// segment membership (~32 B) and a share of its hash-table slots; rounded up.
 pub const MAILBOX_ENTRY_OVERHEAD_BYTES: u64 = 128;
 
 /// Removed devices remembered per user (so their ids cannot register again):
 /// the newest 16; an older one could register again as a new, empty device.
 pub const REMOVED_DEVICES_PER_USER_MAX: usize = 16;
+
+/// What a mailbox holds next for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// This message, at this seq, can be pushed now.
+    Ready(u64, Rc<StoredMessage>),
+    /// The message at this seq is durable but its body is not in memory:
+    /// ask for it with [`MailboxStore::want_bodies`].
+    Cold(u64),
+}
 
 /// A commit ticket: changes are durable once the store's committed ticket
 /// is at least their ticket. Tickets increase by one per change.
@@ -157,8 +197,22 @@ pub trait MailboxStore {
     fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError>;
     /// Forgets every message of `device` with seq <= `up_to_seq`.
     fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64);
-    /// The first committed message with seq > `after_seq`, if any.
-    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)>;
+    /// The first committed message of `device` with seq > `after_seq`, if any.
+    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<Next>;
+    /// `device`'s push met a cold entry after `after_seq`: read its body
+    /// back, and those of a bounded number of the cold entries after it
+    /// (read-ahead). Once the first is in memory, [`MailboxStore::on_read`]
+    /// names `device`.
+    fn want_bodies(&mut self, _device: DeviceKey, _after_seq: u64) {}
+    /// The next record to read back for the driver, if any.
+    fn take_read(&mut self) -> Option<RecordAt> {
+        None
+    }
+    /// The driver read `at` (its bytes, or why it could not). Returns the
+    /// devices whose push may go on now.
+    fn on_read(&mut self, _at: RecordAt, _result: Result<&[u8], String>) -> Vec<DeviceKey> {
+        Vec::new()
+    }
     /// Highest seq assigned to `device` (0 if none).
     fn last_seq(&self, device: DeviceKey) -> u64;
     /// Records that `seq` of `device` was written to one of its push streams.
@@ -170,6 +224,10 @@ pub trait MailboxStore {
     fn pushed_seq(&self, device: DeviceKey) -> u64;
     /// Every ticket up to this one has an outcome (durable or failed).
     fn committed_ticket(&self) -> Ticket;
+    /// What the store holds, for the metrics.
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
     /// Whether the change with this (committed) ticket failed to become durable.
     fn ticket_failed(&self, _ticket: Ticket) -> bool {
         false
@@ -235,7 +293,8 @@ impl RecordAt {
     pub const NOWHERE: RecordAt = RecordAt { segment: 0, offset: u64::MAX, bytes: 0 };
 }
 
-/// One stored message in one device's mailbox.
+/// One stored message in one device's mailbox: what delivery needs (about
+/// 64 bytes), and the body while it is in memory.
 #[derive(Debug, Clone)]
 pub struct MailboxEntry {
     /// Seq in this mailbox.
@@ -248,8 +307,14 @@ pub struct MailboxEntry {
     pub offset: u64,
     /// See [`RecordAt::bytes`].
     pub record_bytes: u32,
-    /// The shared body.
-    pub message: Rc<StoredMessage>,
+    /// Size of the payload (counted against the device's byte cap whether
+    /// the body is in memory or not).
+    pub payload_bytes: u32,
+    /// Server-wide id of the message.
+    pub server_msg_id: u64,
+    /// The shared body while it is in memory ("hot"); `None` once a durable
+    /// store has let it go ("cold": it is read back from the log to be pushed).
+    pub body: Option<Rc<StoredMessage>>,
 }
 
 impl MailboxEntry {
@@ -287,8 +352,13 @@ pub struct MailboxIndex {
     /// Removed devices of each user with their removal ordinals, oldest first (at most
     /// [`REMOVED_DEVICES_PER_USER_MAX`] each).
     removed: StateMap<u64, VecDeque<(u32, u64)>>,
-    /// Bytes charged against `shard_mailbox_bytes_max` by every entry held.
-    charged_bytes: u64,
+    /// [`MAILBOX_ENTRY_OVERHEAD_BYTES`] per entry held.
+    index_bytes: u64,
+    /// Payload bytes of the entries whose body is in memory (counted per
+    /// entry: a body shared by two devices counts twice).
+    hot_bytes: u64,
+    /// Entries whose body is in memory.
+    hot_entries: u64,
     /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
     /// `stored_dedup_entries_max` stored messages.
     stored: StoredIndex,
@@ -301,7 +371,9 @@ impl MailboxIndex {
             users: StateMap::default(),
             mailboxes: StateMap::default(),
             removed: StateMap::default(),
-            charged_bytes: 0,
+            index_bytes: 0,
+            hot_bytes: 0,
+            hot_entries: 0,
             stored: StoredIndex::new(limits.stored_dedup_entries_max),
             limits,
         }
@@ -363,7 +435,7 @@ impl MailboxIndex {
     pub fn remember_removed(&mut self, device: DeviceKey, ordinal: u64) -> (Option<Mailbox>, Option<DeviceKey>) {
         let mailbox = self.mailboxes.remove(&device);
         for entry in mailbox.iter().flat_map(|mailbox| mailbox.entries.iter()) {
-            self.charged_bytes -= entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
+            Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, entry);
         }
         if let Some(devices) = self.users.get_mut(&device.user) {
             devices.retain(|known| *known != device.device);
@@ -449,22 +521,75 @@ impl MailboxIndex {
         Ok(())
     }
 
-    /// See [`MailboxStore::shard_has_room`].
-    pub fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {
+    /// See [`MailboxStore::shard_has_room`]; `elsewhere` is memory the
+    /// store holds for mailboxes outside the index (read-ahead).
+    pub fn shard_has_room(&self, payload_bytes: usize, devices: usize, elsewhere: u64) -> Result<(), StoreError> {
         let needed = (payload_bytes as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES) * devices as u64;
-        if self.charged_bytes + needed > self.limits.shard_mailbox_bytes_max {
+        if self.charged_bytes() + elsewhere + needed > self.limits.shard_mailbox_bytes_max {
             return Err(StoreError::ShardMailboxesFull);
         }
         Ok(())
     }
 
-    /// Bytes the mailboxes hold against the shard budget.
+    /// Bytes the index holds against the shard budget: entries and the bodies in memory.
     pub fn charged_bytes(&self) -> u64 {
-        self.charged_bytes
+        self.index_bytes + self.hot_bytes
     }
 
-    fn uncharge(&mut self, entry: &MailboxEntry) {
-        self.charged_bytes -= entry.message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
+    /// [`MAILBOX_ENTRY_OVERHEAD_BYTES`] per entry held.
+    pub fn index_bytes(&self) -> u64 {
+        self.index_bytes
+    }
+
+    /// Payload bytes of entries whose body is in memory.
+    pub fn hot_bytes(&self) -> u64 {
+        self.hot_bytes
+    }
+
+    /// Entries whose body is in memory.
+    pub fn hot_entries(&self) -> u64 {
+        self.hot_entries
+    }
+
+    /// Takes `entry`'s charges off the counters (a free function of the
+    /// fields, so callers can hold a mailbox borrowed meanwhile).
+    fn uncharge(index_bytes: &mut u64, hot_bytes: &mut u64, hot_entries: &mut u64, entry: &MailboxEntry) {
+        *index_bytes -= MAILBOX_ENTRY_OVERHEAD_BYTES;
+        if entry.body.is_some() {
+            *hot_bytes -= u64::from(entry.payload_bytes);
+            *hot_entries -= 1;
+        }
+    }
+
+    /// Lets the body of the entry (device, seq) go, if it is in memory and
+    /// its ticket is `ticket` (the one the caller saw it stored with).
+    /// Returns whether it did.
+    pub fn cool(&mut self, device: DeviceKey, seq: u64, ticket: Ticket) -> bool {
+        let Some(entry) = self.entry_mut(device, seq) else { return false };
+        if entry.ticket != ticket || entry.body.is_none() {
+            return false;
+        }
+        entry.body = None;
+        let payload = u64::from(entry.payload_bytes);
+        self.hot_bytes -= payload;
+        self.hot_entries -= 1;
+        true
+    }
+
+    /// Drops the single entry (device, seq) (its record cannot be read back).
+    pub fn remove_entry(&mut self, device: DeviceKey, seq: u64) -> Option<MailboxEntry> {
+        let mailbox = self.mailboxes.get_mut(&device)?;
+        let position = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq).ok()?;
+        let entry = mailbox.entries.remove(position)?;
+        mailbox.bytes -= u64::from(entry.payload_bytes);
+        Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, &entry);
+        Some(entry)
+    }
+
+    fn entry_mut(&mut self, device: DeviceKey, seq: u64) -> Option<&mut MailboxEntry> {
+        let mailbox = self.mailboxes.get_mut(&device)?;
+        let position = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq).ok()?;
+        mailbox.entries.get_mut(position)
     }
 
     /// See [`MailboxStore::find_stored`].
@@ -504,13 +629,16 @@ impl MailboxIndex {
         if seq <= mailbox.acked_seq {
             return false;
         }
+        let payload_bytes = u32::try_from(message.payload.len()).expect("payloads are bounded by the frame size");
         let entry = MailboxEntry {
             seq,
             ticket,
             segment: at.segment,
             offset: at.offset,
             record_bytes: at.bytes,
-            message: Rc::clone(message),
+            payload_bytes,
+            server_msg_id: message.server_msg_id,
+            body: Some(Rc::clone(message)),
         };
         if mailbox.entries.back().is_none_or(|last| last.seq < seq) {
             mailbox.entries.push_back(entry);
@@ -520,8 +648,10 @@ impl MailboxIndex {
                 Err(position) => mailbox.entries.insert(position, entry),
             }
         }
-        mailbox.bytes += message.payload.len() as u64;
-        self.charged_bytes += message.payload.len() as u64 + MAILBOX_ENTRY_OVERHEAD_BYTES;
+        mailbox.bytes += u64::from(payload_bytes);
+        self.index_bytes += MAILBOX_ENTRY_OVERHEAD_BYTES;
+        self.hot_bytes += u64::from(payload_bytes);
+        self.hot_entries += 1;
         true
     }
 
@@ -561,12 +691,10 @@ impl MailboxIndex {
         let mut dropped = Vec::new();
         while mailbox.entries.front().is_some_and(|entry| entry.seq <= up_to_seq) {
             if let Some(entry) = mailbox.entries.pop_front() {
-                mailbox.bytes -= entry.message.payload.len() as u64;
+                mailbox.bytes -= u64::from(entry.payload_bytes);
+                Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, &entry);
                 dropped.push(entry);
             }
-        }
-        for entry in &dropped {
-            self.uncharge(entry);
         }
         dropped
     }
@@ -589,31 +717,38 @@ impl MailboxIndex {
                 continue;
             }
             if let Some(entry) = mailbox.entries.remove(position) {
-                mailbox.bytes -= entry.message.payload.len() as u64;
+                mailbox.bytes -= u64::from(entry.payload_bytes);
+                Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, &entry);
                 removed.push((device, entry));
             }
-        }
-        for (_, entry) in &removed {
-            self.uncharge(entry);
         }
         self.stored.forget_tickets(first, last);
         removed
     }
 
+    /// The entries of `device` with seq > `after_seq`, in seq order.
+    pub fn entries_after(&self, device: DeviceKey, after_seq: u64) -> impl Iterator<Item = &MailboxEntry> {
+        let entries = self.mailboxes.get(&device).map(|mailbox| &mailbox.entries);
+        let start = entries.map_or(0, |entries| {
+            let Some(first) = entries.front() else { return 0 };
+            // Seqs are increasing but may have gaps (failed writes), so
+            // start at the position a gap-free mailbox would have and step
+            // back if needed (almost always zero steps).
+            let guess = usize::try_from(after_seq.saturating_add(1).saturating_sub(first.seq)).unwrap_or(usize::MAX);
+            let mut index = guess.min(entries.len());
+            while index > 0 && entries[index - 1].seq > after_seq {
+                index -= 1;
+            }
+            index
+        });
+        entries.into_iter().flat_map(move |entries| entries.range(start..))
+    }
+
     /// The first entry of `device` with seq > `after_seq` whose ticket is <= `committed`.
-    pub fn next_after(&self, device: DeviceKey, after_seq: u64, committed: Ticket) -> Option<(u64, Rc<StoredMessage>)> {
-        let mailbox = self.mailboxes.get(&device)?;
-        let first_seq = mailbox.entries.front()?.seq;
-        // Seqs are increasing but may have gaps (failed writes), so start at
-        // the position a gap-free mailbox would have and step back if needed.
-        let guess = usize::try_from(after_seq.saturating_add(1).saturating_sub(first_seq)).unwrap_or(usize::MAX);
-        let mut index = guess.min(mailbox.entries.len());
-        while index > 0 && mailbox.entries[index - 1].seq > after_seq {
-            index -= 1;
-        }
-        let entry = mailbox.entries.get(index)?;
+    pub fn next_after(&self, device: DeviceKey, after_seq: u64, committed: Ticket) -> Option<&MailboxEntry> {
+        let entry = self.entries_after(device, after_seq).next()?;
         debug_assert!(entry.seq > after_seq);
-        (entry.ticket <= committed).then(|| (entry.seq, Rc::clone(&entry.message)))
+        (entry.ticket <= committed).then_some(entry)
     }
 
     /// Highest seq assigned to `device`.
@@ -686,7 +821,7 @@ impl MailboxStore for MemoryStore {
     }
 
     fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {
-        self.index.shard_has_room(payload_bytes, devices)
+        self.index.shard_has_room(payload_bytes, devices, 0)
     }
 
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
@@ -706,8 +841,11 @@ impl MailboxStore for MemoryStore {
         self.index.acknowledge(device, up_to_seq);
     }
 
-    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)> {
-        self.index.next_after(device, after_seq, self.last_ticket)
+    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<Next> {
+        let entry = self.index.next_after(device, after_seq, self.last_ticket)?;
+        // Nothing goes cold here: the memory is the only copy.
+        let body = entry.body.as_ref().expect("a memory-only store keeps every body");
+        Some(Next::Ready(entry.seq, Rc::clone(body)))
     }
 
     fn last_seq(&self, device: DeviceKey) -> u64 {
@@ -724,5 +862,13 @@ impl MailboxStore for MemoryStore {
 
     fn committed_ticket(&self) -> Ticket {
         self.last_ticket
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            index_bytes: self.index.index_bytes(),
+            body_bytes: self.index.hot_bytes(),
+            ..StoreStats::default()
+        }
     }
 }

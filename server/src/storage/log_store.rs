@@ -13,12 +13,13 @@
 //! incremental: no write ever covers every device.
 
 use super::record::{
-    chunk_framing_bytes, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceState, MessageStored,
-    RecipientSeq, Record, Scan, RECORD_HEADER_BYTES,
+    chunk_framing_bytes, decode_record, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceState,
+    MessageStored, RecipientSeq, Record, Scan, RECORD_HEADER_BYTES,
 };
 use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
-    MailboxEntry, MailboxIndex, MailboxStore, RecordAt, StoreError, StoreLimits, StoredMessage, Ticket, WriteChunk,
+    MailboxEntry, MailboxIndex, MailboxStore, Next, RecordAt, StoreError, StoreLimits, StoreStats, StoredMessage,
+    Ticket, WriteChunk,
 };
 use crate::shard::DeviceKey;
 use std::collections::{BTreeMap, VecDeque};
@@ -32,6 +33,30 @@ pub struct LogLimits {
     /// A write chunk is closed once it holds this many bytes (one write + one
     /// fdatasync each).
     pub commit_bytes_max: usize,
+    /// Payload bytes of durable mailbox entries kept in memory (the body
+    /// cache); past it the bodies held longest go ("cold") and are read back
+    /// from the log when they are pushed.
+    pub body_cache_bytes_max: u64,
+    /// Bodies read back and not pushed yet, plus reads in flight, at most
+    /// (the read-ahead); past it the oldest read-back bodies are let go.
+    pub read_ahead_bytes_max: u64,
+    /// Disk the log may take (its segments and the spare being prepared);
+    /// new messages are refused with Throttle once it does.
+    pub disk_bytes_max: u64,
+}
+
+impl LogLimits {
+    /// Layout bounds with every body kept in memory and no disk budget
+    /// (tests that look at the layout alone).
+    pub const fn keep_bodies(segment_bytes_max: u64, commit_bytes_max: usize) -> LogLimits {
+        LogLimits {
+            segment_bytes_max,
+            commit_bytes_max,
+            body_cache_bytes_max: u64::MAX,
+            read_ahead_bytes_max: 16 << 20,
+            disk_bytes_max: u64::MAX,
+        }
+    }
 }
 
 /// What recovery found, for the start-up log line.
@@ -118,7 +143,83 @@ pub struct LogStore {
     removing_devices: std::collections::HashMap<DeviceKey, u32, foldhash::fast::RandomState>,
     /// The devices in `registrations_pending` (each at most once).
     registering_devices: std::collections::HashSet<DeviceKey, foldhash::fast::RandomState>,
+    /// Bodies read back from the log, their reads and the body cache.
+    bodies: Bodies,
 }
+
+/// The bodies of mailbox entries that are not in the index: the order in
+/// which entries' bodies came into memory (for cooling), the bodies read
+/// back and not pushed yet (read-ahead), and the reads in flight.
+#[derive(Debug, Default)]
+struct Bodies {
+    /// Entries whose body is in memory, oldest first: (device, seq, ticket).
+    /// Entries acknowledged or cooled since stay until they reach the front
+    /// or the queue is compacted (when it holds twice the hot entries).
+    hot_order: VecDeque<(DeviceKey, u64, Ticket)>,
+    /// Bodies read back, by (device, seq).
+    staged: HashMap<(DeviceKey, u64), Rc<StoredMessage>>,
+    /// Keys of `staged`, oldest first (stale keys are skipped).
+    staged_order: VecDeque<(DeviceKey, u64)>,
+    /// Payload bytes in `staged`.
+    staged_bytes: u64,
+    /// Reads asked for and not answered, by (segment, offset).
+    reading: HashMap<(u64, u64), Reading>,
+    /// Record bytes of `reading`.
+    reading_bytes: u64,
+    /// Reads not yet taken by the driver, oldest first.
+    queue: VecDeque<RecordAt>,
+    /// Devices whose push waits for a read slot.
+    starved: HashSet<DeviceKey>,
+    /// A compaction waiting for the bodies of its cold entries.
+    loading: Option<Loading>,
+    /// Reads completed, failed, and messages dropped as unreadable.
+    reads_total: u64,
+    read_failures_total: u64,
+    unreadable_total: u64,
+    /// Bodies let go from the cache.
+    cooled_total: u64,
+}
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// One read in flight.
+#[derive(Debug)]
+struct Reading {
+    /// Its record bytes.
+    bytes: u32,
+    /// The entries it was asked for: (device, seq, whether the device's
+    /// push waits for it).
+    wanted: Vec<(DeviceKey, u64, bool)>,
+    /// Whether a compaction waits for it.
+    for_compaction: bool,
+    /// Whether its bytes count against the compaction's load rather than
+    /// the read-ahead (it was asked for by a compaction first).
+    compaction_bytes: bool,
+}
+
+/// Bodies gathered for compacting segment `from` (at most a quarter
+/// segment of live data: what makes a segment a candidate).
+#[derive(Debug)]
+struct Loading {
+    from: u64,
+    /// Bodies read, by (segment, offset) of their record.
+    bodies: HashMap<(u64, u64), Rc<StoredMessage>>,
+    /// Payload bytes of `bodies`.
+    bytes: u64,
+    /// Record bytes of the reads it asked for first, in flight.
+    reading_bytes: u64,
+    /// Reads of it in flight.
+    in_flight: usize,
+}
+
+/// Reads in flight at most (each one record).
+const READS_IN_FLIGHT_MAX: usize = 256;
+/// Cold entries of one device asked for at once: the first, which its
+/// push waits for, and the next ones (read-ahead).
+const READ_AHEAD_ENTRIES: usize = 64;
+/// Reads one compaction pass asks for at once.
+const COMPACTION_READS_MAX: usize = 4096;
 
 /// The log record of `message` stored for `recipients`.
 /// At least the encoded size of a `MessageStored` record with
@@ -128,6 +229,20 @@ pub struct LogStore {
 pub fn message_record_bytes_max(payload_bytes: usize, recipients: usize) -> u32 {
     let bound = RECORD_HEADER_BYTES + 96 + payload_bytes + 16 * recipients;
     u32::try_from(bound).unwrap_or(u32::MAX)
+}
+
+/// The message a `MessageStored` record holds, with `payload` (its own,
+/// moved or copied out by the caller).
+fn stored_message(record: &MessageStored, payload: Vec<u8>) -> StoredMessage {
+    StoredMessage {
+        from_user: record.from_user,
+        from_device: record.from_device,
+        client_msg_id: record.client_msg_id,
+        server_msg_id: record.server_msg_id,
+        sent_at_ms: record.sent_at_ms,
+        to_user: record.to_user,
+        payload,
+    }
 }
 
 fn message_record(message: &StoredMessage, recipients: Vec<RecipientSeq>) -> Record {
@@ -149,8 +264,8 @@ fn message_record(message: &StoredMessage, recipients: Vec<RecipientSeq>) -> Rec
 /// segments of small messages look almost empty, so their compacted copies
 /// filled the head segment, which looked almost empty in turn: compaction
 /// copied the same messages forward forever (found by the simulation).
-fn live_bytes(message: &StoredMessage) -> u64 {
-    message.payload.len() as u64 + LIVE_RECORD_OVERHEAD_BYTES
+fn live_bytes(payload_bytes: usize) -> u64 {
+    payload_bytes as u64 + LIVE_RECORD_OVERHEAD_BYTES
 }
 
 /// See [`live_bytes`].
@@ -235,6 +350,7 @@ impl LogStore {
             registering_devices: Default::default(),
             stored_count: 0,
             newest_stored_by_segment: BTreeMap::new(),
+            bodies: Bodies::default(),
         }
     }
 
@@ -268,9 +384,10 @@ impl LogStore {
         report.live_payload_bytes_max = store
             .index
             .mailboxes()
-            .flat_map(|(_, mailbox)| mailbox.entries.iter().map(|entry| entry.message.payload.len()))
+            .flat_map(|(_, mailbox)| mailbox.entries.iter().map(|entry| entry.payload_bytes as usize))
             .max()
             .unwrap_or(0);
+        store.cool_bodies();
         (self, report)
     }
 
@@ -290,15 +407,7 @@ impl LogStore {
                 }
             }
             Record::MessageStored(r) => {
-                let message = Rc::new(StoredMessage {
-                    from_user: r.from_user,
-                    from_device: r.from_device,
-                    client_msg_id: r.client_msg_id,
-                    server_msg_id: r.server_msg_id,
-                    sent_at_ms: r.sent_at_ms,
-                    to_user: r.to_user,
-                    payload: r.payload.clone(),
-                });
+                let message = Rc::new(stored_message(r, r.payload.clone()));
                 let at = RecordAt {
                     segment,
                     offset: offset as u64,
@@ -309,7 +418,8 @@ impl LogStore {
                     self.index.forget_removed(device);
                     let newest = recipient.seq >= self.index.last_seq(device);
                     if self.index.insert(device, recipient.seq, &message, 0, at) {
-                        self.live_add(segment, device, recipient.seq, live_bytes(&message));
+                        self.live_add(segment, device, recipient.seq, live_bytes(r.payload.len()));
+                        self.bodies.hot_order.push_back((device, recipient.seq, 0));
                     }
                     // A compaction copy of an older message is not where the seq lives.
                     if newest && !self.index.is_removed(device) {
@@ -376,8 +486,128 @@ impl LogStore {
 
     fn forget_entries(&mut self, device: DeviceKey, entries: &[MailboxEntry]) {
         for entry in entries {
-            self.live_remove(entry.segment, device, entry.seq, live_bytes(&entry.message));
+            self.live_remove(entry.segment, device, entry.seq, live_bytes(entry.payload_bytes as usize));
+            self.unstage(device, entry.seq);
         }
+    }
+
+    /// Lets the bodies held longest go until the cache is within its bound
+    /// (only durable ones: the others cannot be read back yet).
+    fn cool_bodies(&mut self) {
+        let bodies = &mut self.bodies;
+        while self.index.hot_bytes() > self.limits.body_cache_bytes_max {
+            let Some(&(device, seq, ticket)) = bodies.hot_order.front() else { break };
+            if ticket > self.committed {
+                break;
+            }
+            bodies.hot_order.pop_front();
+            if self.index.cool(device, seq, ticket) {
+                bodies.cooled_total += 1;
+            }
+        }
+        if bodies.hot_order.len() as u64 > 2 * self.index.hot_entries() + 1024 {
+            let index = &self.index;
+            bodies.hot_order.retain(|&(device, seq, ticket)| {
+                index.entry(device, seq).is_some_and(|entry| entry.ticket == ticket && entry.body.is_some())
+            });
+        }
+    }
+
+    /// The body of (device, seq), if it is in memory (hot or read back).
+    fn body_of(&self, device: DeviceKey, entry: &MailboxEntry) -> Option<Rc<StoredMessage>> {
+        entry.body.clone().or_else(|| self.bodies.staged.get(&(device, entry.seq)).cloned())
+    }
+
+    /// Keeps a body read back for (device, seq) until it is pushed.
+    fn stage(&mut self, device: DeviceKey, seq: u64, body: Rc<StoredMessage>) {
+        let bodies = &mut self.bodies;
+        let bytes = body.payload.len() as u64;
+        if bodies.staged.insert((device, seq), body).is_none() {
+            bodies.staged_bytes += bytes;
+            bodies.staged_order.push_back((device, seq));
+        }
+    }
+
+    /// Drops the body read back for (device, seq), if any.
+    fn unstage(&mut self, device: DeviceKey, seq: u64) {
+        let bodies = &mut self.bodies;
+        if let Some(body) = bodies.staged.remove(&(device, seq)) {
+            bodies.staged_bytes -= body.payload.len() as u64;
+        }
+    }
+
+    /// Lets the oldest bodies read back go until the read-ahead (with the
+    /// reads in flight and `room` more) is within its bound.
+    fn trim_staged(&mut self, room: u64) {
+        let bound = self.limits.read_ahead_bytes_max;
+        loop {
+            let bodies = &mut self.bodies;
+            if bodies.staged_bytes + bodies.reading_bytes + room <= bound {
+                break;
+            }
+            let Some(key) = bodies.staged_order.pop_front() else { break };
+            self.unstage(key.0, key.1);
+        }
+        let bodies = &mut self.bodies;
+        if bodies.staged_order.len() > 2 * bodies.staged.len() + 1024 {
+            let staged = &bodies.staged;
+            bodies.staged_order.retain(|key| staged.contains_key(key));
+        }
+    }
+
+    /// Asks the driver to read the record at `at` (once) for the entry
+    /// (device, seq) (`blocking`: its push waits for it), or for compaction.
+    fn ask_read(&mut self, at: RecordAt, wanted: Option<(DeviceKey, u64, bool)>) {
+        let bodies = &mut self.bodies;
+        let reading = bodies.reading.entry((at.segment, at.offset)).or_insert_with(|| {
+            let compaction_bytes = wanted.is_none() && bodies.loading.is_some();
+            match bodies.loading.as_mut() {
+                Some(loading) if compaction_bytes => loading.reading_bytes += u64::from(at.bytes),
+                _ => bodies.reading_bytes += u64::from(at.bytes),
+            }
+            bodies.queue.push_back(at);
+            Reading { bytes: at.bytes, wanted: Vec::new(), for_compaction: false, compaction_bytes }
+        });
+        match wanted {
+            Some((device, seq, blocking)) => match reading.wanted.iter_mut().find(|w| (w.0, w.1) == (device, seq)) {
+                Some(known) => known.2 |= blocking,
+                None => reading.wanted.push((device, seq, blocking)),
+            },
+            None => {
+                if !reading.for_compaction {
+                    reading.for_compaction = true;
+                    if let Some(loading) = bodies.loading.as_mut() {
+                        loading.in_flight += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The message in a record read back from `at`, with its recipients.
+    fn decode_read(at: RecordAt, bytes: &[u8]) -> Result<(Rc<StoredMessage>, Vec<RecipientSeq>), String> {
+        match decode_record(bytes) {
+            Ok((Record::MessageStored(mut r), _)) => {
+                let payload = std::mem::take(&mut r.payload);
+                Ok((Rc::new(stored_message(&r, payload)), r.recipients))
+            }
+            Ok((other, _)) => {
+                Err(format!("segment {} offset {} holds {other:?}, not a message", at.segment, at.offset))
+            }
+            Err(error) => Err(format!("segment {} offset {}: {error}", at.segment, at.offset)),
+        }
+    }
+
+    /// Whether the entry (device, seq) is cold, not read back, committed
+    /// and its record lies at `at` (holding `server_msg_id` if given).
+    fn is_cold_at(&self, device: DeviceKey, seq: u64, at: (u64, u64), server_msg_id: Option<u64>) -> bool {
+        self.index.entry(device, seq).is_some_and(|entry| {
+            entry.body.is_none()
+                && entry.ticket <= self.committed
+                && (entry.segment, entry.offset) == at
+                && server_msg_id.is_none_or(|id| id == entry.server_msg_id)
+                && !self.bodies.staged.contains_key(&(device, seq))
+        })
     }
 
     fn live_add(&mut self, segment: u64, device: DeviceKey, seq: u64, bytes: u64) {
@@ -414,10 +644,17 @@ impl LogStore {
                 // Its dedup keys would keep it anyway: copying now is wasted.
                 && !self.holds_recent_dedup_keys(*segment)
         });
-        let Some(from) = candidate else { return };
+        let Some(from) = candidate else {
+            self.bodies.loading = None;
+            return;
+        };
+        if self.bodies.loading.as_ref().is_some_and(|loading| loading.from != from) {
+            self.bodies.loading = None;
+        }
         // One record per message, listing the devices that still hold it.
         let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
         let members = self.live_by_segment.get(&from).map(|live| live.members.iter().copied().collect::<Vec<_>>());
+        let mut cold = Vec::new();
         for (device, seq) in members.unwrap_or_default() {
             let Some(entry) = self.index.entry(device, seq) else { continue };
             // Only committed entries: a copy of one whose own write then
@@ -426,10 +663,32 @@ impl LogStore {
             if entry.segment != from || entry.ticket > self.committed {
                 continue;
             }
-            let message = Rc::clone(&entry.message);
+            let loaded = self.bodies.loading.as_ref().and_then(|loading| loading.bodies.get(&(from, entry.offset)));
+            let Some(message) = self.body_of(device, entry).or_else(|| loaded.cloned()) else {
+                cold.push(entry.record_at());
+                continue;
+            };
             let slot = by_message.entry(message.server_msg_id).or_insert_with(|| (Rc::clone(&message), Vec::new()));
             slot.1.push(RecipientSeq { device: device.device, seq });
         }
+        if !cold.is_empty() {
+            // Its cold entries are read back first (at most a quarter
+            // segment of live data); the pass runs once they are all in.
+            self.bodies.loading.get_or_insert_with(|| Loading {
+                from,
+                bodies: HashMap::default(),
+                bytes: 0,
+                reading_bytes: 0,
+                in_flight: 0,
+            });
+            cold.sort_by_key(|at| at.offset);
+            cold.dedup_by_key(|at| at.offset);
+            for at in cold.into_iter().take(COMPACTION_READS_MAX) {
+                self.ask_read(at, None);
+            }
+            return;
+        }
+        self.bodies.loading = None;
         let mut moves = Vec::new();
         let mut last_ticket = self.last_ticket;
         for (_, (message, recipients)) in by_message {
@@ -448,7 +707,7 @@ impl LogStore {
             self.note_stored_in(segment);
             for recipient in recipients {
                 let device = DeviceKey { user: message.to_user, device: recipient.device };
-                moves.push((device, recipient.seq, live_bytes(&message), at));
+                moves.push((device, recipient.seq, live_bytes(message.payload.len()), at));
             }
         }
         // The state of devices whose newest record is in `from` goes forward
@@ -595,6 +854,72 @@ impl LogStore {
         self.index.charged_bytes()
     }
 
+    /// Memory held for mailboxes outside the index: bodies read back,
+    /// reads in flight and bodies gathered for a compaction.
+    pub fn read_ahead_bytes(&self) -> u64 {
+        self.read_back_bytes() + self.bodies.loading.as_ref().map_or(0, |loading| loading.bytes + loading.reading_bytes)
+    }
+
+    /// Bodies read back for pushes and reads in flight, as counted as they change.
+    pub fn read_back_bytes(&self) -> u64 {
+        self.bodies.staged_bytes + self.bodies.reading_bytes
+    }
+
+    /// A recount of [`LogStore::read_back_bytes`] (checks compare the two).
+    pub fn recount_read_back_bytes(&self) -> u64 {
+        let staged: u64 = self.bodies.staged.values().map(|body| body.payload.len() as u64).sum();
+        let reading: u64 = self
+            .bodies
+            .reading
+            .values()
+            .filter(|reading| !reading.compaction_bytes)
+            .map(|reading| u64::from(reading.bytes))
+            .sum();
+        staged + reading
+    }
+
+    /// The disk the log takes: its segments (the one being written
+    /// included) and the spare prepared for the next.
+    pub fn disk_bytes(&self) -> u64 {
+        let current = u64::from(!self.on_disk.contains(&self.current_segment));
+        (self.on_disk.len() as u64 + current + 1).saturating_mul(self.limits.segment_bytes_max)
+    }
+
+    /// The disk the budget counts: [`LogStore::disk_bytes`] less the sealed
+    /// segments kept only for the dedup keys of recent messages. Those go
+    /// as new messages move the window on, so counting them would refuse
+    /// the very sends that free them (found by the simulation); they add at
+    /// most the window's span of the log to the budget.
+    fn held_disk_bytes(&self) -> u64 {
+        let held = self
+            .on_disk
+            .iter()
+            .filter(|segment| {
+                **segment >= self.current_segment
+                    || self.live_by_segment.contains_key(segment)
+                    || self.homes.holds(**segment)
+                    || !self.segment_settled(**segment)
+            })
+            .count() as u64;
+        let current = u64::from(!self.on_disk.contains(&self.current_segment));
+        (held + current + 1).saturating_mul(self.limits.segment_bytes_max)
+    }
+
+    /// Sets the disk budget (at start, when it is derived from the free space).
+    pub fn set_disk_budget(&mut self, bytes: u64) {
+        self.limits.disk_bytes_max = bytes;
+    }
+
+    /// The disk budget in force.
+    pub fn disk_budget(&self) -> u64 {
+        self.limits.disk_bytes_max
+    }
+
+    /// Reads asked for and not answered.
+    pub fn reads_pending(&self) -> usize {
+        self.bodies.reading.len()
+    }
+
     /// Segments believed to be on disk.
     pub fn segments_on_disk(&self) -> usize {
         self.on_disk.len()
@@ -637,6 +962,8 @@ impl Recovery {
             self.store.replay(segment, *offset, record);
             self.report.records += 1;
         }
+        // A restart holds no more bodies than the cache does.
+        self.store.cool_bodies();
     }
 
     /// The recovered store, ready to append, and what recovery found.
@@ -705,7 +1032,7 @@ impl MailboxStore for LogStore {
     }
 
     fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {
-        self.index.shard_has_room(payload_bytes, devices)
+        self.index.shard_has_room(payload_bytes, devices, self.read_ahead_bytes())
     }
 
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
@@ -715,6 +1042,9 @@ impl MailboxStore for LogStore {
     fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
         if self.pending_bytes > PENDING_BYTES_MAX {
             return Err(StoreError::Backlog);
+        }
+        if self.disk_bytes() >= self.limits.disk_bytes_max && self.held_disk_bytes() >= self.limits.disk_bytes_max {
+            return Err(StoreError::DiskBudget);
         }
         let recipients: Vec<RecipientSeq> = devices
             .iter()
@@ -729,7 +1059,8 @@ impl MailboxStore for LogStore {
         for (device, recipient) in devices.iter().zip(&recipients) {
             let seq = self.index.append(*device, &message, ticket, at);
             assert_eq!(seq, recipient.seq, "seq logged differs from seq assigned");
-            self.live_add(segment, *device, seq, live_bytes(&message));
+            self.live_add(segment, *device, seq, live_bytes(message.payload.len()));
+            self.bodies.hot_order.push_back((*device, seq, ticket));
             self.uncommitted_entries.push_back((ticket, *device, seq));
             self.homes.move_when_durable(ticket, *device, StateKind::Seqs, segment);
         }
@@ -751,8 +1082,121 @@ impl MailboxStore for LogStore {
         self.homes.move_when_durable(ticket, device, StateKind::Acked, segment);
     }
 
-    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<(u64, Rc<StoredMessage>)> {
-        self.index.next_after(device, after_seq, self.committed)
+    fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<Next> {
+        let entry = self.index.next_after(device, after_seq, self.committed)?;
+        Some(match self.body_of(device, entry) {
+            Some(body) => Next::Ready(entry.seq, body),
+            None => Next::Cold(entry.seq),
+        })
+    }
+
+    fn want_bodies(&mut self, device: DeviceKey, after_seq: u64) {
+        let committed = self.committed;
+        let cold: Vec<(u64, RecordAt)> = self
+            .index
+            .entries_after(device, after_seq)
+            .take(READ_AHEAD_ENTRIES)
+            .take_while(|entry| entry.ticket <= committed)
+            .filter(|entry| entry.body.is_none() && !self.bodies.staged.contains_key(&(device, entry.seq)))
+            .map(|entry| (entry.seq, entry.record_at()))
+            .collect();
+        let first_seq = self.index.entries_after(device, after_seq).next().map(|entry| entry.seq);
+        for (seq, at) in cold {
+            let blocking = Some(seq) == first_seq;
+            let bodies = &self.bodies;
+            if !bodies.reading.contains_key(&(at.segment, at.offset)) {
+                if blocking {
+                    // The read the push waits for makes room for itself.
+                    self.trim_staged(u64::from(at.bytes));
+                }
+                let bodies = &self.bodies;
+                let full = bodies.reading.len() >= READS_IN_FLIGHT_MAX
+                    || (!bodies.reading.is_empty()
+                        && bodies.staged_bytes + bodies.reading_bytes + u64::from(at.bytes)
+                            > self.limits.read_ahead_bytes_max);
+                if full {
+                    if blocking {
+                        self.bodies.starved.insert(device);
+                    }
+                    break;
+                }
+            }
+            self.ask_read(at, Some((device, seq, blocking)));
+        }
+    }
+
+    fn take_read(&mut self) -> Option<RecordAt> {
+        self.bodies.queue.pop_front()
+    }
+
+    fn on_read(&mut self, at: RecordAt, result: Result<&[u8], String>) -> Vec<DeviceKey> {
+        let key = (at.segment, at.offset);
+        let Some(reading) = self.bodies.reading.remove(&key) else { return Vec::new() };
+        if !reading.compaction_bytes {
+            self.bodies.reading_bytes -= u64::from(reading.bytes);
+        } else if let Some(loading) = self.bodies.loading.as_mut() {
+            loading.reading_bytes = loading.reading_bytes.saturating_sub(u64::from(reading.bytes));
+        }
+        let mut ready: Vec<DeviceKey> = self.bodies.starved.drain().collect();
+        ready.extend(reading.wanted.iter().filter(|wanted| wanted.2).map(|wanted| wanted.0));
+        if reading.for_compaction {
+            if let Some(loading) = self.bodies.loading.as_mut() {
+                loading.in_flight = loading.in_flight.saturating_sub(1);
+            }
+        }
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                // Asked again by the next push (the driver waits a while
+                // after a failed read); a compaction pass starts over.
+                self.bodies.read_failures_total += 1;
+                tracing::warn!(segment = at.segment, offset = at.offset, %error, "reading a message back failed");
+                return ready;
+            }
+        };
+        self.bodies.reads_total += 1;
+        match Self::decode_read(at, bytes) {
+            Ok((message, recipients)) => {
+                for (device, seq, _) in reading.wanted {
+                    let listed = device.user == message.to_user
+                        && recipients.iter().any(|recipient| (recipient.device, recipient.seq) == (device.device, seq));
+                    if listed && self.is_cold_at(device, seq, key, Some(message.server_msg_id)) {
+                        self.stage(device, seq, Rc::clone(&message));
+                    }
+                }
+                if let Some(loading) = self.bodies.loading.as_mut().filter(|loading| loading.from == at.segment) {
+                    let bytes = message.payload.len() as u64;
+                    if loading.bodies.insert(key, message).is_none() {
+                        loading.bytes += bytes;
+                    }
+                }
+                self.trim_staged(0);
+            }
+            Err(error) => {
+                // The bytes on disk are not the message the index expects
+                // there: it cannot be delivered. Recovery would skip such a
+                // record too; the entries that wait for it go, loudly.
+                for (device, seq, _) in reading.wanted {
+                    if self.is_cold_at(device, seq, key, None) {
+                        if let Some(entry) = self.index.remove_entry(device, seq) {
+                            self.live_remove(entry.segment, device, seq, live_bytes(entry.payload_bytes as usize));
+                            self.bodies.unreadable_total += 1;
+                            tracing::error!(
+                                user = device.user,
+                                device = device.device,
+                                seq,
+                                %error,
+                                "an undelivered message cannot be read back from the log; it is dropped"
+                            );
+                        }
+                    }
+                }
+                self.bodies.loading = None;
+            }
+        }
+        ready.sort_unstable();
+        ready.dedup();
+        ready
     }
 
     fn last_seq(&self, device: DeviceKey) -> u64 {
@@ -761,6 +1205,8 @@ impl MailboxStore for LogStore {
 
     fn note_pushed(&mut self, device: DeviceKey, seq: u64) {
         self.index.note_pushed(device, seq);
+        // A body read back has done its work once pushed; a redelivery reads it again.
+        self.unstage(device, seq);
     }
 
     fn pushed_seq(&self, device: DeviceKey) -> u64 {
@@ -769,6 +1215,20 @@ impl MailboxStore for LogStore {
 
     fn committed_ticket(&self) -> Ticket {
         self.committed
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            index_bytes: self.index.index_bytes(),
+            body_bytes: self.index.hot_bytes(),
+            read_ahead_bytes: self.read_ahead_bytes(),
+            reads_total: self.bodies.reads_total,
+            read_failures_total: self.bodies.read_failures_total,
+            unreadable_total: self.bodies.unreadable_total,
+            cooled_total: self.bodies.cooled_total,
+            disk_bytes: self.disk_bytes(),
+            disk_budget_bytes: self.limits.disk_bytes_max,
+        }
     }
 
     fn ticket_failed(&self, ticket: Ticket) -> bool {
@@ -818,6 +1278,7 @@ impl MailboxStore for LogStore {
             }
         }
         self.on_disk.insert(segment);
+        self.cool_bodies();
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
             let compaction = self.compaction.take().expect("checked above");
             for (device, seq, bytes, to) in compaction.moves {
@@ -864,7 +1325,7 @@ impl MailboxStore for LogStore {
             }
         }
         for (device, entry) in self.index.remove_failed(&failed_entries, first_ticket, last_ticket) {
-            self.live_remove(entry.segment, device, entry.seq, live_bytes(&entry.message));
+            self.live_remove(entry.segment, device, entry.seq, live_bytes(entry.payload_bytes as usize));
         }
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket >= first_ticket) {
             // Some copies did not reach the disk: the entries stay where they
@@ -915,7 +1376,8 @@ impl MailboxStore for LogStore {
     }
 
     fn maintain(&mut self) {
-        if self.compaction.is_none() && self.pending_write_bytes() < self.limits.commit_bytes_max {
+        let loading = self.bodies.loading.as_ref().is_some_and(|loading| loading.in_flight > 0);
+        if self.compaction.is_none() && !loading && self.pending_write_bytes() < self.limits.commit_bytes_max {
             self.start_compaction();
         }
     }

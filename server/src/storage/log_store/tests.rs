@@ -1,7 +1,9 @@
 //! Unit tests of `log_store`.
 
 use super::*;
+use crate::shard::mailbox::MAILBOX_ENTRY_OVERHEAD_BYTES;
 use crate::storage::record::{append_chunk, scan_segment};
+use iris_protocol::ErrorCode;
 
 fn limits() -> StoreLimits {
     StoreLimits {
@@ -48,19 +50,62 @@ fn recover(files: &BTreeMap<u64, Vec<u8>>, log_limits: LogLimits) -> LogStore {
     LogStore::recover(limits(), log_limits, &scans).0
 }
 
+/// (seq, client_msg_id) of every message `device`'s push would get, from a
+/// store that keeps every body in memory.
 fn mailbox(store: &LogStore, device: DeviceKey) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut after = 0;
-    while let Some((seq, message)) = store.next_after(device, after) {
+    while let Some(next) = store.next_after(device, after) {
+        let Next::Ready(seq, message) = next else { panic!("a cold entry in a store that keeps bodies") };
         out.push((seq, message.client_msg_id));
         after = seq;
     }
     out
 }
 
+/// Serves every read the store asks for from `files`, as the reader does.
+fn serve_reads(store: &mut LogStore, files: &BTreeMap<u64, Vec<u8>>) -> Vec<DeviceKey> {
+    let mut ready = Vec::new();
+    while let Some(at) = store.take_read() {
+        let file = files.get(&at.segment).map(Vec::as_slice).unwrap_or_default();
+        let start = (at.offset as usize).min(file.len());
+        let end = (start + at.bytes as usize).min(file.len());
+        ready.extend(store.on_read(at, Ok(&file[start..end])));
+    }
+    ready
+}
+
+/// Pushes `device`'s whole mailbox as the core does, reading cold bodies
+/// back from `files`: (seq, client_msg_id, payload) of each.
+fn push_all(store: &mut LogStore, device: DeviceKey, files: &BTreeMap<u64, Vec<u8>>) -> Vec<(u64, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    for _ in 0..1_000_000 {
+        match store.next_after(device, after) {
+            None => return out,
+            Some(Next::Ready(seq, message)) => {
+                out.push((seq, message.client_msg_id, message.payload.clone()));
+                store.note_pushed(device, seq);
+                after = seq;
+            }
+            Some(Next::Cold(_)) => {
+                store.want_bodies(device, after);
+                let ready = serve_reads(store, files);
+                assert!(ready.contains(&device), "the read a push waits for names its device");
+            }
+        }
+    }
+    panic!("pushes never ended");
+}
+
+/// Bounds with a body cache of `body_cache_bytes_max` and `read_ahead_bytes_max`.
+fn cold_limits(segment_bytes_max: u64, body_cache_bytes_max: u64, read_ahead_bytes_max: u64) -> LogLimits {
+    LogLimits { body_cache_bytes_max, read_ahead_bytes_max, ..LogLimits::keep_bodies(segment_bytes_max, 4096) }
+}
+
 #[test]
 fn replay_rebuilds_registry_mailboxes_seqs_and_dedup() {
-    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 4096 };
+    let log_limits = LogLimits::keep_bodies(1 << 20, 4096);
     let mut store = LogStore::new(limits(), log_limits);
     let mut files = BTreeMap::new();
     let (a, b) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 2, device: 2 });
@@ -85,7 +130,7 @@ fn replay_rebuilds_registry_mailboxes_seqs_and_dedup() {
 
 #[test]
 fn rotation_reclaim_and_compaction_keep_state_across_recovery() {
-    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let log_limits = LogLimits::keep_bodies(4096, 1024);
     let mut store = LogStore::new(limits(), log_limits);
     let mut files = BTreeMap::new();
     let (busy, idle) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 3, device: 1 });
@@ -134,7 +179,7 @@ const BUSY: DeviceKey = DeviceKey { user: 3, device: 1 };
 
 /// A log of 4 KiB segments with [`QUIET`] and [`BUSY`] registered.
 fn small_log_of_two_devices() -> (LogLimits, LogStore, BTreeMap<u64, Vec<u8>>) {
-    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let log_limits = LogLimits::keep_bodies(4096, 1024);
     let mut store = LogStore::new(limits(), log_limits);
     store.register_device(QUIET).unwrap();
     store.register_device(BUSY).unwrap();
@@ -301,7 +346,7 @@ fn removals_past_the_per_user_memory_and_unknown_ids_keep_the_right_devices_remo
 
 #[test]
 fn a_removal_that_would_forget_one_not_yet_durable_waits() {
-    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let log_limits = LogLimits::keep_bodies(4096, 1024);
     let mut store = LogStore::new(StoreLimits { devices_per_user_max: 20, ..limits() }, log_limits);
     let mut files = BTreeMap::new();
     let device = |id| DeviceKey { user: 7, device: id };
@@ -327,7 +372,7 @@ fn a_removal_that_would_forget_one_not_yet_durable_waits() {
 
 #[test]
 fn a_registration_whose_write_failed_is_written_again() {
-    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 4096 };
+    let log_limits = LogLimits::keep_bodies(1 << 20, 4096);
     let mut store = LogStore::new(limits(), log_limits);
     let mut files = BTreeMap::new();
     store.register_device(QUIET).unwrap();
@@ -342,7 +387,7 @@ fn a_registration_whose_write_failed_is_written_again() {
 
 #[test]
 fn idle_devices_state_is_carried_with_its_segment_not_rewritten_at_every_rotation() {
-    let log_limits = LogLimits { segment_bytes_max: 4096, commit_bytes_max: 1024 };
+    let log_limits = LogLimits::keep_bodies(4096, 1024);
     let mut store = LogStore::new(StoreLimits { devices_per_shard_max: 1000, ..limits() }, log_limits);
     let mut files = BTreeMap::new();
     // Idle devices: about 40 B of state each, 500 of them ~20 KB.
@@ -382,7 +427,7 @@ fn idle_devices_state_is_carried_with_its_segment_not_rewritten_at_every_rotatio
 #[test]
 #[should_panic(expected = "contiguously")]
 fn a_durable_chunk_after_a_lost_one_is_refused() {
-    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max: 64 };
+    let log_limits = LogLimits::keep_bodies(1 << 20, 64);
     let mut store = LogStore::new(limits(), log_limits);
     let device = DeviceKey { user: 2, device: 1 };
     store.register_device(device).unwrap();
@@ -397,7 +442,7 @@ fn a_durable_chunk_after_a_lost_one_is_refused() {
 
 /// A store with device 2/1 registered durably, chunks of `commit_bytes_max`.
 fn store_of_one_device(commit_bytes_max: usize) -> (LogLimits, LogStore, DeviceKey, BTreeMap<u64, Vec<u8>>) {
-    let log_limits = LogLimits { segment_bytes_max: 1 << 20, commit_bytes_max };
+    let log_limits = LogLimits::keep_bodies(1 << 20, commit_bytes_max);
     let mut store = LogStore::new(limits(), log_limits);
     let device = DeviceKey { user: 2, device: 1 };
     store.register_device(device).unwrap();
@@ -459,4 +504,171 @@ fn a_failed_write_fails_every_change_made_before_the_store_learned_of_it() {
     assert_eq!(ids, [1, 2, 3]);
     let recovered = recover(&files, log_limits);
     assert_eq!(mailbox(&recovered, device).iter().map(|(_, id)| *id).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+#[test]
+fn bodies_past_the_cache_go_cold_and_are_read_back_in_order_when_pushed() {
+    let log_limits = cold_limits(1 << 20, 1000, 2000);
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let device = DeviceKey { user: 2, device: 1 };
+    store.register_device(device).unwrap();
+    for id in 1..=100 {
+        store.store_message(message(id, 2, 100), &[device]).unwrap();
+        if id % 10 == 0 {
+            flush(&mut store, &mut files);
+        }
+    }
+    let stats = store.stats();
+    assert!(stats.body_bytes <= 1000, "the cache holds {} bytes", stats.body_bytes);
+    assert_eq!(stats.index_bytes, 100 * MAILBOX_ENTRY_OVERHEAD_BYTES);
+    assert_eq!(stats.cooled_total, 90, "the oldest bodies went first");
+    assert_eq!(store.next_after(device, 0), Some(Next::Cold(1)));
+    let pushed = push_all(&mut store, device, &files);
+    let expected: Vec<(u64, u64, Vec<u8>)> = (1..=100).map(|id| (id, id, vec![id as u8; 100])).collect();
+    assert_eq!(pushed, expected);
+    // Read-ahead: 90 cold bodies in a few reads' worth of waits, and every
+    // body read back is let go once pushed.
+    assert_eq!(store.stats().reads_total, 90);
+    assert_eq!(store.read_back_bytes(), 0);
+    assert_eq!(store.read_back_bytes(), store.recount_read_back_bytes());
+}
+
+#[test]
+fn read_ahead_stays_within_its_bound() {
+    let log_limits = cold_limits(1 << 20, 0, 1000);
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let device = DeviceKey { user: 2, device: 1 };
+    store.register_device(device).unwrap();
+    for id in 1..=50 {
+        store.store_message(message(id, 2, 100), &[device]).unwrap();
+    }
+    flush(&mut store, &mut files);
+    assert_eq!(store.stats().body_bytes, 0);
+    store.want_bodies(device, 0);
+    assert!(store.read_back_bytes() <= 1000, "asked for {} bytes", store.read_back_bytes());
+    assert!(store.reads_pending() > 1, "the push reads ahead");
+    serve_reads(&mut store, &files);
+    assert!(store.read_back_bytes() <= 1000);
+    assert_eq!(push_all(&mut store, device, &files).len(), 50);
+}
+
+#[test]
+fn recovery_keeps_no_more_bodies_than_the_cache_and_reads_the_rest_back() {
+    let log_limits = cold_limits(4096, 500, 4096);
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let (a, b) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 2, device: 2 });
+    store.register_device(a).unwrap();
+    store.register_device(b).unwrap();
+    for id in 1..=60 {
+        store.store_message(message(id, 2, 150), &[a, b]).unwrap();
+        flush(&mut store, &mut files);
+    }
+    store.acknowledge(a, 20);
+    flush(&mut store, &mut files);
+    let mut recovered = recover(&files, log_limits);
+    assert!(recovered.stats().body_bytes <= 500, "recovery holds {} bytes of bodies", recovered.stats().body_bytes);
+    let ids = |pushed: Vec<(u64, u64, Vec<u8>)>| pushed.into_iter().map(|(_, id, _)| id).collect::<Vec<_>>();
+    assert_eq!(ids(push_all(&mut recovered, a, &files)), (21..=60).collect::<Vec<_>>());
+    assert_eq!(ids(push_all(&mut recovered, b, &files)), (1..=60).collect::<Vec<_>>());
+}
+
+#[test]
+fn compaction_reads_cold_entries_back_before_copying_them() {
+    let log_limits = cold_limits(4096, 0, 1 << 16);
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let (a, b) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 3, device: 1 });
+    store.register_device(a).unwrap();
+    store.register_device(b).unwrap();
+    // One message for b among many for a, in the first segments.
+    store.store_message(message(1, 3, 40), &[b]).unwrap();
+    for id in 2..=120 {
+        store.store_message(message(id, 2, 40), &[a]).unwrap();
+        flush(&mut store, &mut files);
+    }
+    store.acknowledge(a, u64::MAX);
+    // Push the window of dedup keys past the first segments.
+    for id in 121..=160 {
+        store.store_message(message(id, 2, 40), &[a]).unwrap();
+        store.acknowledge(a, u64::MAX);
+        flush(&mut store, &mut files);
+    }
+    let first_segment = store.index.entry(b, 1).unwrap().segment;
+    assert_eq!(store.stats().body_bytes, 0, "every body is cold");
+    // The pass asks for b's cold body first, then copies it.
+    for _ in 0..8 {
+        flush(&mut store, &mut files);
+        serve_reads(&mut store, &files);
+    }
+    assert!(!files.contains_key(&first_segment), "the mostly dead segment was compacted away");
+    assert_ne!(store.index.entry(b, 1).unwrap().segment, first_segment);
+    let pushed = push_all(&mut store, b, &files);
+    assert_eq!(pushed, vec![(1, 1, vec![1; 40])]);
+    let mut recovered = recover(&files, log_limits);
+    assert_eq!(push_all(&mut recovered, b, &files), pushed);
+}
+
+#[test]
+fn a_record_that_does_not_decode_drops_only_its_message_and_a_failed_read_is_asked_again() {
+    let log_limits = cold_limits(1 << 20, 0, 1 << 16);
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let device = DeviceKey { user: 2, device: 1 };
+    store.register_device(device).unwrap();
+    for id in 1..=3 {
+        store.store_message(message(id, 2, 50), &[device]).unwrap();
+    }
+    flush(&mut store, &mut files);
+    store.want_bodies(device, 0);
+    let mut reads = Vec::new();
+    while let Some(at) = store.take_read() {
+        reads.push(at);
+    }
+    assert_eq!(reads.len(), 3);
+    // The first read fails: nothing is lost, the push asks again.
+    assert_eq!(store.on_read(reads[0], Err("EIO".into())), vec![device]);
+    assert_eq!(store.next_after(device, 0), Some(Next::Cold(1)));
+    store.want_bodies(device, 0);
+    assert_eq!(store.take_read(), Some(reads[0]));
+    // Its bytes come back rotten: that message alone goes, counted.
+    let mut rotten = files[&reads[0].segment][reads[0].offset as usize..][..reads[0].bytes as usize].to_vec();
+    rotten[20] ^= 0x40;
+    store.on_read(reads[0], Ok(&rotten));
+    assert_eq!(store.stats().unreadable_total, 1);
+    for at in &reads[1..] {
+        let file = &files[&at.segment];
+        store.on_read(*at, Ok(&file[at.offset as usize..][..at.bytes as usize]));
+    }
+    let ids: Vec<u64> = push_all(&mut store, device, &files).into_iter().map(|(_, id, _)| id).collect();
+    assert_eq!(ids, [2, 3]);
+}
+
+#[test]
+fn the_disk_budget_refuses_new_messages_with_throttle_until_segments_are_reclaimed() {
+    let log_limits = LogLimits { disk_bytes_max: 8 * 4096, ..LogLimits::keep_bodies(4096, 1024) };
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let device = DeviceKey { user: 2, device: 1 };
+    store.register_device(device).unwrap();
+    let mut stored = 0;
+    let refusal = loop {
+        match store.store_message(message(stored + 1, 2, 200), &[device]) {
+            Ok(_) => stored += 1,
+            Err(error) => break error,
+        }
+        flush(&mut store, &mut files);
+        assert!(stored < 1000, "the budget never refused");
+    };
+    assert_eq!(refusal, StoreError::DiskBudget);
+    assert_eq!(refusal.code(), ErrorCode::Throttle);
+    assert!(store.disk_bytes() <= 8 * 4096);
+    // The device drains: segments go, and sends are taken again.
+    store.acknowledge(device, u64::MAX);
+    flush(&mut store, &mut files);
+    flush(&mut store, &mut files);
+    assert!(store.disk_bytes() < 8 * 4096);
+    assert!(store.store_message(message(stored + 1, 2, 200), &[device]).is_ok());
 }
