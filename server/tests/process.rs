@@ -416,3 +416,25 @@ async fn a_device_removed_by_another_device_of_its_user_stays_removed_after_a_cr
     }
     assert!(matches!(hello_answer(&server, &server.token(user, 1)).await, Frame::Welcome(_)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_cross_shard_channels_stay_idle_survives_many_wake_ups() {
+    // Every wake-up of a shard's loop once handed glommio one more waker
+    // for each idle cross-shard channel, kept until a batch came: memory
+    // that grew while the link was idle, and at 32,768 of them an overflow
+    // that aborted the process (hit by a million messages drained from the
+    // log, and by an idle 2-shard node after ~9 hours of heartbeats). Here
+    // 40,000 round trips wake shard 1 while nothing crosses shards.
+    let mut server = Server::start_with(2, &[]);
+    let user = user_on_shard(1, 2, 100);
+    let mut raw = Raw::connect(&server, 1).await;
+    assert!(matches!(raw.hello(&server.token(user, 1), 0).await, Frame::Welcome(_)));
+    for nonce in 0..40_000 {
+        raw.write_frame(&Frame::Ping(iris_protocol::frames::Ping { nonce })).await;
+        match raw.read_frame().await {
+            Some(Frame::Pong(pong)) if pong.nonce == nonce => {}
+            other => panic!("ping {nonce}: {other:?}"),
+        }
+    }
+    server.assert_running();
+}

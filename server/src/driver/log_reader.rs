@@ -27,6 +27,9 @@ pub struct ReadDone {
     pub at: RecordAt,
     /// The bytes (possibly fewer than asked for, at the end of a file), or why not.
     pub result: Result<Vec<u8>, String>,
+    /// The segment file was not there (deleted after its entries moved):
+    /// not a failing disk.
+    pub gone: bool,
 }
 
 /// Open segment files, the least recently used closed first.
@@ -85,9 +88,12 @@ impl LogReader {
         let dir = self.dir.clone();
         let done = self.done_sender.clone();
         glommio::spawn_local(async move {
-            let result = read(&files, &dir, at).await;
+            let (result, gone) = match read(&files, &dir, at).await {
+                Ok(bytes) => (Ok(bytes), false),
+                Err((error, gone)) => (Err(error), gone),
+            };
             // The loop holds the receiver for as long as it runs.
-            let _ = done.send(ReadDone { at, result });
+            let _ = done.send(ReadDone { at, result, gone });
         })
         .detach();
     }
@@ -98,18 +104,23 @@ impl LogReader {
     }
 }
 
-async fn read(files: &RefCell<OpenFiles>, dir: &Path, at: RecordAt) -> Result<Vec<u8>, String> {
+/// Reads `at`; an error says whether the file was missing.
+async fn read(files: &RefCell<OpenFiles>, dir: &Path, at: RecordAt) -> Result<Vec<u8>, (String, bool)> {
     let cached = files.borrow_mut().get(at.segment);
     let file = match cached {
         Some(file) => file,
         None => {
             let path = segment_path(dir, at.segment);
-            let file = BufferedFile::open(&path).await.map_err(|error| format!("{}: {error}", path.display()))?;
+            let file = BufferedFile::open(&path).await.map_err(|error| {
+                let gone =
+                    matches!(&error, glommio::GlommioError::IoError(io) if io.kind() == std::io::ErrorKind::NotFound);
+                (format!("{}: {error}", path.display()), gone)
+            })?;
             let file = Rc::new(file);
             files.borrow_mut().insert(at.segment, Rc::clone(&file));
             file
         }
     };
-    let bytes = file.read_at(at.offset, at.bytes as usize).await.map_err(|error| error.to_string())?;
+    let bytes = file.read_at(at.offset, at.bytes as usize).await.map_err(|error| (error.to_string(), false))?;
     Ok(bytes.to_vec())
 }

@@ -345,7 +345,10 @@ async fn run_shard(
             if config.storage.disk_bytes_max == 0 {
                 // 90% of what the log holds now plus its share of the free
                 // space: Throttle comes well before the disk is full.
-                let free = crate::files::free_bytes(&dir).unwrap_or(0) / shards_on_disk;
+                let free = crate::files::free_bytes(&dir).unwrap_or_else(|error| {
+                    tracing::warn!(%error, "cannot read the free space; the disk budget is 90% of the log as it is");
+                    0
+                }) / shards_on_disk;
                 let budget = store.disk_bytes().saturating_add(free) / 10 * 9;
                 store.set_disk_budget(budget.max(8 * config.storage.segment_bytes_max));
             }

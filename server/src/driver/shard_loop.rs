@@ -59,6 +59,61 @@ const BACKOFF: Duration = Duration::from_micros(200);
 /// A cross-shard batch.
 pub type ShardBatch = Vec<ShardMessage>;
 
+/// Wakes the loop when a cross-shard channel may hold a batch. glommio
+/// keeps every waker that a poll of an empty channel hands it until a batch
+/// arrives, so polling each channel once per loop iteration (as the loop
+/// once did, in its wait and in its no-waker drain alike) piled up a waker
+/// per iteration on an idle channel: memory that grew for as long as the
+/// link stayed idle, and, once a shard's loop woke ~32,000 times between
+/// two batches (reads of the log do that), an overflow of glommio's waker
+/// count that aborted the process. Through this waker a channel is polled
+/// again only once glommio has woken it (or after a poll returned a batch).
+#[derive(Debug, Default)]
+struct LinkWaker {
+    /// glommio woke this channel's waker since the last poll.
+    ready: std::sync::atomic::AtomicBool,
+    /// The loop task's waker, while it waits.
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+impl std::task::Wake for LinkWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        let task = self.task.lock().ok().and_then(|mut task| task.take());
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
+/// One inbound channel's waker and whether it is registered with glommio.
+#[derive(Debug)]
+struct LinkWake {
+    shared: Arc<LinkWaker>,
+    waker: Waker,
+    /// A poll returned Pending and glommio has not woken the waker since.
+    armed: bool,
+}
+
+impl LinkWake {
+    fn new() -> LinkWake {
+        let shared = Arc::new(LinkWaker::default());
+        LinkWake { waker: Waker::from(Arc::clone(&shared)), shared, armed: false }
+    }
+
+    /// Whether the channel should be polled now.
+    fn due(&mut self) -> bool {
+        if self.shared.ready.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.armed = false;
+        }
+        !self.armed
+    }
+}
+
 /// A datagram (or GSO batch) waiting for the socket.
 #[derive(Debug)]
 struct OutgoingDatagram {
@@ -179,6 +234,11 @@ pub struct ShardLoop<S: MailboxStore> {
     read_retry_at: Option<Instant>,
     /// The current wait after failed reads (0 after a success).
     read_backoff: Duration,
+    /// The socket readiness future, kept across waits until it resolves
+    /// (see [`UdpIo::readable`]).
+    readable: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// The waker of each inbound channel, by sending shard.
+    link_wakes: HashMap<u16, LinkWake>,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -191,7 +251,8 @@ impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
 enum Wake {
     Socket,
     Timer,
-    Batch(u16, Option<ShardBatch>),
+    /// A cross-shard channel may hold a batch (taken by the next iteration).
+    Link,
     Writer(Option<WriterEvent>),
     Read(Option<ReadDone>),
 }
@@ -243,6 +304,8 @@ impl<S: MailboxStore> ShardLoop<S> {
             write_backoff: Duration::ZERO,
             read_retry_at: None,
             read_backoff: Duration::ZERO,
+            readable: None,
+            link_wakes: HashMap::new(),
         }
     }
 
@@ -255,10 +318,11 @@ impl<S: MailboxStore> ShardLoop<S> {
                 continue;
             }
             match self.wait().await {
-                Wake::Batch(from, batch) => self.accept_batch(from, batch),
+                Wake::Link => {}
                 Wake::Writer(event) => self.accept_writer_event(event),
                 Wake::Read(done) => self.accept_read(done),
-                Wake::Socket | Wake::Timer => {}
+                Wake::Socket => self.readable = None,
+                Wake::Timer => {}
             }
         }
     }
@@ -373,11 +437,12 @@ impl<S: MailboxStore> ShardLoop<S> {
             (None, false) => Some(HEARTBEAT_INTERVAL),
         };
         let udp = &self.udp;
-        let receivers = &mut self.links.receivers;
+        let readable = self.readable.get_or_insert_with(|| Box::pin(udp.readable()));
+        let link_wakes = &mut self.link_wakes;
         let writer_events = self.writer.as_ref().map(|writer| writer.events.recv_async());
         let mut reads_done = self.writer.as_ref().map(|writer| writer.reader.done.recv_async());
         let socket = async {
-            udp.readable().await;
+            readable.as_mut().await;
             Wake::Socket
         };
         let timer = async {
@@ -399,9 +464,12 @@ impl<S: MailboxStore> ShardLoop<S> {
                     return Poll::Ready(Wake::Read(done.ok()));
                 }
             }
-            for (from, receiver) in receivers.iter_mut() {
-                if let Poll::Ready(batch) = futures_lite::Stream::poll_next(Pin::new(receiver), cx) {
-                    return Poll::Ready(Wake::Batch(*from, batch));
+            for link in link_wakes.values_mut() {
+                if let Ok(mut task) = link.shared.task.lock() {
+                    *task = Some(cx.waker().clone());
+                }
+                if link.due() {
+                    return Poll::Ready(Wake::Link);
                 }
             }
             Poll::Pending
@@ -471,9 +539,10 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     fn accept_read(&mut self, done: Option<ReadDone>) {
-        let Some(ReadDone { at, result }) = done else { return };
+        let Some(ReadDone { at, result, gone }) = done else { return };
         match &result {
             Ok(_) => self.read_backoff = Duration::ZERO,
+            Err(_) if gone => {}
             Err(_) => {
                 // Asked again by the next push; not faster than this.
                 self.read_backoff = (self.read_backoff * 2).clamp(WRITE_RETRY_MIN, WRITE_RETRY_MAX);
@@ -640,9 +709,11 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn receive_shard_batches(&mut self) -> bool {
         let mut taken = Vec::new();
         for (from, receiver) in self.links.receivers.iter_mut() {
-            // Poll without a real waker: the loop's wait() registers one
-            // before it sleeps.
-            let mut context = Context::from_waker(Waker::noop());
+            let link = self.link_wakes.entry(*from).or_insert_with(LinkWake::new);
+            if !link.due() {
+                continue;
+            }
+            let mut context = Context::from_waker(&link.waker);
             for _ in 0..SHARD_BATCHES_PER_ITERATION {
                 match futures_lite::Stream::poll_next(Pin::new(&mut *receiver), &mut context) {
                     Poll::Ready(Some(batch)) => taken.push((*from, Some(batch))),
@@ -650,7 +721,11 @@ impl<S: MailboxStore> ShardLoop<S> {
                         taken.push((*from, None));
                         break;
                     }
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        // glommio holds our waker now; poll again once it fires.
+                        link.armed = true;
+                        break;
+                    }
                 }
             }
         }
@@ -671,6 +746,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             None => {
                 tracing::error!(from, "channel from shard closed; that shard has stopped");
                 self.links.receivers.retain(|(shard, _)| *shard != from);
+                self.link_wakes.remove(&from);
             }
         }
     }

@@ -35,8 +35,9 @@ pub struct Received {
 /// A shard's socket.
 #[derive(Debug)]
 pub struct UdpIo {
-    /// glommio view of the socket, used only to wait for readability.
-    readiness: glommio::net::UdpSocket,
+    /// glommio view of the socket, used only to wait for readability
+    /// (shared with the one readiness future in flight).
+    readiness: std::rc::Rc<glommio::net::UdpSocket>,
     /// Plain view of the same socket (a dup of the fd) for quinn-udp I/O.
     socket: std::net::UdpSocket,
     /// quinn-udp's per-socket state (GSO/GRO capabilities, ECN).
@@ -74,7 +75,7 @@ impl UdpIo {
         // socket becomes its sole owner and closes it on drop.
         let readiness = unsafe { <glommio::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         Ok(UdpIo {
-            readiness,
+            readiness: std::rc::Rc::new(readiness),
             socket: plain,
             state,
             buffers: (0..RECV_BATCH_DATAGRAMS).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect(),
@@ -92,11 +93,19 @@ impl UdpIo {
         self.state.max_gso_segments()
     }
 
-    /// Resolves once a datagram is waiting (consumes nothing).
-    pub async fn readable(&self) {
-        let mut byte = [0u8; 1];
-        if let Err(error) = self.readiness.peek_from(&mut byte).await {
-            tracing::debug!(%error, "peek on the shard socket failed");
+    /// A future that resolves once a datagram is waiting (consumes
+    /// nothing). Keep it across waits until it resolves: a dropped one
+    /// leaves its peek in flight in io_uring, holding a waker of the task,
+    /// so making one per wait piled up a peek per wake-up (a loop woken
+    /// ~32,000 times between two datagrams by reads of the log overflowed
+    /// glommio's waker count and aborted the process).
+    pub fn readable(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let readiness = std::rc::Rc::clone(&self.readiness);
+        async move {
+            let mut byte = [0u8; 1];
+            if let Err(error) = readiness.peek_from(&mut byte).await {
+                tracing::debug!(%error, "peek on the shard socket failed");
+            }
         }
     }
 

@@ -145,6 +145,10 @@ pub struct LogStore {
     registering_devices: std::collections::HashSet<DeviceKey, foldhash::fast::RandomState>,
     /// Bodies read back from the log, their reads and the body cache.
     bodies: Bodies,
+    /// [`LogStore::held_disk_bytes`] as of (committed ticket, segments on
+    /// disk, segments with live entries): recounted only when one moves,
+    /// not on every send made at the budget.
+    held_disk_cache: Option<((Ticket, usize, usize), u64)>,
 }
 
 /// The bodies of mailbox entries that are not in the index: the order in
@@ -164,14 +168,22 @@ struct Bodies {
     staged_bytes: u64,
     /// Reads asked for and not answered, by (segment, offset).
     reading: HashMap<(u64, u64), Reading>,
-    /// Record bytes of `reading`.
+    /// Record bytes of the reads in `reading` that pushes asked for first.
     reading_bytes: u64,
+    /// Record bytes of the reads in `reading` that a compaction asked for
+    /// first (kept here, not in the `Loading`, so that replacing one never
+    /// loses track of its reads).
+    compaction_reading_bytes: u64,
     /// Reads not yet taken by the driver, oldest first.
     queue: VecDeque<RecordAt>,
-    /// Devices whose push waits for a read slot.
-    starved: HashSet<DeviceKey>,
+    /// Devices whose push waits for a read slot, oldest first (each once:
+    /// `starving`); a few are woken per completed read.
+    starved: VecDeque<DeviceKey>,
+    starving: HashSet<DeviceKey>,
     /// A compaction waiting for the bodies of its cold entries.
     loading: Option<Loading>,
+    /// The generation the next `Loading` gets.
+    next_generation: u64,
     /// Reads completed, failed, and messages dropped as unreadable.
     reads_total: u64,
     read_failures_total: u64,
@@ -191,10 +203,10 @@ struct Reading {
     /// The entries it was asked for: (device, seq, whether the device's
     /// push waits for it).
     wanted: Vec<(DeviceKey, u64, bool)>,
-    /// Whether a compaction waits for it.
-    for_compaction: bool,
-    /// Whether its bytes count against the compaction's load rather than
-    /// the read-ahead (it was asked for by a compaction first).
+    /// The generation of the `Loading` that waits for it, if any.
+    compaction: Option<u64>,
+    /// Whether its bytes count in `compaction_reading_bytes` (a compaction
+    /// asked for it first) rather than against the read-ahead.
     compaction_bytes: bool,
 }
 
@@ -207,8 +219,10 @@ struct Loading {
     bodies: HashMap<(u64, u64), Rc<StoredMessage>>,
     /// Payload bytes of `bodies`.
     bytes: u64,
-    /// Record bytes of the reads it asked for first, in flight.
-    reading_bytes: u64,
+    /// Tells its reads from those of a `Loading` it replaced.
+    generation: u64,
+    /// Cold records still to ask for, in offset order.
+    pending: VecDeque<RecordAt>,
     /// Reads of it in flight.
     in_flight: usize,
 }
@@ -218,8 +232,11 @@ const READS_IN_FLIGHT_MAX: usize = 256;
 /// Cold entries of one device asked for at once: the first, which its
 /// push waits for, and the next ones (read-ahead).
 const READ_AHEAD_ENTRIES: usize = 64;
-/// Reads one compaction pass asks for at once.
-const COMPACTION_READS_MAX: usize = 4096;
+/// Reads a compaction keeps in flight (beside the pushes' 256).
+const COMPACTION_READS_IN_FLIGHT: usize = 64;
+/// Starved devices woken per completed read (each read frees one slot;
+/// waking a few more keeps the queue moving without a herd).
+const STARVED_WOKEN_PER_READ: usize = 4;
 
 /// The log record of `message` stored for `recipients`.
 /// At least the encoded size of a `MessageStored` record with
@@ -351,6 +368,7 @@ impl LogStore {
             stored_count: 0,
             newest_stored_by_segment: BTreeMap::new(),
             bodies: Bodies::default(),
+            held_disk_cache: None,
         }
     }
 
@@ -560,13 +578,14 @@ impl LogStore {
     fn ask_read(&mut self, at: RecordAt, wanted: Option<(DeviceKey, u64, bool)>) {
         let bodies = &mut self.bodies;
         let reading = bodies.reading.entry((at.segment, at.offset)).or_insert_with(|| {
-            let compaction_bytes = wanted.is_none() && bodies.loading.is_some();
-            match bodies.loading.as_mut() {
-                Some(loading) if compaction_bytes => loading.reading_bytes += u64::from(at.bytes),
-                _ => bodies.reading_bytes += u64::from(at.bytes),
+            let compaction_bytes = wanted.is_none();
+            if compaction_bytes {
+                bodies.compaction_reading_bytes += u64::from(at.bytes);
+            } else {
+                bodies.reading_bytes += u64::from(at.bytes);
             }
             bodies.queue.push_back(at);
-            Reading { bytes: at.bytes, wanted: Vec::new(), for_compaction: false, compaction_bytes }
+            Reading { bytes: at.bytes, wanted: Vec::new(), compaction: None, compaction_bytes }
         });
         match wanted {
             Some((device, seq, blocking)) => match reading.wanted.iter_mut().find(|w| (w.0, w.1) == (device, seq)) {
@@ -574,13 +593,49 @@ impl LogStore {
                 None => reading.wanted.push((device, seq, blocking)),
             },
             None => {
-                if !reading.for_compaction {
-                    reading.for_compaction = true;
-                    if let Some(loading) = bodies.loading.as_mut() {
+                if let Some(loading) = bodies.loading.as_mut() {
+                    if reading.compaction != Some(loading.generation) {
+                        reading.compaction = Some(loading.generation);
                         loading.in_flight += 1;
                     }
                 }
             }
+        }
+    }
+
+    /// Asks for the next cold records of the compaction being loaded, up
+    /// to [`COMPACTION_READS_IN_FLIGHT`].
+    fn top_up_compaction_reads(&mut self) {
+        loop {
+            let Some(loading) = self.bodies.loading.as_mut() else { return };
+            if loading.in_flight >= COMPACTION_READS_IN_FLIGHT {
+                return;
+            }
+            let Some(at) = loading.pending.pop_front() else { return };
+            self.ask_read(at, None);
+        }
+    }
+
+    /// Notes that `device`'s push waits for a read slot.
+    fn starve(&mut self, device: DeviceKey) {
+        if self.bodies.starving.insert(device) {
+            self.bodies.starved.push_back(device);
+        }
+    }
+
+    /// Drops the cold entry (device, seq), whose record does not hold it:
+    /// it cannot be delivered (recovery would skip such a record too).
+    fn drop_unreadable(&mut self, device: DeviceKey, seq: u64, error: &str) {
+        if let Some(entry) = self.index.remove_entry(device, seq) {
+            self.live_remove(entry.segment, device, seq, live_bytes(entry.payload_bytes as usize));
+            self.bodies.unreadable_total += 1;
+            tracing::error!(
+                user = device.user,
+                device = device.device,
+                seq,
+                error,
+                "an undelivered message cannot be read back from the log; it is dropped"
+            );
         }
     }
 
@@ -664,6 +719,8 @@ impl LogStore {
                 continue;
             }
             let loaded = self.bodies.loading.as_ref().and_then(|loading| loading.bodies.get(&(from, entry.offset)));
+            // Never another message's body under this entry.
+            let loaded = loaded.filter(|body| body.server_msg_id == entry.server_msg_id);
             let Some(message) = self.body_of(device, entry).or_else(|| loaded.cloned()) else {
                 cold.push(entry.record_at());
                 continue;
@@ -673,19 +730,19 @@ impl LogStore {
         }
         if !cold.is_empty() {
             // Its cold entries are read back first (at most a quarter
-            // segment of live data); the pass runs once they are all in.
-            self.bodies.loading.get_or_insert_with(|| Loading {
-                from,
-                bodies: HashMap::default(),
-                bytes: 0,
-                reading_bytes: 0,
-                in_flight: 0,
-            });
+            // segment of live data), a few at a time; the pass runs once
+            // they are all in.
             cold.sort_by_key(|at| at.offset);
             cold.dedup_by_key(|at| at.offset);
-            for at in cold.into_iter().take(COMPACTION_READS_MAX) {
-                self.ask_read(at, None);
-            }
+            let generation = self.bodies.next_generation;
+            self.bodies.next_generation += 1;
+            let (bodies, bytes) = match self.bodies.loading.take() {
+                Some(loading) => (loading.bodies, loading.bytes),
+                None => (HashMap::default(), 0),
+            };
+            let pending = cold.into();
+            self.bodies.loading = Some(Loading { from, bodies, bytes, generation, pending, in_flight: 0 });
+            self.top_up_compaction_reads();
             return;
         }
         self.bodies.loading = None;
@@ -857,7 +914,8 @@ impl LogStore {
     /// Memory held for mailboxes outside the index: bodies read back,
     /// reads in flight and bodies gathered for a compaction.
     pub fn read_ahead_bytes(&self) -> u64 {
-        self.read_back_bytes() + self.bodies.loading.as_ref().map_or(0, |loading| loading.bytes + loading.reading_bytes)
+        let loaded = self.bodies.loading.as_ref().map_or(0, |loading| loading.bytes);
+        self.read_back_bytes() + self.bodies.compaction_reading_bytes + loaded
     }
 
     /// Bodies read back for pushes and reads in flight, as counted as they change.
@@ -903,6 +961,18 @@ impl LogStore {
             .count() as u64;
         let current = u64::from(!self.on_disk.contains(&self.current_segment));
         (held + current + 1).saturating_mul(self.limits.segment_bytes_max)
+    }
+
+    fn held_disk_bytes_cached(&mut self) -> u64 {
+        let key = (self.committed, self.on_disk.len(), self.live_by_segment.len());
+        match self.held_disk_cache {
+            Some((cached, bytes)) if cached == key => bytes,
+            _ => {
+                let bytes = self.held_disk_bytes();
+                self.held_disk_cache = Some((key, bytes));
+                bytes
+            }
+        }
     }
 
     /// Sets the disk budget (at start, when it is derived from the free space).
@@ -1043,7 +1113,9 @@ impl MailboxStore for LogStore {
         if self.pending_bytes > PENDING_BYTES_MAX {
             return Err(StoreError::Backlog);
         }
-        if self.disk_bytes() >= self.limits.disk_bytes_max && self.held_disk_bytes() >= self.limits.disk_bytes_max {
+        if self.disk_bytes() >= self.limits.disk_bytes_max
+            && self.held_disk_bytes_cached() >= self.limits.disk_bytes_max
+        {
             return Err(StoreError::DiskBudget);
         }
         let recipients: Vec<RecipientSeq> = devices
@@ -1101,23 +1173,26 @@ impl MailboxStore for LogStore {
             .map(|entry| (entry.seq, entry.record_at()))
             .collect();
         let first_seq = self.index.entries_after(device, after_seq).next().map(|entry| entry.seq);
+        let bound = self.limits.read_ahead_bytes_max;
         for (seq, at) in cold {
             let blocking = Some(seq) == first_seq;
             let bodies = &self.bodies;
             if !bodies.reading.contains_key(&(at.segment, at.offset)) {
-                if blocking {
-                    // The read the push waits for makes room for itself.
-                    self.trim_staged(u64::from(at.bytes));
-                }
-                let bodies = &self.bodies;
-                let full = bodies.reading.len() >= READS_IN_FLIGHT_MAX
-                    || (!bodies.reading.is_empty()
-                        && bodies.staged_bytes + bodies.reading_bytes + u64::from(at.bytes)
-                            > self.limits.read_ahead_bytes_max);
-                if full {
+                let bytes = u64::from(at.bytes);
+                let pushes_reading = bodies.reading_bytes > 0;
+                let slots_full = bodies.reading.len() >= READS_IN_FLIGHT_MAX + COMPACTION_READS_IN_FLIGHT;
+                if slots_full || (pushes_reading && bodies.reading_bytes + bytes > bound) {
+                    // Reads in flight alone fill the read-ahead: wait for one.
                     if blocking {
-                        self.bodies.starved.insert(device);
+                        self.starve(device);
                     }
+                    break;
+                }
+                if blocking {
+                    // The read the push waits for makes room for itself
+                    // among the bodies read back.
+                    self.trim_staged(bytes);
+                } else if bodies.staged_bytes + bodies.reading_bytes + bytes > bound {
                     break;
                 }
             }
@@ -1132,25 +1207,47 @@ impl MailboxStore for LogStore {
     fn on_read(&mut self, at: RecordAt, result: Result<&[u8], String>) -> Vec<DeviceKey> {
         let key = (at.segment, at.offset);
         let Some(reading) = self.bodies.reading.remove(&key) else { return Vec::new() };
-        if !reading.compaction_bytes {
-            self.bodies.reading_bytes -= u64::from(reading.bytes);
-        } else if let Some(loading) = self.bodies.loading.as_mut() {
-            loading.reading_bytes = loading.reading_bytes.saturating_sub(u64::from(reading.bytes));
+        let bodies = &mut self.bodies;
+        if reading.compaction_bytes {
+            bodies.compaction_reading_bytes -= u64::from(reading.bytes);
+        } else {
+            bodies.reading_bytes -= u64::from(reading.bytes);
         }
-        let mut ready: Vec<DeviceKey> = self.bodies.starved.drain().collect();
-        ready.extend(reading.wanted.iter().filter(|wanted| wanted.2).map(|wanted| wanted.0));
-        if reading.for_compaction {
-            if let Some(loading) = self.bodies.loading.as_mut() {
-                loading.in_flight = loading.in_flight.saturating_sub(1);
+        let loading = bodies.loading.as_mut().filter(|loading| Some(loading.generation) == reading.compaction);
+        let for_loading = loading.is_some();
+        if let Some(loading) = loading {
+            loading.in_flight -= 1;
+        }
+        // The pushes this read blocked go first, then a few starved ones.
+        let mut ready: Vec<DeviceKey> = Vec::new();
+        let blocked: Vec<DeviceKey> = reading.wanted.iter().filter(|wanted| wanted.2).map(|wanted| wanted.0).collect();
+        let starved = std::iter::from_fn(|| bodies.starved.pop_front()).take(STARVED_WOKEN_PER_READ);
+        for device in blocked.into_iter().chain(starved.collect::<Vec<_>>()) {
+            bodies.starving.remove(&device);
+            if !ready.contains(&device) {
+                ready.push(device);
             }
         }
         let bytes = match result {
             Ok(bytes) => bytes,
             Err(error) => {
                 // Asked again by the next push (the driver waits a while
-                // after a failed read); a compaction pass starts over.
-                self.bodies.read_failures_total += 1;
-                tracing::warn!(segment = at.segment, offset = at.offset, %error, "reading a message back failed");
+                // after failed reads), or by the compaction.
+                if let Some(loading) = self.bodies.loading.as_mut().filter(|_| for_loading) {
+                    loading.pending.push_back(at);
+                }
+                if !self.on_disk.contains(&at.segment) {
+                    // Reclaimed meanwhile: nothing there to compact either.
+                    if self.bodies.loading.as_ref().is_some_and(|loading| loading.from == at.segment) {
+                        self.bodies.loading = None;
+                    }
+                }
+                // A segment reclaimed meanwhile (its entries moved or were
+                // delivered) is not a failing disk.
+                if self.on_disk.contains(&at.segment) {
+                    self.bodies.read_failures_total += 1;
+                    tracing::warn!(segment = at.segment, offset = at.offset, %error, "reading a message back failed");
+                }
                 return ready;
             }
         };
@@ -1158,10 +1255,17 @@ impl MailboxStore for LogStore {
         match Self::decode_read(at, bytes) {
             Ok((message, recipients)) => {
                 for (device, seq, _) in reading.wanted {
+                    if !self.is_cold_at(device, seq, key, None) {
+                        continue; // delivered, moved or read back meanwhile
+                    }
                     let listed = device.user == message.to_user
                         && recipients.iter().any(|recipient| (recipient.device, recipient.seq) == (device.device, seq));
-                    if listed && self.is_cold_at(device, seq, key, Some(message.server_msg_id)) {
+                    let same = self.index.entry(device, seq).is_some_and(|e| e.server_msg_id == message.server_msg_id);
+                    if listed && same {
                         self.stage(device, seq, Rc::clone(&message));
+                    } else {
+                        // Another message lies where this entry's record should.
+                        self.drop_unreadable(device, seq, "the record there holds another message");
                     }
                 }
                 if let Some(loading) = self.bodies.loading.as_mut().filter(|loading| loading.from == at.segment) {
@@ -1174,28 +1278,23 @@ impl MailboxStore for LogStore {
             }
             Err(error) => {
                 // The bytes on disk are not the message the index expects
-                // there: it cannot be delivered. Recovery would skip such a
-                // record too; the entries that wait for it go, loudly.
-                for (device, seq, _) in reading.wanted {
+                // there: it cannot be delivered. Every entry whose record
+                // lies there goes, loudly (all of them, so that a compaction
+                // does not ask for it again and again).
+                let mut holders: Vec<(DeviceKey, u64)> = reading.wanted.iter().map(|w| (w.0, w.1)).collect();
+                if let Some(live) = self.live_by_segment.get(&at.segment) {
+                    let index = &self.index;
+                    holders.extend(live.members.iter().filter(|(device, seq)| {
+                        index.entry(*device, *seq).is_some_and(|entry| entry.offset == at.offset)
+                    }));
+                }
+                for (device, seq) in holders {
                     if self.is_cold_at(device, seq, key, None) {
-                        if let Some(entry) = self.index.remove_entry(device, seq) {
-                            self.live_remove(entry.segment, device, seq, live_bytes(entry.payload_bytes as usize));
-                            self.bodies.unreadable_total += 1;
-                            tracing::error!(
-                                user = device.user,
-                                device = device.device,
-                                seq,
-                                %error,
-                                "an undelivered message cannot be read back from the log; it is dropped"
-                            );
-                        }
+                        self.drop_unreadable(device, seq, &error);
                     }
                 }
-                self.bodies.loading = None;
             }
         }
-        ready.sort_unstable();
-        ready.dedup();
         ready
     }
 
@@ -1376,8 +1475,15 @@ impl MailboxStore for LogStore {
     }
 
     fn maintain(&mut self) {
-        let loading = self.bodies.loading.as_ref().is_some_and(|loading| loading.in_flight > 0);
-        if self.compaction.is_none() && !loading && self.pending_write_bytes() < self.limits.commit_bytes_max {
+        if self.compaction.is_some() || self.pending_write_bytes() >= self.limits.commit_bytes_max {
+            return;
+        }
+        if self.bodies.loading.as_ref().is_some_and(|loading| !self.on_disk.contains(&loading.from)) {
+            self.bodies.loading = None;
+        }
+        if self.bodies.loading.as_ref().is_some_and(|loading| !loading.pending.is_empty() || loading.in_flight > 0) {
+            self.top_up_compaction_reads();
+        } else {
             self.start_compaction();
         }
     }
