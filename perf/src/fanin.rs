@@ -42,6 +42,9 @@ pub struct FaninOptions {
     pub probe_rate: f64,
     /// Seconds the probes run before the fan-in starts (their baseline).
     pub baseline_seconds: f64,
+    /// Home every sender on the recipient's shard (needs `probe_shards`),
+    /// so the probes' shard carries no fan-in traffic at all.
+    pub senders_with_recipient: bool,
 }
 
 /// What a run measured.
@@ -173,9 +176,15 @@ pub async fn run(
     });
     let mut senders = Vec::new();
     let per_sender = options.messages.div_ceil(u64::from(options.senders));
-    for index in 0..u64::from(options.senders) {
+    let table = SlotTable::single_node(NodeId(0), options.probe_shards.max(1), 1).map_err(|e| e.to_string())?;
+    let recipient_home = table.home(UserId(recipient_user)).shard;
+    let sender_users: Vec<u64> = (recipient_user + 1..)
+        .filter(|user| !options.senders_with_recipient || table.home(UserId(*user)).shard == recipient_home)
+        .take(options.senders as usize)
+        .collect();
+    for (index, user) in (0..u64::from(options.senders)).zip(sender_users) {
         let quota = per_sender.min(options.messages.saturating_sub(index * per_sender));
-        let client = Client::connect(config(recipient_user + 1 + index)).await.map_err(|e| format!("sender: {e}"))?;
+        let client = Client::connect(config(user)).await.map_err(|e| format!("sender: {e}"))?;
         senders.push(tokio::spawn(send(client, recipient_user, index, quota, options.payload_bytes, start)));
     }
     let mut counts = Counts::default();

@@ -197,6 +197,9 @@ enum Command {
         /// Seconds the probes run alone first (their baseline).
         #[arg(long, default_value_t = 5.0)]
         baseline_seconds: f64,
+        /// Home every sender on the recipient's shard (with --probe-shards).
+        #[arg(long)]
+        senders_with_recipient: bool,
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -311,6 +314,9 @@ fn run_fanin(server: ServerArgs, options: fanin::FaninOptions, json: Option<Path
     parameters.insert("recipient".into(), if options.offline { "offline" } else { "online" }.into());
     parameters.insert("durability".into(), server.durability.clone());
     parameters.insert("retry".into(), options.retry.to_string());
+    if options.senders_with_recipient {
+        parameters.insert("senders homed".into(), "on the recipient's shard".into());
+    }
     let measured = report::Measured {
         counts: &outcome.counts,
         latencies: &outcome.latencies,
@@ -445,6 +451,7 @@ fn run(cli: Cli) -> Result<(), String> {
             probe_pairs,
             probe_rate,
             baseline_seconds,
+            senders_with_recipient,
             json,
         } => {
             let options = fanin::FaninOptions {
@@ -457,6 +464,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 probe_pairs,
                 probe_rate,
                 baseline_seconds,
+                senders_with_recipient,
             };
             run_fanin(server, options, json)
         }
