@@ -184,6 +184,8 @@ struct Bodies {
     loading: Option<Loading>,
     /// The generation the next `Loading` gets.
     next_generation: u64,
+    /// Segments whose compaction gave up on failing reads (until reclaimed).
+    compaction_skips: std::collections::BTreeSet<u64>,
     /// Reads completed, failed, and messages dropped as unreadable.
     reads_total: u64,
     read_failures_total: u64,
@@ -225,6 +227,9 @@ struct Loading {
     pending: VecDeque<RecordAt>,
     /// Reads of it in flight.
     in_flight: usize,
+    /// Reads of it that failed; past [`COMPACTION_READ_FAILURES_MAX`] the
+    /// segment is left alone until it is reclaimed.
+    failures: u32,
 }
 
 /// Reads in flight at most (each one record).
@@ -235,8 +240,12 @@ const READ_AHEAD_ENTRIES: usize = 64;
 /// Reads a compaction keeps in flight (beside the pushes' 256).
 const COMPACTION_READS_IN_FLIGHT: usize = 64;
 /// Starved devices woken per completed read (each read frees one slot;
-/// waking a few more keeps the queue moving without a herd).
+/// waking a few more keeps the queue moving without a herd). All are woken
+/// once no push's read is left in flight, as none of them can starve then.
 const STARVED_WOKEN_PER_READ: usize = 4;
+/// Failed reads after which a compaction gives its segment up (a sector
+/// that keeps failing must not stop every other compaction).
+const COMPACTION_READ_FAILURES_MAX: u32 = 8;
 
 /// The log record of `message` stored for `recipients`.
 /// At least the encoded size of a `MessageStored` record with
@@ -616,6 +625,17 @@ impl LogStore {
         }
     }
 
+    /// The live entries whose record lies at `at` (a walk of its segment's
+    /// members: only on the rare paths of records that do not read back).
+    fn entries_at(&self, at: RecordAt) -> Vec<(DeviceKey, u64)> {
+        let Some(live) = self.live_by_segment.get(&at.segment) else { return Vec::new() };
+        live.members
+            .iter()
+            .copied()
+            .filter(|(device, seq)| self.index.entry(*device, *seq).is_some_and(|entry| entry.offset == at.offset))
+            .collect()
+    }
+
     /// Notes that `device`'s push waits for a read slot.
     fn starve(&mut self, device: DeviceKey) {
         if self.bodies.starving.insert(device) {
@@ -698,6 +718,7 @@ impl LogStore {
                 && self.segment_settled(*segment)
                 // Its dedup keys would keep it anyway: copying now is wasted.
                 && !self.holds_recent_dedup_keys(*segment)
+                && !self.bodies.compaction_skips.contains(segment)
         });
         let Some(from) = candidate else {
             self.bodies.loading = None;
@@ -710,6 +731,7 @@ impl LogStore {
         let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
         let members = self.live_by_segment.get(&from).map(|live| live.members.iter().copied().collect::<Vec<_>>());
         let mut cold = Vec::new();
+        let mut unreadable = Vec::new();
         for (device, seq) in members.unwrap_or_default() {
             let Some(entry) = self.index.entry(device, seq) else { continue };
             // Only committed entries: a copy of one whose own write then
@@ -719,14 +741,26 @@ impl LogStore {
                 continue;
             }
             let loaded = self.bodies.loading.as_ref().and_then(|loading| loading.bodies.get(&(from, entry.offset)));
-            // Never another message's body under this entry.
-            let loaded = loaded.filter(|body| body.server_msg_id == entry.server_msg_id);
-            let Some(message) = self.body_of(device, entry).or_else(|| loaded.cloned()) else {
-                cold.push(entry.record_at());
-                continue;
+            let message = match (self.body_of(device, entry), loaded) {
+                (Some(body), _) => body,
+                (None, Some(body)) if body.server_msg_id == entry.server_msg_id => Rc::clone(body),
+                (None, Some(_)) => {
+                    // Another message lies where its record should: it can
+                    // be neither copied nor delivered (reading it again
+                    // would not help).
+                    unreadable.push((device, seq));
+                    continue;
+                }
+                (None, None) => {
+                    cold.push(entry.record_at());
+                    continue;
+                }
             };
             let slot = by_message.entry(message.server_msg_id).or_insert_with(|| (Rc::clone(&message), Vec::new()));
             slot.1.push(RecipientSeq { device: device.device, seq });
+        }
+        for (device, seq) in unreadable {
+            self.drop_unreadable(device, seq, "the record there holds another message");
         }
         if !cold.is_empty() {
             // Its cold entries are read back first (at most a quarter
@@ -741,7 +775,7 @@ impl LogStore {
                 None => (HashMap::default(), 0),
             };
             let pending = cold.into();
-            self.bodies.loading = Some(Loading { from, bodies, bytes, generation, pending, in_flight: 0 });
+            self.bodies.loading = Some(Loading { from, bodies, bytes, generation, pending, in_flight: 0, failures: 0 });
             self.top_up_compaction_reads();
             return;
         }
@@ -1218,14 +1252,25 @@ impl MailboxStore for LogStore {
         if let Some(loading) = loading {
             loading.in_flight -= 1;
         }
-        // The pushes this read blocked go first, then a few starved ones.
+        // The pushes this read blocked go first, then a few starved ones
+        // (all of them once no push's read is in flight: none can starve then).
         let mut ready: Vec<DeviceKey> = Vec::new();
-        let blocked: Vec<DeviceKey> = reading.wanted.iter().filter(|wanted| wanted.2).map(|wanted| wanted.0).collect();
-        let starved = std::iter::from_fn(|| bodies.starved.pop_front()).take(STARVED_WOKEN_PER_READ);
-        for device in blocked.into_iter().chain(starved.collect::<Vec<_>>()) {
+        for device in reading.wanted.iter().filter(|wanted| wanted.2).map(|wanted| wanted.0) {
             bodies.starving.remove(&device);
             if !ready.contains(&device) {
                 ready.push(device);
+            }
+        }
+        let wake = if bodies.reading_bytes == 0 { usize::MAX } else { STARVED_WOKEN_PER_READ };
+        let mut woken = 0;
+        while woken < wake {
+            let Some(device) = bodies.starved.pop_front() else { break };
+            // Entries for devices woken another way meanwhile are stale.
+            if bodies.starving.remove(&device) {
+                woken += 1;
+                if !ready.contains(&device) {
+                    ready.push(device);
+                }
             }
         }
         let bytes = match result {
@@ -1234,7 +1279,17 @@ impl MailboxStore for LogStore {
                 // Asked again by the next push (the driver waits a while
                 // after failed reads), or by the compaction.
                 if let Some(loading) = self.bodies.loading.as_mut().filter(|_| for_loading) {
-                    loading.pending.push_back(at);
+                    loading.failures += 1;
+                    if loading.failures > COMPACTION_READ_FAILURES_MAX {
+                        tracing::warn!(
+                            segment = loading.from,
+                            "compaction gives the segment up: its reads keep failing"
+                        );
+                        self.bodies.compaction_skips.insert(loading.from);
+                        self.bodies.loading = None;
+                    } else {
+                        loading.pending.push_back(at);
+                    }
                 }
                 if !self.on_disk.contains(&at.segment) {
                     // Reclaimed meanwhile: nothing there to compact either.
@@ -1282,12 +1337,7 @@ impl MailboxStore for LogStore {
                 // lies there goes, loudly (all of them, so that a compaction
                 // does not ask for it again and again).
                 let mut holders: Vec<(DeviceKey, u64)> = reading.wanted.iter().map(|w| (w.0, w.1)).collect();
-                if let Some(live) = self.live_by_segment.get(&at.segment) {
-                    let index = &self.index;
-                    holders.extend(live.members.iter().filter(|(device, seq)| {
-                        index.entry(*device, *seq).is_some_and(|entry| entry.offset == at.offset)
-                    }));
-                }
+                holders.extend(self.entries_at(at));
                 for (device, seq) in holders {
                     if self.is_cold_at(device, seq, key, None) {
                         self.drop_unreadable(device, seq, &error);
@@ -1467,6 +1517,7 @@ impl MailboxStore for LogStore {
             .filter(|segment| self.compaction.as_ref().is_none_or(|compaction| compaction.from != *segment))
             .collect();
         for segment in &reclaimable {
+            self.bodies.compaction_skips.remove(segment);
             self.on_disk.remove(segment);
             self.newest_stored_by_segment.remove(segment);
             self.segment_last_ticket.remove(segment);

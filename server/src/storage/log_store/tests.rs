@@ -672,3 +672,31 @@ fn the_disk_budget_refuses_new_messages_with_throttle_until_segments_are_reclaim
     assert!(store.disk_bytes() < 8 * 4096);
     assert!(store.store_message(message(stored + 1, 2, 200), &[device]).is_ok());
 }
+
+#[test]
+fn a_push_starved_of_read_room_is_woken_once_the_reads_in_flight_are_done() {
+    // A read-ahead of two records: device a's reads fill it, so b's push
+    // must wait, and must be named once a's reads complete.
+    let record = u64::from(message_record_bytes_max(100, 1));
+    let log_limits = cold_limits(1 << 20, 0, 2 * record);
+    let mut store = LogStore::new(limits(), log_limits);
+    let mut files = BTreeMap::new();
+    let (a, b) = (DeviceKey { user: 2, device: 1 }, DeviceKey { user: 3, device: 1 });
+    store.register_device(a).unwrap();
+    store.register_device(b).unwrap();
+    for id in 1..=6 {
+        store.store_message(message(id, 2 + id % 2, 100), &[if id % 2 == 0 { a } else { b }]).unwrap();
+    }
+    flush(&mut store, &mut files);
+    store.want_bodies(a, 0);
+    store.want_bodies(b, 0);
+    let mut woken = Vec::new();
+    while let Some(at) = store.take_read() {
+        let file = &files[&at.segment];
+        let end = (at.offset as usize + at.bytes as usize).min(file.len());
+        woken.extend(store.on_read(at, Ok(&file[at.offset as usize..end])));
+    }
+    assert!(woken.contains(&a), "a's push goes on");
+    assert!(woken.contains(&b), "b's starved push is woken when nothing is left in flight");
+    assert_eq!(push_all(&mut store, b, &files).len(), 3);
+}
