@@ -65,6 +65,8 @@ pub struct ShardMetrics {
     pub log_recovery_ms: AtomicU64,
     /// Segments reclaimed (deleted).
     pub log_segments_reclaimed_total: AtomicU64,
+    /// Sends refused because their device had its fair share in flight.
+    pub sends_unfair_share_total: AtomicU64,
     /// Memory of the mailbox index (128 B per queued entry).
     pub mailbox_index_bytes: AtomicU64,
     /// Payload bytes of queued messages held in memory (the body cache).
@@ -121,7 +123,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 33] = [
+    let families: [(&str, &str, &str, Field); 34] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -163,6 +165,9 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         ("iris_log_torn_bytes", "gauge", "Torn-tail bytes cut at the last recovery.", |m| &m.log_torn_bytes),
         ("iris_log_recovery_milliseconds", "gauge", "Duration of the last recovery.", |m| &m.log_recovery_ms),
         ("iris_log_segments_reclaimed_total", "counter", "Log segments deleted.", |m| &m.log_segments_reclaimed_total),
+        ("iris_sends_unfair_share_total", "counter", "Sends refused: their device had its share in flight.", |m| {
+            &m.sends_unfair_share_total
+        }),
         ("iris_mailbox_index_bytes", "gauge", "Memory of the mailbox index (128 B per queued entry).", |m| {
             &m.mailbox_index_bytes
         }),

@@ -393,6 +393,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.duplicates_total, stats.duplicates);
         ShardMetrics::set(&metrics.sends_refused_total, stats.sends_refused);
         ShardMetrics::set(&metrics.sends_rate_limited_total, stats.rate_limited);
+        ShardMetrics::set(&metrics.sends_unfair_share_total, stats.unfair_refusals);
         ShardMetrics::set(&metrics.rate_limit_untracked_total, stats.rate_untracked);
         ShardMetrics::set(&metrics.codel_refusals_total, stats.codel_refusals);
         ShardMetrics::set(&metrics.codel_episodes_total, stats.codel_episodes);

@@ -212,6 +212,9 @@ pub struct CoreStats {
     pub sends_refused: u64,
     /// Sends refused by a rate limit (also counted as Throttle refusals).
     pub rate_limited: u64,
+    /// Sends refused because their device had its fair share in flight
+    /// (also counted as Throttle refusals).
+    pub unfair_refusals: u64,
     /// Sends let through unlimited because a rate table was at its bound.
     pub rate_untracked: u64,
     /// Sends refused by CoDel admission (also counted as Throttle refusals).
@@ -329,6 +332,8 @@ pub const SMALL_RESPONSE_BYTES_MAX: usize = 512;
 
 /// How long a throttled client should wait before retrying, in ms.
 const THROTTLE_RETRY_AFTER_MS: u32 = 100;
+/// Sends in flight a device always may have, whatever its fair share.
+const FAIR_SHARE_MIN: u64 = 8;
 /// How long a client should wait after a storage failure, in ms.
 const STORAGE_RETRY_AFTER_MS: u32 = 500;
 /// How long a client should wait when a mailbox is full, in ms.
@@ -652,6 +657,20 @@ impl<S: MailboxStore> ShardCore<S> {
                 THROTTLE_RETRY_AFTER_MS,
                 "too many sends in flight",
             );
+        }
+        // Fair shares: while the shard's sends in flight fill half of what
+        // one of its queues holds, a device may have only its share of
+        // that half in flight (at least FAIR_SHARE_MIN), so that heavy
+        // senders together cannot fill the queues and shut the light ones
+        // out (docs/overload.md, "Fairness").
+        let (in_flight, in_flight_devices) = self.senders.pending_totals();
+        let half = u64::from(self.limits.shard_outbox_messages_max / 2);
+        if in_flight >= half
+            && u64::from(self.senders.pending(sender)) >= (half / in_flight_devices.max(1)).max(FAIR_SHARE_MIN)
+        {
+            self.stats.unfair_refusals += 1;
+            let detail = "this device has its share of the shard's sends in flight";
+            return self.refuse(conn, send.client_msg_id, ErrorCode::Throttle, THROTTLE_RETRY_AFTER_MS, detail);
         }
         let home = self.table.home(UserId(send.to_user));
         if home.node != self.identity.node {

@@ -124,6 +124,9 @@ pub struct SenderWindows {
     acknowledged: usize,
     per_device_max: usize,
     shard_max: usize,
+    /// Pending ids of all windows together, and the windows holding any.
+    pending_total: u64,
+    pending_devices: u64,
 }
 
 impl SenderWindows {
@@ -136,6 +139,23 @@ impl SenderWindows {
             acknowledged: 0,
             per_device_max: per_device_max as usize,
             shard_max: shard_max as usize,
+            pending_total: 0,
+            pending_devices: 0,
+        }
+    }
+
+    /// Pending ids of every device together, and how many devices have any.
+    pub fn pending_totals(&self) -> (u64, u64) {
+        (self.pending_total, self.pending_devices)
+    }
+
+    /// Moves the pending totals by one window's change from `before` to `after`.
+    fn count_pending(&mut self, before: u32, after: u32) {
+        self.pending_total = self.pending_total + u64::from(after) - u64::from(before);
+        match (before, after) {
+            (0, 1..) => self.pending_devices += 1,
+            (1.., 0) => self.pending_devices -= 1,
+            _ => {}
         }
     }
 
@@ -151,7 +171,11 @@ impl SenderWindows {
 
     /// Marks a new id of `device` as pending.
     pub fn begin(&mut self, device: DeviceKey, client_msg_id: u64) {
-        self.windows.entry(device).or_default().window.begin(client_msg_id);
+        let window = &mut self.windows.entry(device).or_default().window;
+        let before = window.pending();
+        window.begin(client_msg_id);
+        let after = window.pending();
+        self.count_pending(before, after);
         self.touch(device);
     }
 
@@ -169,8 +193,12 @@ impl SenderWindows {
     pub fn finish(&mut self, device: DeviceKey, client_msg_id: u64, server_msg_id: Option<u64>) {
         let Some(tracked) = self.windows.get_mut(&device) else { return };
         let before = tracked.window.acknowledged();
+        let pending_before = tracked.window.pending();
         tracked.window.finish(client_msg_id, server_msg_id, self.per_device_max);
         self.acknowledged = self.acknowledged + tracked.window.acknowledged() - before;
+        let pending_after = tracked.window.pending();
+        self.count_pending(pending_before, pending_after);
+        let Some(tracked) = self.windows.get_mut(&device) else { return };
         if tracked.window.is_empty() {
             self.windows.remove(&device);
         } else {
@@ -199,6 +227,7 @@ impl SenderWindows {
     pub fn forget(&mut self, device: DeviceKey) {
         if let Some(tracked) = self.windows.remove(&device) {
             self.acknowledged -= tracked.window.acknowledged();
+            self.count_pending(tracked.window.pending(), 0);
         }
     }
 

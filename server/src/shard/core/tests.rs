@@ -481,3 +481,59 @@ fn a_retry_after_a_reconnect_gets_the_original_ack() {
     assert!(matches!(ack, Some(Output::Frame { frame: Frame::Ack(ack), .. }) if ack.client_msg_id == 7));
     assert_eq!(core.stats().messages_stored, 2, "the retry must not be stored again");
 }
+
+#[test]
+fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() {
+    // Shard 0 of two, a queue to shard 1 of 64 sends that shard 1 never
+    // answers: two heavy devices pipeline 40 sends each, then a light one
+    // sends one. Without fair shares the heavy ones fill the queue and the
+    // light one is refused.
+    let authority = TokenAuthority::from_secret([9; 32]);
+    let table = SlotTable::single_node(NodeId(0), 2, 1).unwrap();
+    let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
+    let identity = ShardIdentity {
+        node: NodeId(0),
+        shard: ShardId(0),
+        advertised_host: "h".into(),
+        shard_ports: vec![1, 2],
+        message_ids: 1..100_000,
+    };
+    let limits = CoreLimits {
+        dedup_entries_per_device_max: 8,
+        sender_dedup_entries_max: 1024,
+        sends_in_flight_per_device_max: 1000,
+        shard_outbox_messages_max: 64,
+        device_inactive_expiry_s: 0,
+        rates: SendRates::OFF,
+        codel_target_ms: 0,
+        codel_interval_ms: 100,
+    };
+    let store = MemoryStore::new(StoreLimits {
+        devices_per_user_max: 2,
+        devices_per_shard_max: 100,
+        mailbox_messages_max: 1000,
+        mailbox_bytes_max: 1 << 20,
+        stored_dedup_entries_max: 100,
+        shard_mailbox_bytes_max: 1 << 30,
+    });
+    let (heavy_a, heavy_b, light, remote) = (on_shard(0, 1), on_shard(0, 100), on_shard(0, 1000), on_shard(1, 1));
+    let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
+    for (conn, user) in [(1, heavy_a), (2, heavy_b), (3, light)] {
+        hello(&mut core, &authority, ConnId(conn), user);
+    }
+    let accepted = |core: &mut ShardCore<MemoryStore>, conn: u64, count: u64| -> u64 {
+        (0..count)
+            .filter(|id| {
+                let frame =
+                    Frame::Send(frames::Send { client_msg_id: *id, to_user: remote, after: None, payload: vec![1] });
+                core.on_frame(ConnId(conn), frame, NOW_MS);
+                !outputs(core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Error(_), .. }))
+            })
+            .count() as u64
+    };
+    let a = accepted(&mut core, 1, 40);
+    let b = accepted(&mut core, 2, 40);
+    assert_eq!((a, b), (32, 16), "each heavy device is held to its share once half the queue is used");
+    assert_eq!(accepted(&mut core, 3, 1), 1, "the light sender still gets in");
+    assert_eq!(core.stats().unfair_refusals, 8 + 24);
+}
