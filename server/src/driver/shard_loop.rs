@@ -341,11 +341,14 @@ impl<S: MailboxStore> ShardLoop<S> {
         self.apply_outputs();
         self.submit_writes(now);
         self.submit_reads(now);
+        // Before anything leaves: a client that has seen an answer reads
+        // metrics that count it (the thread may be preempted right after
+        // its datagrams go; a test once scraped in that gap).
+        self.publish_metrics();
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
         self.core.expire_inactive(Self::now_ms());
-        self.publish_metrics();
         self.reserve_message_ids();
         busy || !self.dirty.is_empty()
     }
