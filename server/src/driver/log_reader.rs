@@ -2,15 +2,17 @@
 //! from their segment files (glommio `BufferedFile`, io_uring on the
 //! executor's main ring, like the writer), so their bodies can be pushed.
 //!
-//! One local task per read; the store bounds how many are in flight
-//! (`READS_IN_FLIGHT_MAX` in `storage::log_store`), so the completion
-//! channel holds at most that many results. Segment files are kept open in
+//! One local task per read; the store bounds how many it asks for at once
+//! ([`READS_OUTSTANDING_MAX`]), and the completion channel holds that many
+//! results. Should it ever be full, a read task waits for room (the loop
+//! drains the channel every iteration): a result is never dropped. Segment files are kept open in
 //! a small cache (a read of an offline device's backlog walks a few
 //! segments in order); the loop drops a segment from it when the segment is
 //! deleted, and a read in flight keeps its file open until it completes.
 
 use crate::shard::mailbox::RecordAt;
 use crate::storage::layout::segment_path;
+use crate::storage::READS_OUTSTANDING_MAX;
 use glommio::io::BufferedFile;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -78,7 +80,7 @@ impl LogReader {
     /// A reader of the segments in `dir`.
     pub fn new(dir: PathBuf) -> LogReader {
         assert!(dir.is_absolute(), "the log reader needs an absolute directory, got {}", dir.display());
-        let (done_sender, done) = flume::unbounded();
+        let (done_sender, done) = flume::bounded(READS_OUTSTANDING_MAX);
         LogReader { dir, files: Rc::default(), done_sender, done }
     }
 
@@ -93,7 +95,7 @@ impl LogReader {
                 Err((error, gone)) => (Err(error), gone),
             };
             // The loop holds the receiver for as long as it runs.
-            let _ = done.send(ReadDone { at, result, gone });
+            let _ = done.send_async(ReadDone { at, result, gone }).await;
         })
         .detach();
     }

@@ -239,6 +239,11 @@ const READS_IN_FLIGHT_MAX: usize = 256;
 const READ_AHEAD_ENTRIES: usize = 64;
 /// Reads a compaction keeps in flight (beside the pushes' 256).
 const COMPACTION_READS_IN_FLIGHT: usize = 64;
+/// Reads a store asks for at most at once: pushes stop asking at
+/// `READS_IN_FLIGHT_MAX + COMPACTION_READS_IN_FLIGHT` reads in all, and a
+/// compaction adds at most `COMPACTION_READS_IN_FLIGHT` of its own. The
+/// driver's completion channel holds this many.
+pub const READS_OUTSTANDING_MAX: usize = READS_IN_FLIGHT_MAX + 2 * COMPACTION_READS_IN_FLIGHT;
 /// Starved devices woken per completed read (each read frees one slot;
 /// waking a few more keeps the queue moving without a herd). All are woken
 /// once no push's read is left in flight, as none of them can starve then.
@@ -638,8 +643,17 @@ impl LogStore {
 
     /// Notes that `device`'s push waits for a read slot.
     fn starve(&mut self, device: DeviceKey) {
-        if self.bodies.starving.insert(device) {
-            self.bodies.starved.push_back(device);
+        let bodies = &mut self.bodies;
+        if bodies.starving.insert(device) {
+            bodies.starved.push_back(device);
+        }
+        // Entries of devices woken another way stay in the queue until
+        // popped; once they outnumber the live ones, drop them (and
+        // repeats), so the queue stays within twice the starving devices.
+        if bodies.starved.len() > 2 * bodies.starving.len() + 64 {
+            let mut kept = HashSet::default();
+            let starving = &bodies.starving;
+            bodies.starved.retain(|device| starving.contains(device) && kept.insert(*device));
         }
     }
 

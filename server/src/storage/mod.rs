@@ -16,4 +16,4 @@ pub mod log_store;
 pub mod record;
 pub mod state_homes;
 
-pub use log_store::{message_record_bytes_max, LogLimits, LogStore, RecoveryReport};
+pub use log_store::{message_record_bytes_max, LogLimits, LogStore, RecoveryReport, READS_OUTSTANDING_MAX};

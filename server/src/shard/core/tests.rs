@@ -325,27 +325,14 @@ fn a_send_naming_a_refused_one_waits_for_it_so_retries_keep_the_order() {
     assert_eq!(answers(&outputs(&mut core)), [(104, behind)]);
 }
 
-#[test]
-fn codel_holds_back_only_the_sends_to_the_slow_shard() {
-    // Shard 0 of two; a device on it sends to a user on shard 1, whose
-    // answers come back 50 ms late, and to a user on shard 0.
-    let authority = TokenAuthority::from_secret([9; 32]);
+/// Shard 0 of a node of two, with `limits` and roomy mailboxes; and its slot table.
+fn shard_zero_of_two(authority: &TokenAuthority, limits: CoreLimits) -> (ShardCore<MemoryStore>, SlotTable) {
     let identity = ShardIdentity {
         node: NodeId(0),
         shard: ShardId(0),
         advertised_host: "h".into(),
         shard_ports: vec![1, 2],
         message_ids: 1..100_000,
-    };
-    let limits = CoreLimits {
-        dedup_entries_per_device_max: 8,
-        sender_dedup_entries_max: 64,
-        sends_in_flight_per_device_max: 100_000,
-        shard_outbox_messages_max: 100_000,
-        device_inactive_expiry_s: 0,
-        rates: SendRates::OFF,
-        codel_target_ms: 5,
-        codel_interval_ms: 100,
     };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 2,
@@ -356,9 +343,27 @@ fn codel_holds_back_only_the_sends_to_the_slow_shard() {
         shard_mailbox_bytes_max: 1 << 40,
     });
     let table = SlotTable::single_node(NodeId(0), 2, 1).unwrap();
+    (ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store), table)
+}
+
+#[test]
+fn codel_holds_back_only_the_sends_to_the_slow_shard() {
+    // Shard 0 of two; a device on it sends to a user on shard 1, whose
+    // answers come back 50 ms late, and to a user on shard 0.
+    let authority = TokenAuthority::from_secret([9; 32]);
+    let limits = CoreLimits {
+        dedup_entries_per_device_max: 8,
+        sender_dedup_entries_max: 64,
+        sends_in_flight_per_device_max: 100_000,
+        shard_outbox_messages_max: 100_000,
+        device_inactive_expiry_s: 0,
+        rates: SendRates::OFF,
+        codel_target_ms: 5,
+        codel_interval_ms: 100,
+    };
+    let (mut core, table) = shard_zero_of_two(&authority, limits);
     let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
     let (sender, local, remote) = (on_shard(0, 1), on_shard(0, 1000), on_shard(1, 1));
-    let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
     hello(&mut core, &authority, ConnId(1), sender);
     hello(&mut core, &authority, ConnId(2), local);
     let mut next_id = 0;
@@ -489,15 +494,6 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
     // sends one. Without fair shares the heavy ones fill the queue and the
     // light one is refused.
     let authority = TokenAuthority::from_secret([9; 32]);
-    let table = SlotTable::single_node(NodeId(0), 2, 1).unwrap();
-    let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
-    let identity = ShardIdentity {
-        node: NodeId(0),
-        shard: ShardId(0),
-        advertised_host: "h".into(),
-        shard_ports: vec![1, 2],
-        message_ids: 1..100_000,
-    };
     let limits = CoreLimits {
         dedup_entries_per_device_max: 8,
         sender_dedup_entries_max: 1024,
@@ -508,16 +504,9 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
         codel_target_ms: 0,
         codel_interval_ms: 100,
     };
-    let store = MemoryStore::new(StoreLimits {
-        devices_per_user_max: 2,
-        devices_per_shard_max: 100,
-        mailbox_messages_max: 1000,
-        mailbox_bytes_max: 1 << 20,
-        stored_dedup_entries_max: 100,
-        shard_mailbox_bytes_max: 1 << 30,
-    });
+    let (mut core, table) = shard_zero_of_two(&authority, limits);
+    let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
     let (heavy_a, heavy_b, light, remote) = (on_shard(0, 1), on_shard(0, 100), on_shard(0, 1000), on_shard(1, 1));
-    let mut core = ShardCore::new(identity, table.clone(), authority.verifier(), limits, 65536, store);
     for (conn, user) in [(1, heavy_a), (2, heavy_b), (3, light)] {
         hello(&mut core, &authority, ConnId(conn), user);
     }

@@ -700,3 +700,15 @@ fn a_push_starved_of_read_room_is_woken_once_the_reads_in_flight_are_done() {
     assert!(woken.contains(&b), "b's starved push is woken when nothing is left in flight");
     assert_eq!(push_all(&mut store, b, &files).len(), 3);
 }
+
+#[test]
+fn the_queue_of_starved_pushes_stays_within_twice_the_starving_devices() {
+    // A device starved, woken by its own read (leaving its queue entry),
+    // and starved again, over and over: stale entries must not pile up.
+    let (_, mut store, device, _) = store_of_one_device(4096);
+    for _ in 0..10_000 {
+        store.starve(device);
+        store.bodies.starving.remove(&device);
+    }
+    assert!(store.bodies.starved.len() <= 2 * store.bodies.starving.len() + 65, "{}", store.bodies.starved.len());
+}
