@@ -274,6 +274,7 @@ fn recover_store(disk: &mut SimDisk, log_limits: LogLimits) -> LogStore {
     let mut scans: Vec<(u64, Scan)> = Vec::new();
     for (segment, bytes) in disk.files.iter_mut() {
         let scan = scan_segment(bytes);
+        assert!(scan.unsupported.is_none(), "segment {segment}: a record this build wrote reads as unsupported");
         if scan.torn_tail.is_some() {
             bytes.truncate(scan.valid_end);
         }

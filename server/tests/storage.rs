@@ -123,7 +123,9 @@ async fn an_incompatible_or_mismatched_data_directory_is_refused_untouched() {
     server.kill9();
     let layout = server.data_dir.path().join("layout.toml");
     let text = std::fs::read_to_string(&layout).unwrap();
-    std::fs::write(&layout, text.replace("format_version = 1", "format_version = 99")).unwrap();
+    let current = format!("format_version = {}", irisd::storage::layout::DATA_FORMAT_VERSION);
+    assert!(text.contains(&current), "{text}");
+    std::fs::write(&layout, text.replace(&current, "format_version = 99")).unwrap();
     let before = snapshot(server.data_dir.path());
 
     let output = irisd_serve(&server, 2);

@@ -16,6 +16,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(*offset >= previous_end && *offset < data.len(), "records are in order and inside the segment");
         previous_end = *offset;
     }
+    if let Some(newer) = &scan.unsupported {
+        // The scan stops at a newer build's chunk: nothing read past it.
+        assert!(scan.records.iter().all(|(offset, _)| *offset < newer.offset));
+    }
     let mut records = Vec::new();
     for (_, record) in &scan.records {
         encode_record(record, &mut records);

@@ -12,8 +12,17 @@
 use super::record::{scan_segment, Scan};
 use std::path::{Path, PathBuf};
 
-/// Format version of the data directory written by this build.
-pub const DATA_FORMAT_VERSION: u32 = 1;
+/// Format version of the data directory written by this build. Version 2
+/// logs may hold `DeviceRemoved` records (type 8); builds that read
+/// version 1 only refuse such a directory instead of skipping the records
+/// they do not know. A directory of version 1 is raised to 2 at open,
+/// before anything is written: its logs are readable as they are.
+/// Whenever a record type or segment format is added, this goes up.
+pub const DATA_FORMAT_VERSION: u32 = 2;
+
+/// The oldest data directory version this build opens (and raises to
+/// [`DATA_FORMAT_VERSION`]).
+pub const DATA_FORMAT_VERSION_MIN: u32 = 1;
 
 /// Errors opening a data directory. All are printed and irisd exits; none
 /// modifies the directory.
@@ -38,7 +47,8 @@ pub enum LayoutError {
     },
     /// Written by an incompatible version.
     #[error(
-        "data directory {dir} has format version {found}; this irisd reads version {DATA_FORMAT_VERSION} only. \
+        "data directory {dir} has format version {found}; this irisd reads versions \
+         {DATA_FORMAT_VERSION_MIN} to {DATA_FORMAT_VERSION}. \
          Nothing was modified: use the irisd release that wrote it, or another --data-dir"
     )]
     IncompatibleVersion {
@@ -60,6 +70,20 @@ pub enum LayoutError {
         found: u16,
         /// Shard count requested.
         configured: u16,
+    },
+    /// A segment holds a certified chunk this build cannot read: the
+    /// directory was written by a newer irisd.
+    #[error(
+        "{segment}: offset {offset}: {detail}, in a chunk whose commit marker is valid: written by a newer irisd. \
+         Recovery stopped instead of skipping it; use that release or a newer one"
+    )]
+    NewerRecords {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the record.
+        offset: usize,
+        /// What is not understood.
+        detail: String,
     },
     /// Log directories exist but no layout file: not a directory this build wrote.
     #[error("data directory {0} holds shard logs but no layout.toml; refusing to guess its layout")]
@@ -88,7 +112,7 @@ pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError>
                 .ok()
                 .and_then(|table| table.get("format_version").and_then(|v| v.as_integer()));
             if let Some(version) = version {
-                if version != i64::from(DATA_FORMAT_VERSION) {
+                if !(i64::from(DATA_FORMAT_VERSION_MIN)..=i64::from(DATA_FORMAT_VERSION)).contains(&version) {
                     return Err(LayoutError::IncompatibleVersion {
                         dir: data_dir.to_path_buf(),
                         found: u32::try_from(version).unwrap_or(u32::MAX),
@@ -107,6 +131,13 @@ pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError>
             if layout.slot_count != iris_shard_map::SLOT_COUNT {
                 return Err(LayoutError::BadLayout { path, detail: format!("slot_count {}", layout.slot_count) });
             }
+            if layout.format_version < DATA_FORMAT_VERSION {
+                // Raised before this build writes a record an older one
+                // cannot read (an older irisd then refuses the directory).
+                let layout = LayoutFile { format_version: DATA_FORMAT_VERSION, ..layout };
+                tracing::info!(from = layout.format_version, to = DATA_FORMAT_VERSION, "data directory format raised");
+                write_layout(&path, &layout)?;
+            }
             Ok(())
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -115,12 +146,17 @@ pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError>
             }
             let layout =
                 LayoutFile { format_version: DATA_FORMAT_VERSION, shard_count, slot_count: iris_shard_map::SLOT_COUNT };
-            let text = toml::to_string(&layout)
-                .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?;
-            crate::files::write_private(&path, text.as_bytes()).map_err(io(&path))
+            write_layout(&path, &layout)
         }
         Err(error) => Err(io(&path)(error)),
     }
+}
+
+fn write_layout(path: &Path, layout: &LayoutFile) -> Result<(), LayoutError> {
+    let text =
+        toml::to_string(layout).map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() })?;
+    crate::files::write_private(path, text.as_bytes())
+        .map_err(|source| LayoutError::Io { path: path.to_path_buf(), source })
 }
 
 /// The log directory of shard `shard`.
@@ -221,6 +257,10 @@ pub fn scan_segments(dir: &Path, mut visit: impl FnMut(u64, &Scan)) -> Result<Op
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let scan = scan_segment(&bytes);
         drop(bytes);
+        if let Some(span) = &scan.unsupported {
+            // Before anything of this segment is cut or replayed.
+            return Err(LayoutError::NewerRecords { segment: path, offset: span.offset, detail: span.error.to_string() });
+        }
         for span in &scan.corrupt {
             tracing::error!(
                 segment = %path.display(), offset = span.offset, length = span.length, error = %span.error,
@@ -246,6 +286,47 @@ pub fn scan_segments(dir: &Path, mut visit: impl FnMut(u64, &Scan)) -> Result<Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn format_version(dir: &Path) -> i64 {
+        let text = std::fs::read_to_string(dir.join("layout.toml")).unwrap();
+        text.parse::<toml::Table>().unwrap()["format_version"].as_integer().unwrap()
+    }
+
+    #[test]
+    fn an_older_directory_is_raised_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        open_layout(dir.path(), 2).unwrap();
+        assert_eq!(format_version(dir.path()), i64::from(DATA_FORMAT_VERSION));
+        let layout = |version: u32| {
+            let file = LayoutFile { format_version: version, shard_count: 2, slot_count: iris_shard_map::SLOT_COUNT };
+            std::fs::write(dir.path().join("layout.toml"), toml::to_string(&file).unwrap()).unwrap();
+        };
+        layout(1);
+        open_layout(dir.path(), 2).unwrap();
+        assert_eq!(format_version(dir.path()), 2, "raised before anything is written");
+        layout(DATA_FORMAT_VERSION + 1);
+        let error = open_layout(dir.path(), 2).unwrap_err();
+        assert!(matches!(error, LayoutError::IncompatibleVersion { found: 3, .. }), "{error}");
+        assert_eq!(format_version(dir.path()), 3, "a refused directory is not modified");
+    }
+
+    #[test]
+    fn recovery_refuses_a_segment_a_newer_build_wrote() {
+        use crate::storage::record::{append_chunk, encode_unknown_record};
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = Vec::new();
+        let mut records = Vec::new();
+        encode_unknown_record(200, &mut records);
+        append_chunk(&mut file, 1, &records);
+        let before = file.clone();
+        std::fs::write(segment_path(dir.path(), 1), &file).unwrap();
+        let mut visited = 0;
+        let error = scan_segments(dir.path(), |_, _| visited += 1).unwrap_err();
+        assert!(matches!(error, LayoutError::NewerRecords { .. }), "{error}");
+        assert!(error.to_string().contains("newer irisd"), "{error}");
+        assert_eq!(visited, 0, "nothing of it replayed");
+        assert_eq!(std::fs::read(segment_path(dir.path(), 1)).unwrap(), before, "nor cut");
+    }
 
     #[test]
     fn message_id_reservations_never_overlap_across_starts() {

@@ -221,6 +221,19 @@ fn record_crc(type_byte: u8, version: u8, length: u32, body: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&header), body)
 }
 
+/// Appends a record as a newer build might write one: a type byte this
+/// build does not know, with a valid checksum (for tests).
+#[cfg(test)]
+pub(crate) fn encode_unknown_record(type_byte: u8, out: &mut Vec<u8>) {
+    let body = [7u8; 20];
+    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out.push(type_byte);
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&record_crc(type_byte, RECORD_VERSION, body.len() as u32, &body).to_le_bytes());
+    out.extend_from_slice(&body);
+}
+
 /// Why bytes at some offset are not a record.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -326,6 +339,12 @@ pub struct Scan {
     pub corrupt: Vec<CorruptSpan>,
     /// Invalid bytes after the last valid record, if any (a torn tail).
     pub torn_tail: Option<CorruptSpan>,
+    /// A certified chunk holding a record (or a segment header) of a type,
+    /// version or format this build does not read: written by a newer
+    /// irisd. The scan stops there; recovery must refuse to start rather
+    /// than skip it (skipping would silently drop acknowledged state, e.g.
+    /// a device removal).
+    pub unsupported: Option<CorruptSpan>,
 }
 
 /// Frames `records` (encoded records) as the write chunk that starts at
@@ -392,7 +411,11 @@ fn scan_chunks(bytes: &[u8]) -> Scan {
                 position = end;
                 scan.valid_end = end;
             }
-            Err(error) => {
+            Err(ChunkError::Unsupported(span)) => {
+                scan.unsupported = Some(span);
+                break;
+            }
+            Err(ChunkError::Damaged(error)) => {
                 let Some(last_nonzero) = bytes[position.min(bytes.len())..].iter().rposition(|byte| *byte != 0) else {
                     // Only zeros (or nothing) left: the end of the segment.
                     break;
@@ -425,35 +448,69 @@ fn scan_chunks(bytes: &[u8]) -> Scan {
 
 /// The records of the chunk that starts at `start` and the offset just past
 /// its commit marker, if the marker is there and certifies it.
-fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize), RecordError> {
+fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize), ChunkError> {
     let mut records = Vec::new();
     let mut position = start;
+    // The first record this build cannot read, if any: the chunk is then
+    // reported as unsupported once (and only if) its marker certifies it.
+    let mut unsupported = None;
     loop {
         let rest = bytes.get(position..).unwrap_or_default();
         if rest.len() >= RECORD_HEADER_BYTES && is_zero_padding(rest) {
-            return Err(RecordError::UncommittedChunk);
+            return Err(ChunkError::Damaged(RecordError::UncommittedChunk));
         }
-        let (record, size) = decode_record(rest).map_err(|error| match error {
+        let (record, size) = match decode_record(rest) {
+            Ok(decoded) => decoded,
+            // The checksum held: the length field is good, so the record
+            // can be stepped over to reach the chunk's marker.
+            Err(error @ RecordError::Unsupported { .. }) => {
+                let length = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
+                unsupported.get_or_insert(CorruptSpan { offset: position, length: RECORD_HEADER_BYTES + length, error });
+                position += RECORD_HEADER_BYTES + length;
+                continue;
+            }
             // Records that simply stop: a chunk whose end never arrived.
-            RecordError::Truncated | RecordError::BadMagic if position > start => RecordError::UncommittedChunk,
-            other => other,
-        })?;
+            Err(RecordError::Truncated | RecordError::BadMagic) if position > start => {
+                return Err(ChunkError::Damaged(RecordError::UncommittedChunk))
+            }
+            Err(other) => return Err(ChunkError::Damaged(other)),
+        };
         match record {
             Record::ChunkEnd(marker) => {
                 let certified = marker.start == start as u64
                     && position > start
                     && crc32c::crc32c(&bytes[start..position]) == marker.crc;
-                return if certified { Ok((records, position + size)) } else { Err(RecordError::UncommittedChunk) };
+                return match (certified, unsupported) {
+                    (false, _) => Err(ChunkError::Damaged(RecordError::UncommittedChunk)),
+                    (true, Some(span)) => Err(ChunkError::Unsupported(span)),
+                    (true, None) => Ok((records, position + size)),
+                };
             }
             Record::SegmentHeader(header) => {
-                if position != 0 || header.format != SEGMENT_FORMAT {
-                    return Err(RecordError::Framing);
+                if position != 0 || header.format < SEGMENT_FORMAT {
+                    return Err(ChunkError::Damaged(RecordError::Framing));
+                }
+                if header.format > SEGMENT_FORMAT {
+                    let error = RecordError::Unsupported { type_byte: header_type_byte(), version: RECORD_VERSION };
+                    unsupported.get_or_insert(CorruptSpan { offset: position, length: size, error });
                 }
             }
             record => records.push((position, record)),
         }
         position += size;
     }
+}
+
+/// Why a chunk was not read.
+enum ChunkError {
+    /// Damaged, torn or never finished: skipped (or cut off at the tail).
+    Damaged(RecordError),
+    /// Certified, but written by a newer build: recovery must stop.
+    Unsupported(CorruptSpan),
+}
+
+fn header_type_byte() -> u8 {
+    Record::SegmentHeader(SegmentHeader { format: 0, segment: 0 }).type_byte()
 }
 
 /// The start of the first chunk after `from` that a commit marker
@@ -496,7 +553,9 @@ fn next_certified_chunk(bytes: &[u8], from: usize) -> Result<usize, Resync> {
         budget -= marker - start;
         // Only up to this marker: the walk costs what was charged.
         let end = (marker + marker_body + RECORD_HEADER_BYTES).min(bytes.len());
-        if read_chunk(&bytes[..end], start).is_ok() {
+        // A certified chunk of a newer build is a place to resume too: the
+        // scan then stops there and reports it.
+        if !matches!(read_chunk(&bytes[..end], start), Err(ChunkError::Damaged(_))) {
             return Ok(start);
         }
     }
@@ -775,5 +834,46 @@ mod tests {
             let scan = scan_segment(&bytes);
             assert!(scan.valid_end <= bytes.len());
         }
+    }
+
+    #[test]
+    fn a_certified_chunk_of_a_newer_build_stops_the_scan_instead_of_being_skipped() {
+        let (mut file, _, _) = chunked(1, 3);
+        let newer_at = file.len();
+        let mut records = Vec::new();
+        encode_record(&sample(3), &mut records);
+        encode_unknown_record(42, &mut records);
+        append_chunk(&mut file, 1, &records);
+        let mut later = Vec::new();
+        encode_record(&sample(4), &mut later);
+        append_chunk(&mut file, 1, &later);
+        let scan = scan_segment(&file);
+        assert_eq!(ids(&scan), vec![0, 1, 2], "nothing from the newer chunk or after it");
+        let unsupported = scan.unsupported.expect("reported, not skipped");
+        assert!(unsupported.offset > newer_at);
+        assert!(matches!(unsupported.error, RecordError::Unsupported { type_byte: 42, .. }));
+        assert!(scan.corrupt.is_empty() && scan.torn_tail.is_none());
+
+        // The same record in a chunk whose marker does not certify it (a
+        // torn write) is damage, not a newer build's data.
+        let mut torn = file.clone();
+        torn[newer_at + 14] ^= 1;
+        let scan = scan_segment(&torn);
+        assert!(scan.unsupported.is_none());
+        assert_eq!(ids(&scan), vec![0, 1, 2, 4]);
+    }
+
+    #[test]
+    fn a_segment_header_of_a_newer_format_stops_the_scan() {
+        let mut records = Vec::new();
+        encode_record(&sample(0), &mut records);
+        let mut chunk = Vec::new();
+        encode_record(&Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT + 1, segment: 1 }), &mut chunk);
+        chunk.extend_from_slice(&records);
+        let marker = Record::ChunkEnd(ChunkEnd { start: 0, crc: crc32c::crc32c(&chunk) });
+        encode_record(&marker, &mut chunk);
+        let scan = scan_segment(&chunk);
+        assert!(scan.records.is_empty());
+        assert!(scan.unsupported.is_some());
     }
 }
