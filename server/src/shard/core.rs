@@ -451,16 +451,24 @@ impl<S: MailboxStore> ShardCore<S> {
         match self.sessions.remove(&conn) {
             Some(Session::Active { device, .. }) if self.online.get(&device) == Some(&conn) => {
                 self.online.remove(&device);
-                self.inactivity.offline(device, self.now_s);
+                self.device_offline(device);
             }
             // A new device whose Welcome never came is idle as well.
             Some(Session::Registering { device, .. })
                 if !self.online.contains_key(&device)
                     && self.store.devices_of(device.user).contains(&device.device) =>
             {
-                self.inactivity.offline(device, self.now_s);
+                self.device_offline(device);
             }
             _ => {}
+        }
+    }
+
+    /// `device`'s last session ended now: it is idle from now, durably.
+    fn device_offline(&mut self, device: DeviceKey) {
+        self.inactivity.offline(device, self.now_s);
+        if self.now_s > 0 {
+            self.store.note_seen(device, self.now_s, false);
         }
     }
 
@@ -479,10 +487,12 @@ impl<S: MailboxStore> ShardCore<S> {
     pub fn expire_inactive(&mut self, now_ms: u64) {
         self.now_s = self.now_s.max(now_ms / 1000);
         if self.inactivity.needs_seeding() {
-            // Devices recovered from the log count as idle from now on.
+            // Devices recovered from the log are idle since the log last saw
+            // them (or, for logs without that, from now on).
             for device in self.store.registered_devices() {
                 if !self.online.contains_key(&device) {
-                    self.inactivity.seed(device, self.now_s);
+                    let since = self.store.recovered_idle_since(device).unwrap_or(self.now_s).min(self.now_s);
+                    self.inactivity.seed(device, since);
                 }
             }
         }
@@ -612,6 +622,9 @@ impl<S: MailboxStore> ShardCore<S> {
         // What the client processed can only be what some connection of it
         // was pushed; anything above is pushed again (the SDK drops repeats).
         self.inactivity.online(device);
+        if self.now_s > 0 {
+            self.store.note_seen(device, self.now_s, true);
+        }
         let resume = resume_after_seq.min(self.store.pushed_seq(device));
         self.store.acknowledge(device, resume);
         let session = Session::Active { device, expires_at_s, pushed_up_to: resume, push_queued: false };
@@ -1158,7 +1171,7 @@ impl<S: MailboxStore> ShardCore<S> {
             if self.online.get(device) == Some(&conn) {
                 let device = *device;
                 self.online.remove(&device);
-                self.inactivity.offline(device, self.now_s);
+                self.device_offline(device);
             }
         }
         if self.sessions.contains_key(&conn) {

@@ -2,10 +2,11 @@
 //! `limits.device_inactive_expiry_s` is removed (as messengers unlink a
 //! companion device after about 30 days) without scanning every device.
 //!
-//! A device is *idle* from the moment its last session ends (or, for devices
-//! recovered from the log, from the first check after the start: the log
-//! does not keep last-seen times yet, so a restart only postpones expiry,
-//! never hastens it). An online device is never idle.
+//! A device is *idle* from the moment its last session ends. The store logs
+//! that moment (`MailboxStore::note_seen`), so a device recovered after a
+//! restart is idle since the log last saw it (`storage::last_seen`); one
+//! the log has no time for (a log of an earlier build) counts from the
+//! first check after the start. An online device is never idle.
 
 use super::messages::DeviceKey;
 use super::StateMap;

@@ -184,6 +184,15 @@ pub trait MailboxStore {
     fn removal_pending(&self, _device: DeviceKey) -> bool {
         false
     }
+    /// `device` was seen at `at_s` (s since the epoch): a session of it
+    /// started (`online`) or its last one ended. A durable store logs it,
+    /// so the inactivity clock survives restarts.
+    fn note_seen(&mut self, _device: DeviceKey, _at_s: u64, _online: bool) {}
+    /// Since when `device` has been idle as recovered from the log (s since
+    /// the epoch), if the log knows.
+    fn recovered_idle_since(&self, _device: DeviceKey) -> Option<u64> {
+        None
+    }
     /// Whether `device` could take one more message of `payload_bytes`.
     fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError>;
     /// Whether the shard's mailbox budget can take a message of

@@ -13,7 +13,8 @@ use super::record::{scan_segment, Scan};
 use std::path::{Path, PathBuf};
 
 /// Format version of the data directory written by this build. Version 2
-/// logs may hold `DeviceRemoved` records (type 8); builds that read
+/// logs may hold `DeviceRemoved` (type 8) and `DeviceSeen` (type 9)
+/// records; builds that read
 /// version 1 only refuse such a directory instead of skipping the records
 /// they do not know. A directory of version 1 is raised to 2 at open,
 /// before anything is written: its logs are readable as they are.
@@ -153,8 +154,8 @@ pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError>
 }
 
 fn write_layout(path: &Path, layout: &LayoutFile) -> Result<(), LayoutError> {
-    let text =
-        toml::to_string(layout).map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() })?;
+    let text = toml::to_string(layout)
+        .map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() })?;
     crate::files::write_private(path, text.as_bytes())
         .map_err(|source| LayoutError::Io { path: path.to_path_buf(), source })
 }
@@ -259,7 +260,11 @@ pub fn scan_segments(dir: &Path, mut visit: impl FnMut(u64, &Scan)) -> Result<Op
         drop(bytes);
         if let Some(span) = &scan.unsupported {
             // Before anything of this segment is cut or replayed.
-            return Err(LayoutError::NewerRecords { segment: path, offset: span.offset, detail: span.error.to_string() });
+            return Err(LayoutError::NewerRecords {
+                segment: path,
+                offset: span.offset,
+                detail: span.error.to_string(),
+            });
         }
         for span in &scan.corrupt {
             tracing::error!(

@@ -12,9 +12,10 @@
 //! lives there) to the head of the log so it can go. Checkpointing is
 //! incremental: no write ever covers every device.
 
+use super::last_seen::{LastSeen, Seen};
 use super::record::{
-    chunk_framing_bytes, decode_record, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceState,
-    MessageStored, RecipientSeq, Record, Scan, RECORD_HEADER_BYTES,
+    chunk_framing_bytes, decode_record, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceSeen,
+    DeviceState, MessageStored, RecipientSeq, Record, Scan, RECORD_HEADER_BYTES,
 };
 use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
@@ -145,6 +146,8 @@ pub struct LogStore {
     registering_devices: std::collections::HashSet<DeviceKey, foldhash::fast::RandomState>,
     /// Bodies read back from the log, their reads and the body cache.
     bodies: Bodies,
+    /// When each device was last seen.
+    last_seen: LastSeen,
     /// [`LogStore::held_disk_bytes`] as of (committed ticket, segments on
     /// disk, segments with live entries): recounted only when one moves,
     /// not on every send made at the budget.
@@ -382,6 +385,7 @@ impl LogStore {
             stored_count: 0,
             newest_stored_by_segment: BTreeMap::new(),
             bodies: Bodies::default(),
+            last_seen: LastSeen::default(),
             held_disk_cache: None,
         }
     }
@@ -411,6 +415,15 @@ impl LogStore {
             store.start_segment();
         }
         store.corrupt_records = report.corrupt_records;
+        // A time read before the device's registration was replayed (its
+        // seqs were carried past the segment of its last-seen record) is
+        // kept; one of a device that is gone or never registered is not.
+        for device in store.last_seen.devices() {
+            if store.index.mailbox(device).is_none() || store.index.is_removed(device) {
+                store.last_seen.forget(device);
+                store.homes.forget_seen(device);
+            }
+        }
         report.devices = store.index.mailboxes().count() as u64;
         report.live_entries = store.live_by_segment.values().map(|live| live.members.len() as u64).sum();
         report.live_payload_bytes_max = store
@@ -460,6 +473,7 @@ impl LogStore {
                 }
                 self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
                 self.note_stored_in(segment);
+                self.last_seen.recovered_time(r.sent_at_ms / 1000);
             }
             Record::Acknowledged(r) => {
                 let device = DeviceKey { user: r.user, device: r.device };
@@ -510,6 +524,13 @@ impl LogStore {
                 if let Some(forgotten) = forgotten {
                     self.homes.forget(forgotten);
                 }
+            }
+            Record::DeviceSeen(r) => {
+                let device = DeviceKey { user: r.user, device: r.device };
+                // Not a proof of life (it is never written for a removed
+                // device): one that recovery finds removed loses it at the end.
+                self.last_seen.recovered(device, Seen { at_s: r.at_s, online: r.online });
+                self.homes.set(device, StateKind::Seen, segment);
             }
             // Framing: the scanner keeps these out of its records.
             Record::ChunkEnd(_) | Record::SegmentHeader(_) => {}
@@ -821,15 +842,20 @@ impl LogStore {
             if let Some(ordinal) = self.index.removal_ordinal(device).filter(|_| self.homes.is_removal(device)) {
                 last_ticket = self.append_removal_record(device, ordinal);
             } else if self.index.mailbox(device).is_some() {
-                let state = DeviceState {
-                    user: device.user,
-                    device: device.device,
-                    last_seq: self.index.last_seq(device),
-                    acked_seq: self.index.acked_seq(device),
-                };
-                let (ticket, RecordAt { segment, .. }) = self.append(&Record::DeviceState(state));
-                self.homes.move_when_durable(ticket, device, StateKind::Both, segment);
-                last_ticket = ticket;
+                if self.homes.state_in(device, from) {
+                    let state = DeviceState {
+                        user: device.user,
+                        device: device.device,
+                        last_seq: self.index.last_seq(device),
+                        acked_seq: self.index.acked_seq(device),
+                    };
+                    let (ticket, RecordAt { segment, .. }) = self.append(&Record::DeviceState(state));
+                    self.homes.move_when_durable(ticket, device, StateKind::Both, segment);
+                    last_ticket = ticket;
+                }
+                if self.homes.seen_in(device, from) {
+                    last_ticket = last_ticket.max(self.append_seen(device));
+                }
             }
         }
         last_ticket = last_ticket.max(self.last_ticket);
@@ -917,6 +943,21 @@ impl LogStore {
         let record = Record::DeviceRemoved(DeviceRemoved { user: device.user, device: device.device, ordinal });
         let (ticket, RecordAt { segment, .. }) = self.append(&record);
         self.homes.move_when_durable(ticket, device, StateKind::Removed, segment);
+        ticket
+    }
+
+    /// Appends `device`'s newest last-seen time; it moves there once durable.
+    fn append_seen(&mut self, device: DeviceKey) -> Ticket {
+        let Some(seen) = self.last_seen.get(device) else { return self.last_ticket };
+        let record = Record::DeviceSeen(DeviceSeen {
+            user: device.user,
+            device: device.device,
+            at_s: seen.at_s,
+            online: seen.online,
+        });
+        let (ticket, RecordAt { segment, .. }) = self.append(&record);
+        self.homes.move_when_durable(ticket, device, StateKind::Seen, segment);
+        self.last_seen.appended(ticket, device);
         ticket
     }
 
@@ -1131,6 +1172,7 @@ impl MailboxStore for LogStore {
         }
         let entries: Vec<MailboxEntry> = mailbox.entries.into_iter().collect();
         self.forget_entries(device, &entries);
+        self.last_seen.forget(device);
         self.registrations_pending.retain(|(_, pending)| *pending != device);
         self.registering_devices.remove(&device);
         self.append_removal(device);
@@ -1139,6 +1181,20 @@ impl MailboxStore for LogStore {
 
     fn is_removed(&self, device: DeviceKey) -> bool {
         self.index.is_removed(device)
+    }
+
+    fn note_seen(&mut self, device: DeviceKey, at_s: u64, online: bool) {
+        // A removed device logs nothing more (replay would take it as alive).
+        if self.index.mailbox(device).is_none() || self.index.is_removed(device) {
+            return;
+        }
+        if self.last_seen.note(device, at_s, online) {
+            self.append_seen(device);
+        }
+    }
+
+    fn recovered_idle_since(&self, device: DeviceKey) -> Option<u64> {
+        self.last_seen.idle_since(device)
     }
 
     fn removal_pending(&self, device: DeviceKey) -> bool {
@@ -1430,6 +1486,7 @@ impl MailboxStore for LogStore {
             self.uncommitted_entries.pop_front();
         }
         self.homes.on_durable(last_ticket);
+        self.last_seen.on_durable(last_ticket);
         while self.registrations_pending.front().is_some_and(|(ticket, _)| *ticket <= last_ticket) {
             if let Some((_, device)) = self.registrations_pending.pop_front() {
                 self.registering_devices.remove(&device);
@@ -1514,6 +1571,13 @@ impl MailboxStore for LogStore {
         for device in take_tickets_in(&mut self.removals_pending, first_ticket, last_ticket) {
             self.not_removing(device);
             self.append_removal(device);
+        }
+        // And a last-seen time, with its newest value: the durable one must
+        // not lag behind (a lagging one would hasten the expiry).
+        for device in self.last_seen.take_failed(first_ticket, last_ticket) {
+            if self.index.mailbox(device).is_some() && !self.index.is_removed(device) {
+                self.append_seen(device);
+            }
         }
     }
 

@@ -7,10 +7,13 @@
 //!   produces write chunks and learns their outcome from the driver).
 //! - [`state_homes`]: which segment holds each device's durable state, so
 //!   reclaim never deletes it and compaction carries it forward.
+//! - [`last_seen`]: when each device was last seen, kept in the log so the
+//!   inactivity expiry survives restarts.
 //! - [`layout`]: the data directory's layout file, format version and shard
 //!   count checks, boot counters, and reading segments at start (blocking
 //!   file I/O, run before a shard serves).
 
+pub mod last_seen;
 pub mod layout;
 pub mod log_store;
 pub mod record;

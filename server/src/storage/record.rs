@@ -126,6 +126,22 @@ pub struct DeviceRemoved {
     pub ordinal: u64,
 }
 
+/// When a device was last seen: written when a session of it starts
+/// (`online`) and when its last session ends (not `online`), and carried
+/// forward by compaction, so that the inactivity expiry (and last seen)
+/// survive restarts.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSeen {
+    /// User.
+    pub user: u64,
+    /// Device.
+    pub device: u32,
+    /// Seconds since the Unix epoch.
+    pub at_s: u64,
+    /// Whether a session of it had just started (it was online from then).
+    pub online: bool,
+}
+
 /// The first record of every format-2 segment.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -169,6 +185,8 @@ pub enum Record {
     SegmentHeader(SegmentHeader),
     /// Type 8.
     DeviceRemoved(DeviceRemoved),
+    /// Type 9.
+    DeviceSeen(DeviceSeen),
 }
 
 impl Record {
@@ -182,6 +200,7 @@ impl Record {
             Record::ChunkEnd(_) => 6,
             Record::SegmentHeader(_) => 7,
             Record::DeviceRemoved(_) => 8,
+            Record::DeviceSeen(_) => 9,
         }
     }
 }
@@ -197,6 +216,7 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
         Record::ChunkEnd(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::SegmentHeader(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::DeviceRemoved(r) => rkyv::to_bytes::<rancor::Error>(r),
+        Record::DeviceSeen(r) => rkyv::to_bytes::<rancor::Error>(r),
     }
     // Serializing plain structs into a growable buffer fails only if memory
     // allocation fails, which aborts anyway.
@@ -312,6 +332,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
         6 => Record::ChunkEnd(rkyv::from_bytes::<ChunkEnd, _>(body).map_err(malformed)?),
         7 => Record::SegmentHeader(rkyv::from_bytes::<SegmentHeader, _>(body).map_err(malformed)?),
         8 => Record::DeviceRemoved(rkyv::from_bytes::<DeviceRemoved, _>(body).map_err(malformed)?),
+        9 => Record::DeviceSeen(rkyv::from_bytes::<DeviceSeen, _>(body).map_err(malformed)?),
         _ => return Err(RecordError::Unsupported { type_byte, version }),
     };
     Ok((record, total))
@@ -465,7 +486,11 @@ fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize
             // can be stepped over to reach the chunk's marker.
             Err(error @ RecordError::Unsupported { .. }) => {
                 let length = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
-                unsupported.get_or_insert(CorruptSpan { offset: position, length: RECORD_HEADER_BYTES + length, error });
+                unsupported.get_or_insert(CorruptSpan {
+                    offset: position,
+                    length: RECORD_HEADER_BYTES + length,
+                    error,
+                });
                 position += RECORD_HEADER_BYTES + length;
                 continue;
             }

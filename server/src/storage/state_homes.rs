@@ -1,11 +1,12 @@
 //! Where each device's durable state lives in the log, so that a segment is
 //! deleted only once no device depends on it (incremental checkpointing).
 //!
-//! A device's state is three facts: its highest assigned seq (with the fact
-//! that it is registered), its acknowledged seq, and, for a removed device,
-//! that it was removed. Each fact is durable in the newest record that
-//! carries its current value: a `DeviceRegistered`, a `MessageStored` naming
-//! the device, an `Acknowledged`, a `DeviceState` or a `DeviceRemoved`. The
+//! A device's state is four facts: its highest assigned seq (with the fact
+//! that it is registered), its acknowledged seq, when it was last seen,
+//! and, for a removed device, that it was removed. Each fact is durable in
+//! the newest record that carries its current value: a `DeviceRegistered`,
+//! a `MessageStored` naming the device, an `Acknowledged`, a `DeviceState`,
+//! a `DeviceSeen` or a `DeviceRemoved`. The
 //! *home* of a fact is the segment of that record. A segment that is the
 //! home of some fact must outlive it; compaction moves the facts of a
 //! mostly dead segment forward by writing a `DeviceState` (or
@@ -30,6 +31,8 @@ pub enum StateKind {
     Acked,
     /// Both (a `DeviceState`).
     Both,
+    /// When it was last seen (a `DeviceSeen`).
+    Seen,
     /// The device's removal (its other facts no longer matter).
     Removed,
 }
@@ -39,12 +42,17 @@ pub enum StateKind {
 struct Homes {
     seqs: u64,
     acked: u64,
+    seen: u64,
     removed: u64,
 }
 
 impl Homes {
     fn references(&self, segment: u64) -> bool {
-        segment != 0 && (self.seqs == segment || self.acked == segment || self.removed == segment)
+        segment != 0 && self.all().contains(&segment)
+    }
+
+    fn all(&self) -> [u64; 4] {
+        [self.seqs, self.acked, self.seen, self.removed]
     }
 }
 
@@ -83,10 +91,11 @@ impl StateHomes {
                 after.acked = segment;
                 after.removed = 0;
             }
-            StateKind::Removed => after = Homes { seqs: 0, acked: 0, removed: segment },
+            StateKind::Seen => after.seen = segment,
+            StateKind::Removed => after = Homes { seqs: 0, acked: 0, seen: 0, removed: segment },
         }
         self.homes.insert(device, after);
-        for old in [before.seqs, before.acked, before.removed] {
+        for old in before.all() {
             if old != 0 && !after.references(old) {
                 self.leave(old, device);
             }
@@ -97,7 +106,7 @@ impl StateHomes {
     /// Forgets `device` entirely (a removed device no longer remembered).
     pub fn forget(&mut self, device: DeviceKey) {
         if let Some(homes) = self.homes.remove(&device) {
-            for old in [homes.seqs, homes.acked, homes.removed] {
+            for old in homes.all() {
                 if old != 0 {
                     self.leave(old, device);
                 }
@@ -153,6 +162,29 @@ impl StateHomes {
         self.by_segment.get(&segment).map_or(0, hashbrown::HashSet::len)
     }
 
+    /// Forgets where `device`'s last-seen time lives (it no longer matters).
+    pub fn forget_seen(&mut self, device: DeviceKey) {
+        let Some(homes) = self.homes.get_mut(&device) else { return };
+        let old = std::mem::take(&mut homes.seen);
+        let still = homes.references(old);
+        if homes.all() == [0; 4] {
+            self.homes.remove(&device);
+        }
+        if old != 0 && !still {
+            self.leave(old, device);
+        }
+    }
+
+    /// Whether `device`'s seqs or acked seq live in `segment`.
+    pub fn state_in(&self, device: DeviceKey, segment: u64) -> bool {
+        self.homes.get(&device).is_some_and(|homes| homes.seqs == segment || homes.acked == segment)
+    }
+
+    /// Whether `device`'s last-seen time lives in `segment`.
+    pub fn seen_in(&self, device: DeviceKey, segment: u64) -> bool {
+        self.homes.get(&device).is_some_and(|homes| homes.seen == segment)
+    }
+
     /// Whether `device`'s removal is what it keeps in the log.
     pub fn is_removal(&self, device: DeviceKey) -> bool {
         self.homes.get(&device).is_some_and(|homes| homes.removed != 0)
@@ -183,5 +215,22 @@ mod tests {
         assert_eq!((homes.holds(2), homes.holds(3), homes.count_in(4)), (false, false, 1));
         homes.forget(D);
         assert!(!homes.holds(4));
+    }
+
+    #[test]
+    fn the_last_seen_time_holds_its_segment_on_its_own() {
+        let mut homes = StateHomes::default();
+        homes.set(D, StateKind::Both, 1);
+        homes.set(D, StateKind::Seen, 2);
+        homes.set(D, StateKind::Both, 3);
+        assert!(!homes.holds(1) && homes.holds(2), "seen stays where it was written");
+        assert!(homes.seen_in(D, 2) && !homes.state_in(D, 2) && homes.state_in(D, 3));
+        homes.set(D, StateKind::Seen, 3);
+        assert!(!homes.holds(2));
+        homes.forget_seen(D);
+        assert!(homes.holds(3), "its seqs are still there");
+        homes.set(D, StateKind::Seen, 4);
+        homes.set(D, StateKind::Removed, 5);
+        assert!(!homes.holds(4) && !homes.holds(3), "a removal is all that matters then");
     }
 }

@@ -22,6 +22,17 @@ fn core_with_limits(
     authority: &TokenAuthority,
     adjust: impl FnOnce(&mut StoreLimits, &mut CoreLimits),
 ) -> ShardCore<MemoryStore> {
+    core_over(authority, |store_limits, limits| {
+        adjust(store_limits, limits);
+        MemoryStore::new(*store_limits)
+    })
+}
+
+/// A core over the store `make` builds from the test limits (which it may change).
+fn core_over<S: MailboxStore>(
+    authority: &TokenAuthority,
+    make: impl FnOnce(&mut StoreLimits, &mut CoreLimits) -> S,
+) -> ShardCore<S> {
     let identity = ShardIdentity {
         node: NodeId(0),
         shard: ShardId(0),
@@ -48,8 +59,7 @@ fn core_with_limits(
         stored_dedup_entries_max: 1,
         shard_mailbox_bytes_max: 1 << 40,
     };
-    adjust(&mut store_limits, &mut limits);
-    let store = MemoryStore::new(store_limits);
+    let store = make(&mut store_limits, &mut limits);
     let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
@@ -60,8 +70,8 @@ fn hello(core: &mut ShardCore<MemoryStore>, authority: &TokenAuthority, conn: Co
 }
 
 /// Hello of `user`'s `device`; returns the outputs it produced.
-fn hello_device(
-    core: &mut ShardCore<MemoryStore>,
+fn hello_device<S: MailboxStore>(
+    core: &mut ShardCore<S>,
     authority: &TokenAuthority,
     conn: ConnId,
     user: u64,
@@ -251,6 +261,77 @@ fn a_device_without_a_session_for_the_expiry_is_removed_and_an_online_one_never(
     core.on_connection_closed(ConnId(5));
     core.expire_inactive(NOW_MS + 1_120_000);
     assert_eq!(core.store().devices_of(30), &[1], "away 60 s at most each time");
+}
+
+/// Writes every chunk `core`'s log store has into `files` (all durable).
+fn write_log(core: &mut ShardCore<crate::storage::LogStore>, files: &mut Vec<(u64, Vec<u8>)>) {
+    while let Some(chunk) = core.store_mut().take_write() {
+        match files.iter_mut().find(|(segment, _)| *segment == chunk.segment) {
+            Some((_, file)) => crate::storage::record::append_chunk(file, chunk.segment, &chunk.bytes),
+            None => {
+                let mut file = Vec::new();
+                crate::storage::record::append_chunk(&mut file, chunk.segment, &chunk.bytes);
+                files.push((chunk.segment, file));
+            }
+        }
+        core.store_mut().on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    }
+}
+
+/// A core over the log store recovered from `files`.
+fn recovered_core(authority: &TokenAuthority, files: &[(u64, Vec<u8>)]) -> ShardCore<crate::storage::LogStore> {
+    let scans: Vec<_> =
+        files.iter().map(|(segment, bytes)| (*segment, crate::storage::record::scan_segment(bytes))).collect();
+    core_over(authority, |store_limits, _| {
+        let log = crate::storage::LogLimits::keep_bodies(1 << 20, 1 << 16);
+        crate::storage::LogStore::recover(*store_limits, log, &scans).0
+    })
+}
+
+#[test]
+fn the_inactivity_clock_survives_restarts_and_a_crash_loop_cannot_stop_it() {
+    // The test core expires devices after 100 s without a session.
+    let authority = TokenAuthority::from_secret([11; 32]);
+    let mut files = Vec::new();
+    let mut core = recovered_core(&authority, &files);
+    let (phone, laptop) = (ConnId(1), ConnId(2));
+    for (conn, device) in [(phone, 1), (laptop, 2)] {
+        core.on_connection(conn);
+        let token = authority.mint(Claims { user_id: 20, device_id: device, expires_at_s: NOW_MS / 1000 + 60 });
+        core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS);
+        core.flush_commits();
+        write_log(&mut core, &mut files);
+        core.expire_inactive(NOW_MS);
+        while core.poll_output().is_some() {}
+    }
+    assert_eq!(core.store().devices_of(20), &[1, 2]);
+    // The laptop goes away; the phone reconnects 30 s later and stays
+    // online until the process dies.
+    core.on_connection_closed(laptop);
+    core.on_connection_closed(phone);
+    core.on_connection(ConnId(3));
+    let token = authority.mint(Claims { user_id: 20, device_id: 1, expires_at_s: NOW_MS / 1000 + 60 });
+    core.on_frame(ConnId(3), Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS + 30_000);
+    core.flush_commits();
+    write_log(&mut core, &mut files);
+    // Restarts every 45 s (a crash loop): none may reset the clock.
+    for after_s in [45, 90] {
+        let mut core = recovered_core(&authority, &files);
+        core.expire_inactive(NOW_MS + after_s * 1000);
+        assert_eq!(core.store().devices_of(20), &[1, 2], "{after_s} s after the laptop left");
+    }
+    let mut core = recovered_core(&authority, &files);
+    core.expire_inactive(NOW_MS + 110_000);
+    assert_eq!(core.store().devices_of(20), &[1], "the laptop, away 110 s across restarts, is gone");
+    write_log(&mut core, &mut files);
+    // The phone was online when the process died: idle from the newest
+    // time the log holds (its reconnect at 30 s), so gone after 130 s.
+    let mut core = recovered_core(&authority, &files);
+    core.expire_inactive(NOW_MS + 125_000);
+    assert_eq!(core.store().devices_of(20), &[1]);
+    let mut core = recovered_core(&authority, &files);
+    core.expire_inactive(NOW_MS + 131_000);
+    assert_eq!(core.store().devices_of(20), &[] as &[u32]);
 }
 
 #[test]

@@ -712,3 +712,71 @@ fn the_queue_of_starved_pushes_stays_within_twice_the_starving_devices() {
     }
     assert!(store.bodies.starved.len() <= 2 * store.bodies.starving.len() + 65, "{}", store.bodies.starved.len());
 }
+
+/// Like `flush`, but every chunk holding a `DeviceSeen` fails, `failures` times.
+fn flush_failing_seen(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
+    store.maintain();
+    while let Some(chunk) = store.take_write() {
+        let seen = scan_segment(&chunk.bytes).records.iter().any(|(_, record)| matches!(record, Record::DeviceSeen(_)));
+        if seen && *failures > 0 {
+            *failures -= 1;
+            store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+            continue;
+        }
+        append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+        store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+    }
+    for segment in store.take_reclaimable() {
+        files.remove(&segment);
+    }
+}
+
+#[test]
+fn last_seen_times_survive_failed_writes_compaction_reclaim_and_recovery() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    let (quiet, busy) = (QUIET, BUSY);
+    let never_seen = DeviceKey { user: 4, device: 1 };
+    store.register_device(never_seen).unwrap();
+    store.note_seen(quiet, 1_000, true);
+    store.note_seen(quiet, 2_000, false);
+    // The newer time is what must reach the disk, though its write fails twice.
+    let mut failures = 2;
+    flush_failing_seen(&mut store, &mut files, &mut failures);
+    assert_eq!(failures, 0, "each failure queued the record again");
+    // An older time never replaces a newer one.
+    store.note_seen(quiet, 1_500, false);
+    // Much delivered traffic: the segments holding the quiet device's
+    // records are compacted and reclaimed.
+    store.note_seen(busy, 2_500, true);
+    for id in 1..=300 {
+        store.store_message(message(id, 3, 100), &[busy]).unwrap();
+        flush(&mut store, &mut files);
+        store.acknowledge(busy, id);
+        flush(&mut store, &mut files);
+    }
+    assert!(!files.contains_key(&1), "the first segment should be reclaimed");
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.recovered_idle_since(quiet), Some(2_000), "offline since its last session ended");
+    // Online when the log stops: idle since the newest time the log holds
+    // (here the busy device's record; the messages carry 7 ms).
+    assert_eq!(recovered.recovered_idle_since(busy), Some(2_500));
+    assert_eq!(recovered.recovered_idle_since(never_seen), None, "an older log says nothing");
+
+    // A removed device's time goes with it, in memory and on disk.
+    let mut store = recovered;
+    store.remove_device(quiet).unwrap();
+    flush(&mut store, &mut files);
+    assert_eq!(recover(&files, log_limits).recovered_idle_since(quiet), None);
+}
+
+#[test]
+fn an_online_device_at_a_crash_is_idle_since_the_newest_time_in_the_log() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    store.note_seen(QUIET, 1_000, true);
+    let mut late = (*message(1, 3, 10)).clone();
+    late.sent_at_ms = 9_000_000;
+    store.store_message(Rc::new(late), &[BUSY]).unwrap();
+    flush(&mut store, &mut files);
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.recovered_idle_since(QUIET), Some(9_000), "it was online at least until the last send");
+}
