@@ -8,6 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use irisd::driver::log_writer::{run_writer, WriterCommand, WriterEvent};
 use irisd::shard::mailbox::{MailboxStore, StoreLimits, StoredMessage};
 use irisd::shard::DeviceKey;
+use irisd::storage::record::{LogKey, LOG_KEY_BYTES};
 use irisd::storage::{LogLimits, LogStore};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ fn store() -> LogStore {
         devices_per_shard_max: 1000,
         mailbox_messages_max: u32::MAX,
         mailbox_bytes_max: u64::MAX,
+        mailbox_sender_messages_max: u32::MAX,
+        mailbox_sender_bytes_max: u64::MAX,
         stored_dedup_entries_max: 1 << 16,
         shard_mailbox_bytes_max: 1 << 40,
     };
@@ -66,7 +69,14 @@ fn log_append(c: &mut Criterion) {
                 executor.run(async move {
                     let (commands, command_receiver) = flume::bounded(4);
                     let (event_sender, events) = flume::bounded(4);
-                    let writer = glommio::spawn_local(run_writer(dir, None, 0, command_receiver, event_sender));
+                    let writer = glommio::spawn_local(run_writer(
+                        dir,
+                        LogKey::from_secret(&[7; LOG_KEY_BYTES]),
+                        None,
+                        0,
+                        command_receiver,
+                        event_sender,
+                    ));
                     let mut log = store();
                     let mut id = 0;
                     let mut elapsed = Duration::ZERO;

@@ -34,6 +34,8 @@ fn message_path(c: &mut Criterion) {
         devices_per_shard_max: 1000,
         mailbox_messages_max: 1_000_000,
         mailbox_bytes_max: 1 << 32,
+        mailbox_sender_messages_max: u32::MAX,
+        mailbox_sender_bytes_max: u64::MAX,
         stored_dedup_entries_max: 100_000,
         shard_mailbox_bytes_max: 1 << 40,
     });

@@ -86,7 +86,9 @@ fn fanin_smoke_online_and_offline() {
             .arg(json.path());
         if offline {
             // A mailbox cap below the message count: the rest must be refused, not stored.
+            // The senders' shares set to the whole mailbox: the cap is what this shows.
             command.args(["--offline", "--server-config", "limits.mailbox_messages_max = 100"]);
+            command.args(["--server-config", "limits.mailbox_sender_messages_max = 100"]);
         }
         let output = command.output().unwrap();
         assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));

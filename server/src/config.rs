@@ -131,6 +131,15 @@ pub struct Limits {
     pub mailbox_messages_max: u32,
     /// Undelivered payload bytes held per device. Over it: MailboxFull to the sender.
     pub mailbox_bytes_max: u64,
+    /// Undelivered messages one sending user may hold in one device's
+    /// mailbox. Over it: MailboxFull to that sender only (no device is
+    /// removed for it). Unset: a tenth of `mailbox_messages_max`
+    /// ([`Limits::sender_share_messages`]).
+    pub mailbox_sender_messages_max: Option<u32>,
+    /// Undelivered payload bytes one sending user may hold in one device's
+    /// mailbox. Over it: MailboxFull to that sender only. Unset: a tenth of
+    /// `mailbox_bytes_max`, at least one frame.
+    pub mailbox_sender_bytes_max: Option<u64>,
     /// Memory all mailboxes of one shard hold together (payload + 128 B per
     /// device entry). Over it: Throttle to senders until devices drain.
     pub shard_mailbox_bytes_max: u64,
@@ -278,6 +287,12 @@ impl Default for Limits {
             // disk; memory holds 128 B per message (docs/storage.md).
             mailbox_messages_max: 1_000_000,
             mailbox_bytes_max: 1024 * 1024 * 1024,
+            // Unset: a tenth of the mailbox per sending user (100,000 by
+            // default, a month of a very chatty contact at 3,000 a day),
+            // so filling a mailbox, which can get an offline device
+            // removed, takes ten senders, not one.
+            mailbox_sender_messages_max: None,
+            mailbox_sender_bytes_max: None,
             // 2 GiB per shard: with the 256 MiB body cache and 16 MiB of
             // read-ahead, about 14 million queued messages of any size
             // (128 B each in memory); 32 shards on a 128 GiB host keep half
@@ -302,6 +317,23 @@ impl Default for Limits {
             shard_channel_batches_max: 64,
             shard_outbox_messages_max: 16_384,
         }
+    }
+}
+
+impl Limits {
+    /// Messages one sending user may hold in one device's mailbox: as set,
+    /// or a tenth of the mailbox (at least 1).
+    pub fn sender_share_messages(&self) -> u32 {
+        self.mailbox_sender_messages_max.unwrap_or((self.mailbox_messages_max / 10).max(1))
+    }
+
+    /// Payload bytes one sending user may hold in one device's mailbox: as
+    /// set, or a tenth of the mailbox, at least one frame (never more than
+    /// the mailbox).
+    pub fn sender_share_bytes(&self) -> u64 {
+        self.mailbox_sender_bytes_max.unwrap_or_else(|| {
+            (self.mailbox_bytes_max / 10).max(u64::from(self.frame_bytes_max)).min(self.mailbox_bytes_max)
+        })
     }
 }
 
@@ -355,6 +387,7 @@ impl Config {
             ("devices_per_user_max", limits.devices_per_user_max),
             ("devices_per_shard_max", limits.devices_per_shard_max),
             ("mailbox_messages_max", limits.mailbox_messages_max),
+            ("mailbox_sender_messages_max", limits.sender_share_messages()),
             ("dedup_entries_per_device_max", limits.dedup_entries_per_device_max),
             ("sender_dedup_entries_max", limits.sender_dedup_entries_max),
             ("sends_in_flight_per_device_max", limits.sends_in_flight_per_device_max),
@@ -377,6 +410,18 @@ impl Config {
         }
         if limits.mailbox_bytes_max < u64::from(limits.frame_bytes_max) {
             return invalid("limits.mailbox_bytes_max must be at least limits.frame_bytes_max".into());
+        }
+        if limits.sender_share_messages() > limits.mailbox_messages_max
+            || limits.sender_share_bytes() > limits.mailbox_bytes_max
+        {
+            return invalid(
+                "limits.mailbox_sender_messages_max / mailbox_sender_bytes_max must be at most \
+                 limits.mailbox_messages_max / mailbox_bytes_max (a share of the mailbox)"
+                    .into(),
+            );
+        }
+        if limits.sender_share_bytes() < u64::from(limits.frame_bytes_max) {
+            return invalid("limits.mailbox_sender_bytes_max must be at least limits.frame_bytes_max".into());
         }
         if limits.shard_mailbox_bytes_max < limits.mailbox_bytes_max {
             return invalid("limits.shard_mailbox_bytes_max must be at least limits.mailbox_bytes_max".into());
@@ -477,6 +522,26 @@ mod tests {
         let mut config = Config::default();
         config.rate_limits.pair_sends_burst = 0;
         assert!(config.validate().unwrap_err().to_string().contains("pair_sends_burst"));
+    }
+
+    #[test]
+    fn a_senders_share_follows_the_mailbox_unless_set_and_never_exceeds_it() {
+        let parsed: Config = toml::from_str("[limits]\nmailbox_messages_max = 100\n").unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed.limits.sender_share_messages(), 10);
+        let defaults = Limits::default();
+        assert_eq!(
+            (defaults.sender_share_messages(), defaults.sender_share_bytes()),
+            (100_000, 1024 * 1024 * 1024 / 10)
+        );
+        let mut limits = Limits { mailbox_bytes_max: u64::from(defaults.frame_bytes_max), ..Limits::default() };
+        assert_eq!(limits.sender_share_bytes(), u64::from(defaults.frame_bytes_max), "at least one frame");
+        limits.mailbox_messages_max = 3;
+        assert_eq!(limits.sender_share_messages(), 1);
+        let parsed: Result<Config, _> =
+            toml::from_str("[limits]\nmailbox_messages_max = 100\nmailbox_sender_messages_max = 101\n");
+        let error = parsed.unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("mailbox_sender_messages_max"), "{error}");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct ShardMetrics {
     pub devices_removed_total: AtomicU64,
     /// Offline devices removed because their mailbox was full.
     pub devices_removed_overflow_total: AtomicU64,
+    /// Sends refused because their sender held its share of a mailbox.
+    pub sends_over_mailbox_share_total: AtomicU64,
     /// Devices removed after the inactivity expiry.
     pub devices_expired_total: AtomicU64,
     /// Log chunks written and synced.
@@ -123,7 +125,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 34] = [
+    let families: [(&str, &str, &str, Field); 35] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -150,6 +152,12 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
             "counter",
             "Offline devices removed because their mailbox was full.",
             |m| &m.devices_removed_overflow_total,
+        ),
+        (
+            "iris_sends_over_mailbox_share_total",
+            "counter",
+            "Sends refused because their sending user held its share of a recipient device's mailbox.",
+            |m| &m.sends_over_mailbox_share_total,
         ),
         ("iris_devices_expired_total", "counter", "Devices removed after the inactivity expiry.", |m| {
             &m.devices_expired_total

@@ -19,7 +19,8 @@
 //! Most runs keep few or no bodies in memory (a body cache of 0 B to 2 KB):
 //! pushes and compaction read records back from the simulated segments,
 //! reads complete in any order and some fail; tight runs also have a disk
-//! budget that refuses sends until devices drain.
+//! budget that refuses sends until devices drain, and give each sending
+//! user a share of a few messages per mailbox, refused past it.
 //!
 //! At the end every acknowledged message must have reached every recipient
 //! device exactly once (after seq dedup), in order per sender device, no
@@ -34,7 +35,7 @@ use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::{RecordAt, StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
 use irisd::shard::rate::Rate;
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
-use irisd::storage::record::{decode_record, frame_chunk, scan_segment, Record, Scan};
+use irisd::storage::record::{decode_record, frame_chunk, scan_segment, LogKey, Record, Scan};
 use irisd::storage::{LogLimits, LogStore};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -118,7 +119,7 @@ impl SimDisk {
     fn framed(&self, chunk: &WriteChunk) -> Vec<u8> {
         let start = self.ends.get(&chunk.segment).copied().unwrap_or(0);
         let mut framed = Vec::new();
-        frame_chunk(chunk.segment, start as u64, &chunk.bytes, &mut framed);
+        frame_chunk(&sim_key(), chunk.segment, start as u64, &chunk.bytes, &mut framed);
         framed
     }
 
@@ -170,6 +171,10 @@ struct Faults {
     /// The log's bounds in this run: how many bodies stay in memory, how
     /// much is read ahead, and (tight runs) a disk budget.
     log_limits: LogLimits,
+    /// The stores' bounds: tight runs give each sending user a small share
+    /// of a mailbox, so that sends to an offline device are refused
+    /// (MailboxFull) and retried.
+    store_limits: StoreLimits,
 }
 
 const STORE_LIMITS: StoreLimits = StoreLimits {
@@ -177,6 +182,8 @@ const STORE_LIMITS: StoreLimits = StoreLimits {
     devices_per_shard_max: 1000,
     mailbox_messages_max: 100_000,
     mailbox_bytes_max: 1 << 30,
+    mailbox_sender_messages_max: u32::MAX,
+    mailbox_sender_bytes_max: u64::MAX,
     // Small, so segments age out of the dedup window and are reclaimed
     // within a run; still above the sends a crash can leave unanswered.
     stored_dedup_entries_max: 256,
@@ -270,17 +277,22 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
 
 /// Recovers a store from a disk the way a start does: torn tails cut off,
 /// every segment scanned in order.
-fn recover_store(disk: &mut SimDisk, log_limits: LogLimits) -> LogStore {
+/// The simulated data directory's log key.
+fn sim_key() -> LogKey {
+    LogKey::from_secret(&[11; 32])
+}
+
+fn recover_store(disk: &mut SimDisk, store_limits: StoreLimits, log_limits: LogLimits) -> LogStore {
     let mut scans: Vec<(u64, Scan)> = Vec::new();
     for (segment, bytes) in disk.files.iter_mut() {
-        let scan = scan_segment(bytes);
+        let scan = scan_segment(bytes, &sim_key());
         assert!(scan.unsupported.is_none(), "segment {segment}: a record this build wrote reads as unsupported");
         if scan.torn_tail.is_some() {
             bytes.truncate(scan.valid_end);
         }
         scans.push((*segment, scan));
     }
-    LogStore::recover(STORE_LIMITS, log_limits, &scans).0
+    LogStore::recover(store_limits, log_limits, &scans).0
 }
 
 impl Sim {
@@ -297,6 +309,10 @@ impl Sim {
         let removals = rng.below(3) == 0;
         let tight = rng.below(3) == 0;
         let log_limits = draw_log_limits(&mut rng, tight);
+        let mut store_limits = STORE_LIMITS;
+        if tight {
+            store_limits.mailbox_sender_messages_max = 2 + rng.below(10) as u32;
+        }
         let faults = Faults {
             write_failures_per_mille,
             crashes_per_mille,
@@ -304,9 +320,10 @@ impl Sim {
             tight,
             read_failures_per_mille,
             log_limits,
+            store_limits,
         };
         let cores = (0..SHARDS)
-            .map(|shard| core_over(shard, 1, &authority, LogStore::new(STORE_LIMITS, log_limits), faults.tight))
+            .map(|shard| core_over(shard, 1, &authority, LogStore::new(store_limits, log_limits), faults.tight))
             .collect();
         let mut devices = Vec::new();
         for user in 1..=USERS {
@@ -613,7 +630,7 @@ impl Sim {
             disk.ends.clear();
             disk.uncut = None;
             disk.reads.clear();
-            let store = recover_store(disk, self.faults.log_limits);
+            let store = recover_store(disk, self.faults.store_limits, self.faults.log_limits);
             self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store, self.faults.tight);
         }
         // Recovered entries know where their records lie too.
@@ -917,7 +934,7 @@ impl Sim {
                 })
                 .sum();
             assert_eq!(store.charged_bytes(), recount, "shard {shard}: mailbox memory accounting drifted");
-            assert!(recount <= STORE_LIMITS.shard_mailbox_bytes_max);
+            assert!(recount <= self.faults.store_limits.shard_mailbox_bytes_max);
             assert_eq!(store.read_back_bytes(), store.recount_read_back_bytes(), "shard {shard}: read-ahead drifted");
             // Durable bodies in memory stay within the cache; read-back ones within the read-ahead
             // (a push's own read may exceed it by one record).

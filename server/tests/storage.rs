@@ -47,8 +47,13 @@ async fn register(server: &Server, user: u64, device: u32) {
     Client::connect(server.client_config(user, device)).await.unwrap().close().await.unwrap();
 }
 
-fn valid_end(path: &Path) -> usize {
-    scan_segment(&std::fs::read(path).unwrap()).valid_end
+/// The data directory's log key (the server created it).
+fn log_key(server: &Server) -> irisd::storage::record::LogKey {
+    irisd::storage::layout::load_log_key(server.data_dir.path()).unwrap()
+}
+
+fn valid_end(server: &Server, path: &Path) -> usize {
+    scan_segment(&std::fs::read(path).unwrap(), &log_key(server)).valid_end
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +66,7 @@ async fn a_torn_tail_is_truncated_and_everything_before_it_survives() {
 
     // A write that was cut short: a record header and half a body after the last record.
     let path = segments(&server, 0).pop().unwrap();
-    let end = valid_end(&path);
+    let end = valid_end(&server, &path);
     let mut bytes = std::fs::read(&path).unwrap();
     let mut torn = Vec::new();
     let record = Record::Acknowledged(irisd::storage::record::Acknowledged { user: 2, device: 1, up_to_seq: 40 });
@@ -94,7 +99,7 @@ async fn a_corrupt_record_is_skipped_reported_and_the_rest_recovered() {
 
     let path = segments(&server, 0).pop().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
-    let scan = scan_segment(&bytes);
+    let scan = scan_segment(&bytes, &log_key(&server));
     // Flip bits inside the payload of the message "m7".
     let (offset, _) = scan
         .records

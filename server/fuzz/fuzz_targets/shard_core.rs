@@ -62,6 +62,9 @@ fuzz_target!(|ops: Vec<Op>| {
         devices_per_shard_max: 16,
         mailbox_messages_max: 16,
         mailbox_bytes_max: 4096,
+        // A quarter of a mailbox per sender, so shares refuse some sends too.
+        mailbox_sender_messages_max: 4,
+        mailbox_sender_bytes_max: 1024,
         stored_dedup_entries_max: 32,
         // Small, so the shard-wide budget refuses some sends too.
         shard_mailbox_bytes_max: 16 * 1024,

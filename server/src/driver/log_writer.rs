@@ -37,7 +37,7 @@
 
 use crate::shard::mailbox::WriteChunk;
 use crate::storage::layout::segment_path;
-use crate::storage::record::frame_chunk;
+use crate::storage::record::{frame_chunk, LogKey};
 use glommio::io::{BufferedFile, OpenOptions};
 use std::path::{Path, PathBuf};
 
@@ -185,12 +185,16 @@ struct Writer {
     spare: Option<(u64, glommio::Task<std::io::Result<bool>>)>,
     /// A write failed in the open segment and its bytes are not cut off yet.
     cut_pending: bool,
+    /// Seals every chunk's marker.
+    key: LogKey,
 }
 
 /// Runs the writer until the loop drops its sender. `spare_bytes` is the
-/// size of the spare segments it prepares (the segment size; 0 for none).
+/// size of the spare segments it prepares (the segment size; 0 for none);
+/// `key` seals the chunks (the data directory's log key).
 pub async fn run_writer(
     dir: PathBuf,
+    key: LogKey,
     start: Option<WriterStart>,
     spare_bytes: u64,
     commands: flume::Receiver<WriterCommand>,
@@ -198,7 +202,7 @@ pub async fn run_writer(
 ) {
     // glommio opens directories with openat(-1, ...): a relative path fails.
     assert!(dir.is_absolute(), "the log writer needs an absolute directory, got {}", dir.display());
-    let mut writer = Writer { dir, file: None, end: 0, spare_bytes, spare: None, cut_pending: false };
+    let mut writer = Writer { dir, file: None, end: 0, spare_bytes, spare: None, cut_pending: false, key };
     // The next segment to be created: after the resumed one, or the first.
     writer.prepare_spare(start.as_ref().map_or(1, |start| start.segment + 1));
     let mut resume = start;
@@ -343,7 +347,7 @@ impl Writer {
         // The records with their commit marker (and, at offset 0, the
         // segment header): the scanner keeps them only if the marker is on disk.
         let mut framed = Vec::with_capacity(chunk.bytes.len() + 128);
-        frame_chunk(chunk.segment, self.end, &chunk.bytes, &mut framed);
+        frame_chunk(&self.key, chunk.segment, self.end, &chunk.bytes, &mut framed);
         let length = framed.len() as u64;
         let result = Self::append(file, self.end, framed).await;
         match result {

@@ -270,6 +270,8 @@ async fn run_shard(
         devices_per_shard_max: limits.devices_per_shard_max,
         mailbox_messages_max: limits.mailbox_messages_max,
         mailbox_bytes_max: limits.mailbox_bytes_max,
+        mailbox_sender_messages_max: limits.sender_share_messages(),
+        mailbox_sender_bytes_max: limits.sender_share_bytes(),
         stored_dedup_entries_max: limits.stored_dedup_entries_max,
         shard_mailbox_bytes_max: limits.shard_mailbox_bytes_max,
     };
@@ -335,8 +337,14 @@ async fn run_shard(
                 disk_bytes_max: config.storage.disk_bytes_max,
             };
             assert!(!super::failpoint::armed(super::failpoint::PANIC_IN_RECOVERY, shard), "failpoint: recovery");
+            let key_path = layout::log_key_path(&config.data_dir);
+            let key = match layout::load_log_key(&config.data_dir) {
+                Ok(key) => key,
+                Err(error) => return report_failure(&ready, shard, error.to_string()),
+            };
             let mut recovery = Recovery::new(store_limits, log_limits);
-            let last = match layout::scan_segments(&dir, |segment, scan| recovery.replay_segment(segment, scan)) {
+            let replay = |segment, scan: &_| recovery.replay_segment(segment, scan);
+            let last = match layout::scan_segments(&dir, &key, &key_path, replay) {
                 Ok(last) => last,
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };
@@ -382,7 +390,8 @@ async fn run_shard(
             let (commands, command_receiver) = flume::bounded(WRITER_QUEUE_MAX);
             let (event_sender, events) = flume::bounded(WRITER_QUEUE_MAX);
             let spare_bytes = config.storage.segment_bytes_max;
-            glommio::spawn_local(run_writer(dir.clone(), start, spare_bytes, command_receiver, event_sender)).detach();
+            glommio::spawn_local(run_writer(dir.clone(), key, start, spare_bytes, command_receiver, event_sender))
+                .detach();
             let reader = LogReader::new(dir.clone());
             let writer = WriterLink {
                 reader,

@@ -411,6 +411,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.deliveries_total, stats.deliveries);
         ShardMetrics::set(&metrics.devices_removed_total, stats.devices_removed);
         ShardMetrics::set(&metrics.devices_removed_overflow_total, stats.devices_removed_overflow);
+        ShardMetrics::set(&metrics.sends_over_mailbox_share_total, stats.sends_over_mailbox_share);
         ShardMetrics::set(&metrics.devices_expired_total, stats.devices_expired);
         let store = self.core.store().stats();
         ShardMetrics::set(&metrics.mailbox_index_bytes, store.index_bytes);

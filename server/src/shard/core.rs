@@ -21,7 +21,7 @@
 use super::codel::CoDel;
 use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
-use super::mailbox::{MailboxStore, Next, RecordAt, StoredMessage, Ticket};
+use super::mailbox::{MailboxStore, Next, RecordAt, StoreError, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use super::rate::{Rate, RateTable};
 use super::StateMap;
@@ -239,6 +239,9 @@ pub struct CoreStats {
     /// Offline devices removed because their mailbox was full while another
     /// device of the user took the message.
     pub devices_removed_overflow: u64,
+    /// Sends refused because their sending user held its whole share of a
+    /// recipient device's mailbox.
+    pub sends_over_mailbox_share: u64,
 }
 
 /// A removal waiting to be durable before anyone is told: until then the
@@ -504,7 +507,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 continue;
             }
             if let Err(error) = self.store.remove_device(device) {
-                if matches!(error, crate::shard::mailbox::StoreError::Backlog) {
+                if matches!(error, StoreError::Backlog) {
                     // Another removal of its user is still being written: later.
                     self.inactivity.offline(device, self.now_s.saturating_sub(self.limits.device_inactive_expiry_s));
                 }
@@ -973,11 +976,21 @@ impl<S: MailboxStore> ShardCore<S> {
         // messenger unlinking a companion device that stopped syncing).
         // When every device is full, or a full one is online (draining),
         // the send is refused: explicit backpressure, retried later.
-        let full: Vec<DeviceKey> = devices
-            .iter()
-            .copied()
-            .filter(|device| self.store.has_room(*device, message.payload.len()).is_err())
-            .collect();
+        //
+        // One sender cannot bring that about alone: each sending user may
+        // hold only its share of a mailbox, and a sender over its share is
+        // refused (it is the one flooding) while nobody is removed for it.
+        let mut full = Vec::new();
+        for device in &devices {
+            match self.store.has_room(*device, message.from_user, message.payload.len()) {
+                Ok(()) => {}
+                Err(StoreError::SenderShareFull { .. }) => {
+                    self.stats.sends_over_mailbox_share += 1;
+                    return refuse(ErrorCode::MailboxFull, MAILBOX_FULL_RETRY_AFTER_MS);
+                }
+                Err(_) => full.push(*device),
+            }
+        }
         if !full.is_empty() {
             let keeps_up = full.iter().any(|device| self.online.contains_key(device));
             if keeps_up || full.len() == devices.len() {

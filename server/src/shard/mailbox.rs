@@ -48,6 +48,14 @@ pub enum StoreError {
     /// A device mailbox is at its message or byte cap.
     #[error("mailbox of user {} device {} is full", .0.user, .0.device)]
     MailboxFull(DeviceKey),
+    /// The sending user holds its whole share of a device's mailbox.
+    #[error("user {sender} holds its share of the mailbox of user {} device {}", .device.user, .device.device)]
+    SenderShareFull {
+        /// The recipient device.
+        device: DeviceKey,
+        /// The sending user.
+        sender: u64,
+    },
     /// The user already has the maximum number of devices.
     #[error("user {0} has the maximum number of devices")]
     TooManyDevices(u64),
@@ -78,7 +86,7 @@ impl StoreError {
     /// The wire code a client sees for this refusal.
     pub fn code(&self) -> ErrorCode {
         match self {
-            StoreError::MailboxFull(_) => ErrorCode::MailboxFull,
+            StoreError::MailboxFull(_) | StoreError::SenderShareFull { .. } => ErrorCode::MailboxFull,
             StoreError::TooManyDevices(_) => ErrorCode::TooManyDevices,
             StoreError::RegistryFull => ErrorCode::Throttle,
             StoreError::ShardMailboxesFull => ErrorCode::Throttle,
@@ -126,6 +134,12 @@ pub struct StoreLimits {
     pub mailbox_messages_max: u32,
     /// Undelivered payload bytes per device.
     pub mailbox_bytes_max: u64,
+    /// Undelivered messages one sending user may hold in one device's
+    /// mailbox (its share): so that no single sender can fill a mailbox
+    /// and have the device removed (or its user refused) for it.
+    pub mailbox_sender_messages_max: u32,
+    /// Undelivered payload bytes one sending user may hold in one device's mailbox.
+    pub mailbox_sender_bytes_max: u64,
     /// Recipient-side dedup entries per shard (sender device, client_msg_id);
     /// the oldest is forgotten first. About 60 bytes each.
     pub stored_dedup_entries_max: u32,
@@ -139,7 +153,9 @@ pub struct StoreLimits {
 
 /// What one mailbox entry costs in memory besides its body, charged
 /// against `shard_mailbox_bytes_max`: the entry (64 B) in its deque, its
-/// segment membership (~32 B) and a share of its hash-table slots; rounded up.
+/// segment membership (~32 B), at most one sender share (32 B with its
+/// hash-table slot, when the entry is its sender's only one in the mailbox)
+/// and a share of the mailbox's own slots; rounded up.
 pub const MAILBOX_ENTRY_OVERHEAD_BYTES: u64 = 128;
 
 /// Removed devices remembered per user (so their ids cannot register again):
@@ -193,8 +209,10 @@ pub trait MailboxStore {
     fn recovered_idle_since(&self, _device: DeviceKey) -> Option<u64> {
         None
     }
-    /// Whether `device` could take one more message of `payload_bytes`.
-    fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError>;
+    /// Whether `device` could take one more message of `payload_bytes` from
+    /// user `sender`: `SenderShareFull` if that sender holds its share of the
+    /// mailbox, `MailboxFull` if the mailbox is at its cap.
+    fn has_room(&self, device: DeviceKey, sender: u64, payload_bytes: usize) -> Result<(), StoreError>;
     /// Whether the shard's mailbox budget can take a message of
     /// `payload_bytes` for `devices` devices.
     fn shard_has_room(&self, _payload_bytes: usize, _devices: usize) -> Result<(), StoreError> {
@@ -302,12 +320,14 @@ impl RecordAt {
     pub const NOWHERE: RecordAt = RecordAt { segment: 0, offset: u64::MAX, bytes: 0 };
 }
 
-/// One stored message in one device's mailbox: what delivery needs (about
-/// 64 bytes), and the body while it is in memory.
+/// One stored message in one device's mailbox: what delivery needs (64
+/// bytes), and the body while it is in memory.
 #[derive(Debug, Clone)]
 pub struct MailboxEntry {
     /// Seq in this mailbox.
     pub seq: u64,
+    /// The sending user (its share of the mailbox is charged for this entry).
+    pub from_user: u64,
     /// Ticket of the change that stored it.
     pub ticket: Ticket,
     /// Log segment holding it (0 for memory-only stores).
@@ -325,6 +345,9 @@ pub struct MailboxEntry {
     /// store has let it go ("cold": it is read back from the log to be pushed).
     pub body: Option<Rc<StoredMessage>>,
 }
+
+// What the index costs per queued message starts here: keep it at 64 bytes.
+const _: () = assert!(std::mem::size_of::<MailboxEntry>() == 64);
 
 impl MailboxEntry {
     /// Where its record lies.
@@ -346,6 +369,45 @@ pub struct Mailbox {
     pub acked_seq: u64,
     /// Highest seq written to a push stream of the device by this process.
     pub pushed_seq: u64,
+    /// What each sending user holds in `entries` (only senders with at
+    /// least one entry: at most one share per entry).
+    senders: StateMap<u64, SenderShare>,
+}
+
+/// What one sending user holds in one mailbox.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SenderShare {
+    /// Entries.
+    pub messages: u32,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+impl Mailbox {
+    /// What `sender` holds here.
+    pub fn share_of(&self, sender: u64) -> SenderShare {
+        self.senders.get(&sender).copied().unwrap_or_default()
+    }
+
+    /// Counts `entry` in (it is being added to `entries`).
+    fn charge(&mut self, entry: &MailboxEntry) {
+        self.bytes += u64::from(entry.payload_bytes);
+        let share = self.senders.entry(entry.from_user).or_default();
+        share.messages += 1;
+        share.bytes += u64::from(entry.payload_bytes);
+    }
+
+    /// Counts `entry` out (it was taken out of `entries`).
+    fn discharge(&mut self, entry: &MailboxEntry) {
+        self.bytes -= u64::from(entry.payload_bytes);
+        if let Some(share) = self.senders.get_mut(&entry.from_user) {
+            share.messages -= 1;
+            share.bytes -= u64::from(entry.payload_bytes);
+            if share.messages == 0 {
+                self.senders.remove(&entry.from_user);
+            }
+        }
+    }
 }
 
 /// The in-memory state every store keeps: registry, mailboxes and the
@@ -519,9 +581,16 @@ impl MailboxIndex {
         self.mailboxes.iter()
     }
 
-    /// See [`MailboxStore::has_room`].
-    pub fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
+    /// See [`MailboxStore::has_room`]. The sender's share is checked
+    /// first: a sender over it is refused whether or not the mailbox is full.
+    pub fn has_room(&self, device: DeviceKey, sender: u64, payload_bytes: usize) -> Result<(), StoreError> {
         let Some(mailbox) = self.mailboxes.get(&device) else { return Ok(()) };
+        let share = mailbox.share_of(sender);
+        if share.messages >= self.limits.mailbox_sender_messages_max
+            || share.bytes + payload_bytes as u64 > self.limits.mailbox_sender_bytes_max
+        {
+            return Err(StoreError::SenderShareFull { device, sender });
+        }
         if mailbox.entries.len() >= self.limits.mailbox_messages_max as usize
             || mailbox.bytes + payload_bytes as u64 > self.limits.mailbox_bytes_max
         {
@@ -590,7 +659,7 @@ impl MailboxIndex {
         let mailbox = self.mailboxes.get_mut(&device)?;
         let position = mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq).ok()?;
         let entry = mailbox.entries.remove(position)?;
-        mailbox.bytes -= u64::from(entry.payload_bytes);
+        mailbox.discharge(&entry);
         Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, &entry);
         Some(entry)
     }
@@ -641,6 +710,7 @@ impl MailboxIndex {
         let payload_bytes = u32::try_from(message.payload.len()).expect("payloads are bounded by the frame size");
         let entry = MailboxEntry {
             seq,
+            from_user: message.from_user,
             ticket,
             segment: at.segment,
             offset: at.offset,
@@ -649,15 +719,16 @@ impl MailboxIndex {
             server_msg_id: message.server_msg_id,
             body: Some(Rc::clone(message)),
         };
-        if mailbox.entries.back().is_none_or(|last| last.seq < seq) {
-            mailbox.entries.push_back(entry);
+        let position = if mailbox.entries.back().is_none_or(|last| last.seq < seq) {
+            mailbox.entries.len()
         } else {
             match mailbox.entries.binary_search_by_key(&seq, |entry| entry.seq) {
                 Ok(_) => return false,
-                Err(position) => mailbox.entries.insert(position, entry),
+                Err(position) => position,
             }
-        }
-        mailbox.bytes += u64::from(payload_bytes);
+        };
+        mailbox.charge(&entry);
+        mailbox.entries.insert(position, entry);
         self.index_bytes += MAILBOX_ENTRY_OVERHEAD_BYTES;
         self.hot_bytes += u64::from(payload_bytes);
         self.hot_entries += 1;
@@ -700,7 +771,7 @@ impl MailboxIndex {
         let mut dropped = Vec::new();
         while mailbox.entries.front().is_some_and(|entry| entry.seq <= up_to_seq) {
             if let Some(entry) = mailbox.entries.pop_front() {
-                mailbox.bytes -= u64::from(entry.payload_bytes);
+                mailbox.discharge(&entry);
                 Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, &entry);
                 dropped.push(entry);
             }
@@ -726,7 +797,7 @@ impl MailboxIndex {
                 continue;
             }
             if let Some(entry) = mailbox.entries.remove(position) {
-                mailbox.bytes -= u64::from(entry.payload_bytes);
+                mailbox.discharge(&entry);
                 Self::uncharge(&mut self.index_bytes, &mut self.hot_bytes, &mut self.hot_entries, &entry);
                 removed.push((device, entry));
             }
@@ -825,8 +896,8 @@ impl MailboxStore for MemoryStore {
         self.index.is_removed(device)
     }
 
-    fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
-        self.index.has_room(device, payload_bytes)
+    fn has_room(&self, device: DeviceKey, sender: u64, payload_bytes: usize) -> Result<(), StoreError> {
+        self.index.has_room(device, sender, payload_bytes)
     }
 
     fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {

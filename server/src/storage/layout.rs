@@ -3,23 +3,26 @@
 //!
 //! ```text
 //! <data-dir>/layout.toml            format_version, shard_count, slot_count
+//! <data-dir>/log.key                the secret that seals chunk markers (32 bytes, 0600)
 //! <data-dir>/shard-<k>/message-ids  first message sequence not yet reserved (u64, text)
 //! <data-dir>/shard-<k>/seg-<n>.log  log segments, n ascending
 //! ```
 //!
 //! This runs before the shards serve, with plain blocking file I/O.
 
-use super::record::{scan_segment, Scan};
+use super::record::{scan_segment, LogKey, RecordError, Scan};
 use std::path::{Path, PathBuf};
 
 /// Format version of the data directory written by this build. Version 2
 /// logs may hold `DeviceRemoved` (type 8) and `DeviceSeen` (type 9)
-/// records; builds that read
-/// version 1 only refuse such a directory instead of skipping the records
-/// they do not know. A directory of version 1 is raised to 2 at open,
-/// before anything is written: its logs are readable as they are.
+/// records; version 3 adds format-3 segments, whose chunk markers
+/// (`ChunkSeal`, type 10) are sealed with the directory's `log.key`, and a
+/// version-3 directory always has that key. Builds that read an older
+/// version only refuse a newer directory instead of skipping what they do
+/// not know. An older directory is raised at open, before anything is
+/// written (its key is created first): its logs are readable as they are.
 /// Whenever a record type or segment format is added, this goes up.
-pub const DATA_FORMAT_VERSION: u32 = 2;
+pub const DATA_FORMAT_VERSION: u32 = 3;
 
 /// The oldest data directory version this build opens (and raises to
 /// [`DATA_FORMAT_VERSION`]).
@@ -86,6 +89,27 @@ pub enum LayoutError {
         /// What is not understood.
         detail: String,
     },
+    /// A segment's chunks check but their seals do not: `log.key` is not
+    /// the key this log was written with.
+    #[error(
+        "{segment}: offset {offset}: the chunk's checksum holds but its seal is not made with {key}: \
+         the key file is not the one this log was written with. Recovery stopped; nothing was modified. \
+         Put back the data directory's own log.key"
+    )]
+    WrongLogKey {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the chunk.
+        offset: usize,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// The layout says the logs are sealed but the key file is gone.
+    #[error(
+        "{0}: missing. The logs of this data directory are sealed with it and cannot be read without it; \
+         nothing was modified. Restore it from a backup of the data directory"
+    )]
+    MissingLogKey(PathBuf),
     /// Log directories exist but no layout file: not a directory this build wrote.
     #[error("data directory {0} holds shard logs but no layout.toml; refusing to guess its layout")]
     MissingLayout(PathBuf),
@@ -134,17 +158,20 @@ pub fn open_layout(data_dir: &Path, shard_count: u16) -> Result<(), LayoutError>
             }
             if layout.format_version < DATA_FORMAT_VERSION {
                 // Raised before this build writes a record an older one
-                // cannot read (an older irisd then refuses the directory).
-                let layout = LayoutFile { format_version: DATA_FORMAT_VERSION, ..layout };
+                // cannot read (an older irisd then refuses the directory);
+                // the key first, so a version-3 directory always has one.
+                create_log_key(data_dir)?;
                 tracing::info!(from = layout.format_version, to = DATA_FORMAT_VERSION, "data directory format raised");
+                let layout = LayoutFile { format_version: DATA_FORMAT_VERSION, ..layout };
                 write_layout(&path, &layout)?;
             }
-            Ok(())
+            load_log_key(data_dir).map(drop)
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             if shard_dir(data_dir, 0).exists() {
                 return Err(LayoutError::MissingLayout(data_dir.to_path_buf()));
             }
+            create_log_key(data_dir)?;
             let layout =
                 LayoutFile { format_version: DATA_FORMAT_VERSION, shard_count, slot_count: iris_shard_map::SLOT_COUNT };
             write_layout(&path, &layout)
@@ -158,6 +185,30 @@ fn write_layout(path: &Path, layout: &LayoutFile) -> Result<(), LayoutError> {
         .map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() })?;
     crate::files::write_private(path, text.as_bytes())
         .map_err(|source| LayoutError::Io { path: path.to_path_buf(), source })
+}
+
+/// Path of the data directory's log key.
+pub fn log_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("log.key")
+}
+
+/// Creates the data directory's log key (random, 0600, synced) unless it exists.
+fn create_log_key(data_dir: &Path) -> Result<(), LayoutError> {
+    let path = log_key_path(data_dir);
+    crate::files::load_or_create_secret(&path, true).map(drop).map_err(|source| LayoutError::Io { path, source })
+}
+
+/// Reads the data directory's log key (it exists once [`open_layout`] has run).
+pub fn load_log_key(data_dir: &Path) -> Result<LogKey, LayoutError> {
+    let path = log_key_path(data_dir);
+    match crate::files::load_or_create_secret(&path, false) {
+        Ok((secret, _)) => Ok(LogKey::from_secret(&secret)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(LayoutError::MissingLogKey(path)),
+        Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+            Err(LayoutError::BadLayout { path, detail: error.to_string() })
+        }
+        Err(source) => Err(LayoutError::Io { path, source }),
+    }
 }
 
 /// The log directory of shard `shard`.
@@ -225,12 +276,18 @@ pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std:
 }
 
 /// Deletes leftover spare segments (`seg-N.prep`), then reads and scans
-/// every segment of `dir`, ascending, one at a time, handing each scan to
+/// every segment of `dir` (a log sealed with `key`, the data directory's
+/// key at `key_path`), ascending, one at a time, handing each scan to
 /// `visit` before the next is read (so only one segment is in memory). A
 /// torn tail is cut off its file (it holds only unacknowledged writes);
 /// corrupt records are reported by the scan and skipped. Returns the last
 /// segment and its valid end, if there is any segment.
-pub fn scan_segments(dir: &Path, mut visit: impl FnMut(u64, &Scan)) -> Result<Option<(u64, usize)>, LayoutError> {
+pub fn scan_segments(
+    dir: &Path,
+    key: &LogKey,
+    key_path: &Path,
+    mut visit: impl FnMut(u64, &Scan),
+) -> Result<Option<(u64, usize)>, LayoutError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LayoutError::Io { path, source }
@@ -256,10 +313,17 @@ pub fn scan_segments(dir: &Path, mut visit: impl FnMut(u64, &Scan)) -> Result<Op
     for (position, number) in numbers.iter().enumerate() {
         let path = segment_path(dir, *number);
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let scan = scan_segment(&bytes);
+        let scan = scan_segment(&bytes, key);
         drop(bytes);
         if let Some(span) = &scan.unsupported {
             // Before anything of this segment is cut or replayed.
+            if span.error == RecordError::WrongKey {
+                return Err(LayoutError::WrongLogKey {
+                    segment: path,
+                    offset: span.offset,
+                    key: key_path.to_path_buf(),
+                });
+            }
             return Err(LayoutError::NewerRecords {
                 segment: path,
                 offset: span.offset,
@@ -306,13 +370,26 @@ mod tests {
             let file = LayoutFile { format_version: version, shard_count: 2, slot_count: iris_shard_map::SLOT_COUNT };
             std::fs::write(dir.path().join("layout.toml"), toml::to_string(&file).unwrap()).unwrap();
         };
-        layout(1);
-        open_layout(dir.path(), 2).unwrap();
-        assert_eq!(format_version(dir.path()), 2, "raised before anything is written");
+        for older in DATA_FORMAT_VERSION_MIN..DATA_FORMAT_VERSION {
+            layout(older);
+            open_layout(dir.path(), 2).unwrap();
+            assert_eq!(
+                format_version(dir.path()),
+                i64::from(DATA_FORMAT_VERSION),
+                "{older} raised before anything is written"
+            );
+        }
         layout(DATA_FORMAT_VERSION + 1);
         let error = open_layout(dir.path(), 2).unwrap_err();
-        assert!(matches!(error, LayoutError::IncompatibleVersion { found: 3, .. }), "{error}");
-        assert_eq!(format_version(dir.path()), 3, "a refused directory is not modified");
+        assert!(
+            matches!(error, LayoutError::IncompatibleVersion { found, .. } if found == DATA_FORMAT_VERSION + 1),
+            "{error}"
+        );
+        assert_eq!(
+            format_version(dir.path()),
+            i64::from(DATA_FORMAT_VERSION + 1),
+            "a refused directory is not modified"
+        );
     }
 
     #[test]
@@ -322,15 +399,57 @@ mod tests {
         let mut file = Vec::new();
         let mut records = Vec::new();
         encode_unknown_record(200, &mut records);
-        append_chunk(&mut file, 1, &records);
+        let key = LogKey::from_secret(&[4; 32]);
+        append_chunk(&key, &mut file, 1, &records);
         let before = file.clone();
         std::fs::write(segment_path(dir.path(), 1), &file).unwrap();
         let mut visited = 0;
-        let error = scan_segments(dir.path(), |_, _| visited += 1).unwrap_err();
+        let error = scan_segments(dir.path(), &key, Path::new("log.key"), |_, _| visited += 1).unwrap_err();
         assert!(matches!(error, LayoutError::NewerRecords { .. }), "{error}");
         assert!(error.to_string().contains("newer irisd"), "{error}");
         assert_eq!(visited, 0, "nothing of it replayed");
         assert_eq!(std::fs::read(segment_path(dir.path(), 1)).unwrap(), before, "nor cut");
+    }
+
+    #[test]
+    fn a_directory_gets_its_key_before_its_version_and_never_runs_without_it() {
+        use crate::storage::record::{append_chunk, encode_record, DeviceRegistered, Record};
+        let dir = tempfile::tempdir().unwrap();
+        open_layout(dir.path(), 1).unwrap();
+        let key = load_log_key(dir.path()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(log_key_path(dir.path())).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        // A log written with it reads back; with another key it is refused, untouched.
+        let logs = dir.path().join("shard-0");
+        std::fs::create_dir(&logs).unwrap();
+        let mut records = Vec::new();
+        encode_record(&Record::DeviceRegistered(DeviceRegistered { user: 1, device: 1 }), &mut records);
+        let mut file = Vec::new();
+        append_chunk(&key, &mut file, 1, &records);
+        std::fs::write(segment_path(&logs, 1), &file).unwrap();
+        let key_path = log_key_path(dir.path());
+        let mut read = 0;
+        scan_segments(&logs, &key, &key_path, |_, scan| read += scan.records.len()).unwrap();
+        assert_eq!(read, 1);
+        let other = LogKey::from_secret(&[5; 32]);
+        let error = scan_segments(&logs, &other, &key_path, |_, _| panic!("nothing replayed")).unwrap_err();
+        assert!(matches!(error, LayoutError::WrongLogKey { offset: 0, .. }), "{error}");
+        assert_eq!(std::fs::read(segment_path(&logs, 1)).unwrap(), file, "nor cut");
+        // The key lost: refused at open, not replaced by a new one.
+        std::fs::remove_file(log_key_path(dir.path())).unwrap();
+        let error = open_layout(dir.path(), 1).unwrap_err();
+        assert!(matches!(error, LayoutError::MissingLogKey(_)), "{error}");
+        assert!(!log_key_path(dir.path()).exists());
+        // An older directory (version 2 had no key) gets one as it is raised.
+        for older in DATA_FORMAT_VERSION_MIN..DATA_FORMAT_VERSION {
+            let _ = std::fs::remove_file(log_key_path(dir.path()));
+            let file = LayoutFile { format_version: older, shard_count: 1, slot_count: iris_shard_map::SLOT_COUNT };
+            std::fs::write(dir.path().join("layout.toml"), toml::to_string(&file).unwrap()).unwrap();
+            open_layout(dir.path(), 1).unwrap();
+            assert!(load_log_key(dir.path()).is_ok(), "version {older}");
+        }
     }
 
     #[test]

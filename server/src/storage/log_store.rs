@@ -533,7 +533,7 @@ impl LogStore {
                 self.homes.set(device, StateKind::Seen, segment);
             }
             // Framing: the scanner keeps these out of its records.
-            Record::ChunkEnd(_) | Record::SegmentHeader(_) => {}
+            Record::ChunkEnd(_) | Record::ChunkSeal(_) | Record::SegmentHeader(_) => {}
         }
     }
 
@@ -1201,8 +1201,8 @@ impl MailboxStore for LogStore {
         self.removing_devices.contains_key(&device)
     }
 
-    fn has_room(&self, device: DeviceKey, payload_bytes: usize) -> Result<(), StoreError> {
-        self.index.has_room(device, payload_bytes)
+    fn has_room(&self, device: DeviceKey, sender: u64, payload_bytes: usize) -> Result<(), StoreError> {
+        self.index.has_room(device, sender, payload_bytes)
     }
 
     fn shard_has_room(&self, payload_bytes: usize, devices: usize) -> Result<(), StoreError> {

@@ -11,15 +11,22 @@
 //! archive of the struct named by `type` (same pinned format as the wire
 //! protocol) and is validated with checked access on read.
 //!
-//! Segments of format 2 (written by this build) group records into the
+//! Segments of format 3 (written by this build) group records into the
 //! write chunks they were synced in: a segment opens with a
-//! [`SegmentHeader`] and every chunk ends with a [`ChunkEnd`] commit marker
-//! holding the chunk's start offset and the CRC32C of all its bytes. The
-//! scanner keeps a chunk's records only once its marker checks, so a chunk
-//! the crash cut short, or bytes a failed write left behind, never become
+//! [`SegmentHeader`] and every chunk ends with a [`ChunkSeal`] commit
+//! marker holding the chunk's start offset, the CRC32C of all its bytes and
+//! a tag keyed with the data directory's secret [`LogKey`]. The scanner
+//! keeps a chunk's records only once its marker checks, so a chunk the
+//! crash cut short, or bytes a failed write left behind, never become
 //! records, and after a damaged chunk it resumes only at a later chunk whose
-//! marker certifies it (never inside one). Segments of format 1 (earlier
-//! builds: records only) are read record by record as before.
+//! marker certifies it (never inside one). The key is what makes that hold
+//! against a client: a payload crafted to look like a whole chunk (records,
+//! then a marker naming the offset it lands at) has a valid checksum but
+//! cannot have a valid tag, so damage around it never makes it a chunk.
+//!
+//! Segments of earlier builds stay readable: format 2 ended chunks with a
+//! [`ChunkEnd`] marker (checksum only), format 1 had records only and is
+//! read record by record.
 
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -151,7 +158,8 @@ pub struct SegmentHeader {
     pub segment: u64,
 }
 
-/// The commit marker that ends every write chunk of a format-2 segment.
+/// The commit marker that ended every write chunk of a format-2 segment
+/// (earlier builds; read, never written).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ChunkEnd {
     /// Offset in the segment of the chunk's first byte.
@@ -160,10 +168,61 @@ pub struct ChunkEnd {
     pub crc: u32,
 }
 
+/// The commit marker that ends every write chunk of a format-3 segment.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSeal {
+    /// Offset in the segment of the chunk's first byte.
+    pub start: u64,
+    /// CRC32C of the chunk's bytes from `start` up to this marker.
+    pub crc: u32,
+    /// [`LogKey::tag`] of `start` and `crc`.
+    pub tag: u64,
+}
+
 /// Segment format written by this build: records in chunks that end in
-/// [`ChunkEnd`] markers, after a [`SegmentHeader`]. Format 1 had no header
-/// and no markers.
-pub const SEGMENT_FORMAT: u32 = 2;
+/// [`ChunkSeal`] markers, after a [`SegmentHeader`]. Format 2 ended chunks
+/// in [`ChunkEnd`] markers; format 1 had no header and no markers.
+pub const SEGMENT_FORMAT: u32 = 3;
+
+/// The oldest chunked segment format: [`ChunkEnd`] markers, no key.
+const SEGMENT_FORMAT_UNKEYED: u32 = 2;
+
+/// Bytes of a [`LogKey`]'s secret.
+pub const LOG_KEY_BYTES: usize = 32;
+
+/// The data directory's secret that certifies chunk markers (HMAC-SHA256,
+/// truncated to 64 bits). It never leaves the server: clients cannot
+/// compute a tag, so no payload can pass for a chunk.
+#[derive(Clone)]
+pub struct LogKey(ring::hmac::Key);
+
+impl LogKey {
+    /// The key with this secret.
+    pub fn from_secret(secret: &[u8; LOG_KEY_BYTES]) -> LogKey {
+        LogKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+    }
+
+    /// The tag a marker for the chunk at `start` with checksum `crc` carries.
+    pub fn tag(&self, start: u64, crc: u32) -> u64 {
+        let mut message = [0u8; 12];
+        message[..8].copy_from_slice(&start.to_le_bytes());
+        message[8..].copy_from_slice(&crc.to_le_bytes());
+        let tag = ring::hmac::sign(&self.0, &message);
+        u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("a SHA-256 tag has 32 bytes"))
+    }
+}
+
+/// A fixed key for unit tests.
+#[cfg(test)]
+pub(crate) fn test_key() -> LogKey {
+    LogKey::from_secret(&[9; LOG_KEY_BYTES])
+}
+
+impl std::fmt::Debug for LogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogKey(..)")
+    }
+}
 
 /// Any record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +246,8 @@ pub enum Record {
     DeviceRemoved(DeviceRemoved),
     /// Type 9.
     DeviceSeen(DeviceSeen),
+    /// Type 10 (framing: never in [`Scan::records`]).
+    ChunkSeal(ChunkSeal),
 }
 
 impl Record {
@@ -201,6 +262,7 @@ impl Record {
             Record::SegmentHeader(_) => 7,
             Record::DeviceRemoved(_) => 8,
             Record::DeviceSeen(_) => 9,
+            Record::ChunkSeal(_) => 10,
         }
     }
 }
@@ -217,6 +279,7 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
         Record::SegmentHeader(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::DeviceRemoved(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::DeviceSeen(r) => rkyv::to_bytes::<rancor::Error>(r),
+        Record::ChunkSeal(r) => rkyv::to_bytes::<rancor::Error>(r),
     }
     // Serializing plain structs into a growable buffer fails only if memory
     // allocation fails, which aborts anyway.
@@ -293,6 +356,16 @@ pub enum RecordError {
     /// of the segment is not read (and kept on disk).
     #[error("resynchronisation abandoned: too many candidate chunk markers")]
     ResyncAbandoned,
+    /// A chunk whose checksum holds but whose marker's tag does not, where
+    /// a chunk of this log must start: the log was written with another
+    /// key (the data directory's `log.key` is not the one it was written with).
+    #[error("chunk marker not signed with this data directory's log key")]
+    WrongKey,
+    /// The first chunk cannot be read and a later one certifies only as a
+    /// chunk of a format-2 segment (no key): the segment's format is not
+    /// known, so it is neither replayed past the damage nor cut.
+    #[error("damaged segment header, and only unkeyed (format 2) chunks after it: not read further")]
+    UnknownFormat,
 }
 
 /// Decodes the record at the start of `bytes`; returns it and its total size.
@@ -333,6 +406,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
         7 => Record::SegmentHeader(rkyv::from_bytes::<SegmentHeader, _>(body).map_err(malformed)?),
         8 => Record::DeviceRemoved(rkyv::from_bytes::<DeviceRemoved, _>(body).map_err(malformed)?),
         9 => Record::DeviceSeen(rkyv::from_bytes::<DeviceSeen, _>(body).map_err(malformed)?),
+        10 => Record::ChunkSeal(rkyv::from_bytes::<ChunkSeal, _>(body).map_err(malformed)?),
         _ => return Err(RecordError::Unsupported { type_byte, version }),
     };
     Ok((record, total))
@@ -371,68 +445,124 @@ pub struct Scan {
 /// Frames `records` (encoded records) as the write chunk that starts at
 /// offset `start` of segment `segment`, appending it to `out`: a segment
 /// header first if the chunk opens the segment, then the records, then the
-/// commit marker over all of it.
-pub fn frame_chunk(segment: u64, start: u64, records: &[u8], out: &mut Vec<u8>) {
+/// commit marker over all of it, sealed with `key`.
+pub fn frame_chunk(key: &LogKey, segment: u64, start: u64, records: &[u8], out: &mut Vec<u8>) {
     let chunk_start = out.len();
     if start == 0 {
         encode_record(&Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT, segment }), out);
     }
     out.extend_from_slice(records);
     let crc = crc32c::crc32c(&out[chunk_start..]);
-    encode_record(&Record::ChunkEnd(ChunkEnd { start, crc }), out);
+    encode_record(&Record::ChunkSeal(ChunkSeal { start, crc, tag: key.tag(start, crc) }), out);
 }
 
 /// Appends the chunk `records` to `file`, a segment's bytes so far, framed
 /// as the writer frames it there (tests and the simulation keep segments
 /// as byte vectors).
-pub fn append_chunk(file: &mut Vec<u8>, segment: u64, records: &[u8]) {
+pub fn append_chunk(key: &LogKey, file: &mut Vec<u8>, segment: u64, records: &[u8]) {
     let start = file.len() as u64;
-    frame_chunk(segment, start, records, file);
+    frame_chunk(key, segment, start, records, file);
+}
+
+/// Encoded sizes of the framing records (fixed: every field is fixed-size).
+struct FramingSizes {
+    /// A [`ChunkSeal`] record.
+    seal: usize,
+    /// A [`SegmentHeader`] record.
+    header: usize,
+    /// A [`ChunkEnd`] record (format 2).
+    unkeyed_marker: usize,
+}
+
+fn framing_sizes() -> &'static FramingSizes {
+    static SIZES: std::sync::OnceLock<FramingSizes> = std::sync::OnceLock::new();
+    SIZES.get_or_init(|| {
+        let size = |record: Record| {
+            let mut out = Vec::new();
+            encode_record(&record, &mut out);
+            out.len()
+        };
+        FramingSizes {
+            seal: size(Record::ChunkSeal(ChunkSeal { start: 0, crc: 0, tag: 0 })),
+            header: size(Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT, segment: 0 })),
+            unkeyed_marker: size(Record::ChunkEnd(ChunkEnd { start: 0, crc: 0 })),
+        }
+    })
 }
 
 /// Bytes [`frame_chunk`] adds to a chunk: its commit marker, plus the
 /// segment header when the chunk opens its segment.
 pub fn chunk_framing_bytes(opens_segment: bool) -> usize {
-    static SIZES: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    let (marker, header) = *SIZES.get_or_init(|| {
-        let mut opening = Vec::new();
-        frame_chunk(0, 0, &[], &mut opening);
-        let mut later = Vec::new();
-        frame_chunk(0, 1, &[], &mut later);
-        (later.len(), opening.len() - later.len())
-    });
+    let sizes = framing_sizes();
     if opens_segment {
-        marker + header
+        sizes.seal + sizes.header
     } else {
-        marker
+        sizes.seal
     }
 }
 
-/// Scans a whole segment. Never panics on any input.
-pub fn scan_segment(bytes: &[u8]) -> Scan {
+/// How the chunks of a segment are certified.
+#[derive(Clone, Copy)]
+enum Framing<'k> {
+    /// Format 3: [`ChunkSeal`] markers tagged with this key.
+    Keyed(&'k LogKey),
+    /// Format 2: [`ChunkEnd`] markers, checksum only.
+    Unkeyed,
+}
+
+impl Framing<'_> {
+    /// The segment format this framing reads.
+    fn format(self) -> u32 {
+        match self {
+            Framing::Keyed(_) => SEGMENT_FORMAT,
+            Framing::Unkeyed => SEGMENT_FORMAT_UNKEYED,
+        }
+    }
+
+    /// The type byte and encoded size of its marker record.
+    fn marker(self) -> (u8, usize) {
+        match self {
+            Framing::Keyed(_) => {
+                (Record::ChunkSeal(ChunkSeal { start: 0, crc: 0, tag: 0 }).type_byte(), framing_sizes().seal)
+            }
+            Framing::Unkeyed => {
+                (Record::ChunkEnd(ChunkEnd { start: 0, crc: 0 }).type_byte(), framing_sizes().unkeyed_marker)
+            }
+        }
+    }
+}
+
+/// Scans a whole segment of a log keyed with `key`. Never panics on any input.
+pub fn scan_segment(bytes: &[u8], key: &LogKey) -> Scan {
     match decode_record(bytes) {
-        Ok((Record::SegmentHeader(_), _)) => scan_chunks(bytes),
+        Ok((Record::SegmentHeader(header), _)) if header.format == SEGMENT_FORMAT_UNKEYED => {
+            scan_chunks(bytes, Framing::Unkeyed, false)
+        }
+        // Format 3; any other format is refused (a newer one) or damage,
+        // when the first chunk is read.
+        Ok((Record::SegmentHeader(_), _)) => scan_chunks(bytes, Framing::Keyed(key), false),
         // Format 1: a segment of an earlier build starts with a plain record.
         Ok(_) => scan_records(bytes),
-        // A first chunk cut short or damaged: format-2 rules, so nothing in
-        // it that no marker certifies is read.
-        Err(_) => scan_chunks(bytes),
+        // A first chunk cut short or damaged: this build's rules, so nothing
+        // that no keyed marker certifies is read.
+        Err(_) => scan_chunks(bytes, Framing::Keyed(key), true),
     }
 }
 
-/// Format 2: chunk by chunk, keeping a chunk's records only once its commit
-/// marker checks.
-fn scan_chunks(bytes: &[u8]) -> Scan {
+/// Formats 2 and 3: chunk by chunk, keeping a chunk's records only once its
+/// commit marker checks. `headerless`: the segment's header could not be
+/// read, so `framing` is a guess (this build's).
+fn scan_chunks(bytes: &[u8], framing: Framing<'_>, headerless: bool) -> Scan {
     let mut scan = Scan::default();
     let mut position = 0;
     loop {
-        match read_chunk(bytes, position) {
+        match read_chunk(bytes, position, framing) {
             Ok((records, end)) => {
                 scan.records.extend(records);
                 position = end;
                 scan.valid_end = end;
             }
-            Err(ChunkError::Unsupported(span)) => {
+            Err(ChunkError::Unsupported(span) | ChunkError::Forged(span)) => {
                 scan.unsupported = Some(span);
                 break;
             }
@@ -441,23 +571,32 @@ fn scan_chunks(bytes: &[u8]) -> Scan {
                     // Only zeros (or nothing) left: the end of the segment.
                     break;
                 };
-                match next_certified_chunk(bytes, position) {
+                let next = next_certified_chunk(bytes, position, framing);
+                // A segment of an earlier build whose header is damaged
+                // has no keyed chunk to find: keep its bytes, unread,
+                // rather than cut them off as a torn tail.
+                let unkeyed_found = || {
+                    headerless
+                        && scan.valid_end == 0
+                        && !matches!(next_certified_chunk(bytes, position, Framing::Unkeyed), Err(Resync::NoneFound))
+                };
+                match next {
                     Ok(next) => {
                         scan.corrupt.push(CorruptSpan { offset: position, length: next - position, error });
                         position = next;
                     }
-                    Err(Resync::NoneFound) => {
+                    Err(Resync::NoneFound) if !unkeyed_found() => {
                         let length = last_nonzero + 1;
                         scan.torn_tail = Some(CorruptSpan { offset: position, length, error });
                         break;
                     }
-                    Err(Resync::GaveUp) => {
+                    Err(resync) => {
                         let length = bytes.len() - position;
-                        scan.corrupt.push(CorruptSpan {
-                            offset: position,
-                            length,
-                            error: RecordError::ResyncAbandoned,
-                        });
+                        let error = match resync {
+                            Resync::GaveUp => RecordError::ResyncAbandoned,
+                            Resync::NoneFound => RecordError::UnknownFormat,
+                        };
+                        scan.corrupt.push(CorruptSpan { offset: position, length, error });
                         break;
                     }
                 }
@@ -469,7 +608,7 @@ fn scan_chunks(bytes: &[u8]) -> Scan {
 
 /// The records of the chunk that starts at `start` and the offset just past
 /// its commit marker, if the marker is there and certifies it.
-fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize), ChunkError> {
+fn read_chunk(bytes: &[u8], start: usize, framing: Framing<'_>) -> Result<(Vec<(usize, Record)>, usize), ChunkError> {
     let mut records = Vec::new();
     let mut position = start;
     // The first record this build cannot read, if any: the chunk is then
@@ -500,29 +639,41 @@ fn read_chunk(bytes: &[u8], start: usize) -> Result<(Vec<(usize, Record)>, usize
             }
             Err(other) => return Err(ChunkError::Damaged(other)),
         };
-        match record {
-            Record::ChunkEnd(marker) => {
-                let certified = marker.start == start as u64
-                    && position > start
-                    && crc32c::crc32c(&bytes[start..position]) == marker.crc;
-                return match (certified, unsupported) {
-                    (false, _) => Err(ChunkError::Damaged(RecordError::UncommittedChunk)),
-                    (true, Some(span)) => Err(ChunkError::Unsupported(span)),
-                    (true, None) => Ok((records, position + size)),
-                };
+        let (marker_start, crc, signed) = match (record, framing) {
+            (Record::ChunkSeal(seal), Framing::Keyed(key)) => {
+                (seal.start, seal.crc, key.tag(seal.start, seal.crc) == seal.tag)
             }
-            Record::SegmentHeader(header) => {
-                if position != 0 || header.format < SEGMENT_FORMAT {
+            (Record::ChunkEnd(end), Framing::Unkeyed) => (end.start, end.crc, true),
+            (Record::ChunkSeal(_) | Record::ChunkEnd(_), _) => return Err(ChunkError::Damaged(RecordError::Framing)),
+            (Record::SegmentHeader(header), _) => {
+                if position != 0 || (header.format != framing.format() && header.format <= SEGMENT_FORMAT) {
                     return Err(ChunkError::Damaged(RecordError::Framing));
                 }
                 if header.format > SEGMENT_FORMAT {
                     let error = RecordError::Unsupported { type_byte: header_type_byte(), version: RECORD_VERSION };
                     unsupported.get_or_insert(CorruptSpan { offset: position, length: size, error });
                 }
+                position += size;
+                continue;
             }
-            record => records.push((position, record)),
-        }
-        position += size;
+            (record, _) => {
+                records.push((position, record));
+                position += size;
+                continue;
+            }
+        };
+        let checks = marker_start == start as u64 && position > start && crc32c::crc32c(&bytes[start..position]) == crc;
+        return match (checks, signed, unsupported) {
+            (false, _, _) => Err(ChunkError::Damaged(RecordError::UncommittedChunk)),
+            // Bytes that pass every check but the key: crafted, or another log's.
+            (true, false, _) => Err(ChunkError::Forged(CorruptSpan {
+                offset: start,
+                length: position + size - start,
+                error: RecordError::WrongKey,
+            })),
+            (true, true, Some(span)) => Err(ChunkError::Unsupported(span)),
+            (true, true, None) => Ok((records, position + size)),
+        };
     }
 }
 
@@ -532,6 +683,11 @@ enum ChunkError {
     Damaged(RecordError),
     /// Certified, but written by a newer build: recovery must stop.
     Unsupported(CorruptSpan),
+    /// Whole and checksummed, but its marker's tag is not this key's. Where
+    /// a chunk must start, the log was written with another key and
+    /// recovery must stop; found while resynchronising, it is a payload
+    /// crafted to pass for a chunk and is skipped.
+    Forged(CorruptSpan),
 }
 
 fn header_type_byte() -> u8 {
@@ -543,16 +699,17 @@ fn header_type_byte() -> u8 {
 /// record magic could land inside a chunk (on a record a client embedded in
 /// a payload) or on what a failed write left behind. A stale marker names a
 /// start at or before `from` (the chunk that replaced it began there), so
-/// it is never taken. (A payload crafted as a whole chunk, with the offset
-/// it will be written at, would still be taken if the disk damages the
-/// record around it: docs/storage.md lists that limit.)
-fn next_certified_chunk(bytes: &[u8], from: usize) -> Result<usize, Resync> {
+/// it is never taken; a chunk a client crafted inside a payload fails the
+/// key, so it is never taken either (in format 3; format 2 segments, which
+/// have no key, keep that limit: docs/storage.md).
+fn next_certified_chunk(bytes: &[u8], from: usize, framing: Framing<'_>) -> Result<usize, Resync> {
+    let (type_byte, marker_bytes) = framing.marker();
     let mut pattern = [0u8; 4];
     pattern[..2].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-    pattern[2] = Record::ChunkEnd(ChunkEnd { start: 0, crc: 0 }).type_byte();
+    pattern[2] = type_byte;
     pattern[3] = RECORD_VERSION;
     let finder = memchr::memmem::Finder::new(&pattern);
-    let marker_body = chunk_framing_bytes(false) - RECORD_HEADER_BYTES;
+    let marker_body = marker_bytes - RECORD_HEADER_BYTES;
     // Bytes that candidate chunks may make the scan walk before it gives up:
     // marker-shaped bytes in payloads must not make recovery quadratic.
     let mut budget = bytes.len().saturating_mul(RESYNC_WORK_FACTOR);
@@ -567,8 +724,12 @@ fn next_certified_chunk(bytes: &[u8], from: usize) -> Result<usize, Resync> {
         if length != Some(marker_body as u32) {
             continue;
         }
-        let Ok((Record::ChunkEnd(end), _)) = decode_record(&bytes[marker..]) else { continue };
-        let Ok(start) = usize::try_from(end.start) else { continue };
+        let start = match decode_record(&bytes[marker..]) {
+            Ok((Record::ChunkSeal(seal), _)) => seal.start,
+            Ok((Record::ChunkEnd(end), _)) => end.start,
+            _ => continue,
+        };
+        let Ok(start) = usize::try_from(start) else { continue };
         if start <= from || start >= marker {
             continue;
         }
@@ -577,10 +738,10 @@ fn next_certified_chunk(bytes: &[u8], from: usize) -> Result<usize, Resync> {
         }
         budget -= marker - start;
         // Only up to this marker: the walk costs what was charged.
-        let end = (marker + marker_body + RECORD_HEADER_BYTES).min(bytes.len());
+        let end = (marker + marker_bytes).min(bytes.len());
         // A certified chunk of a newer build is a place to resume too: the
         // scan then stops there and reports it.
-        if !matches!(read_chunk(&bytes[..end], start), Err(ChunkError::Damaged(_))) {
+        if matches!(read_chunk(&bytes[..end], start, framing), Ok(_) | Err(ChunkError::Unsupported(_))) {
             return Ok(start);
         }
     }
@@ -613,7 +774,7 @@ fn scan_records(bytes: &[u8]) -> Scan {
             break;
         }
         match decode_record(rest) {
-            Ok((Record::ChunkEnd(_) | Record::SegmentHeader(_), size)) => position += size,
+            Ok((Record::ChunkEnd(_) | Record::ChunkSeal(_) | Record::SegmentHeader(_), size)) => position += size,
             Ok((record, size)) => {
                 scan.records.push((position, record));
                 position += size;
@@ -662,6 +823,10 @@ fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn key() -> LogKey {
+        LogKey::from_secret(&[9; LOG_KEY_BYTES])
+    }
+
     fn sample(index: u64) -> Record {
         Record::MessageStored(MessageStored {
             server_msg_id: index,
@@ -685,7 +850,7 @@ mod tests {
         (bytes, offsets)
     }
 
-    /// A format-2 segment of `chunks` chunks of `per_chunk` records, as the
+    /// A format-3 segment of `chunks` chunks of `per_chunk` records, as the
     /// writer lays it out; returns it, each chunk's start and each record's offset.
     fn chunked(chunks: u64, per_chunk: u64) -> (Vec<u8>, Vec<usize>, Vec<usize>) {
         let mut header = Vec::new();
@@ -700,7 +865,7 @@ mod tests {
                 offsets.push(base + records.len());
                 encode_record(&sample(index), &mut records);
             }
-            append_chunk(&mut file, 1, &records);
+            append_chunk(&key(), &mut file, 1, &records);
         }
         (file, starts, offsets)
     }
@@ -720,7 +885,7 @@ mod tests {
         let (mut file, _, offsets) = chunked(4, 3);
         let end = file.len();
         file.resize(end + 8192, 0);
-        let scan = scan_segment(&file);
+        let scan = scan_segment(&file, &key());
         assert_eq!(ids(&scan), (0..12).collect::<Vec<_>>());
         assert_eq!(scan.records.iter().map(|(offset, _)| *offset).collect::<Vec<_>>(), offsets);
         assert_eq!(scan.valid_end, end);
@@ -734,7 +899,7 @@ mod tests {
         for cut in starts[2] + 1..file.len() {
             let mut torn = file[..cut].to_vec();
             torn.resize(cut + 4096, 0);
-            let scan = scan_segment(&torn);
+            let scan = scan_segment(&torn, &key());
             assert_eq!(ids(&scan), (0..8).collect::<Vec<_>>(), "cut at {cut}");
             assert_eq!(scan.valid_end, starts[2]);
             assert!(scan.corrupt.is_empty(), "cut at {cut}: nothing after it is certified");
@@ -754,12 +919,12 @@ mod tests {
         let mut c_records = Vec::new();
         encode_record(&sample(50), &mut c_records);
         let mut with_b = a.clone();
-        append_chunk(&mut with_b, 1, &b_records);
+        append_chunk(&key(), &mut with_b, 1, &b_records);
         let mut file = a.clone();
-        append_chunk(&mut file, 1, &c_records);
+        append_chunk(&key(), &mut file, 1, &c_records);
         let c_end = file.len();
         file.extend_from_slice(&with_b[c_end..]);
-        let scan = scan_segment(&file);
+        let scan = scan_segment(&file, &key());
         assert_eq!(ids(&scan), vec![0, 1, 50], "B's records after C must not come back");
         assert_eq!(scan.valid_end, c_end);
         assert!(scan.corrupt.is_empty());
@@ -772,7 +937,7 @@ mod tests {
         // Zero a stretch inside chunk 2 that covers a record header.
         let from = starts[2] + 40;
         file[from..from + 300].fill(0);
-        let scan = scan_segment(&file);
+        let scan = scan_segment(&file, &key());
         let expected: Vec<u64> = (0..12).chain(18..30).collect();
         assert_eq!(ids(&scan), expected, "chunks 3 and 4 survive a zeroed block in chunk 2");
         assert_eq!(scan.corrupt.len(), 1);
@@ -788,9 +953,9 @@ mod tests {
         // start just after the damage (as a crafted payload could hold).
         file[starts[1] + 3] ^= 0xFF;
         for _ in 0..4000 {
-            encode_record(&Record::ChunkEnd(ChunkEnd { start: starts[1] as u64 + 1, crc: 7 }), &mut file);
+            encode_record(&Record::ChunkSeal(ChunkSeal { start: starts[1] as u64 + 1, crc: 7, tag: 0 }), &mut file);
         }
-        let scan = scan_segment(&file);
+        let scan = scan_segment(&file, &key());
         assert_eq!(ids(&scan), vec![0, 1]);
         assert!(scan.torn_tail.is_none(), "the unread rest must not be cut off as a torn tail");
         assert_eq!(scan.corrupt.last().map(|span| span.error.clone()), Some(RecordError::ResyncAbandoned));
@@ -800,7 +965,7 @@ mod tests {
     fn a_flipped_bit_loses_its_chunk_only() {
         let (mut file, starts, offsets) = chunked(3, 4);
         file[offsets[5] + RECORD_HEADER_BYTES + 3] ^= 0x04;
-        let scan = scan_segment(&file);
+        let scan = scan_segment(&file, &key());
         assert_eq!(ids(&scan), (0..4).chain(8..12).collect::<Vec<_>>());
         assert_eq!(scan.corrupt.len(), 1);
         assert_eq!(scan.corrupt[0].offset, starts[1]);
@@ -811,7 +976,7 @@ mod tests {
         let (mut bytes, _) = segment(10);
         let end = bytes.len();
         bytes.resize(end + 4096, 0);
-        let scan = scan_segment(&bytes);
+        let scan = scan_segment(&bytes, &key());
         assert_eq!(scan.records.len(), 10);
         assert_eq!(scan.valid_end, end);
         assert!(scan.corrupt.is_empty() && scan.torn_tail.is_none());
@@ -822,7 +987,7 @@ mod tests {
     fn a_torn_tail_is_reported_and_excluded() {
         let (bytes, offsets) = segment(5);
         let cut = offsets[4] + 20;
-        let scan = scan_segment(&bytes[..cut]);
+        let scan = scan_segment(&bytes[..cut], &key());
         assert_eq!(scan.records.len(), 4);
         assert_eq!(scan.valid_end, offsets[4]);
         assert_eq!(scan.torn_tail.as_ref().map(|t| t.offset), Some(offsets[4]));
@@ -832,7 +997,7 @@ mod tests {
     fn a_flipped_bit_in_the_middle_skips_one_record() {
         let (mut bytes, offsets) = segment(6);
         bytes[offsets[2] + RECORD_HEADER_BYTES + 5] ^= 0x10;
-        let scan = scan_segment(&bytes);
+        let scan = scan_segment(&bytes, &key());
         assert_eq!(scan.records.len(), 5);
         assert_eq!(scan.corrupt.len(), 1);
         assert_eq!(scan.corrupt[0].offset, offsets[2]);
@@ -842,7 +1007,7 @@ mod tests {
         // A corrupt length field: the scanner resynchronises on the next record.
         let (mut bytes, offsets) = segment(6);
         bytes[offsets[1] + 6] = 0xFF;
-        let scan = scan_segment(&bytes);
+        let scan = scan_segment(&bytes, &key());
         assert_eq!(scan.records.len(), 5);
     }
 
@@ -856,7 +1021,7 @@ mod tests {
                 let index = (state >> 33) as usize % bytes.len();
                 bytes[index] = (state >> 20) as u8;
             }
-            let scan = scan_segment(&bytes);
+            let scan = scan_segment(&bytes, &key());
             assert!(scan.valid_end <= bytes.len());
         }
     }
@@ -868,11 +1033,11 @@ mod tests {
         let mut records = Vec::new();
         encode_record(&sample(3), &mut records);
         encode_unknown_record(42, &mut records);
-        append_chunk(&mut file, 1, &records);
+        append_chunk(&key(), &mut file, 1, &records);
         let mut later = Vec::new();
         encode_record(&sample(4), &mut later);
-        append_chunk(&mut file, 1, &later);
-        let scan = scan_segment(&file);
+        append_chunk(&key(), &mut file, 1, &later);
+        let scan = scan_segment(&file, &key());
         assert_eq!(ids(&scan), vec![0, 1, 2], "nothing from the newer chunk or after it");
         let unsupported = scan.unsupported.expect("reported, not skipped");
         assert!(unsupported.offset > newer_at);
@@ -883,7 +1048,7 @@ mod tests {
         // torn write) is damage, not a newer build's data.
         let mut torn = file.clone();
         torn[newer_at + 14] ^= 1;
-        let scan = scan_segment(&torn);
+        let scan = scan_segment(&torn, &key());
         assert!(scan.unsupported.is_none());
         assert_eq!(ids(&scan), vec![0, 1, 2, 4]);
     }
@@ -895,10 +1060,116 @@ mod tests {
         let mut chunk = Vec::new();
         encode_record(&Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT + 1, segment: 1 }), &mut chunk);
         chunk.extend_from_slice(&records);
-        let marker = Record::ChunkEnd(ChunkEnd { start: 0, crc: crc32c::crc32c(&chunk) });
-        encode_record(&marker, &mut chunk);
-        let scan = scan_segment(&chunk);
+        let crc = crc32c::crc32c(&chunk);
+        encode_record(&Record::ChunkSeal(ChunkSeal { start: 0, crc, tag: key().tag(0, crc) }), &mut chunk);
+        let scan = scan_segment(&chunk, &key());
         assert!(scan.records.is_empty());
         assert!(scan.unsupported.is_some());
+    }
+
+    /// Appends `records` as a format-2 chunk (checksum-only marker), as
+    /// earlier builds wrote them.
+    fn append_unkeyed_chunk(file: &mut Vec<u8>, records: &[u8]) {
+        let start = file.len();
+        if start == 0 {
+            encode_record(&Record::SegmentHeader(SegmentHeader { format: SEGMENT_FORMAT_UNKEYED, segment: 1 }), file);
+        }
+        file.extend_from_slice(records);
+        let crc = crc32c::crc32c(&file[start..]);
+        encode_record(&Record::ChunkEnd(ChunkEnd { start: start as u64, crc }), file);
+    }
+
+    /// Bytes a client could send as a payload: a whole chunk, checksummed,
+    /// that removes device (7, 1), for the segment offset `start`.
+    fn crafted_chunk(start: u64, unkeyed: bool) -> Vec<u8> {
+        let mut chunk = Vec::new();
+        encode_record(&Record::DeviceRemoved(DeviceRemoved { user: 7, device: 1, ordinal: 1 }), &mut chunk);
+        let crc = crc32c::crc32c(&chunk);
+        let marker = match unkeyed {
+            true => Record::ChunkEnd(ChunkEnd { start, crc }),
+            // The best a client can do: it cannot compute the tag.
+            false => Record::ChunkSeal(ChunkSeal { start, crc, tag: u64::from(crc) }),
+        };
+        encode_record(&marker, &mut chunk);
+        chunk
+    }
+
+    /// A segment of three chunks whose middle one holds a message carrying
+    /// `crafted` (made for the offset it lands at), with that chunk's first
+    /// record damaged so that the scan has to resynchronise over it.
+    fn segment_with_crafted_payload(unkeyed: bool) -> Vec<u8> {
+        let build = |start: u64| {
+            let mut file = Vec::new();
+            let append = |file: &mut Vec<u8>, records: &[u8]| match unkeyed {
+                true => append_unkeyed_chunk(file, records),
+                false => append_chunk(&key(), file, 1, records),
+            };
+            let mut records = Vec::new();
+            encode_record(&sample(0), &mut records);
+            append(&mut file, &records);
+            let mut records = Vec::new();
+            encode_record(&sample(1), &mut records);
+            let mut message = sample(2);
+            if let Record::MessageStored(stored) = &mut message {
+                stored.payload = crafted_chunk(start, unkeyed);
+            }
+            encode_record(&message, &mut records);
+            let damaged_at = file.len();
+            append(&mut file, &records);
+            let mut records = Vec::new();
+            encode_record(&sample(3), &mut records);
+            append(&mut file, &records);
+            (file, damaged_at)
+        };
+        // Where the crafted bytes land does not depend on what they say.
+        let (probe, _) = build(0);
+        let pattern = crafted_chunk(0, unkeyed);
+        let at = probe.windows(pattern.len()).position(|window| window == pattern).expect("the payload is in the file");
+        let (mut file, damaged_at) = build(at as u64);
+        file[damaged_at + 20] ^= 0x01;
+        file
+    }
+
+    #[test]
+    fn a_chunk_a_client_crafted_in_a_payload_never_passes_for_one() {
+        let file = segment_with_crafted_payload(false);
+        let scan = scan_segment(&file, &key());
+        assert_eq!(ids(&scan), vec![0, 3], "the damaged chunk goes, the crafted one inside it is not taken");
+        assert!(scan.unsupported.is_none() && scan.torn_tail.is_none());
+        // Format 2 had no key: there the same payload becomes a record (the
+        // limit this format closes, kept for segments earlier builds wrote).
+        let file = segment_with_crafted_payload(true);
+        let scan = scan_segment(&file, &key());
+        assert!(
+            scan.records.iter().any(|(_, record)| matches!(record, Record::DeviceRemoved(_))),
+            "format 2 resynchronises onto the crafted chunk"
+        );
+    }
+
+    #[test]
+    fn a_log_read_with_another_key_stops_rather_than_reading_as_damage() {
+        let (file, _, _) = chunked(3, 2);
+        let scan = scan_segment(&file, &LogKey::from_secret(&[1; LOG_KEY_BYTES]));
+        assert!(scan.records.is_empty());
+        assert_eq!(scan.unsupported.map(|span| span.error), Some(RecordError::WrongKey));
+        assert!(scan.torn_tail.is_none() && scan.corrupt.is_empty(), "nothing is cut or skipped");
+    }
+
+    #[test]
+    fn segments_of_earlier_builds_stay_readable() {
+        let mut file = Vec::new();
+        for chunk in 0..3u64 {
+            let mut records = Vec::new();
+            encode_record(&sample(chunk), &mut records);
+            append_unkeyed_chunk(&mut file, &records);
+        }
+        assert_eq!(ids(&scan_segment(&file, &key())), vec![0, 1, 2]);
+        // Its header damaged, the segment's format is unknown: nothing past
+        // the damage is replayed, and nothing is cut.
+        file[20] ^= 0x01;
+        let scan = scan_segment(&file, &key());
+        assert!(scan.records.is_empty());
+        assert!(scan.torn_tail.is_none());
+        assert_eq!(scan.corrupt.last().map(|span| span.error.clone()), Some(RecordError::UnknownFormat));
     }
 }

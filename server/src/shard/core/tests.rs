@@ -55,6 +55,8 @@ fn core_over<S: MailboxStore>(
         devices_per_shard_max: 100,
         mailbox_messages_max: 100,
         mailbox_bytes_max: 1 << 20,
+        mailbox_sender_messages_max: u32::MAX,
+        mailbox_sender_bytes_max: u64::MAX,
         // One entry: the recipient side forgets a key at the next store.
         stored_dedup_entries_max: 1,
         shard_mailbox_bytes_max: 1 << 40,
@@ -164,6 +166,17 @@ fn a_device_removed_by_its_sibling_is_closed_refused_and_no_longer_receives() {
     );
 }
 
+/// Sends the next message (ids from 1) from `conn` to user 20, then lets
+/// the phone drain and acknowledge; returns what the send produced.
+fn send_to_user_20(core: &mut ShardCore<MemoryStore>, conn: ConnId, last_id: &mut u64, phone: ConnId) -> Vec<Output> {
+    *last_id += 1;
+    let send = frames::Send { client_msg_id: *last_id, to_user: 20, after: None, payload: b"m".to_vec() };
+    core.on_frame(conn, Frame::Send(send), NOW_MS);
+    let out = outputs(core);
+    drain_and_ack(core, phone);
+    out
+}
+
 #[test]
 fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_message() {
     let authority = TokenAuthority::from_secret([7; 32]);
@@ -172,15 +185,8 @@ fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_me
     core.on_connection_closed(laptop);
     // The store's cap is 100 messages per device: the phone acknowledges
     // as it goes, the offline laptop fills up.
-    let mut next_id = 1;
-    let mut send = |core: &mut ShardCore<MemoryStore>| {
-        let send = frames::Send { client_msg_id: next_id, to_user: 20, after: None, payload: b"m".to_vec() };
-        next_id += 1;
-        core.on_frame(sender, Frame::Send(send), NOW_MS);
-        let out = outputs(core);
-        drain_and_ack(core, phone);
-        out
-    };
+    let mut next_id = 0;
+    let mut send = |core: &mut ShardCore<MemoryStore>| send_to_user_20(core, sender, &mut next_id, phone);
     for _ in 0..100 {
         let out = send(&mut core);
         assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
@@ -194,6 +200,48 @@ fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_me
     assert_eq!(core.stats().devices_removed_overflow, 1);
     let out = hello_device(&mut core, &authority, ConnId(5), 20, 2);
     assert_eq!(closed_with(&out, ConnId(5)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
+}
+
+#[test]
+fn one_sender_cannot_fill_an_offline_device_and_get_it_removed() {
+    let authority = TokenAuthority::from_secret([17; 32]);
+    // A mailbox holds 100 messages, of which one sending user 10.
+    let mut core = core_with(&authority, |limits| limits.mailbox_sender_messages_max = 10);
+    let (phone, laptop, flooder) = phone_laptop_and_sender(&mut core, &authority);
+    let friend = ConnId(4);
+    hello(&mut core, &authority, friend, 30);
+    core.on_connection_closed(laptop);
+    let mut next_id = 0;
+    let mut send = |core: &mut ShardCore<MemoryStore>, conn: ConnId| send_to_user_20(core, conn, &mut next_id, phone);
+    let acked = |out: &[Output]| out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. }));
+    for _ in 0..10 {
+        assert!(acked(&send(&mut core, flooder)));
+    }
+    // Over its share the flooder is refused, and only it: the laptop stays.
+    for _ in 0..3 {
+        let out = send(&mut core, flooder);
+        assert!(
+            matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if e.code == ErrorCode::MailboxFull as u16),
+            "{out:?}"
+        );
+    }
+    assert_eq!(core.stats().sends_over_mailbox_share, 3);
+    let out = send(&mut core, friend);
+    assert!(acked(&out), "another sender still reaches both devices: {out:?}");
+    assert_eq!(core.store().devices_of(20), &[1, 2], "nobody was removed");
+    assert_eq!(core.stats().devices_removed_overflow, 0);
+    // The laptop comes back and drains its 11 messages; the flooder's share is free again.
+    let laptop = ConnId(5);
+    hello_device(&mut core, &authority, laptop, 20, 2);
+    let mut delivered = 0;
+    let mut last = 0;
+    while let Some(Frame::Deliver(deliver)) = core.next_push(laptop) {
+        delivered += 1;
+        last = deliver.seq;
+    }
+    assert_eq!(delivered, 11);
+    core.on_frame(laptop, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: last }), NOW_MS);
+    assert!(acked(&send(&mut core, flooder)));
 }
 
 #[test]
@@ -267,10 +315,20 @@ fn a_device_without_a_session_for_the_expiry_is_removed_and_an_online_one_never(
 fn write_log(core: &mut ShardCore<crate::storage::LogStore>, files: &mut Vec<(u64, Vec<u8>)>) {
     while let Some(chunk) = core.store_mut().take_write() {
         match files.iter_mut().find(|(segment, _)| *segment == chunk.segment) {
-            Some((_, file)) => crate::storage::record::append_chunk(file, chunk.segment, &chunk.bytes),
+            Some((_, file)) => crate::storage::record::append_chunk(
+                &crate::storage::record::test_key(),
+                file,
+                chunk.segment,
+                &chunk.bytes,
+            ),
             None => {
                 let mut file = Vec::new();
-                crate::storage::record::append_chunk(&mut file, chunk.segment, &chunk.bytes);
+                crate::storage::record::append_chunk(
+                    &crate::storage::record::test_key(),
+                    &mut file,
+                    chunk.segment,
+                    &chunk.bytes,
+                );
                 files.push((chunk.segment, file));
             }
         }
@@ -280,8 +338,12 @@ fn write_log(core: &mut ShardCore<crate::storage::LogStore>, files: &mut Vec<(u6
 
 /// A core over the log store recovered from `files`.
 fn recovered_core(authority: &TokenAuthority, files: &[(u64, Vec<u8>)]) -> ShardCore<crate::storage::LogStore> {
-    let scans: Vec<_> =
-        files.iter().map(|(segment, bytes)| (*segment, crate::storage::record::scan_segment(bytes))).collect();
+    let scans: Vec<_> = files
+        .iter()
+        .map(|(segment, bytes)| {
+            (*segment, crate::storage::record::scan_segment(bytes, &crate::storage::record::test_key()))
+        })
+        .collect();
     core_over(authority, |store_limits, _| {
         let log = crate::storage::LogLimits::keep_bodies(1 << 20, 1 << 16);
         crate::storage::LogStore::recover(*store_limits, log, &scans).0
@@ -420,6 +482,8 @@ fn shard_zero_of_two(authority: &TokenAuthority, limits: CoreLimits) -> (ShardCo
         devices_per_shard_max: 100,
         mailbox_messages_max: 100_000,
         mailbox_bytes_max: 1 << 30,
+        mailbox_sender_messages_max: u32::MAX,
+        mailbox_sender_bytes_max: u64::MAX,
         stored_dedup_entries_max: 100,
         shard_mailbox_bytes_max: 1 << 40,
     });

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::shard::mailbox::MAILBOX_ENTRY_OVERHEAD_BYTES;
-use crate::storage::record::{append_chunk, scan_segment};
+use crate::storage::record::{append_chunk, scan_segment, test_key};
 use iris_protocol::ErrorCode;
 
 fn limits() -> StoreLimits {
@@ -11,6 +11,8 @@ fn limits() -> StoreLimits {
         devices_per_shard_max: 100,
         mailbox_messages_max: 100_000,
         mailbox_bytes_max: 1 << 30,
+        mailbox_sender_messages_max: u32::MAX,
+        mailbox_sender_bytes_max: u64::MAX,
         // Small, so segments leave the dedup window within a test.
         stored_dedup_entries_max: DEDUP_WINDOW,
         shard_mailbox_bytes_max: 1 << 40,
@@ -37,7 +39,7 @@ fn message(id: u64, to_user: u64, bytes: usize) -> Rc<StoredMessage> {
 fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
     store.maintain();
     while let Some(chunk) = store.take_write() {
-        append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+        append_chunk(&test_key(), files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
         store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
     }
     for segment in store.take_reclaimable() {
@@ -46,7 +48,8 @@ fn flush(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>) {
 }
 
 fn recover(files: &BTreeMap<u64, Vec<u8>>, log_limits: LogLimits) -> LogStore {
-    let scans: Vec<(u64, Scan)> = files.iter().map(|(segment, bytes)| (*segment, scan_segment(bytes))).collect();
+    let scans: Vec<(u64, Scan)> =
+        files.iter().map(|(segment, bytes)| (*segment, scan_segment(bytes, &test_key()))).collect();
     LogStore::recover(limits(), log_limits, &scans).0
 }
 
@@ -159,14 +162,16 @@ fn rotation_reclaim_and_compaction_keep_state_across_recovery() {
 fn flush_failing_carries(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
     store.maintain();
     while let Some(chunk) = store.take_write() {
-        let carries =
-            scan_segment(&chunk.bytes).records.iter().any(|(_, record)| matches!(record, Record::DeviceState(_)));
+        let carries = scan_segment(&chunk.bytes, &test_key())
+            .records
+            .iter()
+            .any(|(_, record)| matches!(record, Record::DeviceState(_)));
         if carries && *failures > 0 {
             *failures -= 1;
             store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
             continue;
         }
-        append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+        append_chunk(&test_key(), files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
         store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
     }
     for segment in store.take_reclaimable() {
@@ -229,7 +234,7 @@ fn recovery_continues_in_a_new_segment_and_state_is_carried_out_of_old_ones() {
     let mut records = Vec::new();
     encode_record(&Record::Acknowledged(Acknowledged { user: 3, device: 1, up_to_seq: 0 }), &mut records);
     let mut second = Vec::new();
-    append_chunk(&mut second, 2, &records);
+    append_chunk(&test_key(), &mut second, 2, &records);
     files.insert(2, second);
     // Restart twice, each time delivering a little (less than a
     // segment) and reclaiming.
@@ -402,12 +407,12 @@ fn idle_devices_state_is_carried_with_its_segment_not_rewritten_at_every_rotatio
         store.acknowledge(busy, store.last_seq(busy));
         store.maintain();
         while let Some(chunk) = store.take_write() {
-            state_records += scan_segment(&chunk.bytes)
+            state_records += scan_segment(&chunk.bytes, &test_key())
                 .records
                 .iter()
                 .filter(|(_, record)| matches!(record, Record::DeviceState(_)))
                 .count();
-            append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+            append_chunk(&test_key(), files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
             store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
         }
         for segment in store.take_reclaimable() {
@@ -717,13 +722,16 @@ fn the_queue_of_starved_pushes_stays_within_twice_the_starving_devices() {
 fn flush_failing_seen(store: &mut LogStore, files: &mut BTreeMap<u64, Vec<u8>>, failures: &mut u32) {
     store.maintain();
     while let Some(chunk) = store.take_write() {
-        let seen = scan_segment(&chunk.bytes).records.iter().any(|(_, record)| matches!(record, Record::DeviceSeen(_)));
+        let seen = scan_segment(&chunk.bytes, &test_key())
+            .records
+            .iter()
+            .any(|(_, record)| matches!(record, Record::DeviceSeen(_)));
         if seen && *failures > 0 {
             *failures -= 1;
             store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
             continue;
         }
-        append_chunk(files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
+        append_chunk(&test_key(), files.entry(chunk.segment).or_default(), chunk.segment, &chunk.bytes);
         store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
     }
     for segment in store.take_reclaimable() {
