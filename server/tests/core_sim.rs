@@ -14,7 +14,11 @@
 //! whole process crashes at random moments (all shards at once, as the real
 //! one does): unsynced chunks are lost, the one in flight may leave a torn
 //! prefix, and every shard recovers from its segments (torn tails cut as
-//! `layout::scan_segments` does) with a new boot. Delivered segments are
+//! `layout::scan_segments` does) with a new boot. In a third of the runs
+//! with crashes, half the crashes also flip a bit of a segment (bit rot):
+//! the chunk it hits is skipped as damaged, the messages in that segment may
+//! be lost (never duplicated), and the seq floor keeps every device's seq
+//! from going backwards. Delivered segments are
 //! reclaimed and mostly dead ones compacted along the way (4 KiB segments).
 //! Most runs keep few or no bodies in memory (a body cache of 0 B to 2 KB):
 //! pushes and compaction read records back from the simulated segments,
@@ -35,7 +39,9 @@ use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::{RecordAt, StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
 use irisd::shard::rate::Rate;
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
-use irisd::storage::record::{decode_record, frame_chunk, scan_segment, LogKey, Record, Scan};
+use irisd::storage::record::{
+    decode_record, frame_chunk, scan_segment, DeviceRegistered, DeviceState, LogKey, Record, Scan,
+};
 use irisd::storage::{LogLimits, LogStore};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -93,6 +99,10 @@ struct Device {
     removed: bool,
     /// Its removal was answered (durable): a Hello of it must be refused.
     removal_durable: bool,
+    /// A bit flip hit its registration or state: the server may have
+    /// forgotten it until its next Hello, so messages to its user in that
+    /// time may miss it (never reach it twice).
+    forgotten: bool,
     /// A sibling this device asks to remove, until the answer arrives
     /// (asked again after every Welcome: a crash may have lost it).
     removing: Option<u32>,
@@ -110,6 +120,8 @@ struct SimDisk {
     in_flight: Option<WriteChunk>,
     /// A segment where a failed write left bytes the writer has not cut yet.
     uncut: Option<u64>,
+    /// The shard's seq floor file (`layout::seq_floor`): survives crashes.
+    seq_floor: u64,
     /// Reads of cold mailbox entries handed to the "reader", not answered yet.
     reads: Vec<RecordAt>,
 }
@@ -175,6 +187,9 @@ struct Faults {
     /// of a mailbox, so that sends to an offline device are refused
     /// (MailboxFull) and retried.
     store_limits: StoreLimits,
+    /// Chance (per thousand crashes) that a crash also flips one bit of a
+    /// shard's segment files: bit rot found at the next recovery.
+    bit_flips_per_mille: u64,
 }
 
 const STORE_LIMITS: StoreLimits = StoreLimits {
@@ -232,6 +247,17 @@ struct Sim {
     refused_hellos: u64,
     /// Payloads a removed device never saw acknowledged.
     abandoned: std::collections::HashSet<String>,
+    /// Payloads whose record lay in a segment a bit flip hit: acknowledged,
+    /// yet they may be lost (bit rot on one disk loses what it hit); never
+    /// delivered twice unless also in `resent`.
+    excused: std::collections::HashSet<String>,
+    /// Excused payloads whose sender had not yet seen the ack: it sends them
+    /// again, and with their record (and so their dedup entry) gone they
+    /// are stored anew, so they may arrive late and a second time. Only the
+    /// recipient can catch that copy (docs/storage.md, "Damage").
+    resent: std::collections::HashSet<String>,
+    /// Bits flipped on the disks.
+    bit_flips: u64,
     /// Send refusals seen, by error code.
     refusals: BTreeMap<u16, u64>,
     rng: Rng,
@@ -275,14 +301,21 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
 
-/// Recovers a store from a disk the way a start does: torn tails cut off,
-/// every segment scanned in order.
 /// The simulated data directory's log key.
 fn sim_key() -> LogKey {
     LogKey::from_secret(&[11; 32])
 }
 
-fn recover_store(disk: &mut SimDisk, store_limits: StoreLimits, log_limits: LogLimits) -> LogStore {
+/// Recovers a store from a disk the way a start does: torn tails cut off,
+/// every segment scanned in order, and the seq floor raised to
+/// `first_sequence` (the start's first message sequence) if a damaged chunk
+/// was skipped or a torn tail cut.
+fn recover_store(
+    disk: &mut SimDisk,
+    store_limits: StoreLimits,
+    log_limits: LogLimits,
+    first_sequence: u64,
+) -> LogStore {
     let mut scans: Vec<(u64, Scan)> = Vec::new();
     for (segment, bytes) in disk.files.iter_mut() {
         let scan = scan_segment(bytes, &sim_key());
@@ -292,7 +325,12 @@ fn recover_store(disk: &mut SimDisk, store_limits: StoreLimits, log_limits: LogL
         }
         scans.push((*segment, scan));
     }
-    LogStore::recover(store_limits, log_limits, &scans).0
+    let (mut store, report) = LogStore::recover(store_limits, log_limits, &scans);
+    if report.lost_bytes() {
+        disk.seq_floor = disk.seq_floor.max(first_sequence);
+    }
+    store.raise_seq_floor(disk.seq_floor);
+    store
 }
 
 impl Sim {
@@ -313,6 +351,7 @@ impl Sim {
         if tight {
             store_limits.mailbox_sender_messages_max = 2 + rng.below(10) as u32;
         }
+        let bit_flips_per_mille = if crashes_per_mille > 0 && rng.below(3) == 0 { 500 } else { 0 };
         let faults = Faults {
             write_failures_per_mille,
             crashes_per_mille,
@@ -321,6 +360,7 @@ impl Sim {
             read_failures_per_mille,
             log_limits,
             store_limits,
+            bit_flips_per_mille,
         };
         let cores = (0..SHARDS)
             .map(|shard| core_over(shard, 1, &authority, LogStore::new(store_limits, log_limits), faults.tight))
@@ -342,6 +382,7 @@ impl Sim {
                     received: Vec::new(),
                     removed: false,
                     removal_durable: false,
+                    forgotten: false,
                     removing: None,
                 });
             }
@@ -362,6 +403,9 @@ impl Sim {
             authority,
             acked: BTreeMap::new(),
             abandoned: Default::default(),
+            excused: Default::default(),
+            resent: Default::default(),
+            bit_flips: 0,
             refused_hellos: 0,
             refusals: BTreeMap::new(),
             rng,
@@ -625,12 +669,19 @@ impl Sim {
                     disk.put(chunk.segment, &framed[..torn], false);
                 }
             }
+        }
+        if self.rng.below(1000) < self.faults.bit_flips_per_mille {
+            self.flip_a_bit();
+        }
+        for shard in 0..SHARDS as usize {
+            let disk = &mut self.disks[shard];
             // Recovery appends only to new segments; leftovers of a failed
             // write not yet cut stay for recovery to read.
             disk.ends.clear();
             disk.uncut = None;
             disk.reads.clear();
-            let store = recover_store(disk, self.faults.store_limits, self.faults.log_limits);
+            let first_sequence = self.boot << 30;
+            let store = recover_store(disk, self.faults.store_limits, self.faults.log_limits, first_sequence);
             self.cores[shard] = core_over(shard as u16, self.boot, &self.authority, store, self.faults.tight);
         }
         // Recovered entries know where their records lie too.
@@ -642,6 +693,59 @@ impl Sim {
             device.conn = None;
             device.welcomed = false;
         }
+    }
+
+    /// Flips one bit of one segment of one shard (while the process is
+    /// down). Every message whose record the segment holds may be lost now
+    /// (its chunk is skipped as damaged), and so may every removal in it.
+    fn flip_a_bit(&mut self) {
+        let shard = self.rng.below(u64::from(SHARDS)) as usize;
+        let disk = &mut self.disks[shard];
+        let segments: Vec<u64> = disk.files.iter().filter(|(_, bytes)| !bytes.is_empty()).map(|(s, _)| *s).collect();
+        if segments.is_empty() {
+            return;
+        }
+        let segment = segments[self.rng.below(segments.len() as u64) as usize];
+        let file = disk.files.get_mut(&segment).expect("listed");
+        for (_, record) in &scan_segment(file, &sim_key()).records {
+            match record {
+                Record::MessageStored(message) => {
+                    let payload = String::from_utf8(message.payload.clone()).unwrap();
+                    let sender = (message.from_user, message.from_device);
+                    let unacked = self
+                        .devices
+                        .iter()
+                        .filter(|d| (d.user, d.device) == sender)
+                        .any(|device| device.pending.iter().any(|(id, ..)| *id == message.client_msg_id));
+                    if unacked {
+                        self.resent.insert(payload.clone());
+                    }
+                    self.excused.insert(payload);
+                }
+                Record::DeviceRegistered(DeviceRegistered { user, device })
+                | Record::DeviceState(DeviceState { user, device, .. }) => {
+                    for sim_device in self.devices.iter_mut().filter(|d| (d.user, d.device) == (*user, *device)) {
+                        sim_device.forgotten = true;
+                    }
+                }
+                Record::DeviceRemoved(removed) => {
+                    // The removal may be undone: the device is back, with a
+                    // mailbox nobody drains. Its user removes it again (as
+                    // one who sees it listed once more would).
+                    for device in self.devices.iter_mut().filter(|d| d.user == removed.user) {
+                        if device.device == removed.device {
+                            device.removal_durable = false;
+                        } else if !device.removed && device.removing.is_none() {
+                            device.removing = Some(removed.device);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let at = self.rng.below(file.len() as u64) as usize;
+        file[at] ^= 1 << self.rng.below(8);
+        self.bit_flips += 1;
     }
 
     /// Moves outputs of every core to links and simulated clients.
@@ -724,8 +828,12 @@ impl Sim {
                         let alone = to_user == Some(device.user)
                             && code == Some(iris_protocol::ErrorCode::UnknownRecipient)
                             && self.devices.iter().any(|d| d.user == to_user.unwrap_or(0) && d.removed);
+                        // A bit flip may have destroyed a recipient's
+                        // registration: unknown until it says Hello again.
+                        let unregistered =
+                            code == Some(iris_protocol::ErrorCode::UnknownRecipient) && self.bit_flips > 0 && !alone;
                         let device = &mut self.devices[index];
-                        if position.is_none() {
+                        if position.is_none() || unregistered {
                             // A refusal of a retry whose send was settled already.
                         } else if alone {
                             if let Some((_, _, payload)) = position.and_then(|position| device.pending.remove(position))
@@ -748,6 +856,15 @@ impl Sim {
                         {
                             sibling.removal_durable = true;
                         }
+                    }
+                    // A removal asked again after a bit flip, of a device
+                    // the damaged log no longer knows.
+                    Frame::Error(error)
+                        if error.code == iris_protocol::ErrorCode::UnknownDevice as u16
+                            && device.removing.is_some()
+                            && self.bit_flips > 0 =>
+                    {
+                        device.removing = None;
                     }
                     Frame::Error(error) => panic!("unexpected error {error:?}"),
                     other => panic!("unexpected frame {other:?}"),
@@ -975,6 +1092,11 @@ impl Sim {
             for payload in &device.received {
                 // Only acknowledged messages are delivered.
                 assert!(acked_payloads.contains(payload.as_str()), "{payload} delivered but never acked");
+                // A message whose record a bit flip destroyed before its
+                // sender saw the ack is sent again and stored anew: late.
+                if self.resent.contains(payload) {
+                    continue;
+                }
                 // In order per sending device.
                 let parts: Vec<u64> = payload.split('/').map(|p| p.parse().unwrap()).collect();
                 let previous = last_from.insert((parts[0], parts[1]), parts[2]);
@@ -995,7 +1117,13 @@ impl Sim {
             let recipients = self.devices.iter().filter(|d| d.user == *to_user && (d.user, d.device) != *sender);
             for device in recipients.filter(|d| !d.removed) {
                 let copies = device.received.iter().filter(|p| *p == payload).count();
-                assert_eq!(copies, 1, "device {}/{} got {payload} {copies} times", device.user, device.device);
+                if self.resent.contains(payload) {
+                    assert!(copies <= 2, "device {}/{} got {payload} {copies} times", device.user, device.device);
+                } else if self.excused.contains(payload) || device.forgotten {
+                    assert!(copies <= 1, "device {}/{} got {payload} {copies} times", device.user, device.device);
+                } else {
+                    assert_eq!(copies, 1, "device {}/{} got {payload} {copies} times", device.user, device.device);
+                }
             }
         }
     }
@@ -1023,6 +1151,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
         }
     };
     let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed, mut reads) = (0, 0, 0, 0, 0, 0);
+    let (mut bit_flips, mut excused) = (0, 0);
     let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| {
@@ -1031,11 +1160,23 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
             sim.check();
             let run_removed = sim.devices.iter().filter(|device| device.removed).count();
             let run_reads: u64 = sim.cores.iter().map(|core| core.store().stats().reads_total).sum();
-            (sim.crashes, sim.failed_writes, sim.reclaimed, sim.acked.len(), run_removed, sim.refusals, run_reads)
+            let flips = (sim.bit_flips, sim.excused.len());
+            (
+                sim.crashes,
+                sim.failed_writes,
+                sim.reclaimed,
+                sim.acked.len(),
+                run_removed,
+                sim.refusals,
+                run_reads,
+                flips,
+            )
         });
         match outcome {
-            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals, run_reads)) => {
+            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals, run_reads, flips)) => {
                 reads += run_reads;
+                bit_flips += flips.0;
+                excused += flips.1;
                 for (code, count) in run_refusals {
                     let name = match iris_protocol::ErrorCode::from_u16(code) {
                         Some(code) => format!("{code:?}"),
@@ -1056,6 +1197,6 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
     println!(
         "simulated {crashes} crashes, {failed_writes} failed writes, {reclaimed} reclaimed segments, \
          {acked} acknowledged sends, {removed} removed devices, {reads} bodies read back (since each \
-         run's last crash); send refusals {refusals:?}"
+         run's last crash), {bit_flips} bit flips (which put {excused} messages at risk); send refusals {refusals:?}"
     );
 }

@@ -121,6 +121,79 @@ async fn a_corrupt_record_is_skipped_reported_and_the_rest_recovered() {
     assert!(common::http_get(&admin, "/health").ends_with("ok\n"));
 }
 
+/// A damaged chunk may hold a device's newest seq. Were it handed out again,
+/// a device that had processed it would take the next message for a
+/// redelivery and drop it; instead every seq starts above a floor the
+/// damage raised, and a resume from the lost seq is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_damage_seqs_start_above_every_seq_handed_out() {
+    let mut server = Server::start(1);
+    let (sender, recipient, bystander) = (1, 2, 3);
+    register(&server, recipient, 1).await;
+    register(&server, bystander, 1).await;
+    send_numbered(&server, sender, recipient, 10).await;
+    // The recipient processes all ten (seqs 1..=10), without acknowledging.
+    let mut raw = Raw::connect(&server, 0).await;
+    let Frame::Welcome(welcome) = raw.hello(&server.token(recipient, 1), 0).await else { panic!("no welcome") };
+    assert_eq!(welcome.last_seq, 10);
+    let mut processed = 0;
+    while let Some(deliver) = raw.read_push(Duration::from_millis(500)).await {
+        processed = deliver.seq;
+    }
+    assert_eq!(processed, 10);
+    drop(raw);
+    // A later chunk, so that the damaged one is not the log's tail.
+    send_numbered(&server, sender, bystander, 1).await;
+    server.kill9();
+
+    // Bit rot in the chunk that gave out seq 10 (the message "m9").
+    let path = segments(&server, 0).pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (offset, _) = scan_segment(&bytes, &log_key(&server))
+        .records
+        .into_iter()
+        .find(|(_, record)| matches!(record, Record::MessageStored(m) if m.payload == b"m9"))
+        .expect("m9 is in the log");
+    bytes[offset + 20] ^= 0x5A;
+    std::fs::write(&path, &bytes).unwrap();
+
+    server.restart();
+    server.assert_running();
+    let mut raw = Raw::connect(&server, 0).await;
+    match raw.hello(&server.token(recipient, 1), processed).await {
+        Frame::Welcome(welcome) => assert!(welcome.last_seq >= processed, "seq went back to {}", welcome.last_seq),
+        other => panic!("a resume from a seq the server handed out was refused: {other:?}"),
+    }
+    let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    client.send(recipient, b"after the damage".to_vec()).await.unwrap();
+    client.close().await.unwrap();
+    // Pushes at or below the resume point are redeliveries, which the SDK
+    // drops (the server pushes again what no connection of this process
+    // pushed); the new message must come above it.
+    loop {
+        let deliver = raw.read_push(Duration::from_secs(5)).await.expect("the new message arrives");
+        if deliver.seq <= processed {
+            assert_ne!(deliver.payload, b"after the damage", "the new message got seq {}", deliver.seq);
+            continue;
+        }
+        assert_eq!(deliver.payload, b"after the damage");
+        break;
+    }
+    let floor: u64 = std::fs::read_to_string(shard_dir(server.data_dir.path(), 0).join("seq-floor"))
+        .expect("the damage raised the floor")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(floor >= processed);
+    // The floor never goes down (this start sees the same damage again,
+    // so it rises once more).
+    drop(raw);
+    server.kill9();
+    server.restart();
+    let again = std::fs::read_to_string(shard_dir(server.data_dir.path(), 0).join("seq-floor")).unwrap();
+    assert!(again.trim().parse::<u64>().unwrap() >= floor);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incompatible_or_mismatched_data_directory_is_refused_untouched() {
     let mut server = Server::start(2);

@@ -350,6 +350,19 @@ async fn run_shard(
             };
             let start = last.map(|(segment, valid_end)| WriterStart { segment, valid_end: valid_end as u64 });
             let (mut store, report) = recovery.finish();
+            match layout::seq_floor(&dir, report.lost_bytes(), first_message_id) {
+                Ok(floor) => {
+                    if report.corrupt_records > 0 {
+                        tracing::warn!(
+                            shard,
+                            floor,
+                            "damaged log chunks skipped; every device's seq starts at the floor"
+                        );
+                    }
+                    store.raise_seq_floor(floor);
+                }
+                Err(error) => return report_failure(&ready, shard, error.to_string()),
+            }
             if config.storage.disk_bytes_max == 0 {
                 // 90% of what the log holds now plus its share of the free
                 // space: Throttle comes well before the disk is full.

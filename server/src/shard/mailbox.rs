@@ -433,6 +433,8 @@ pub struct MailboxIndex {
     /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
     /// `stored_dedup_entries_max` stored messages.
     stored: StoredIndex,
+    /// No device's seq is below it ([`MailboxIndex::raise_seq_floor`]).
+    seq_floor: u64,
 }
 
 impl MailboxIndex {
@@ -447,7 +449,25 @@ impl MailboxIndex {
             hot_entries: 0,
             stored: StoredIndex::new(limits.stored_dedup_entries_max),
             limits,
+            seq_floor: 0,
         }
+    }
+
+    /// Raises every device's last seq to at least `floor`, and starts
+    /// devices that register from now on there. After a recovery that
+    /// skipped damaged records (one may have held a device's newest seq, or
+    /// its registration) this keeps seqs from going backwards: `floor` is
+    /// above every seq handed out before (see `layout::seq_floor`).
+    pub fn raise_seq_floor(&mut self, floor: u64) {
+        self.seq_floor = self.seq_floor.max(floor);
+        for mailbox in self.mailboxes.values_mut() {
+            mailbox.last_seq = mailbox.last_seq.max(floor);
+        }
+    }
+
+    /// The seq no device's last seq is below.
+    pub fn seq_floor(&self) -> u64 {
+        self.seq_floor
     }
 
     /// The bounds.
@@ -471,7 +491,7 @@ impl MailboxIndex {
             return Err(StoreError::TooManyDevices(device.user));
         }
         devices.push(device.device);
-        self.mailboxes.insert(device, Mailbox::default());
+        self.mailboxes.insert(device, Mailbox { last_seq: self.seq_floor, ..Mailbox::default() });
         Ok(true)
     }
 
@@ -480,7 +500,7 @@ impl MailboxIndex {
     pub fn register_recovered(&mut self, device: DeviceKey) {
         if !self.mailboxes.contains_key(&device) && !self.is_removed(device) {
             self.users.entry(device.user).or_default().push(device.device);
-            self.mailboxes.insert(device, Mailbox::default());
+            self.mailboxes.insert(device, Mailbox { last_seq: self.seq_floor, ..Mailbox::default() });
         }
     }
 

@@ -5,6 +5,7 @@
 //! <data-dir>/layout.toml            format_version, shard_count, slot_count
 //! <data-dir>/log.key                the secret that seals chunk markers (32 bytes, 0600)
 //! <data-dir>/shard-<k>/message-ids  first message sequence not yet reserved (u64, text)
+//! <data-dir>/shard-<k>/seq-floor    no device seq below it, after damage (u64, text; optional)
 //! <data-dir>/shard-<k>/seg-<n>.log  log segments, n ascending
 //! ```
 //!
@@ -275,6 +276,33 @@ pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std:
     Ok(start..end)
 }
 
+/// The seq below which no device of the shard in `dir` starts: the
+/// number in `<shard-dir>/seq-floor` (0 if absent). When this start's
+/// recovery skipped damaged chunks or cut a torn tail (`damaged`), it is first raised to
+/// `first_sequence`, the first message sequence reserved by this start, and
+/// written durably before the shard serves. A damaged chunk may have held a
+/// device's newest seq; each seq was given to one message, and every message
+/// took a sequence below `first_sequence`, so no seq handed out before is
+/// above it. Kept once raised: the next start may no longer see the damage
+/// (its segment reclaimed) while clients have seen seqs from above it.
+pub fn seq_floor(dir: &Path, damaged: bool, first_sequence: u64) -> Result<u64, LayoutError> {
+    let path = dir.join("seq-floor");
+    let io = |source| LayoutError::Io { path: path.clone(), source };
+    let floor = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(error) => return Err(io(error)),
+    };
+    if !damaged || first_sequence <= floor {
+        return Ok(floor);
+    }
+    crate::files::write_private(&path, first_sequence.to_string().as_bytes()).map_err(io)?;
+    Ok(first_sequence)
+}
+
 /// Deletes leftover spare segments (`seg-N.prep`), then reads and scans
 /// every segment of `dir` (a log sealed with `key`, the data directory's
 /// key at `key_path`), ascending, one at a time, handing each scan to
@@ -450,6 +478,18 @@ mod tests {
             open_layout(dir.path(), 1).unwrap();
             assert!(load_log_key(dir.path()).is_ok(), "version {older}");
         }
+    }
+
+    #[test]
+    fn the_seq_floor_rises_on_damage_only_and_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(seq_floor(dir.path(), false, 100).unwrap(), 0, "no damage, no floor");
+        assert_eq!(seq_floor(dir.path(), true, 100).unwrap(), 100);
+        assert_eq!(seq_floor(dir.path(), false, 500).unwrap(), 100, "kept when the damage is gone");
+        assert_eq!(seq_floor(dir.path(), true, 50).unwrap(), 100, "never lowered");
+        assert_eq!(seq_floor(dir.path(), true, 900).unwrap(), 900);
+        std::fs::write(dir.path().join("seq-floor"), "x").unwrap();
+        assert!(matches!(seq_floor(dir.path(), false, 0), Err(LayoutError::BadLayout { .. })));
     }
 
     #[test]

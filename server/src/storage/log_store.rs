@@ -80,6 +80,16 @@ pub struct RecoveryReport {
     pub live_payload_bytes_max: usize,
 }
 
+impl RecoveryReport {
+    /// Recovery skipped damaged chunks or cut a torn tail. After a crash a
+    /// torn tail holds unacknowledged writes only, but bit rot in the last
+    /// chunks looks the same, so either may have lost a device's newest seq
+    /// (the seq floor rises: `layout::seq_floor`).
+    pub fn lost_bytes(&self) -> bool {
+        self.corrupt_records > 0 || self.torn_bytes > 0
+    }
+}
+
 /// The durable store of one shard.
 #[derive(Debug)]
 pub struct LogStore {
@@ -863,7 +873,6 @@ impl LogStore {
         self.compaction = Some(Compaction { from, last_ticket, moves });
     }
 
-    /// Appends one record; returns its ticket and the segment it went to.
     /// Appends `record`; returns its ticket and where it will lie.
     fn append(&mut self, record: &Record) -> (Ticket, RecordAt) {
         let mut bytes = Vec::new();
@@ -986,6 +995,15 @@ impl LogStore {
         self.homes.move_when_durable(ticket, device, StateKind::Seqs, segment);
         self.registrations_pending.push_back((ticket, device));
         self.registering_devices.insert(device);
+    }
+
+    /// Raises every device's seq (and that of devices registering later) to
+    /// at least `floor`: after a recovery that skipped damaged chunks, which
+    /// may have held a device's newest seq or its registration, a seq must
+    /// still never go backwards. The floor is durable apart from the log
+    /// (`layout::seq_floor`), so no record is written for it.
+    pub fn raise_seq_floor(&mut self, floor: u64) {
+        self.index.raise_seq_floor(floor);
     }
 
     /// Every mailbox entry with its device (for checks: the simulation reads
