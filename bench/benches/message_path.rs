@@ -7,7 +7,7 @@ use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::StoreLimits;
-use irisd::shard::{ConnId, CoreLimits, MemoryStore, SendRates, ShardCore, ShardIdentity};
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, Now, SendRates, ShardCore, ShardIdentity};
 
 fn message_path(c: &mut Criterion) {
     let authority = TokenAuthority::from_secret([1; 32]);
@@ -28,6 +28,9 @@ fn message_path(c: &mut Criterion) {
         rates: SendRates::OFF,
         codel_target_ms: 0,
         codel_interval_ms: 100,
+        hello_timeout_ms: 10_000,
+        commit_delay_us: 0,
+        commit_bytes_max: 1 << 20,
     };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 5,
@@ -44,10 +47,11 @@ fn message_path(c: &mut Criterion) {
     for (conn, user) in [(sender, 1u64), (receiver, 2u64)] {
         assert_eq!(table.home(UserId(user)).shard.0, 0);
         let token = authority.mint(Claims { user_id: user, device_id: 1, expires_at_s: u64::MAX });
-        core.on_connection(conn);
-        core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), 0);
+        core.handle_connection(conn, Now::default());
+        core.handle_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), Now::default());
     }
     while core.poll_output().is_some() {}
+    let now = Now { monotonic_us: 1000, wall_ms: 1 };
     let mut client_msg_id = 0u64;
     let mut group = c.benchmark_group("message_path");
     group.throughput(Throughput::Elements(1));
@@ -55,14 +59,14 @@ fn message_path(c: &mut Criterion) {
         b.iter(|| {
             client_msg_id += 1;
             let send = Frame::Send(frames::Send { client_msg_id, to_user: 2, after: None, payload: vec![7; 150] });
-            core.on_frame(sender, send, 1);
-            core.flush_commits();
+            core.handle_frame(sender, send, now);
             let ack = core.poll_output();
             debug_assert!(matches!(ack, Some(irisd::shard::Output::Frame { .. })));
             while core.poll_push_ready().is_some() {}
-            let deliver = core.next_push(receiver);
+            let deliver = core.poll_push(receiver);
             if let Some(Frame::Deliver(deliver)) = &deliver {
-                core.on_frame(receiver, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: deliver.seq }), 1);
+                let ack = Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: deliver.seq });
+                core.handle_frame(receiver, ack, now);
             }
             black_box((ack, deliver))
         })

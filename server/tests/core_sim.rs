@@ -38,7 +38,10 @@ use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::{RecordAt, StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
 use irisd::shard::rate::Rate;
-use irisd::shard::{ConnId, CoreLimits, MailboxStore, Output, SendRates, ShardCore, ShardIdentity, ShardMessage};
+use irisd::shard::{
+    ConnId, CoreLimits, MailboxStore, Now, Output, ReadOutcome, SendRates, ShardCore, ShardIdentity, ShardMessage,
+    WriteOutcome,
+};
 use irisd::storage::record::{
     decode_record, frame_chunk, scan_segment, DeviceRegistered, DeviceState, LogKey, Record, Scan,
 };
@@ -54,6 +57,13 @@ const SEEDS_IN_CI: u64 = 256;
 const DEFAULT_SEED_BASE: u64 = 0x1215_C0FF_EE00;
 /// Random steps per seed before the run quiesces.
 const STEPS: usize = 12_000;
+/// A connection has this long (simulated) to authenticate.
+const HELLO_TIMEOUT_MS: u64 = 5_000;
+
+/// The simulated time as the core takes it: one clock for both.
+fn at(now_ms: u64) -> Now {
+    Now { monotonic_us: now_ms * 1000, wall_ms: now_ms }
+}
 
 struct Rng(u64);
 impl Rng {
@@ -245,6 +255,10 @@ struct Sim {
     acked: BTreeMap<u64, (String, u64, (u64, u32))>,
     /// Connections of removed devices closed with `REMOVED`.
     refused_hellos: u64,
+    /// Connections that never send a Hello, with when they opened.
+    silent: HashMap<(u16, ConnId), u64>,
+    /// Connections the core closed for a Hello (or a Welcome) not in time.
+    hello_timeouts: u64,
     /// Payloads a removed device never saw acknowledged.
     abandoned: std::collections::HashSet<String>,
     /// Payloads whose record lay in a segment a bit flip hit: acknowledged,
@@ -297,6 +311,10 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
         // runs' refusals push sojourns past them, so it refuses sends too.
         codel_target_ms: 5,
         codel_interval_ms: 100,
+        hello_timeout_ms: HELLO_TIMEOUT_MS,
+        // Tight runs gather records for 2 ms before an idle log writes.
+        commit_delay_us: if tight { 2_000 } else { 0 },
+        commit_bytes_max: COMMIT_BYTES,
     };
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }
@@ -407,6 +425,8 @@ impl Sim {
             resent: Default::default(),
             bit_flips: 0,
             refused_hellos: 0,
+            silent: HashMap::new(),
+            hello_timeouts: 0,
             refusals: BTreeMap::new(),
             rng,
         }
@@ -419,6 +439,16 @@ impl Sim {
         }
         // A removed device tries its old token now and then: refused.
         self.open_connection(index, may_misroute);
+    }
+
+    /// A peer that connects and never says Hello: the core must close it
+    /// once its hello timeout passes.
+    fn open_silent(&mut self) {
+        let shard = self.rng.below(u64::from(SHARDS)) as u16;
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.cores[shard as usize].handle_connection(conn, at(self.now_ms));
+        self.silent.insert((shard, conn), self.now_ms);
     }
 
     /// A second connection of a connected device: it replaces the first,
@@ -440,8 +470,8 @@ impl Sim {
             self.authority.mint(Claims { user_id: device.user, device_id: device.device, expires_at_s: u64::MAX });
         let hello = Frame::Hello(frames::Hello { token, resume_after_seq: device.processed_seq });
         self.conn_owner.insert((shard, conn), index);
-        self.cores[shard as usize].on_connection(conn);
-        self.cores[shard as usize].on_frame(conn, hello, self.now_ms);
+        self.cores[shard as usize].handle_connection(conn, at(self.now_ms));
+        self.cores[shard as usize].handle_frame(conn, hello, at(self.now_ms));
         if shard == self.devices[index].home {
             // Usable once its Welcome arrives (see `on_output`).
             self.devices[index].conn = Some(conn);
@@ -478,13 +508,13 @@ impl Sim {
     fn ask_removal(&mut self, index: usize) {
         let (Some(conn), Some(device_id)) = (self.ready_conn(index), self.devices[index].removing) else { return };
         let remove = Frame::RemoveDevice(frames::RemoveDevice { device_id });
-        self.cores[self.devices[index].home as usize].on_frame(conn, remove, self.now_ms);
+        self.cores[self.devices[index].home as usize].handle_frame(conn, remove, at(self.now_ms));
     }
 
     fn disconnect(&mut self, index: usize) {
         if let Some(conn) = self.devices[index].conn.take() {
             let shard = self.devices[index].home;
-            self.cores[shard as usize].on_connection_closed(conn);
+            self.cores[shard as usize].handle_connection_closed(conn, at(self.now_ms));
             self.conn_owner.remove(&(shard, conn));
         }
     }
@@ -505,7 +535,7 @@ impl Sim {
         device.pending.push_back((id, to_user, payload.clone()));
         let after = after_in(&device.pending, device.pending.len() - 1);
         let send = Frame::Send(frames::Send { client_msg_id: id, to_user, after, payload });
-        self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
+        self.cores[device.home as usize].handle_frame(conn, send, at(self.now_ms));
     }
 
     fn resend_one(&mut self, index: usize) {
@@ -515,7 +545,7 @@ impl Sim {
         let device = &self.devices[index];
         if let Some((id, to_user, payload)) = device.pending.front().cloned() {
             let send = Frame::Send(frames::Send { client_msg_id: id, to_user, after: None, payload });
-            self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
+            self.cores[device.home as usize].handle_frame(conn, send, at(self.now_ms));
         }
     }
 
@@ -529,7 +559,7 @@ impl Sim {
         for (position, (id, to_user, payload)) in device.pending.clone().into_iter().enumerate() {
             let after = after_in(&device.pending, position);
             let send = Frame::Send(frames::Send { client_msg_id: id, to_user, after, payload });
-            self.cores[device.home as usize].on_frame(conn, send, self.now_ms);
+            self.cores[device.home as usize].handle_frame(conn, send, at(self.now_ms));
         }
     }
 
@@ -540,7 +570,7 @@ impl Sim {
         let home = self.devices[index].home as usize;
         let budget = 1 + self.rng.below(5);
         for _ in 0..budget {
-            let Some(Frame::Deliver(deliver)) = self.cores[home].next_push(conn) else {
+            let Some(Frame::Deliver(deliver)) = self.cores[home].poll_push(conn) else {
                 break;
             };
             let device = &mut self.devices[index];
@@ -558,7 +588,7 @@ impl Sim {
         };
         let device = &self.devices[index];
         let ack = Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: device.processed_seq });
-        self.cores[device.home as usize].on_frame(conn, ack, self.now_ms);
+        self.cores[device.home as usize].handle_frame(conn, ack, at(self.now_ms));
     }
 
     fn step_link(&mut self) {
@@ -572,27 +602,30 @@ impl Sim {
             let Some(message) = self.links.get_mut(&(from, to)).and_then(VecDeque::pop_front) else {
                 break;
             };
-            self.cores[to as usize].on_shard_message(from, message);
+            self.cores[to as usize].handle_shard_message(from, message, at(self.now_ms));
         }
     }
 
     /// Hands each idle disk the next chunk, as the driver's loop does.
     fn submit_writes(&mut self) {
+        let now = at(self.now_ms);
         for shard in 0..SHARDS as usize {
             // Reads go to the "reader" whether or not a write is in flight.
-            let store = self.cores[shard].store_mut();
-            while let Some(at) = store.take_read() {
-                self.disks[shard].reads.push(at);
+            let core = &mut self.cores[shard];
+            while let Some(record) = core.poll_read(now) {
+                self.disks[shard].reads.push(record);
             }
             if self.disks[shard].in_flight.is_some() {
+                assert!(core.write_in_flight(), "the core handed out a chunk and forgot it");
                 continue;
             }
-            store.maintain();
-            self.disks[shard].in_flight = store.take_write();
-            while let Some(at) = store.take_read() {
-                self.disks[shard].reads.push(at);
+            // The core's group-commit policy decides (one chunk at a time,
+            // back-off after failures, the commit delay in tight runs).
+            self.disks[shard].in_flight = core.poll_write(now);
+            while let Some(record) = core.poll_read(now) {
+                self.disks[shard].reads.push(record);
             }
-            for segment in store.take_reclaimable() {
+            for segment in core.poll_reclaim() {
                 self.disks[shard].files.remove(&segment);
                 self.disks[shard].ends.remove(&segment);
                 self.reclaimed += 1;
@@ -604,7 +637,8 @@ impl Sim {
     fn step_disk(&mut self) {
         let shard = self.rng.below(u64::from(SHARDS)) as usize;
         let Some(chunk) = self.disks[shard].in_flight.take() else { return };
-        let store = self.cores[shard].store_mut();
+        let now = at(self.now_ms);
+        let core = &mut self.cores[shard];
         let disk = &mut self.disks[shard];
         disk.cut_back();
         // The store computed every record's offset from this start.
@@ -632,10 +666,10 @@ impl Sim {
                 }
                 _ => {}
             }
-            store.on_write_failed(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+            core.handle_write_outcome(chunk.segment, chunk.first_ticket, chunk.last_ticket, WriteOutcome::Failed, now);
         } else {
             disk.put(chunk.segment, &framed, true);
-            store.on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+            core.handle_write_outcome(chunk.segment, chunk.first_ticket, chunk.last_ticket, WriteOutcome::Durable, now);
         }
     }
 
@@ -648,10 +682,15 @@ impl Sim {
         if disk.reads.is_empty() {
             return;
         }
-        let at = disk.reads.swap_remove(self.rng.below(disk.reads.len() as u64) as usize);
+        let record = disk.reads.swap_remove(self.rng.below(disk.reads.len() as u64) as usize);
         let failed = self.rng.below(1000) < self.faults.read_failures_per_mille;
-        let result = if failed { Err("injected read failure".to_string()) } else { disk.read(at) };
-        self.cores[shard].on_read(at, result.as_deref().map_err(Clone::clone));
+        let result = if failed { Err("injected read failure".to_string()) } else { disk.read(record) };
+        let outcome = match &result {
+            Ok(bytes) => ReadOutcome::Bytes(bytes),
+            Err(error) if failed => ReadOutcome::Failed(error),
+            Err(error) => ReadOutcome::SegmentGone(error),
+        };
+        self.cores[shard].handle_read(record, outcome, at(self.now_ms));
     }
 
     /// The process dies: every shard loses what was not synced (the chunk
@@ -688,6 +727,7 @@ impl Sim {
         self.check_record_positions();
         self.check_memory_accounting();
         self.links.clear();
+        self.silent.clear();
         self.conn_owner.clear();
         for device in &mut self.devices {
             device.conn = None;
@@ -750,16 +790,16 @@ impl Sim {
 
     /// Moves outputs of every core to links and simulated clients.
     fn settle(&mut self) {
+        let now = at(self.now_ms);
         for core in &mut self.cores {
-            core.set_clock(self.now_ms);
+            core.handle_timeout(now);
         }
         self.submit_writes();
         for shard in 0..SHARDS {
             let core = &mut self.cores[shard as usize];
-            core.flush_commits();
             for to in 0..SHARDS {
                 if to != shard {
-                    let batch = core.take_outbox(to, usize::MAX);
+                    let batch = core.poll_outbox(to, usize::MAX);
                     self.links.entry((shard, to)).or_default().extend(batch);
                 }
             }
@@ -880,7 +920,7 @@ impl Sim {
                     "only redirects, replacements and removals close connections here, got {frame:?}"
                 );
                 self.conn_owner.remove(&(shard, conn));
-                self.cores[shard as usize].on_connection_closed(conn);
+                self.cores[shard as usize].handle_connection_closed(conn, at(self.now_ms));
                 if let Some(&index) = self.devices.iter().position(|d| d.conn == Some(conn) && d.home == shard).as_ref()
                 {
                     self.devices[index].conn = None;
@@ -888,6 +928,25 @@ impl Sim {
                 if removed {
                     self.refused_hellos += 1;
                 }
+            }
+            Output::CloseNow { conn, close_code, reason } => {
+                // Only the hello timeout: a Close is answered by closing at
+                // once here, so no grace runs out.
+                assert_eq!(close_code, iris_protocol::close_code::PROTOCOL_ERROR, "{reason}");
+                if let Some(opened) = self.silent.remove(&(shard, conn)) {
+                    assert!(
+                        self.now_ms - opened >= HELLO_TIMEOUT_MS,
+                        "closed {} ms after it opened",
+                        self.now_ms - opened
+                    );
+                } else if let Some(index) = self.devices.iter().position(|d| d.conn == Some(conn) && d.home == shard) {
+                    // Its Welcome waited for a registration longer than the timeout.
+                    assert!(!self.devices[index].welcomed, "a welcomed connection timed out as unauthenticated");
+                    self.devices[index].conn = None;
+                }
+                self.hello_timeouts += 1;
+                self.conn_owner.remove(&(shard, conn));
+                self.cores[shard as usize].handle_connection_closed(conn, at(self.now_ms));
             }
             Output::Authenticated { .. } => {}
             _ => {}
@@ -902,6 +961,8 @@ impl Sim {
         }
         self.settle();
         while !self.devices.iter().all(|device| device.welcomed) {
+            // Time goes on: a commit delay holds records until it passes.
+            self.now_ms += 1;
             self.step_disk();
             self.settle();
         }
@@ -927,6 +988,7 @@ impl Sim {
                 74..=77 => self.disconnect(index),
                 78..=85 => self.connect(index, true),
                 86..=87 => self.connect_again(index),
+                88 if self.rng.below(4) == 0 => self.open_silent(),
                 _ => self.resend_one(index),
             }
             self.settle();
@@ -973,6 +1035,9 @@ impl Sim {
                 break;
             }
         }
+        // Past every hello deadline: connections that never said Hello go.
+        self.now_ms += HELLO_TIMEOUT_MS;
+        self.settle();
         for index in 0..self.devices.len() {
             self.pull_all(index);
         }
@@ -986,7 +1051,7 @@ impl Sim {
         };
         let home = self.devices[index].home as usize;
         for _ in 0..1_000_000 {
-            let Some(Frame::Deliver(deliver)) = self.cores[home].next_push(conn) else {
+            let Some(Frame::Deliver(deliver)) = self.cores[home].poll_push(conn) else {
                 // A cold entry: its read (asked for by this push) comes back first.
                 if self.disks[home].reads.is_empty() {
                     self.submit_writes();
@@ -995,9 +1060,13 @@ impl Sim {
                     return;
                 }
                 while !self.disks[home].reads.is_empty() {
-                    let at = self.disks[home].reads.remove(0);
-                    let result = self.disks[home].read(at);
-                    self.cores[home].on_read(at, result.as_deref().map_err(Clone::clone));
+                    let record = self.disks[home].reads.remove(0);
+                    let result = self.disks[home].read(record);
+                    let outcome = match &result {
+                        Ok(bytes) => ReadOutcome::Bytes(bytes),
+                        Err(error) => ReadOutcome::SegmentGone(error),
+                    };
+                    self.cores[home].handle_read(record, outcome, at(self.now_ms));
                 }
                 continue;
             };
@@ -1076,6 +1145,7 @@ impl Sim {
         self.check_memory_accounting();
         self.check_record_positions();
         assert!(self.devices.iter().all(|d| d.pending.is_empty()), "sends never acknowledged");
+        assert!(self.silent.is_empty(), "connections without a Hello outlived their timeout: {:?}", self.silent);
         assert!(self.devices.iter().all(|d| d.removing.is_none()), "a removal never answered");
         assert!(self.acked.len() > 100, "the simulation acknowledged only {} sends", self.acked.len());
         let mut acked_payloads: std::collections::HashSet<&str> =
@@ -1151,7 +1221,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
         }
     };
     let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed, mut reads) = (0, 0, 0, 0, 0, 0);
-    let (mut bit_flips, mut excused) = (0, 0);
+    let (mut bit_flips, mut excused, mut hello_timeouts) = (0, 0, 0);
     let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| {
@@ -1160,7 +1230,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
             sim.check();
             let run_removed = sim.devices.iter().filter(|device| device.removed).count();
             let run_reads: u64 = sim.cores.iter().map(|core| core.store().stats().reads_total).sum();
-            let flips = (sim.bit_flips, sim.excused.len());
+            let flips = (sim.bit_flips, sim.excused.len(), sim.hello_timeouts);
             (
                 sim.crashes,
                 sim.failed_writes,
@@ -1177,6 +1247,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
                 reads += run_reads;
                 bit_flips += flips.0;
                 excused += flips.1;
+                hello_timeouts += flips.2;
                 for (code, count) in run_refusals {
                     let name = match iris_protocol::ErrorCode::from_u16(code) {
                         Some(code) => format!("{code:?}"),
@@ -1197,6 +1268,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
     println!(
         "simulated {crashes} crashes, {failed_writes} failed writes, {reclaimed} reclaimed segments, \
          {acked} acknowledged sends, {removed} removed devices, {reads} bodies read back (since each \
-         run's last crash), {bit_flips} bit flips (which put {excused} messages at risk); send refusals {refusals:?}"
+         run's last crash), {bit_flips} bit flips (which put {excused} messages at risk), {hello_timeouts} \
+         connections closed for no Hello in time; send refusals {refusals:?}"
     );
 }

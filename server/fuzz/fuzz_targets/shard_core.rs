@@ -1,7 +1,9 @@
 //! Structure-aware: random sequences of connections, valid and invalid
-//! Hellos, Sends, DeliveryAcks, device removals, raw frame bytes and closes fed to one shard
-//! core. Nothing a peer sends may panic it; pushes to a connection carry
-//! strictly increasing seqs; outputs stay bounded by what was asked.
+//! Hellos, Sends, DeliveryAcks, device removals, raw frame bytes, closes and
+//! the passing of time fed to one shard core. Nothing a peer sends may panic
+//! it; pushes to a connection carry strictly increasing seqs; outputs stay
+//! bounded by what was asked; a connection without a Hello is closed once
+//! its hello timeout has passed.
 
 #![no_main]
 
@@ -11,29 +13,67 @@ use iris_protocol::{FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
 use iris_shard_map::{NodeId, ShardId, SlotTable};
 use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::mailbox::StoreLimits;
-use irisd::shard::{ConnId, CoreLimits, MemoryStore, Output, SendRates, ShardCore, ShardIdentity};
+use irisd::shard::{ConnId, CoreLimits, MemoryStore, Now, Output, SendRates, ShardCore, ShardIdentity};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
     Connect,
-    Hello { conn: u8, user: u8, device: u8, resume_after_seq: u64, expired: bool },
-    Send { conn: u8, to_user: u8, client_msg_id: u8, after: Option<u8>, payload_bytes: u8 },
-    DeliveryAck { conn: u8, up_to_seq: u64 },
-    Bytes { conn: u8, bytes: Vec<u8> },
-    Ping { conn: u8 },
-    ShardMapRequest { conn: u8 },
-    RemoveDevice { conn: u8, device: u8 },
-    Pull { conn: u8 },
-    Close { conn: u8 },
+    Hello {
+        conn: u8,
+        user: u8,
+        device: u8,
+        resume_after_seq: u64,
+        expired: bool,
+    },
+    Send {
+        conn: u8,
+        to_user: u8,
+        client_msg_id: u8,
+        after: Option<u8>,
+        payload_bytes: u8,
+    },
+    DeliveryAck {
+        conn: u8,
+        up_to_seq: u64,
+    },
+    Bytes {
+        conn: u8,
+        bytes: Vec<u8>,
+    },
+    Ping {
+        conn: u8,
+    },
+    ShardMapRequest {
+        conn: u8,
+    },
+    RemoveDevice {
+        conn: u8,
+        device: u8,
+    },
+    Pull {
+        conn: u8,
+    },
+    Close {
+        conn: u8,
+    },
+    /// Time passes (ms).
+    Tick {
+        ms: u16,
+    },
 }
+
+/// The hello timeout of the fuzzed core.
+const HELLO_TIMEOUT_MS: u64 = 2_000;
 
 /// A connection as the driver sees it.
 struct Conn {
     id: ConnId,
     decoder: FrameDecoder,
     last_pushed_seq: u64,
+    opened_ms: u64,
+    hello_sent: bool,
 }
 
 fuzz_target!(|ops: Vec<Op>| {
@@ -46,17 +86,19 @@ fuzz_target!(|ops: Vec<Op>| {
         message_ids: 1..1 << 40,
     };
     let table = SlotTable::single_node(NodeId(0), 1, 1).unwrap();
-    let limits =
-        CoreLimits {
-            dedup_entries_per_device_max: 8,
-            sender_dedup_entries_max: 1_048_576,
-            sends_in_flight_per_device_max: 4,
-            shard_outbox_messages_max: 8,
-            device_inactive_expiry_s: 0,
-            rates: SendRates::OFF,
-            codel_target_ms: 0,
-            codel_interval_ms: 100,
-        };
+    let limits = CoreLimits {
+        dedup_entries_per_device_max: 8,
+        sender_dedup_entries_max: 1_048_576,
+        sends_in_flight_per_device_max: 4,
+        shard_outbox_messages_max: 8,
+        device_inactive_expiry_s: 0,
+        rates: SendRates::OFF,
+        codel_target_ms: 0,
+        codel_interval_ms: 100,
+        hello_timeout_ms: HELLO_TIMEOUT_MS,
+        commit_delay_us: 0,
+        commit_bytes_max: 1 << 20,
+    };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 3,
         devices_per_shard_max: 16,
@@ -72,17 +114,19 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
     let mut conns: Vec<Conn> = Vec::new();
     let mut next_conn = 0u64;
-    let now_ms = 1_000_000;
+    let mut now_ms = 1_000_000;
     for op in ops.into_iter().take(512) {
         let pick = |conns: &Vec<Conn>, index: u8| (!conns.is_empty()).then(|| usize::from(index) % conns.len());
+        let now = Now { monotonic_us: now_ms * 1000, wall_ms: now_ms };
         let mut frames_in: Vec<(ConnId, Frame)> = Vec::new();
         match op {
             Op::Connect => {
                 if conns.len() < 32 {
                     let id = ConnId(next_conn);
                     next_conn += 1;
-                    core.on_connection(id);
-                    conns.push(Conn { id, decoder: FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT), last_pushed_seq: 0 });
+                    core.handle_connection(id, now);
+                    let decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+                    conns.push(Conn { id, decoder, last_pushed_seq: 0, opened_ms: now_ms, hello_sent: false });
                 }
             }
             Op::Hello { conn, user, device, resume_after_seq, expired } => {
@@ -91,6 +135,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     let claims =
                         Claims { user_id: u64::from(user % 8), device_id: u32::from(device % 4), expires_at_s };
                     let hello = frames::Hello { token: authority.mint(claims), resume_after_seq };
+                    conns[index].hello_sent = true;
                     frames_in.push((conns[index].id, Frame::Hello(hello)));
                 }
             }
@@ -135,7 +180,7 @@ fuzz_target!(|ops: Vec<Op>| {
                             Ok(Some(frame)) => frames_in.push((connection.id, frame)),
                             Ok(None) => break,
                             Err(error) => {
-                                core.on_decode_error(connection.id, error.code(), error.to_string());
+                                core.handle_decode_error(connection.id, error.code(), error.to_string(), now);
                                 connection.decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
                                 break;
                             }
@@ -147,7 +192,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 if let Some(index) = pick(&conns, conn) {
                     let connection = &mut conns[index];
                     for _ in 0..64 {
-                        match core.next_push(connection.id) {
+                        match core.poll_push(connection.id) {
                             Some(Frame::Deliver(deliver)) => {
                                 assert!(deliver.seq > connection.last_pushed_seq, "pushed seqs must increase");
                                 connection.last_pushed_seq = deliver.seq;
@@ -161,21 +206,38 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Close { conn } => {
                 if let Some(index) = pick(&conns, conn) {
                     let connection = conns.swap_remove(index);
-                    core.on_connection_closed(connection.id);
+                    core.handle_connection_closed(connection.id, now);
                 }
+            }
+            Op::Tick { ms } => {
+                now_ms += u64::from(ms);
+                core.handle_timeout(Now { monotonic_us: now_ms * 1000, wall_ms: now_ms });
             }
         }
         for (conn, frame) in frames_in {
-            core.on_frame(conn, frame, now_ms);
+            core.handle_frame(conn, frame, now);
         }
-        core.flush_commits();
         let mut outputs = 0;
         let mut closing = HashMap::new();
         while let Some(output) = core.poll_output() {
             outputs += 1;
             assert!(outputs < 10_000, "outputs must stay bounded");
-            if let Output::Close { conn, .. } = output {
-                closing.insert(conn, ());
+            match output {
+                Output::Close { conn, .. } => {
+                    closing.insert(conn, ());
+                }
+                Output::CloseNow { conn, .. } => {
+                    let connection = conns.iter().find(|c| c.id == conn).expect("a CloseNow of a live connection");
+                    assert!(now_ms - connection.opened_ms >= HELLO_TIMEOUT_MS, "closed before its hello timeout");
+                    closing.insert(conn, ());
+                }
+                _ => {}
+            }
+        }
+        // No connection that never sent a Hello outlives its timeout.
+        if let Some(deadline) = core.poll_timeout() {
+            for connection in conns.iter().filter(|c| !c.hello_sent && !closing.contains_key(&c.id)) {
+                assert!(deadline <= (connection.opened_ms + HELLO_TIMEOUT_MS) * 1000, "a hello deadline went missing");
             }
         }
         while core.poll_push_ready().is_some() {}
@@ -183,7 +245,7 @@ fuzz_target!(|ops: Vec<Op>| {
         conns.retain(|connection| {
             let close = closing.contains_key(&connection.id);
             if close {
-                core.on_connection_closed(connection.id);
+                core.handle_connection_closed(connection.id, now);
             }
             !close
         });

@@ -18,7 +18,7 @@
 //! (its messages wait for its next connection).
 
 use crate::shard::core::SMALL_RESPONSE_BYTES_MAX;
-use crate::shard::{ConnId, MailboxStore, Output, ShardCore};
+use crate::shard::{ConnId, MailboxStore, Now, Output, ShardCore};
 use iris_protocol::{close_code, encode_into, Frame, FrameDecoder};
 use quinn_proto::{Dir, Event, ReadError, StreamEvent, StreamId, VarInt, WriteError};
 use std::time::{Duration, Instant};
@@ -28,9 +28,6 @@ use std::time::{Duration, Instant};
 const READ_BYTES_PER_DRIVE: usize = 64 * 1024;
 /// Deliver frames written per drive of one connection (fairness, as above).
 const PUSH_FRAMES_PER_DRIVE: usize = 256;
-/// How long a closing connection waits for the client to receive the final
-/// Error or Redirect before the connection is closed regardless.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Capacity a drained outgoing buffer may keep; larger ones are released.
 const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
@@ -40,9 +37,6 @@ const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
 pub struct ConnectionLimits {
     /// Response bytes buffered before the request stream is paused.
     pub response_bytes_max: usize,
-    /// How long a new connection may take to authenticate before it is
-    /// closed, so an idle unauthenticated peer cannot hold a connection slot.
-    pub hello_timeout: Duration,
     /// How long the push stream may accept nothing while pushes wait before
     /// the connection is closed (a stuck reader holds a session, its QUIC
     /// buffers and a share of the shard's attention for nothing).
@@ -110,9 +104,6 @@ pub struct Connection {
     pub dirty: bool,
     /// The deadline registered in the loop's timer set.
     pub deadline: Option<Instant>,
-    /// When the connection is closed regardless: `hello_timeout` after accept
-    /// until it authenticates, CLOSE_GRACE after a fatal error or redirect.
-    pub close_deadline: Option<Instant>,
     /// The core has messages to push.
     pub push_wanted: bool,
     /// The peer's address (for the per-source connection bound).
@@ -151,17 +142,12 @@ pub struct Connection {
 
 impl Connection {
     /// Wraps a freshly accepted quinn connection.
-    pub fn new(
-        quic: quinn_proto::Connection,
-        now: Instant,
-        frame_bytes_max: u32,
-        limits: ConnectionLimits,
-    ) -> Connection {
+    /// (The core times its Hello and its close grace.)
+    pub fn new(quic: quinn_proto::Connection, frame_bytes_max: u32, limits: ConnectionLimits) -> Connection {
         Connection {
             quic,
             dirty: false,
             deadline: None,
-            close_deadline: Some(now + limits.hello_timeout),
             push_wanted: false,
             source: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             handshaking: false,
@@ -182,7 +168,7 @@ impl Connection {
     }
 
     /// Handles quinn's application events and feeds request frames to the core.
-    pub fn poll_events<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
+    pub fn poll_events<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, clock: Now) {
         while let Some(event) = self.quic.poll() {
             match event {
                 Event::Stream(StreamEvent::Opened { dir }) => self.accept_streams(dir),
@@ -205,12 +191,12 @@ impl Connection {
                     tracing::debug!(?conn, %reason, "connection lost");
                     // Stop routing pushes here now rather than when quinn
                     // finally drains the connection (3 PTOs later).
-                    core.on_connection_closed(conn);
+                    core.handle_connection_closed(conn, clock);
                 }
                 _ => {}
             }
         }
-        self.read_requests(now, core, conn, now_ms);
+        self.read_requests(now, core, conn, clock);
     }
 
     fn accept_streams(&mut self, dir: Dir) {
@@ -226,7 +212,7 @@ impl Connection {
         }
     }
 
-    fn read_requests<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, now_ms: u64) {
+    fn read_requests<S: MailboxStore>(&mut self, now: Instant, core: &mut ShardCore<S>, conn: ConnId, clock: Now) {
         let Some(stream) = self.request else { return };
         if self.closing.is_some() {
             return;
@@ -297,12 +283,12 @@ impl Connection {
                     self.push_stalled_since = None;
                 }
             }
-            core.on_frame(conn, frame, now_ms);
+            core.handle_frame(conn, frame, clock);
         }
         if let Some(error) = failure {
             self.request_readable = false;
             self.held = None;
-            core.on_decode_error(conn, error.code(), error.to_string());
+            core.handle_decode_error(conn, error.code(), error.to_string(), clock);
         } else if ended && self.held.is_none() {
             self.request_readable = false;
             self.close(now, close_code::NORMAL, "request stream ended");
@@ -319,22 +305,17 @@ impl Connection {
         match output {
             Output::Frame { frame, .. } => self.queue_response(&frame),
             Output::Encoded { bytes, .. } => self.responses.bytes.extend_from_slice(&bytes),
-            Output::Authenticated { .. } => {
-                if self.closing.is_none() {
-                    self.close_deadline = None;
-                }
-                self.open_push();
-            }
+            Output::Authenticated { .. } => self.open_push(),
             Output::Close { frame, close_code, .. } => {
                 if let Some(frame) = frame {
                     self.queue_response(&frame);
                 }
                 self.closing = Some(Closing { close_code, finish_sent: false });
-                self.close_deadline = Some(now + CLOSE_GRACE);
                 if self.request.is_none() {
                     self.close_now(now);
                 }
             }
+            Output::CloseNow { close_code, reason, .. } => self.close(now, close_code, reason),
         }
     }
 
@@ -383,7 +364,7 @@ impl Connection {
         }
         let mut written = 0;
         while self.push_wanted && !self.pushes.blocked && written < PUSH_FRAMES_PER_DRIVE {
-            let Some(frame) = core.next_push(conn) else {
+            let Some(frame) = core.poll_push(conn) else {
                 self.push_wanted = false;
                 break;
             };
@@ -431,25 +412,17 @@ impl Connection {
 
     /// Called when the loop's timer for this connection fires. Returns
     /// whether it closed the connection as a stuck reader.
-    pub fn on_close_deadline(&mut self, now: Instant) -> bool {
+    pub fn on_stall_deadline(&mut self, now: Instant) -> bool {
         if self.closing.is_none() && self.stall_deadline().is_some_and(|deadline| deadline <= now) {
             self.push_stalled_since = None;
             tracing::debug!("push stream stalled; closing the connection");
             self.close(now, close_code::SLOW_READER, "push stream accepted nothing for too long");
             return true;
         }
-        if self.close_deadline.is_some_and(|deadline| deadline <= now) {
-            if self.closing.is_none() {
-                self.close(now, close_code::PROTOCOL_ERROR, "no Hello in time");
-            } else {
-                self.close_now(now);
-            }
-        }
         false
     }
 
     fn close(&mut self, now: Instant, code: u32, reason: &'static str) {
-        self.close_deadline = None;
         self.quic.close(now, VarInt::from_u32(code), bytes::Bytes::from_static(reason.as_bytes()));
     }
 

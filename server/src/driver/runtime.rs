@@ -284,6 +284,9 @@ async fn run_shard(
         rates: send_rates(&config.rate_limits),
         codel_target_ms: config.admission.codel_target_ms,
         codel_interval_ms: config.admission.codel_interval_ms,
+        hello_timeout_ms: u64::from(config.runtime.hello_timeout_ms),
+        commit_delay_us: u64::from(config.storage.commit_delay_us),
+        commit_bytes_max: config.storage.commit_bytes_max as usize,
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
     let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK, 0) {
@@ -314,7 +317,6 @@ async fn run_shard(
         handshakes_unvalidated_max: limits.handshakes_unvalidated_max as usize,
         connection_limits: ConnectionLimits {
             response_bytes_max: limits.connection_response_bytes_max as usize,
-            hello_timeout: Duration::from_millis(u64::from(config.runtime.hello_timeout_ms)),
             push_stall_timeout: Duration::from_millis(u64::from(config.runtime.push_stall_timeout_ms)),
         },
         metrics: Arc::clone(&metrics),
@@ -406,13 +408,7 @@ async fn run_shard(
             glommio::spawn_local(run_writer(dir.clone(), key, start, spare_bytes, command_receiver, event_sender))
                 .detach();
             let reader = LogReader::new(dir.clone());
-            let writer = WriterLink {
-                reader,
-                commands: WriterQueue::new(commands),
-                events,
-                commit_delay: Duration::from_micros(u64::from(config.storage.commit_delay_us)),
-                commit_bytes_max: config.storage.commit_bytes_max as usize,
-            };
+            let writer = WriterLink { reader, commands: WriterQueue::new(commands), events };
             let core = ShardCore::new(identity, table, authority, core_limits, limits.frame_bytes_max, store);
             serve(shard, core, parts, Some(writer), &ready).await;
         }

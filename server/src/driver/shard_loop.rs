@@ -16,7 +16,7 @@ use super::log_reader::{LogReader, ReadDone};
 use super::log_writer::{WriterEvent, WriterQueue};
 use super::udp::UdpIo;
 use crate::metrics::ShardMetrics;
-use crate::shard::{ConnId, MailboxStore, Output, ShardCore, ShardMessage};
+use crate::shard::{ConnId, MailboxStore, Now, Output, ReadOutcome, ShardCore, ShardMessage, WriteOutcome};
 use bytes::BytesMut;
 use futures_lite::future;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
@@ -47,11 +47,6 @@ const TRANSMIT_QUEUE_MAX: usize = 256;
 /// The loop iterates at least this often, even idle, so its heartbeat
 /// (read by `/health`) shows it is alive; one wake a second costs nothing.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-/// First wait after a failed log write; it doubles with every further
-/// failure up to [`WRITE_RETRY_MAX`] and resets on a success.
-const WRITE_RETRY_MIN: Duration = Duration::from_millis(10);
-/// Longest wait between writes to a failing disk.
-const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long to wait before retrying when the kernel send buffer is full or a
 /// channel is full.
 const BACKOFF: Duration = Duration::from_micros(200);
@@ -139,10 +134,6 @@ pub struct WriterLink {
     pub commands: WriterQueue,
     /// Completions from the writer (capacity `WRITER_QUEUE_MAX`).
     pub events: flume::Receiver<WriterEvent>,
-    /// Wait this long for more records before writing an idle log.
-    pub commit_delay: Duration,
-    /// Write at once when this many bytes are pending.
-    pub commit_bytes_max: usize,
     /// Reads cold mailbox entries back.
     pub reader: LogReader,
 }
@@ -214,10 +205,6 @@ pub struct ShardLoop<S: MailboxStore> {
     writer: Option<WriterLink>,
     /// Counters exported by the admin endpoint.
     metrics: Arc<ShardMetrics>,
-    /// A chunk is being written; the next waits for it (group commit).
-    write_in_flight: bool,
-    /// When records started waiting for the writer (for `commit_delay`).
-    pending_since: Option<Instant>,
     /// Test fault injection: panic on the first accepted connection.
     panic_on_connection: bool,
     /// Test fault injection: stop iterating at the first accepted connection.
@@ -226,14 +213,6 @@ pub struct ShardLoop<S: MailboxStore> {
     shard_dir: std::path::PathBuf,
     /// After a failed reservation, when to try again.
     reserve_retry_at: Option<Instant>,
-    /// After a failed write, when the next chunk may go.
-    write_retry_at: Option<Instant>,
-    /// The current wait after failed writes (0 after a success).
-    write_backoff: Duration,
-    /// After a failed read, when the next reads may go.
-    read_retry_at: Option<Instant>,
-    /// The current wait after failed reads (0 after a success).
-    read_backoff: Duration,
     /// The socket readiness future, kept across waits until it resolves
     /// (see [`UdpIo::readable`]).
     readable: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -294,16 +273,10 @@ impl<S: MailboxStore> ShardLoop<S> {
             scratch: Vec::new(),
             writer,
             metrics,
-            write_in_flight: false,
-            pending_since: None,
             panic_on_connection,
             hang_on_connection,
             shard_dir,
             reserve_retry_at: None,
-            write_retry_at: None,
-            write_backoff: Duration::ZERO,
-            read_retry_at: None,
-            read_backoff: Duration::ZERO,
             readable: None,
             link_wakes: HashMap::new(),
         }
@@ -330,17 +303,16 @@ impl<S: MailboxStore> ShardLoop<S> {
     /// One pass of the loop. Returns whether work is left over.
     fn iterate(&mut self) -> bool {
         let now = Instant::now();
-        self.core.set_clock(Self::monotonic_ms());
         let mut busy = self.receive_datagrams(now);
         busy |= self.receive_shard_batches();
         self.receive_writer_events();
         self.receive_reads();
         self.fire_timers(now);
+        self.core.handle_timeout(Self::clock());
         self.drive_dirty(now);
-        self.core.flush_commits();
         self.apply_outputs();
-        self.submit_writes(now);
-        self.submit_reads(now);
+        self.submit_writes();
+        self.submit_reads();
         // Before anything leaves: a client that has seen an answer reads
         // metrics that count it (the thread may be preempted right after
         // its datagrams go; a test once scraped in that gap).
@@ -348,7 +320,6 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
-        self.core.expire_inactive(Self::now_ms());
         self.reserve_message_ids();
         busy || !self.dirty.is_empty()
     }
@@ -426,14 +397,8 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     async fn wait(&mut self) -> Wake {
-        let mut deadline = self.timers.first().map(|(deadline, _)| *deadline);
-        if let (Some(since), Some(writer), false) = (self.pending_since, &self.writer, self.write_in_flight) {
-            let due = since + writer.commit_delay;
-            deadline = Some(deadline.map_or(due, |d| d.min(due)));
-        }
-        for at in [self.write_retry_at, self.read_retry_at].into_iter().flatten() {
-            deadline = Some(deadline.map_or(at, |d| d.min(at)));
-        }
+        let core_deadline = self.core.poll_timeout().map(|at_us| Self::origin() + Duration::from_micros(at_us));
+        let deadline = [self.timers.first().map(|(deadline, _)| *deadline), core_deadline].into_iter().flatten().min();
         let writer_backlog = self.writer.as_ref().is_some_and(|writer| writer.commands.backlogged());
         let backlog = !self.transmits.is_empty() || self.core.outbox_pending() || writer_backlog;
         let sleep_for = match (deadline, backlog) {
@@ -486,11 +451,16 @@ impl<S: MailboxStore> ShardLoop<S> {
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
-    /// Milliseconds on a monotonic clock shared by every shard of the
-    /// process (the core's clock for sojourns and rate limits).
-    fn monotonic_ms() -> u64 {
+    /// The origin of the core's monotonic clock, shared by every shard of
+    /// the process.
+    fn origin() -> Instant {
         static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    /// The time, as the core takes it.
+    fn clock() -> Now {
+        Now { monotonic_us: Self::origin().elapsed().as_micros() as u64, wall_ms: Self::now_ms() }
     }
 
     /// Applies every completion the writer has reported.
@@ -508,22 +478,15 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn accept_writer_event(&mut self, event: Option<WriterEvent>) {
         match event {
             Some(WriterEvent::Durable { segment, first_ticket, last_ticket, bytes }) => {
-                self.write_in_flight = false;
-                self.write_backoff = Duration::ZERO;
-                self.write_retry_at = None;
                 ShardMetrics::add(&self.metrics.log_writes_total, 1);
                 ShardMetrics::add(&self.metrics.log_bytes_total, bytes);
-                self.core.store_mut().on_write_durable(segment, first_ticket, last_ticket);
+                let outcome = WriteOutcome::Durable;
+                self.core.handle_write_outcome(segment, first_ticket, last_ticket, outcome, Self::clock());
             }
             Some(WriterEvent::Failed { segment, first_ticket, last_ticket, .. }) => {
-                self.write_in_flight = false;
-                // A failing disk is retried at a falling rate, not as fast as
-                // io_uring reports errors (the store rewrites a lost
-                // checkpoint or registration at once).
-                self.write_backoff = (self.write_backoff * 2).clamp(WRITE_RETRY_MIN, WRITE_RETRY_MAX);
-                self.write_retry_at = Some(Instant::now() + self.write_backoff);
                 ShardMetrics::add(&self.metrics.log_write_failures_total, 1);
-                self.core.store_mut().on_write_failed(segment, first_ticket, last_ticket);
+                let outcome = WriteOutcome::Failed;
+                self.core.handle_write_outcome(segment, first_ticket, last_ticket, outcome, Self::clock());
             }
             None => {
                 tracing::error!("log writer stopped; no further sends can be acknowledged");
@@ -545,64 +508,33 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn accept_read(&mut self, done: Option<ReadDone>) {
         let Some(ReadDone { at, result, gone }) = done else { return };
-        match &result {
-            Ok(_) => self.read_backoff = Duration::ZERO,
-            Err(_) if gone => {}
-            Err(_) => {
-                // Asked again by the next push; not faster than this.
-                self.read_backoff = (self.read_backoff * 2).clamp(WRITE_RETRY_MIN, WRITE_RETRY_MAX);
-                self.read_retry_at = Some(Instant::now() + self.read_backoff);
-            }
-        }
-        self.core.on_read(at, result.as_deref().map_err(Clone::clone));
+        let outcome = match &result {
+            Ok(bytes) => ReadOutcome::Bytes(bytes),
+            Err(error) if gone => ReadOutcome::SegmentGone(error),
+            Err(error) => ReadOutcome::Failed(error),
+        };
+        self.core.handle_read(at, outcome, Self::clock());
     }
 
-    /// Hands the reads the store asks for to the reader.
-    fn submit_reads(&mut self, now: Instant) {
+    /// Hands the reads the core asks for to the reader.
+    fn submit_reads(&mut self) {
         let Some(writer) = &self.writer else { return };
-        if self.read_retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        self.read_retry_at = None;
-        while let Some(at) = self.core.store_mut().take_read() {
+        while let Some(at) = self.core.poll_read(Self::clock()) {
             writer.reader.submit(at);
         }
     }
 
-    /// Hands the next chunk to the writer when it is idle (group commit:
-    /// whatever accumulated during the previous sync goes in one write), and
-    /// reclaimed segments for deletion.
-    fn submit_writes(&mut self, now: Instant) {
+    /// Hands the next chunk to the writer when the core's group-commit
+    /// policy says so, and reclaimed segments for deletion.
+    fn submit_writes(&mut self) {
         let Some(writer) = &mut self.writer else { return };
         writer.commands.pump();
-        let store = self.core.store_mut();
-        if self.write_retry_at.is_some_and(|at| now >= at) {
-            self.write_retry_at = None;
+        if let Some(chunk) = self.core.poll_write(Self::clock()) {
+            // In flight from here on, even if it waits for a queue slot: the
+            // core hands out the next chunk only after this one's outcome.
+            writer.commands.submit_write(chunk);
         }
-        let backing_off = self.write_retry_at.is_some();
-        if !self.write_in_flight && !backing_off {
-            store.maintain();
-            let pending = store.pending_write_bytes();
-            if pending == 0 {
-                self.pending_since = None;
-            } else {
-                let since = *self.pending_since.get_or_insert(now);
-                let due = writer.commit_delay.is_zero()
-                    || pending >= writer.commit_bytes_max
-                    || now >= since + writer.commit_delay;
-                if due {
-                    if let Some(chunk) = store.take_write() {
-                        // In flight from here on, even if it waits for a
-                        // queue slot: the next chunk is taken only after
-                        // this one's outcome.
-                        writer.commands.submit_write(chunk);
-                        self.write_in_flight = true;
-                        self.pending_since = (store.pending_write_bytes() > 0).then_some(now);
-                    }
-                }
-            }
-        }
-        for segment in store.take_reclaimable() {
+        for segment in self.core.poll_reclaim() {
             ShardMetrics::add(&self.metrics.log_segments_reclaimed_total, 1);
             writer.reader.forget(segment);
             writer.commands.submit_delete(segment);
@@ -676,12 +608,11 @@ impl<S: MailboxStore> ShardLoop<S> {
                         }
                         *self.connections_by_source.entry(source).or_default() += 1;
                         self.handshaking += 1;
-                        let mut connection =
-                            Connection::new(quic, now, self.core.frame_bytes_max(), self.connection_limits);
+                        let mut connection = Connection::new(quic, self.core.frame_bytes_max(), self.connection_limits);
                         connection.source = source;
                         connection.handshaking = true;
                         self.connections.insert(handle, Box::new(connection));
-                        self.core.on_connection(ConnId(handle.0 as u64));
+                        self.core.handle_connection(ConnId(handle.0 as u64), Self::clock());
                         self.mark_dirty(handle);
                     }
                     Err(error) => {
@@ -744,8 +675,9 @@ impl<S: MailboxStore> ShardLoop<S> {
     fn accept_batch(&mut self, from: u16, batch: Option<ShardBatch>) {
         match batch {
             Some(batch) => {
+                let clock = Self::clock();
                 for message in batch {
-                    self.core.on_shard_message(from, message);
+                    self.core.handle_shard_message(from, message, clock);
                 }
             }
             None => {
@@ -765,7 +697,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             if let Some(connection) = self.connections.get_mut(&handle) {
                 connection.deadline = None;
                 connection.quic.handle_timeout(now);
-                if connection.on_close_deadline(now) {
+                if connection.on_stall_deadline(now) {
                     ShardMetrics::add(&self.metrics.slow_reader_disconnects_total, 1);
                 }
                 self.mark_dirty(handle);
@@ -784,7 +716,7 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     /// Endpoint events, application events and request frames of every dirty connection.
     fn drive_dirty(&mut self, now: Instant) {
-        let now_ms = Self::now_ms();
+        let clock = Self::clock();
         for index in 0..self.dirty.len() {
             let handle = self.dirty[index];
             let Some(connection) = self.connections.get_mut(&handle) else {
@@ -796,7 +728,7 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
             }
             let conn = ConnId(handle.0 as u64);
-            connection.poll_events(now, &mut self.core, conn, now_ms);
+            connection.poll_events(now, &mut self.core, conn, clock);
         }
     }
 
@@ -807,7 +739,8 @@ impl<S: MailboxStore> ShardLoop<S> {
                 Output::Frame { conn, .. }
                 | Output::Encoded { conn, .. }
                 | Output::Authenticated { conn }
-                | Output::Close { conn, .. } => *conn,
+                | Output::Close { conn, .. }
+                | Output::CloseNow { conn, .. } => *conn,
             };
             let handle = ConnectionHandle(conn.0 as usize);
             let Some(connection) = self.connections.get_mut(&handle) else {
@@ -839,14 +772,14 @@ impl<S: MailboxStore> ShardLoop<S> {
             };
             let shard = shard as u16;
             loop {
-                let batch = self.core.take_outbox(shard, CROSS_SHARD_BATCH_MESSAGES_MAX);
+                let batch = self.core.poll_outbox(shard, CROSS_SHARD_BATCH_MESSAGES_MAX);
                 if batch.is_empty() {
                     break;
                 }
                 if let Err(error) = sender.try_send(batch) {
                     match error {
                         glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(batch)) => {
-                            self.core.requeue_outbox(shard, batch);
+                            self.core.handle_outbox_refused(shard, batch);
                             blocked = true;
                         }
                         other => {
@@ -909,13 +842,10 @@ impl<S: MailboxStore> ShardLoop<S> {
                     }
                 }
                 self.connections.remove(&handle);
-                self.core.on_connection_closed(ConnId(handle.0 as u64));
+                self.core.handle_connection_closed(ConnId(handle.0 as u64), Self::clock());
                 continue;
             }
-            let next = [connection.quic.poll_timeout(), connection.close_deadline, connection.stall_deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [connection.quic.poll_timeout(), connection.stall_deadline()].into_iter().flatten().min();
             if next != connection.deadline {
                 if let Some(old) = connection.deadline {
                     self.timers.remove(&(old, handle));

@@ -1,12 +1,16 @@
-//! [`ShardCore`]: the message path of one shard as a sans-IO state machine.
+//! [`ShardCore`]: the message path of one shard as a sans-IO state machine,
+//! shaped like quinn-proto's `Connection` (decision 0016).
 //!
-//! Inputs: [`ShardCore::on_connection`], [`ShardCore::on_frame`],
-//! [`ShardCore::on_connection_closed`], [`ShardCore::on_shard_message`],
-//! [`ShardCore::flush_commits`]. Outputs: frames and closes for connections
-//! ([`ShardCore::poll_output`]), pushes pulled per connection
-//! ([`ShardCore::next_push`]), and batches for other shards
-//! ([`ShardCore::take_outbox`]). Time is passed in as wall-clock
-//! milliseconds; nothing here reads a clock or touches a socket.
+//! Inputs are `handle_*` calls, each with the current time ([`Now`]):
+//! connections opening and closing, request frames, cross-shard messages,
+//! outcomes of log writes and reads, and [`ShardCore::handle_timeout`] once
+//! [`ShardCore::poll_timeout`] has passed. Outputs are `poll_*` calls:
+//! frames and closes for connections ([`ShardCore::poll_output`]), pushes
+//! pulled per connection ([`ShardCore::poll_push`]), batches for other
+//! shards ([`ShardCore::poll_outbox`]), and the log's chunks to write, records
+//! to read back and segments to delete ([`ShardCore::poll_write`],
+//! [`ShardCore::poll_read`], [`ShardCore::poll_reclaim`]). Nothing here reads
+//! a clock, touches a socket or a file.
 //!
 //! The path of a Send (docs/architecture.md has the picture):
 //! 1. the sender's home shard checks the session, the dedup window and the
@@ -21,16 +25,22 @@
 use super::codel::CoDel;
 use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
-use super::mailbox::{MailboxStore, Next, RecordAt, StoreError, StoredMessage, Ticket};
+use super::mailbox::{MailboxStore, Next, StoreError, StoredMessage, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use super::rate::{Rate, RateTable};
 use super::StateMap;
 use crate::auth::{TokenError, TokenVerifier};
+use crate::storage::schedule::IoSchedule;
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::{close_code, ErrorCode};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use std::collections::VecDeque;
 use std::rc::Rc;
+
+mod schedule;
+
+use schedule::Deadlines;
+pub use schedule::{Now, ReadOutcome, WriteOutcome};
 
 /// A connection, as named by the driver. Unique among the shard's live connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +103,14 @@ pub struct CoreLimits {
     pub codel_target_ms: u64,
     /// CoDel interval, ms.
     pub codel_interval_ms: u64,
+    /// How long a connection may take to authenticate before it is closed,
+    /// so an idle unauthenticated peer cannot hold a connection slot, ms.
+    pub hello_timeout_ms: u64,
+    /// Group commit: how long records may wait for more before an idle log
+    /// writes them, µs (0: at once).
+    pub commit_delay_us: u64,
+    /// Group commit: write at once when this many bytes wait.
+    pub commit_bytes_max: usize,
 }
 
 /// Per-sender rate limits (token buckets, [`super::rate`]), applied on the
@@ -141,7 +159,8 @@ pub enum Output {
         bytes: Rc<[u8]>,
     },
     /// Finish the request stream (after `frame`, if any) and close the
-    /// connection with `close_code` once the client has received it.
+    /// connection with `close_code` once the client has received it (at
+    /// most [`CLOSE_GRACE_MS`] later: then [`Output::CloseNow`] follows).
     Close {
         /// Target connection.
         conn: ConnId,
@@ -150,7 +169,21 @@ pub enum Output {
         /// QUIC application close code ([`iris_protocol::close_code`]).
         close_code: u32,
     },
+    /// Close the connection now, with `close_code`: its Hello did not come
+    /// in time, or the client did not take its final frame within the grace.
+    CloseNow {
+        /// Target connection.
+        conn: ConnId,
+        /// QUIC application close code.
+        close_code: u32,
+        /// Why, for the CONNECTION_CLOSE reason.
+        reason: &'static str,
+    },
 }
+
+/// How long a closing connection waits for the client to receive the final
+/// Error or Redirect before it is closed regardless.
+pub const CLOSE_GRACE_MS: u64 = 1000;
 
 /// State of a connection on this shard.
 #[derive(Debug)]
@@ -304,8 +337,18 @@ pub struct ShardCore<S: MailboxStore> {
     inactivity: Inactivity,
     /// The latest wall-clock time seen (s since the epoch).
     now_s: u64,
-    /// Monotonic ms ([`ShardCore::set_clock`]): sojourns and rate limits.
+    /// The latest wall-clock time seen (ms since the epoch): `sent_at_ms`.
+    wall_ms: u64,
+    /// Monotonic ms ([`Now`]): sojourns and rate limits.
     clock_ms: u64,
+    /// Monotonic µs: deadlines.
+    clock_us: u64,
+    /// Hello deadlines and close graces of connections.
+    deadlines: Deadlines,
+    /// When the log's next write and reads may go.
+    io: IoSchedule,
+    /// When inactive devices are looked for next (monotonic µs).
+    upkeep_at_us: u64,
     /// Admission control over the sojourn of this shard's sends, one
     /// controller per destination shard.
     codels: Vec<CoDel>,
@@ -389,7 +432,12 @@ impl<S: MailboxStore> ShardCore<S> {
             removals: VecDeque::new(),
             inactivity: Inactivity::new(limits.device_inactive_expiry_s),
             now_s: 0,
+            wall_ms: 0,
             clock_ms: 0,
+            clock_us: 0,
+            deadlines: Deadlines::default(),
+            io: IoSchedule::new(limits.commit_delay_us, limits.commit_bytes_max),
+            upkeep_at_us: 0,
             codels: vec![CoDel::new(limits.codel_target_ms, limits.codel_interval_ms); shard_count],
             sends_in_flight: vec![0; shard_count],
             registering_checked_at: 0,
@@ -415,11 +463,6 @@ impl<S: MailboxStore> ShardCore<S> {
         &self.store
     }
 
-    /// The store, for the driver's write and commit calls.
-    pub fn store_mut(&mut self) -> &mut S {
-        &mut self.store
-    }
-
     /// Counters of the message path.
     pub fn stats(&self) -> CoreStats {
         let mut stats = self.stats;
@@ -435,14 +478,19 @@ impl<S: MailboxStore> ShardCore<S> {
         self.sessions.len()
     }
 
-    /// A new connection exists.
-    pub fn on_connection(&mut self, conn: ConnId) {
+    /// A new connection exists: it has `hello_timeout_ms` to authenticate.
+    pub fn handle_connection(&mut self, conn: ConnId, now: Now) {
+        self.advance(now);
         let previous = self.sessions.insert(conn, Session::AwaitingHello { requests: 0 });
         assert!(previous.is_none(), "connection id {conn:?} reused while live");
+        let deadline = self.clock_us + self.limits.hello_timeout_ms * 1000;
+        self.deadlines.set(conn, deadline, schedule::Deadline::Hello);
     }
 
     /// The connection is gone (closed by either side or timed out).
-    pub fn on_connection_closed(&mut self, conn: ConnId) {
+    pub fn handle_connection_closed(&mut self, conn: ConnId, now: Now) {
+        self.advance(now);
+        self.deadlines.clear(conn);
         // Connection ids are reused: a pending removal must not answer or
         // close a later connection under the same id.
         for pending in &mut self.removals {
@@ -475,20 +523,10 @@ impl<S: MailboxStore> ShardCore<S> {
         }
     }
 
-    /// Advances the core's monotonic clock to `clock_ms` (ms from any fixed
-    /// origin shared by every shard of the process; never wall-clock time,
-    /// whose steps would look like sojourns or stop buckets refilling).
-    /// Call before each batch of inputs, so that sojourns and token buckets
-    /// are measured against the present.
-    pub fn set_clock(&mut self, clock_ms: u64) {
-        self.clock_ms = self.clock_ms.max(clock_ms);
-    }
-
     /// Removes devices that have had no session for
     /// `device_inactive_expiry_s` (checked at most once a minute, a bounded
-    /// number per check). Call regularly with the wall-clock time.
-    pub fn expire_inactive(&mut self, now_ms: u64) {
-        self.now_s = self.now_s.max(now_ms / 1000);
+    /// number per check); runs from [`ShardCore::handle_timeout`].
+    fn expire_inactive(&mut self) {
         if self.inactivity.needs_seeding() {
             // Devices recovered from the log are idle since the log last saw
             // them (or, for logs without that, from now on).
@@ -521,13 +559,15 @@ impl<S: MailboxStore> ShardCore<S> {
     }
 
     /// The connection sent bytes that do not decode; answer and close.
-    pub fn on_decode_error(&mut self, conn: ConnId, code: ErrorCode, detail: String) {
+    pub fn handle_decode_error(&mut self, conn: ConnId, code: ErrorCode, detail: String, now: Now) {
+        self.advance(now);
         self.fail(conn, code, detail);
     }
 
-    /// A frame arrived on `conn`'s request stream. `now_ms` is wall-clock time.
-    pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now_ms: u64) {
-        self.now_s = self.now_s.max(now_ms / 1000);
+    /// A frame arrived on `conn`'s request stream.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: Frame, now: Now) {
+        self.advance(now);
+        let now_ms = self.wall_ms;
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
@@ -859,8 +899,14 @@ impl<S: MailboxStore> ShardCore<S> {
         }
     }
 
+    /// A message from shard `from`.
+    pub fn handle_shard_message(&mut self, from: u16, message: ShardMessage, now: Now) {
+        self.advance(now);
+        self.on_shard_message(from, message);
+    }
+
     /// A message from shard `from` (or from this shard itself).
-    pub fn on_shard_message(&mut self, from: u16, message: ShardMessage) {
+    fn on_shard_message(&mut self, from: u16, message: ShardMessage) {
         match message {
             ShardMessage::Store {
                 origin_shard,
@@ -1021,8 +1067,9 @@ impl<S: MailboxStore> ShardCore<S> {
     }
 
     /// Releases everything the store has committed: answers to origins and
-    /// pushes to online recipients. Call after each batch of inputs.
-    pub fn flush_commits(&mut self) {
+    /// pushes to online recipients. Runs before outputs are polled, so one
+    /// pass covers every commit since the last.
+    fn flush_commits(&mut self) {
         // Registrations become durable only with a commit: look again only then.
         let committed = self.store.committed_ticket();
         let commit_moved = committed != self.registering_checked_at;
@@ -1078,14 +1125,15 @@ impl<S: MailboxStore> ShardCore<S> {
     }
 
     /// Takes up to `messages_max` queued messages for `shard`, oldest first.
-    pub fn take_outbox(&mut self, shard: u16, messages_max: usize) -> Vec<ShardMessage> {
+    pub fn poll_outbox(&mut self, shard: u16, messages_max: usize) -> Vec<ShardMessage> {
+        self.flush_commits();
         let queue = &mut self.outbox[usize::from(shard)];
         let count = queue.len().min(messages_max);
         queue.drain(..count).collect()
     }
 
-    /// Puts back a batch the channel refused, ahead of newer messages.
-    pub fn requeue_outbox(&mut self, shard: u16, batch: Vec<ShardMessage>) {
+    /// The channel to `shard` refused `batch`: it goes back ahead of newer messages.
+    pub fn handle_outbox_refused(&mut self, shard: u16, batch: Vec<ShardMessage>) {
         let queue = &mut self.outbox[usize::from(shard)];
         let newer = std::mem::replace(queue, batch);
         queue.extend(newer);
@@ -1096,13 +1144,26 @@ impl<S: MailboxStore> ShardCore<S> {
         self.outbox.iter().any(|queue| !queue.is_empty())
     }
 
-    /// Next output for the driver.
+    /// Next output for the driver. A close starts the connection's grace,
+    /// a Welcome ends its hello deadline.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        self.flush_commits();
+        let output = self.outputs.pop_front()?;
+        match &output {
+            Output::Authenticated { conn } => self.deadlines.clear(*conn),
+            Output::Close { conn, close_code, .. } => {
+                let grace = schedule::Deadline::Grace { close_code: *close_code };
+                self.deadlines.set(*conn, self.clock_us + CLOSE_GRACE_MS * 1000, grace);
+            }
+            Output::CloseNow { conn, .. } => self.deadlines.clear(*conn),
+            _ => {}
+        }
+        Some(output)
     }
 
     /// Next connection with messages to push.
     pub fn poll_push_ready(&mut self) -> Option<ConnId> {
+        self.flush_commits();
         let conn = self.push_ready.pop_front()?;
         if let Some(Session::Active { push_queued, .. }) = self.sessions.get_mut(&conn) {
             *push_queued = false;
@@ -1112,7 +1173,7 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// The next committed message for `conn`'s push stream, or `None` when
     /// it is up to date. The driver calls this while the stream has room.
-    pub fn next_push(&mut self, conn: ConnId) -> Option<Frame> {
+    pub fn poll_push(&mut self, conn: ConnId) -> Option<Frame> {
         let Some(Session::Active { device, pushed_up_to, .. }) = self.sessions.get_mut(&conn) else {
             return None;
         };
@@ -1137,16 +1198,6 @@ impl<S: MailboxStore> ShardCore<S> {
             sent_at_ms: message.sent_at_ms,
             payload: message.payload.clone(),
         }))
-    }
-
-    /// The driver read back the record at `at` for the store: pushes that
-    /// waited for it go on.
-    pub fn on_read(&mut self, at: RecordAt, result: Result<&[u8], String>) {
-        for device in self.store.on_read(at, result) {
-            if let Some(&conn) = self.online.get(&device) {
-                self.queue_push(conn);
-            }
-        }
     }
 
     fn queue_push(&mut self, conn: ConnId) {

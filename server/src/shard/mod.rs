@@ -1,6 +1,7 @@
 //! Shard logic: plain, single-threaded state machines with no I/O, no clock
 //! and no runtime. The I/O driver (`crate::driver`) feeds them decoded frames,
-//! cross-shard messages and the current time, and carries out their outputs.
+//! cross-shard messages, log I/O outcomes and the current time, and carries
+//! out their outputs (decision 0016).
 //!
 //! # Layout
 //! - [`core`]: [`ShardCore`], one per shard: sessions, routing, dedup,
@@ -26,6 +27,8 @@ pub mod stored;
 /// connections x 16 messages in flight (docs/performance.md, "Profiles").
 pub type StateMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-pub use self::core::{ConnId, CoreLimits, CoreStats, Output, SendRates, ShardCore, ShardIdentity};
+pub use self::core::{
+    ConnId, CoreLimits, CoreStats, Now, Output, ReadOutcome, SendRates, ShardCore, ShardIdentity, WriteOutcome,
+};
 pub use mailbox::{MailboxStore, MemoryStore};
 pub use messages::{DeviceKey, ShardMessage};

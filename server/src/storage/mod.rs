@@ -9,6 +9,8 @@
 //!   reclaim never deletes it and compaction carries it forward.
 //! - [`last_seen`]: when each device was last seen, kept in the log so the
 //!   inactivity expiry survives restarts.
+//! - [`schedule`]: when the log's I/O may go (group commit, back-off after
+//!   failures), over time the caller passes in (pure).
 //! - [`layout`]: the data directory's layout file, format version and shard
 //!   count checks, boot counters, and reading segments at start (blocking
 //!   file I/O, run before a shard serves).
@@ -17,6 +19,7 @@ pub mod last_seen;
 pub mod layout;
 pub mod log_store;
 pub mod record;
+pub mod schedule;
 pub mod state_homes;
 
 pub use log_store::{message_record_bytes_max, LogLimits, LogStore, RecoveryReport, READS_OUTSTANDING_MAX};

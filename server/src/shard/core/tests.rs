@@ -8,6 +8,11 @@ use iris_shard_map::NodeId;
 
 const NOW_MS: u64 = 1_000_000;
 
+/// Wall-clock `wall_ms`, with the monotonic clock at the same number.
+fn at(wall_ms: u64) -> Now {
+    Now { monotonic_us: wall_ms * 1000, wall_ms }
+}
+
 fn core(authority: &TokenAuthority) -> ShardCore<MemoryStore> {
     core_with(authority, |_| {})
 }
@@ -49,6 +54,10 @@ fn core_over<S: MailboxStore>(
         rates: SendRates::OFF,
         codel_target_ms: 0,
         codel_interval_ms: 100,
+
+        hello_timeout_ms: 10_000,
+        commit_delay_us: 0,
+        commit_bytes_max: 1 << 20,
     };
     let mut store_limits = StoreLimits {
         devices_per_user_max: 2,
@@ -79,26 +88,25 @@ fn hello_device<S: MailboxStore>(
     user: u64,
     device: u32,
 ) -> Vec<Output> {
-    core.on_connection(conn);
-    let token = authority.mint(Claims { user_id: user, device_id: device, expires_at_s: NOW_MS / 1000 + 60 });
-    core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS);
-    core.flush_commits();
+    core.handle_connection(conn, at(NOW_MS));
+    // Valid whatever the core's clock (it only moves forward).
+    let token = authority.mint(Claims { user_id: user, device_id: device, expires_at_s: u64::MAX });
+    core.handle_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), at(NOW_MS));
     std::iter::from_fn(|| core.poll_output()).collect()
 }
 
 fn outputs(core: &mut ShardCore<MemoryStore>) -> Vec<Output> {
-    core.flush_commits();
     std::iter::from_fn(|| core.poll_output()).collect()
 }
 
 /// The device on `conn` takes every push and acknowledges it.
 fn drain_and_ack(core: &mut ShardCore<MemoryStore>, conn: ConnId) {
     let mut last = None;
-    while let Some(Frame::Deliver(deliver)) = core.next_push(conn) {
+    while let Some(Frame::Deliver(deliver)) = core.poll_push(conn) {
         last = Some(deliver.seq);
     }
     if let Some(up_to_seq) = last {
-        core.on_frame(conn, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq }), NOW_MS);
+        core.handle_frame(conn, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq }), at(NOW_MS));
     }
 }
 
@@ -130,35 +138,35 @@ fn a_device_removed_by_its_sibling_is_closed_refused_and_no_longer_receives() {
     let authority = TokenAuthority::from_secret([6; 32]);
     let mut core = core(&authority);
     let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
-    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
+    core.handle_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), at(NOW_MS));
     let out = outputs(&mut core);
     assert!(
         out.iter().any(|o| matches!(o, Output::Frame { conn, frame: Frame::DeviceRemoved(r) } if *conn == phone && r.device_id == 2)),
         "the phone gets the answer: {out:?}"
     );
     assert_eq!(closed_with(&out, laptop), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
-    core.on_connection_closed(laptop);
+    core.handle_connection_closed(laptop, at(NOW_MS));
     // The laptop's token still verifies, but the device may not come back.
     let out = hello_device(&mut core, &authority, ConnId(4), 20, 2);
     assert_eq!(closed_with(&out, ConnId(4)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
     assert_eq!(core.store().devices_of(20), &[1]);
     // Removing it again is answered the same; an unknown device is not.
-    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), NOW_MS);
-    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 9 }), NOW_MS);
+    core.handle_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 2 }), at(NOW_MS));
+    core.handle_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 9 }), at(NOW_MS));
     let out = outputs(&mut core);
     assert!(matches!(&out[0], Output::Frame { frame: Frame::DeviceRemoved(r), .. } if r.device_id == 2));
     assert!(
         matches!(&out[1], Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::UnknownDevice as u16)
     );
     // A device removing itself gets the answer as its close.
-    core.on_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 1 }), NOW_MS);
+    core.handle_frame(phone, Frame::RemoveDevice(frames::RemoveDevice { device_id: 1 }), at(NOW_MS));
     let out = outputs(&mut core);
     assert!(matches!(
         &out[..],
         [Output::Close { conn, frame: Some(Frame::DeviceRemoved(r)), close_code: close_code::REMOVED }] if *conn == phone && r.device_id == 1
     ));
     let send = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: b"hi".to_vec() };
-    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
     let out = outputs(&mut core);
     assert!(
         matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if e.code == ErrorCode::UnknownRecipient as u16),
@@ -171,7 +179,7 @@ fn a_device_removed_by_its_sibling_is_closed_refused_and_no_longer_receives() {
 fn send_to_user_20(core: &mut ShardCore<MemoryStore>, conn: ConnId, last_id: &mut u64, phone: ConnId) -> Vec<Output> {
     *last_id += 1;
     let send = frames::Send { client_msg_id: *last_id, to_user: 20, after: None, payload: b"m".to_vec() };
-    core.on_frame(conn, Frame::Send(send), NOW_MS);
+    core.handle_frame(conn, Frame::Send(send), at(NOW_MS));
     let out = outputs(core);
     drain_and_ack(core, phone);
     out
@@ -182,7 +190,7 @@ fn a_full_offline_device_is_removed_when_another_device_of_its_user_takes_the_me
     let authority = TokenAuthority::from_secret([7; 32]);
     let mut core = core(&authority);
     let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
-    core.on_connection_closed(laptop);
+    core.handle_connection_closed(laptop, at(NOW_MS));
     // The store's cap is 100 messages per device: the phone acknowledges
     // as it goes, the offline laptop fills up.
     let mut next_id = 0;
@@ -210,7 +218,7 @@ fn one_sender_cannot_fill_an_offline_device_and_get_it_removed() {
     let (phone, laptop, flooder) = phone_laptop_and_sender(&mut core, &authority);
     let friend = ConnId(4);
     hello(&mut core, &authority, friend, 30);
-    core.on_connection_closed(laptop);
+    core.handle_connection_closed(laptop, at(NOW_MS));
     let mut next_id = 0;
     let mut send = |core: &mut ShardCore<MemoryStore>, conn: ConnId| send_to_user_20(core, conn, &mut next_id, phone);
     let acked = |out: &[Output]| out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. }));
@@ -235,12 +243,12 @@ fn one_sender_cannot_fill_an_offline_device_and_get_it_removed() {
     hello_device(&mut core, &authority, laptop, 20, 2);
     let mut delivered = 0;
     let mut last = 0;
-    while let Some(Frame::Deliver(deliver)) = core.next_push(laptop) {
+    while let Some(Frame::Deliver(deliver)) = core.poll_push(laptop) {
         delivered += 1;
         last = deliver.seq;
     }
     assert_eq!(delivered, 11);
-    core.on_frame(laptop, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: last }), NOW_MS);
+    core.handle_frame(laptop, Frame::DeliveryAck(frames::DeliveryAck { up_to_seq: last }), at(NOW_MS));
     assert!(acked(&send(&mut core, flooder)));
 }
 
@@ -252,14 +260,14 @@ fn the_shard_mailbox_budget_throttles_senders_and_removes_no_device() {
     let sender = ConnId(1);
     for (conn, user) in [(ConnId(2), 20), (ConnId(3), 30)] {
         hello_device(&mut core, &authority, conn, user, 1);
-        core.on_connection_closed(conn);
+        core.handle_connection_closed(conn, at(NOW_MS));
     }
     hello(&mut core, &authority, sender, 10);
     let mut acked = 0;
     let mut throttled = None;
     for id in 0..40u64 {
         let send = frames::Send { client_msg_id: id, to_user: 20 + 10 * (id % 2), after: None, payload: vec![7; 100] };
-        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
         for output in outputs(&mut core) {
             match output {
                 Output::Frame { frame: Frame::Ack(_), .. } => acked += 1,
@@ -277,7 +285,7 @@ fn the_shard_mailbox_budget_throttles_senders_and_removes_no_device() {
     hello_device(&mut core, &authority, conn, 20, 1);
     drain_and_ack(&mut core, conn);
     let send = frames::Send { client_msg_id: 100, to_user: 30, after: None, payload: vec![7; 100] };
-    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
     assert!(outputs(&mut core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })));
 }
 
@@ -289,31 +297,31 @@ fn a_device_without_a_session_for_the_expiry_is_removed_and_an_online_one_never(
     let (phone, laptop) = (ConnId(1), ConnId(2));
     hello_device(&mut core, &authority, phone, 20, 1);
     hello_device(&mut core, &authority, laptop, 20, 2);
-    core.expire_inactive(NOW_MS);
-    core.on_connection_closed(laptop);
-    core.expire_inactive(NOW_MS + 99_000);
+    core.handle_timeout(at(NOW_MS));
+    core.handle_connection_closed(laptop, at(NOW_MS));
+    core.handle_timeout(at(NOW_MS + 99_000));
     assert_eq!(core.store().devices_of(20), &[1, 2], "not yet: checked before the expiry");
-    core.expire_inactive(NOW_MS + 170_000);
+    core.handle_timeout(at(NOW_MS + 170_000));
     assert_eq!(core.store().devices_of(20), &[1], "the laptop was away past the expiry");
     assert_eq!(core.stats().devices_expired, 1);
     // The phone stayed online all along; its token still works, the laptop's does not.
     let out = hello_device(&mut core, &authority, ConnId(3), 20, 2);
     assert_eq!(closed_with(&out, ConnId(3)), Some((close_code::REMOVED, Some(ErrorCode::DeviceRemoved as u16))));
-    core.expire_inactive(NOW_MS + 1_000_000);
+    core.handle_timeout(at(NOW_MS + 1_000_000));
     assert_eq!(core.store().devices_of(20), &[1]);
     // A reconnect within the expiry resets the clock.
     hello_device(&mut core, &authority, ConnId(4), 30, 1);
-    core.on_connection_closed(ConnId(4));
-    core.expire_inactive(NOW_MS + 1_060_000);
+    core.handle_connection_closed(ConnId(4), at(NOW_MS));
+    core.handle_timeout(at(NOW_MS + 1_060_000));
     hello_device(&mut core, &authority, ConnId(5), 30, 1);
-    core.on_connection_closed(ConnId(5));
-    core.expire_inactive(NOW_MS + 1_120_000);
+    core.handle_connection_closed(ConnId(5), at(NOW_MS));
+    core.handle_timeout(at(NOW_MS + 1_120_000));
     assert_eq!(core.store().devices_of(30), &[1], "away 60 s at most each time");
 }
 
 /// Writes every chunk `core`'s log store has into `files` (all durable).
 fn write_log(core: &mut ShardCore<crate::storage::LogStore>, files: &mut Vec<(u64, Vec<u8>)>) {
-    while let Some(chunk) = core.store_mut().take_write() {
+    while let Some(chunk) = core.poll_write(at(NOW_MS)) {
         match files.iter_mut().find(|(segment, _)| *segment == chunk.segment) {
             Some((_, file)) => crate::storage::record::append_chunk(
                 &crate::storage::record::test_key(),
@@ -332,7 +340,8 @@ fn write_log(core: &mut ShardCore<crate::storage::LogStore>, files: &mut Vec<(u6
                 files.push((chunk.segment, file));
             }
         }
-        core.store_mut().on_write_durable(chunk.segment, chunk.first_ticket, chunk.last_ticket);
+        let durable = WriteOutcome::Durable;
+        core.handle_write_outcome(chunk.segment, chunk.first_ticket, chunk.last_ticket, durable, at(NOW_MS));
     }
 }
 
@@ -358,41 +367,39 @@ fn the_inactivity_clock_survives_restarts_and_a_crash_loop_cannot_stop_it() {
     let mut core = recovered_core(&authority, &files);
     let (phone, laptop) = (ConnId(1), ConnId(2));
     for (conn, device) in [(phone, 1), (laptop, 2)] {
-        core.on_connection(conn);
+        core.handle_connection(conn, at(NOW_MS));
         let token = authority.mint(Claims { user_id: 20, device_id: device, expires_at_s: NOW_MS / 1000 + 60 });
-        core.on_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS);
-        core.flush_commits();
+        core.handle_frame(conn, Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), at(NOW_MS));
         write_log(&mut core, &mut files);
-        core.expire_inactive(NOW_MS);
+        core.handle_timeout(at(NOW_MS));
         while core.poll_output().is_some() {}
     }
     assert_eq!(core.store().devices_of(20), &[1, 2]);
     // The laptop goes away; the phone reconnects 30 s later and stays
     // online until the process dies.
-    core.on_connection_closed(laptop);
-    core.on_connection_closed(phone);
-    core.on_connection(ConnId(3));
+    core.handle_connection_closed(laptop, at(NOW_MS));
+    core.handle_connection_closed(phone, at(NOW_MS));
+    core.handle_connection(ConnId(3), at(NOW_MS));
     let token = authority.mint(Claims { user_id: 20, device_id: 1, expires_at_s: NOW_MS / 1000 + 60 });
-    core.on_frame(ConnId(3), Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), NOW_MS + 30_000);
-    core.flush_commits();
+    core.handle_frame(ConnId(3), Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), at(NOW_MS + 30_000));
     write_log(&mut core, &mut files);
     // Restarts every 45 s (a crash loop): none may reset the clock.
     for after_s in [45, 90] {
         let mut core = recovered_core(&authority, &files);
-        core.expire_inactive(NOW_MS + after_s * 1000);
+        core.handle_timeout(at(NOW_MS + after_s * 1000));
         assert_eq!(core.store().devices_of(20), &[1, 2], "{after_s} s after the laptop left");
     }
     let mut core = recovered_core(&authority, &files);
-    core.expire_inactive(NOW_MS + 110_000);
+    core.handle_timeout(at(NOW_MS + 110_000));
     assert_eq!(core.store().devices_of(20), &[1], "the laptop, away 110 s across restarts, is gone");
     write_log(&mut core, &mut files);
     // The phone was online when the process died: idle from the newest
     // time the log holds (its reconnect at 30 s), so gone after 130 s.
     let mut core = recovered_core(&authority, &files);
-    core.expire_inactive(NOW_MS + 125_000);
+    core.handle_timeout(at(NOW_MS + 125_000));
     assert_eq!(core.store().devices_of(20), &[1]);
     let mut core = recovered_core(&authority, &files);
-    core.expire_inactive(NOW_MS + 131_000);
+    core.handle_timeout(at(NOW_MS + 131_000));
     assert_eq!(core.store().devices_of(20), &[] as &[u32]);
 }
 
@@ -403,7 +410,7 @@ fn a_full_mailbox_of_an_online_device_or_of_every_device_refuses_the_send() {
     let (phone, laptop, sender) = phone_laptop_and_sender(&mut core, &authority);
     for id in 1..=101 {
         let send = frames::Send { client_msg_id: id, to_user: 20, after: None, payload: b"m".to_vec() };
-        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
         let out = outputs(&mut core);
         if id == 101 {
             assert!(
@@ -415,9 +422,9 @@ fn a_full_mailbox_of_an_online_device_or_of_every_device_refuses_the_send() {
     }
     assert_eq!(core.store().devices_of(20), &[1, 2], "an online device draining slowly is never removed");
     // Once the laptop is offline and still full, the phone's next message removes it.
-    core.on_connection_closed(laptop);
+    core.handle_connection_closed(laptop, at(NOW_MS));
     let send = frames::Send { client_msg_id: 200, to_user: 20, after: None, payload: b"m".to_vec() };
-    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
     let out = outputs(&mut core);
     assert!(out.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Ack(_), .. })), "{out:?}");
     assert_eq!(core.store().devices_of(20), &[1]);
@@ -442,29 +449,29 @@ fn a_send_naming_a_refused_one_waits_for_it_so_retries_keep_the_order() {
     };
     // The laptop is online and does not read: its mailbox fills up.
     for id in 1..=100 {
-        core.on_frame(sender, send(id, None), NOW_MS);
+        core.handle_frame(sender, send(id, None), at(NOW_MS));
         outputs(&mut core);
         drain_and_ack(&mut core, phone);
     }
     // 101 is refused; 102 and 103, pipelined behind it, must not overtake it.
-    core.on_frame(sender, send(101, Some(100)), NOW_MS);
-    core.on_frame(sender, send(102, Some(101)), NOW_MS);
-    core.on_frame(sender, send(103, Some(102)), NOW_MS);
+    core.handle_frame(sender, send(101, Some(100)), at(NOW_MS));
+    core.handle_frame(sender, send(102, Some(101)), at(NOW_MS));
+    core.handle_frame(sender, send(103, Some(102)), at(NOW_MS));
     let (full, behind) = (Some(ErrorCode::MailboxFull as u16), Some(ErrorCode::OutOfOrder as u16));
     assert_eq!(answers(&outputs(&mut core)), [(101, full), (102, behind), (103, behind)]);
     // Once the laptop reads, the retries in order are stored in order.
     drain_and_ack(&mut core, laptop);
-    core.on_frame(sender, send(101, None), NOW_MS);
-    core.on_frame(sender, send(102, Some(101)), NOW_MS);
-    core.on_frame(sender, send(103, Some(102)), NOW_MS);
+    core.handle_frame(sender, send(101, None), at(NOW_MS));
+    core.handle_frame(sender, send(102, Some(101)), at(NOW_MS));
+    core.handle_frame(sender, send(103, Some(102)), at(NOW_MS));
     assert_eq!(answers(&outputs(&mut core)), [(101, None), (102, None), (103, None)]);
     let mut received = Vec::new();
-    while let Some(Frame::Deliver(deliver)) = core.next_push(laptop) {
+    while let Some(Frame::Deliver(deliver)) = core.poll_push(laptop) {
         received.push(u64::from_le_bytes(deliver.payload.try_into().unwrap()));
     }
     assert_eq!(received, [101, 102, 103]);
     // An `after` naming a send that was never stored is refused too.
-    core.on_frame(sender, send(104, Some(999)), NOW_MS);
+    core.handle_frame(sender, send(104, Some(999)), at(NOW_MS));
     assert_eq!(answers(&outputs(&mut core)), [(104, behind)]);
 }
 
@@ -505,18 +512,23 @@ fn codel_holds_back_only_the_sends_to_the_slow_shard() {
         rates: SendRates::OFF,
         codel_target_ms: 5,
         codel_interval_ms: 100,
+
+        hello_timeout_ms: 10_000,
+        commit_delay_us: 0,
+        commit_bytes_max: 1 << 20,
     };
     let (mut core, table) = shard_zero_of_two(&authority, limits);
     let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
     let (sender, local, remote) = (on_shard(0, 1), on_shard(0, 1000), on_shard(1, 1));
     hello(&mut core, &authority, ConnId(1), sender);
     hello(&mut core, &authority, ConnId(2), local);
+    // The test's clock runs from NOW_MS on (the Hellos came at NOW_MS).
+    let clock = |ms: u64| Now { monotonic_us: (NOW_MS + ms) * 1000, wall_ms: NOW_MS };
     let mut next_id = 0;
     let mut send = |core: &mut ShardCore<MemoryStore>, to_user: u64, clock_ms: u64| {
         next_id += 1;
-        core.set_clock(clock_ms);
         let frame = Frame::Send(frames::Send { client_msg_id: next_id, to_user, after: None, payload: vec![1] });
-        core.on_frame(ConnId(1), frame, NOW_MS);
+        core.handle_frame(ConnId(1), frame, clock(clock_ms));
         let refused = outputs(core)
             .iter()
             .any(|o| matches!(o, Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::Throttle as u16));
@@ -525,16 +537,15 @@ fn codel_holds_back_only_the_sends_to_the_slow_shard() {
     // Shard 1 answers every send 50 ms after it was accepted; the first
     // answer (1 ms) sets the floor.
     let answer = |core: &mut ShardCore<MemoryStore>, id: u64, accepted_at_ms: u64, latency_ms: u64| {
-        core.set_clock(accepted_at_ms + latency_ms);
         let stored = ShardMessage::Stored {
             sender: DeviceKey { user: sender, device: 1 },
-            accepted_at_ms,
+            accepted_at_ms: NOW_MS + accepted_at_ms,
             to_user: remote,
             payload_bytes: 1,
             client_msg_id: id,
             result: Ok(id),
         };
-        core.on_shard_message(1, stored);
+        core.handle_shard_message(1, stored, clock(accepted_at_ms + latency_ms));
         outputs(core);
     };
     let (first, _) = send(&mut core, remote, 1_000);
@@ -579,7 +590,7 @@ fn a_send_the_recipient_refuses_costs_no_rate_tokens_and_a_final_refusal_does() 
     let mut codes = Vec::new();
     for (id, to_user) in [(1, 20), (2, 20), (3, 20), (4, 20), (5, 20), (6, 999), (7, 999), (8, 20)] {
         let send = frames::Send { client_msg_id: id, to_user, after: None, payload: b"m".to_vec() };
-        core.on_frame(sender, Frame::Send(send), NOW_MS);
+        core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
         for output in outputs(&mut core) {
             match output {
                 Output::Frame { frame: Frame::Ack(_), .. } => codes.push(None),
@@ -594,7 +605,7 @@ fn a_send_the_recipient_refuses_costs_no_rate_tokens_and_a_final_refusal_does() 
     // token back, however many; user 999's final refusals keep theirs.
     assert_eq!(codes, [None, full, full, full, full, unknown, unknown, full]);
     let send = frames::Send { client_msg_id: 9, to_user: 999, after: None, payload: b"m".to_vec() };
-    core.on_frame(sender, Frame::Send(send), NOW_MS);
+    core.handle_frame(sender, Frame::Send(send), at(NOW_MS));
     let out = outputs(&mut core);
     assert!(
         matches!(&out[..], [Output::Frame { frame: Frame::Error(e), .. }] if ErrorCode::from_u16(e.code) == throttle),
@@ -615,18 +626,15 @@ fn a_retry_after_a_reconnect_gets_the_original_ack() {
     hello(&mut core, &authority, recipient, 20);
     hello(&mut core, &authority, sender, 10);
     let send = frames::Send { client_msg_id: 7, to_user: 20, after: None, payload: b"hi".to_vec() };
-    core.on_frame(sender, Frame::Send(send.clone()), NOW_MS);
-    core.on_connection_closed(sender);
-    core.flush_commits();
+    core.handle_frame(sender, Frame::Send(send.clone()), at(NOW_MS));
+    core.handle_connection_closed(sender, at(NOW_MS));
     // Another sender's message pushes the key out of the recipient side.
     hello(&mut core, &authority, ConnId(4), 30);
     let other = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: b"other".to_vec() };
-    core.on_frame(ConnId(4), Frame::Send(other), NOW_MS);
-    core.flush_commits();
+    core.handle_frame(ConnId(4), Frame::Send(other), at(NOW_MS));
     while core.poll_output().is_some() {}
     hello(&mut core, &authority, ConnId(3), 10);
-    core.on_frame(ConnId(3), Frame::Send(send), NOW_MS);
-    core.flush_commits();
+    core.handle_frame(ConnId(3), Frame::Send(send), at(NOW_MS));
     let ack = core.poll_output();
     assert!(matches!(ack, Some(Output::Frame { frame: Frame::Ack(ack), .. }) if ack.client_msg_id == 7));
     assert_eq!(core.stats().messages_stored, 2, "the retry must not be stored again");
@@ -648,6 +656,10 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
         rates: SendRates::OFF,
         codel_target_ms: 0,
         codel_interval_ms: 100,
+
+        hello_timeout_ms: 10_000,
+        commit_delay_us: 0,
+        commit_bytes_max: 1 << 20,
     };
     let (mut core, table) = shard_zero_of_two(&authority, limits);
     let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
@@ -660,7 +672,7 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
             .filter(|id| {
                 let frame =
                     Frame::Send(frames::Send { client_msg_id: *id, to_user: remote, after: None, payload: vec![1] });
-                core.on_frame(ConnId(conn), frame, NOW_MS);
+                core.handle_frame(ConnId(conn), frame, at(NOW_MS));
                 !outputs(core).iter().any(|o| matches!(o, Output::Frame { frame: Frame::Error(_), .. }))
             })
             .count() as u64
