@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use irisd::driver::log_writer::{run_writer, WriterCommand, WriterEvent};
-use irisd::shard::mailbox::{MailboxStore, StoreLimits, StoredMessage};
+use irisd::shard::mailbox::{MailboxMessage, MailboxStore, StoreLimits};
 use irisd::shard::DeviceKey;
 use irisd::storage::record::{LogKey, LOG_KEY_BYTES};
 use irisd::storage::{LogLimits, LogStore};
@@ -29,8 +29,8 @@ fn store() -> LogStore {
     store
 }
 
-fn message(id: u64) -> Rc<StoredMessage> {
-    Rc::new(StoredMessage {
+fn message(id: u64) -> Rc<MailboxMessage> {
+    Rc::new(MailboxMessage {
         from_user: 1,
         from_device: 1,
         client_msg_id: id,

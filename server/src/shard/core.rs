@@ -17,7 +17,7 @@
 //!    in-flight bound, assigns a server_msg_id and routes a
 //!    [`ShardMessage::Store`] to the recipient's home shard (maybe itself);
 //! 2. the recipient's shard appends to every device mailbox and, once the
-//!    store has committed, answers [`ShardMessage::Stored`] and marks the
+//!    store has committed, answers [`ShardMessage::StoreOutcome`] and marks the
 //!    online devices for push;
 //! 3. the sender's shard records the outcome in the dedup window and sends
 //!    Ack (or Error) to the sender device's current connection.
@@ -25,7 +25,7 @@
 use super::codel::CoDel;
 use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
-use super::mailbox::{MailboxStore, Next, StoreError, StoredMessage, Ticket};
+use super::mailbox::{MailboxMessage, MailboxStore, Next, StoreError, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
 use super::rate::{Rate, RateTable};
 use super::StateMap;
@@ -227,7 +227,7 @@ struct Completion {
     /// Shard that waits for the outcome.
     origin_shard: u16,
     /// The outcome message for the origin.
-    stored: ShardMessage,
+    outcome: ShardMessage,
     /// Recipient devices whose sessions should be pushed to.
     devices: Vec<DeviceKey>,
 }
@@ -922,7 +922,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 debug_assert_eq!(origin_shard, from);
                 let home = self.table.home(UserId(to_user));
                 assert_eq!(home.shard, self.identity.shard, "Store for user {to_user} routed to the wrong shard");
-                let stored = StoredMessage {
+                let stored = MailboxMessage {
                     from_user: sender.user,
                     from_device: sender.device,
                     client_msg_id,
@@ -933,11 +933,17 @@ impl<S: MailboxStore> ShardCore<S> {
                 };
                 let payload_bytes = u32::try_from(stored.payload.len()).unwrap_or(u32::MAX);
                 let (result, ticket, devices) = self.store_for_user(sender, to_user, after, stored);
-                let outcome =
-                    ShardMessage::Stored { sender, accepted_at_ms, to_user, payload_bytes, client_msg_id, result };
-                self.awaiting_commit.push_back(Completion { ticket, origin_shard, stored: outcome, devices });
+                let outcome = ShardMessage::StoreOutcome {
+                    sender,
+                    accepted_at_ms,
+                    to_user,
+                    payload_bytes,
+                    client_msg_id,
+                    result,
+                };
+                self.awaiting_commit.push_back(Completion { ticket, origin_shard, outcome, devices });
             }
-            ShardMessage::Stored { sender, accepted_at_ms, to_user, payload_bytes, client_msg_id, result } => {
+            ShardMessage::StoreOutcome { sender, accepted_at_ms, to_user, payload_bytes, client_msg_id, result } => {
                 // `from` is the recipient's shard: its controller sees the sojourn.
                 let destination = usize::from(from);
                 let sojourn_ms = self.clock_ms.saturating_sub(accepted_at_ms);
@@ -982,7 +988,7 @@ impl<S: MailboxStore> ShardCore<S> {
         sender: DeviceKey,
         to_user: u64,
         after: Option<u64>,
-        message: StoredMessage,
+        message: MailboxMessage,
     ) -> (Result<u64, Refusal>, Ticket, Vec<DeviceKey>) {
         let committed = self.store.committed_ticket();
         let mut devices: Vec<DeviceKey> = self
@@ -1097,7 +1103,7 @@ impl<S: MailboxStore> ShardCore<S> {
             if self.store.ticket_failed(completion.ticket) {
                 // The write that held this message failed: nothing was
                 // stored, so the sender is told to retry.
-                if let ShardMessage::Stored { result, .. } = &mut completion.stored {
+                if let ShardMessage::StoreOutcome { result, .. } = &mut completion.outcome {
                     if result.is_ok() {
                         *result = Err(Refusal {
                             code: ErrorCode::StorageUnavailable,
@@ -1112,7 +1118,7 @@ impl<S: MailboxStore> ShardCore<S> {
                     self.queue_push(conn);
                 }
             }
-            self.route(completion.origin_shard, completion.stored);
+            self.route(completion.origin_shard, completion.outcome);
         }
     }
 

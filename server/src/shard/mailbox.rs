@@ -9,7 +9,7 @@
 //! the durable log (`crate::storage::LogStore`) commits with group commit.
 
 use super::messages::DeviceKey;
-use super::stored::StoredIndex;
+use super::recipient_dedup::RecipientDedup;
 use super::StateMap;
 use iris_protocol::ErrorCode;
 use std::collections::VecDeque;
@@ -17,7 +17,7 @@ use std::rc::Rc;
 
 /// A message as stored: one body shared by every recipient device's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
+pub struct MailboxMessage {
     /// Sending user.
     pub from_user: u64,
     /// Sending device.
@@ -34,7 +34,7 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
 }
 
-impl StoredMessage {
+impl MailboxMessage {
     /// The sending device.
     pub fn sender(&self) -> DeviceKey {
         DeviceKey { user: self.from_user, device: self.from_device }
@@ -166,7 +166,7 @@ pub const REMOVED_DEVICES_PER_USER_MAX: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
     /// This message, at this seq, can be pushed now.
-    Ready(u64, Rc<StoredMessage>),
+    Ready(u64, Rc<MailboxMessage>),
     /// The message at this seq is durable but its body is not in memory:
     /// ask for it with [`MailboxStore::want_bodies`].
     Cold(u64),
@@ -221,7 +221,7 @@ pub trait MailboxStore {
     /// If `sender` already stored `client_msg_id` here: its server_msg_id and ticket.
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)>;
     /// Appends `message` to the mailboxes of `devices` (registered, with room).
-    fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError>;
+    fn store_message(&mut self, message: Rc<MailboxMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError>;
     /// Forgets every message of `device` with seq <= `up_to_seq`.
     fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64);
     /// The first committed message of `device` with seq > `after_seq`, if any.
@@ -343,7 +343,7 @@ pub struct MailboxEntry {
     pub server_msg_id: u64,
     /// The shared body while it is in memory ("hot"); `None` once a durable
     /// store has let it go ("cold": it is read back from the log to be pushed).
-    pub body: Option<Rc<StoredMessage>>,
+    pub body: Option<Rc<MailboxMessage>>,
 }
 
 // What the index costs per queued message starts here: keep it at 64 bytes.
@@ -432,7 +432,7 @@ pub struct MailboxIndex {
     hot_entries: u64,
     /// (sender, client_msg_id) -> (server_msg_id, ticket) of the last
     /// `stored_dedup_entries_max` stored messages.
-    stored: StoredIndex,
+    stored: RecipientDedup,
     /// No device's seq is below it ([`MailboxIndex::raise_seq_floor`]).
     seq_floor: u64,
 }
@@ -447,7 +447,7 @@ impl MailboxIndex {
             index_bytes: 0,
             hot_bytes: 0,
             hot_entries: 0,
-            stored: StoredIndex::new(limits.stored_dedup_entries_max),
+            stored: RecipientDedup::new(limits.stored_dedup_entries_max),
             limits,
             seq_floor: 0,
         }
@@ -701,7 +701,7 @@ impl MailboxIndex {
     }
 
     /// Assigns the next seq of `device` to `message`. The device must be registered.
-    pub fn append(&mut self, device: DeviceKey, message: &Rc<StoredMessage>, ticket: Ticket, at: RecordAt) -> u64 {
+    pub fn append(&mut self, device: DeviceKey, message: &Rc<MailboxMessage>, ticket: Ticket, at: RecordAt) -> u64 {
         let mailbox = self.mailboxes.get_mut(&device).expect("append to a registered device");
         mailbox.last_seq += 1;
         let seq = mailbox.last_seq;
@@ -716,7 +716,7 @@ impl MailboxIndex {
         &mut self,
         device: DeviceKey,
         seq: u64,
-        message: &Rc<StoredMessage>,
+        message: &Rc<MailboxMessage>,
         ticket: Ticket,
         at: RecordAt,
     ) -> bool {
@@ -928,7 +928,7 @@ impl MailboxStore for MemoryStore {
         self.index.find_stored(sender, client_msg_id)
     }
 
-    fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
+    fn store_message(&mut self, message: Rc<MailboxMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
         self.last_ticket += 1;
         for device in devices {
             self.index.append(*device, &message, self.last_ticket, RecordAt::NOWHERE);

@@ -27,7 +27,7 @@ pub struct Refusal {
 pub enum ShardMessage {
     /// Sender's shard -> recipient's home shard: store this for every device of `to_user`.
     Store {
-        /// Shard to answer with [`ShardMessage::Stored`].
+        /// Shard to answer with [`ShardMessage::StoreOutcome`].
         origin_shard: u16,
         /// The sending device.
         sender: DeviceKey,
@@ -49,7 +49,7 @@ pub enum ShardMessage {
     },
     /// Recipient's shard -> sender's shard: the outcome of a Store, sent only
     /// once the message is committed in every recipient mailbox.
-    Stored {
+    StoreOutcome {
         /// The sending device.
         sender: DeviceKey,
         /// When the origin shard accepted the Send, on its monotonic clock

@@ -10,6 +10,8 @@
 //!   in-memory implementation.
 //! - [`dedup`]: the bounded per-device window of recent client_msg_ids.
 //! - [`messages`]: the owned messages shards exchange.
+//! - [`recipient_dedup`]: which (sender device, client_msg_id) the shard
+//!   stored lately, so a retry is answered with the original id.
 
 pub mod codel;
 pub mod core;
@@ -18,7 +20,7 @@ pub mod inactivity;
 pub mod mailbox;
 pub mod messages;
 pub mod rate;
-pub mod stored;
+pub mod recipient_dedup;
 
 /// The hash map of shard state. Some keys are chosen by clients
 /// (`client_msg_id`), so the hasher is seeded randomly per process

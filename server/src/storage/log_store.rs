@@ -19,7 +19,7 @@ use super::record::{
 };
 use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
-    MailboxEntry, MailboxIndex, MailboxStore, Next, RecordAt, StoreError, StoreLimits, StoreStats, StoredMessage,
+    MailboxEntry, MailboxIndex, MailboxMessage, MailboxStore, Next, RecordAt, StoreError, StoreLimits, StoreStats,
     Ticket, WriteChunk,
 };
 use crate::shard::DeviceKey;
@@ -174,7 +174,7 @@ struct Bodies {
     /// or the queue is compacted (when it holds twice the hot entries).
     hot_order: VecDeque<(DeviceKey, u64, Ticket)>,
     /// Bodies read back, by (device, seq).
-    staged: HashMap<(DeviceKey, u64), Rc<StoredMessage>>,
+    staged: HashMap<(DeviceKey, u64), Rc<MailboxMessage>>,
     /// Keys of `staged`, oldest first (stale keys are skipped).
     staged_order: VecDeque<(DeviceKey, u64)>,
     /// Payload bytes in `staged`.
@@ -231,7 +231,7 @@ struct Reading {
 struct Loading {
     from: u64,
     /// Bodies read, by (segment, offset) of their record.
-    bodies: HashMap<(u64, u64), Rc<StoredMessage>>,
+    bodies: HashMap<(u64, u64), Rc<MailboxMessage>>,
     /// Payload bytes of `bodies`.
     bytes: u64,
     /// Tells its reads from those of a `Loading` it replaced.
@@ -277,8 +277,8 @@ pub fn message_record_bytes_max(payload_bytes: usize, recipients: usize) -> u32 
 
 /// The message a `MessageStored` record holds, with `payload` (its own,
 /// moved or copied out by the caller).
-fn stored_message(record: &MessageStored, payload: Vec<u8>) -> StoredMessage {
-    StoredMessage {
+fn stored_message(record: &MessageStored, payload: Vec<u8>) -> MailboxMessage {
+    MailboxMessage {
         from_user: record.from_user,
         from_device: record.from_device,
         client_msg_id: record.client_msg_id,
@@ -289,7 +289,7 @@ fn stored_message(record: &MessageStored, payload: Vec<u8>) -> StoredMessage {
     }
 }
 
-fn message_record(message: &StoredMessage, recipients: Vec<RecipientSeq>) -> Record {
+fn message_record(message: &MailboxMessage, recipients: Vec<RecipientSeq>) -> Record {
     Record::MessageStored(MessageStored {
         server_msg_id: message.server_msg_id,
         from_user: message.from_user,
@@ -577,12 +577,12 @@ impl LogStore {
     }
 
     /// The body of (device, seq), if it is in memory (hot or read back).
-    fn body_of(&self, device: DeviceKey, entry: &MailboxEntry) -> Option<Rc<StoredMessage>> {
+    fn body_of(&self, device: DeviceKey, entry: &MailboxEntry) -> Option<Rc<MailboxMessage>> {
         entry.body.clone().or_else(|| self.bodies.staged.get(&(device, entry.seq)).cloned())
     }
 
     /// Keeps a body read back for (device, seq) until it is pushed.
-    fn stage(&mut self, device: DeviceKey, seq: u64, body: Rc<StoredMessage>) {
+    fn stage(&mut self, device: DeviceKey, seq: u64, body: Rc<MailboxMessage>) {
         let bodies = &mut self.bodies;
         let bytes = body.payload.len() as u64;
         if bodies.staged.insert((device, seq), body).is_none() {
@@ -705,7 +705,7 @@ impl LogStore {
     }
 
     /// The message in a record read back from `at`, with its recipients.
-    fn decode_read(at: RecordAt, bytes: &[u8]) -> Result<(Rc<StoredMessage>, Vec<RecipientSeq>), String> {
+    fn decode_read(at: RecordAt, bytes: &[u8]) -> Result<(Rc<MailboxMessage>, Vec<RecipientSeq>), String> {
         match decode_record(bytes) {
             Ok((Record::MessageStored(mut r), _)) => {
                 let payload = std::mem::take(&mut r.payload);
@@ -773,7 +773,7 @@ impl LogStore {
             self.bodies.loading = None;
         }
         // One record per message, listing the devices that still hold it.
-        let mut by_message: BTreeMap<u64, (Rc<StoredMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
+        let mut by_message: BTreeMap<u64, (Rc<MailboxMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
         let members = self.live_by_segment.get(&from).map(|live| live.members.iter().copied().collect::<Vec<_>>());
         let mut cold = Vec::new();
         let mut unreadable = Vec::new();
@@ -1231,7 +1231,7 @@ impl MailboxStore for LogStore {
         self.index.find_stored(sender, client_msg_id)
     }
 
-    fn store_message(&mut self, message: Rc<StoredMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
+    fn store_message(&mut self, message: Rc<MailboxMessage>, devices: &[DeviceKey]) -> Result<Ticket, StoreError> {
         if self.pending_bytes > PENDING_BYTES_MAX {
             return Err(StoreError::Backlog);
         }

@@ -54,7 +54,6 @@ fn core_over<S: MailboxStore>(
         rates: SendRates::OFF,
         codel_target_ms: 0,
         codel_interval_ms: 100,
-
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
@@ -512,7 +511,6 @@ fn codel_holds_back_only_the_sends_to_the_slow_shard() {
         rates: SendRates::OFF,
         codel_target_ms: 5,
         codel_interval_ms: 100,
-
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
@@ -537,7 +535,7 @@ fn codel_holds_back_only_the_sends_to_the_slow_shard() {
     // Shard 1 answers every send 50 ms after it was accepted; the first
     // answer (1 ms) sets the floor.
     let answer = |core: &mut ShardCore<MemoryStore>, id: u64, accepted_at_ms: u64, latency_ms: u64| {
-        let stored = ShardMessage::Stored {
+        let stored = ShardMessage::StoreOutcome {
             sender: DeviceKey { user: sender, device: 1 },
             accepted_at_ms: NOW_MS + accepted_at_ms,
             to_user: remote,
@@ -656,7 +654,6 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
         rates: SendRates::OFF,
         codel_target_ms: 0,
         codel_interval_ms: 100,
-
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
@@ -682,4 +679,65 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
     assert_eq!((a, b), (32, 16), "each heavy device is held to its share once half the queue is used");
     assert_eq!(accepted(&mut core, 3, 1), 1, "the light sender still gets in");
     assert_eq!(core.stats().unfair_refusals, 8 + 24);
+}
+
+/// The CloseNow outputs among `outputs`, as (connection, close code, reason).
+fn closed_now(outputs: &[Output]) -> Vec<(ConnId, u32, &'static str)> {
+    outputs
+        .iter()
+        .filter_map(|output| match output {
+            Output::CloseNow { conn, close_code, reason } => Some((*conn, *close_code, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_connection_without_a_hello_is_closed_at_its_timeout_and_a_welcomed_one_never() {
+    // The test core gives a connection 10 s to authenticate.
+    let authority = TokenAuthority::from_secret([12; 32]);
+    let mut core = core(&authority);
+    core.handle_connection(ConnId(1), at(NOW_MS));
+    core.handle_connection(ConnId(2), at(NOW_MS + 1_000));
+    hello(&mut core, &authority, ConnId(3), 10);
+    core.handle_timeout(at(NOW_MS + 9_999));
+    assert_eq!(closed_now(&outputs(&mut core)), []);
+    core.handle_timeout(at(NOW_MS + 10_000));
+    let no_hello = (close_code::PROTOCOL_ERROR, "no Hello in time");
+    assert_eq!(closed_now(&outputs(&mut core)), [(ConnId(1), no_hello.0, no_hello.1)]);
+    core.handle_timeout(at(NOW_MS + 11_000));
+    assert_eq!(closed_now(&outputs(&mut core)), [(ConnId(2), no_hello.0, no_hello.1)]);
+    // A Hello that comes after the timeout is not answered.
+    let token = authority.mint(Claims { user_id: 11, device_id: 1, expires_at_s: u64::MAX });
+    core.handle_frame(ConnId(1), Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), at(NOW_MS + 11_000));
+    assert_eq!(outputs(&mut core), []);
+    core.handle_timeout(at(NOW_MS + 1_000_000));
+    assert_eq!(closed_now(&outputs(&mut core)), [], "the welcomed connection stays");
+}
+
+#[test]
+fn a_closing_connection_the_client_does_not_end_is_closed_after_its_grace() {
+    let authority = TokenAuthority::from_secret([13; 32]);
+    let mut core = core(&authority);
+    for conn in [ConnId(1), ConnId(2)] {
+        core.handle_connection(conn, at(NOW_MS));
+        // A Send before Hello: a protocol violation, answered and closed.
+        let send = frames::Send { client_msg_id: 1, to_user: 20, after: None, payload: vec![1] };
+        core.handle_frame(conn, Frame::Send(send), at(NOW_MS + 100));
+    }
+    let out = outputs(&mut core);
+    for conn in [ConnId(1), ConnId(2)] {
+        let expected = Some((close_code::PROTOCOL_ERROR, Some(ErrorCode::ProtocolViolation as u16)));
+        assert_eq!(closed_with(&out, conn), expected);
+    }
+    // The driver ends connection 2 at once; connection 1's client never
+    // reads its Error, so the core closes it when the grace has passed.
+    core.handle_connection_closed(ConnId(2), at(NOW_MS + 200));
+    core.handle_timeout(at(NOW_MS + 100 + CLOSE_GRACE_MS - 1));
+    assert_eq!(closed_now(&outputs(&mut core)), []);
+    core.handle_timeout(at(NOW_MS + 100 + CLOSE_GRACE_MS));
+    assert_eq!(closed_now(&outputs(&mut core)), [(ConnId(1), close_code::PROTOCOL_ERROR, "closed by server")]);
+    // The grace replaced the hello deadline: nothing more for either.
+    core.handle_timeout(at(NOW_MS + 60_000));
+    assert_eq!(closed_now(&outputs(&mut core)), []);
 }

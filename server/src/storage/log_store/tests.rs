@@ -21,8 +21,8 @@ fn limits() -> StoreLimits {
 
 const DEDUP_WINDOW: u32 = 8;
 
-fn message(id: u64, to_user: u64, bytes: usize) -> Rc<StoredMessage> {
-    Rc::new(StoredMessage {
+fn message(id: u64, to_user: u64, bytes: usize) -> Rc<MailboxMessage> {
+    Rc::new(MailboxMessage {
         from_user: 1,
         from_device: 1,
         client_msg_id: id,

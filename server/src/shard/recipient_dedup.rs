@@ -29,7 +29,7 @@ struct Entry {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct StoredIndex {
+pub struct RecipientDedup {
     /// Seeded per process: `client_msg_id` is chosen by clients.
     hasher: foldhash::fast::RandomState,
     /// Ring positions (wrapping sequence numbers) by key hash.
@@ -42,10 +42,10 @@ pub struct StoredIndex {
     capacity: usize,
 }
 
-impl StoredIndex {
+impl RecipientDedup {
     /// An empty index keeping the last `capacity` entries (at least 1).
-    pub fn new(capacity: u32) -> StoredIndex {
-        StoredIndex {
+    pub fn new(capacity: u32) -> RecipientDedup {
+        RecipientDedup {
             hasher: foldhash::fast::RandomState::default(),
             table: hashbrown::HashTable::new(),
             ring: VecDeque::new(),
@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn finds_what_it_remembers_and_expires_the_oldest_first() {
-        let mut index = StoredIndex::new(3);
+        let mut index = RecipientDedup::new(3);
         for id in 1..=3 {
             index.remember(device(7), id, 100 + id, id);
         }
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn remembering_an_id_again_updates_it() {
-        let mut index = StoredIndex::new(2);
+        let mut index = RecipientDedup::new(2);
         index.remember(device(1), 5, 500, 1);
         index.remember(device(1), 5, 501, 2);
         index.remember(device(1), 6, 600, 3);
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn forgetting_a_failed_range_walks_back_only_over_newer_entries() {
-        let mut index = StoredIndex::new(1000);
+        let mut index = RecipientDedup::new(1000);
         for id in 1..=900 {
             index.remember(device(1), id, id * 10, id);
         }
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn forgotten_tickets_can_be_stored_again() {
-        let mut index = StoredIndex::new(10);
+        let mut index = RecipientDedup::new(10);
         for id in 1..=6 {
             index.remember(device(1), id, id * 10, id);
         }
@@ -241,7 +241,7 @@ mod tests {
     fn matches_a_plain_map_over_many_operations_and_sequence_wraparound() {
         // A model check against std's map with a FIFO, starting near the
         // u32 wrap of the ring positions.
-        let mut index = StoredIndex::new(64);
+        let mut index = RecipientDedup::new(64);
         index.first = u32::MAX - 500;
         let mut model: std::collections::HashMap<(u64, u64), (u64, Ticket)> = Default::default();
         let mut order: VecDeque<Option<(u64, u64)>> = VecDeque::new();
