@@ -8,6 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use irisd::driver::log_writer::{run_writer, WriterCommand, WriterEvent};
 use irisd::shard::mailbox::{MailboxMessage, MailboxStore, StoreLimits};
 use irisd::shard::DeviceKey;
+use irisd::storage::io::LogIo;
 use irisd::storage::record::{LogKey, LOG_KEY_BYTES};
 use irisd::storage::{LogLimits, LogStore};
 use std::rc::Rc;

@@ -36,12 +36,13 @@
 use iris_protocol::frames::{self, Frame};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use irisd::auth::{Claims, TokenAuthority};
-use irisd::shard::mailbox::{RecordAt, StoreLimits, WriteChunk, MAILBOX_ENTRY_OVERHEAD_BYTES};
+use irisd::shard::mailbox::{RecordAt, StoreLimits, MAILBOX_ENTRY_OVERHEAD_BYTES};
 use irisd::shard::rate::Rate;
 use irisd::shard::{
     ConnId, CoreLimits, MailboxStore, Now, Output, ReadOutcome, SendRates, ShardCore, ShardIdentity, ShardMessage,
     WriteOutcome,
 };
+use irisd::storage::io::WriteChunk;
 use irisd::storage::record::{
     decode_record, frame_chunk, scan_segment, DeviceRegistered, DeviceState, LogKey, Record, Scan,
 };

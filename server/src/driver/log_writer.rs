@@ -35,7 +35,7 @@
 //! time, and records that arrive meanwhile accumulate in the store until the
 //! sync completes (bounded by `commit_bytes_max` per chunk).
 
-use crate::shard::mailbox::WriteChunk;
+use crate::storage::io::WriteChunk;
 use crate::storage::layout::segment_path;
 use crate::storage::record::{frame_chunk, LogKey};
 use glommio::io::{BufferedFile, OpenOptions};

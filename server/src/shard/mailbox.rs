@@ -11,6 +11,7 @@
 use super::messages::DeviceKey;
 use super::recipient_dedup::RecipientDedup;
 use super::StateMap;
+use crate::storage::io::LogIo;
 use iris_protocol::ErrorCode;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -168,7 +169,7 @@ pub enum Next {
     /// This message, at this seq, can be pushed now.
     Ready(u64, Rc<MailboxMessage>),
     /// The message at this seq is durable but its body is not in memory:
-    /// ask for it with [`MailboxStore::want_bodies`].
+    /// ask for it with [`LogIo::want_bodies`].
     Cold(u64),
 }
 
@@ -176,8 +177,9 @@ pub enum Next {
 /// is at least their ticket. Tickets increase by one per change.
 pub type Ticket = u64;
 
-/// Storage of one shard: the device registry and the device mailboxes.
-pub trait MailboxStore {
+/// Storage of one shard: the device registry and the device mailboxes. Its
+/// log side (writes, reads, reclaim) is [`LogIo`].
+pub trait MailboxStore: LogIo {
     /// Registers `device` (idempotent). Returns whether it was new.
     fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError>;
     /// Whether `device`'s registration is not yet durable (a durable store
@@ -226,20 +228,6 @@ pub trait MailboxStore {
     fn acknowledge(&mut self, device: DeviceKey, up_to_seq: u64);
     /// The first committed message of `device` with seq > `after_seq`, if any.
     fn next_after(&self, device: DeviceKey, after_seq: u64) -> Option<Next>;
-    /// `device`'s push met a cold entry after `after_seq`: read its body
-    /// back, and those of a bounded number of the cold entries after it
-    /// (read-ahead). Once the first is in memory, [`MailboxStore::on_read`]
-    /// names `device`.
-    fn want_bodies(&mut self, _device: DeviceKey, _after_seq: u64) {}
-    /// The next record to read back for the driver, if any.
-    fn take_read(&mut self) -> Option<RecordAt> {
-        None
-    }
-    /// The driver read `at` (its bytes, or why it could not). Returns the
-    /// devices whose push may go on now.
-    fn on_read(&mut self, _at: RecordAt, _result: Result<&[u8], String>) -> Vec<DeviceKey> {
-        Vec::new()
-    }
     /// Highest seq assigned to `device` (0 if none).
     fn last_seq(&self, device: DeviceKey) -> u64;
     /// Records that `seq` of `device` was written to one of its push streams.
@@ -259,47 +247,6 @@ pub trait MailboxStore {
     fn ticket_failed(&self, _ticket: Ticket) -> bool {
         false
     }
-
-    // The driver side of durable stores; memory-only stores keep the defaults.
-
-    /// The oldest chunk of encoded records to write, if any.
-    fn take_write(&mut self) -> Option<WriteChunk> {
-        None
-    }
-    /// Bytes waiting to be written.
-    fn pending_write_bytes(&self) -> usize {
-        0
-    }
-    /// The driver made the chunk `first_ticket..=last_ticket` durable. Chunks
-    /// complete in the order they were taken, each right after the previous.
-    fn on_write_durable(&mut self, _segment: u64, _first_ticket: Ticket, _last_ticket: Ticket) {}
-    /// The driver failed to make the chunk durable; its changes are dropped.
-    fn on_write_failed(&mut self, _segment: u64, _first_ticket: Ticket, _last_ticket: Ticket) {}
-    /// Segments that may be deleted now.
-    fn take_reclaimable(&mut self) -> Vec<u64> {
-        Vec::new()
-    }
-    /// Background upkeep between writes (log compaction).
-    fn maintain(&mut self) {}
-}
-
-/// Encoded log records for one segment, handed by a durable store to the
-/// driver: one write and one fdatasync each.
-#[derive(Debug)]
-pub struct WriteChunk {
-    /// Target segment.
-    pub segment: u64,
-    /// The offset in the segment file where the store expects the chunk to
-    /// start (where the writer's durable bytes end): record positions are
-    /// computed from it, so a writer that finds its file elsewhere must
-    /// fail the chunk rather than write it.
-    pub start: u64,
-    /// Records, back to back.
-    pub bytes: Vec<u8>,
-    /// First ticket in the chunk.
-    pub first_ticket: Ticket,
-    /// Last ticket in the chunk.
-    pub last_ticket: Ticket,
 }
 
 /// Where a message's record lies in the log: it can be read back from
@@ -891,6 +838,9 @@ impl MemoryStore {
         MemoryStore { index: MailboxIndex::new(limits), last_ticket: 0 }
     }
 }
+
+/// Writes and reads nothing: every default.
+impl LogIo for MemoryStore {}
 
 impl MailboxStore for MemoryStore {
     fn register_device(&mut self, device: DeviceKey) -> Result<bool, StoreError> {

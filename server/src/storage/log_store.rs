@@ -12,6 +12,7 @@
 //! lives there) to the head of the log so it can go. Checkpointing is
 //! incremental: no write ever covers every device.
 
+use super::io::{LogIo, WriteChunk};
 use super::last_seen::{LastSeen, Seen};
 use super::record::{
     chunk_framing_bytes, decode_record, encode_record, Acknowledged, DeviceRegistered, DeviceRemoved, DeviceSeen,
@@ -20,7 +21,7 @@ use super::record::{
 use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
     MailboxEntry, MailboxIndex, MailboxMessage, MailboxStore, Next, RecordAt, StoreError, StoreLimits, StoreStats,
-    Ticket, WriteChunk,
+    Ticket,
 };
 use crate::shard::DeviceKey;
 use std::collections::{BTreeMap, VecDeque};
@@ -1284,6 +1285,44 @@ impl MailboxStore for LogStore {
         })
     }
 
+    fn last_seq(&self, device: DeviceKey) -> u64 {
+        self.index.last_seq(device)
+    }
+
+    fn note_pushed(&mut self, device: DeviceKey, seq: u64) {
+        self.index.note_pushed(device, seq);
+        // A body read back has done its work once pushed; a redelivery reads it again.
+        self.unstage(device, seq);
+    }
+
+    fn pushed_seq(&self, device: DeviceKey) -> u64 {
+        self.index.pushed_seq(device)
+    }
+
+    fn committed_ticket(&self) -> Ticket {
+        self.committed
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            index_bytes: self.index.index_bytes(),
+            body_bytes: self.index.hot_bytes(),
+            read_ahead_bytes: self.read_ahead_bytes(),
+            reads_total: self.bodies.reads_total,
+            read_failures_total: self.bodies.read_failures_total,
+            unreadable_total: self.bodies.unreadable_total,
+            cooled_total: self.bodies.cooled_total,
+            disk_bytes: self.disk_bytes(),
+            disk_budget_bytes: self.limits.disk_bytes_max,
+        }
+    }
+
+    fn ticket_failed(&self, ticket: Ticket) -> bool {
+        self.failed.iter().any(|(first, last)| (*first..=*last).contains(&ticket))
+    }
+}
+
+impl LogIo for LogStore {
     fn want_bodies(&mut self, device: DeviceKey, after_seq: u64) {
         let committed = self.committed;
         let cold: Vec<(u64, RecordAt)> = self
@@ -1434,42 +1473,6 @@ impl MailboxStore for LogStore {
             }
         }
         ready
-    }
-
-    fn last_seq(&self, device: DeviceKey) -> u64 {
-        self.index.last_seq(device)
-    }
-
-    fn note_pushed(&mut self, device: DeviceKey, seq: u64) {
-        self.index.note_pushed(device, seq);
-        // A body read back has done its work once pushed; a redelivery reads it again.
-        self.unstage(device, seq);
-    }
-
-    fn pushed_seq(&self, device: DeviceKey) -> u64 {
-        self.index.pushed_seq(device)
-    }
-
-    fn committed_ticket(&self) -> Ticket {
-        self.committed
-    }
-
-    fn stats(&self) -> StoreStats {
-        StoreStats {
-            index_bytes: self.index.index_bytes(),
-            body_bytes: self.index.hot_bytes(),
-            read_ahead_bytes: self.read_ahead_bytes(),
-            reads_total: self.bodies.reads_total,
-            read_failures_total: self.bodies.read_failures_total,
-            unreadable_total: self.bodies.unreadable_total,
-            cooled_total: self.bodies.cooled_total,
-            disk_bytes: self.disk_bytes(),
-            disk_budget_bytes: self.limits.disk_bytes_max,
-        }
-    }
-
-    fn ticket_failed(&self, ticket: Ticket) -> bool {
-        self.failed.iter().any(|(first, last)| (*first..=*last).contains(&ticket))
     }
 
     /// The oldest chunk to write, if any.

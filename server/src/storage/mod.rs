@@ -9,12 +9,15 @@
 //!   reclaim never deletes it and compaction carries it forward.
 //! - [`last_seen`]: when each device was last seen, kept in the log so the
 //!   inactivity expiry survives restarts.
+//! - [`io`]: [`io::LogIo`], the log side of a store (chunks to write, records
+//!   to read back, segments to delete) and [`io::WriteChunk`].
 //! - [`schedule`]: when the log's I/O may go (group commit, back-off after
 //!   failures), over time the caller passes in (pure).
 //! - [`layout`]: the data directory's layout file, format version and shard
 //!   count checks, boot counters, and reading segments at start (blocking
 //!   file I/O, run before a shard serves).
 
+pub mod io;
 pub mod last_seen;
 pub mod layout;
 pub mod log_store;

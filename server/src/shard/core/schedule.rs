@@ -3,7 +3,8 @@
 //! the log's I/O, whose timing is [`IoSchedule`]'s (group commit, back-off).
 
 use super::{ConnId, Output, Session, ShardCore};
-use crate::shard::mailbox::{MailboxStore, RecordAt, Ticket, WriteChunk};
+use crate::shard::mailbox::{MailboxStore, RecordAt, Ticket};
+use crate::storage::io::WriteChunk;
 use iris_protocol::close_code;
 use std::collections::BTreeSet;
 
