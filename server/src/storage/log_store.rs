@@ -775,10 +775,14 @@ impl LogStore {
         }
         // One record per message, listing the devices that still hold it.
         let mut by_message: BTreeMap<u64, (Rc<MailboxMessage>, Vec<RecipientSeq>)> = BTreeMap::new();
-        let members = self.live_by_segment.get(&from).map(|live| live.members.iter().copied().collect::<Vec<_>>());
+        let mut members: Vec<(DeviceKey, u64)> =
+            self.live_by_segment.get(&from).map(|live| live.members.iter().copied().collect()).unwrap_or_default();
+        // In a fixed order, not the hash set's (seeded per process): the
+        // records written, and so a simulated run, must not depend on it.
+        members.sort_unstable();
         let mut cold = Vec::new();
         let mut unreadable = Vec::new();
-        for (device, seq) in members.unwrap_or_default() {
+        for (device, seq) in members {
             let Some(entry) = self.index.entry(device, seq) else { continue };
             // Only committed entries: a copy of one whose own write then
             // failed would bring back, at the next recovery, a message its

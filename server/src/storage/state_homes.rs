@@ -154,7 +154,12 @@ impl StateHomes {
 
     /// Devices with a fact in `segment`.
     pub fn devices_in(&self, segment: u64) -> Vec<DeviceKey> {
-        self.by_segment.get(&segment).map(|devices| devices.iter().copied().collect()).unwrap_or_default()
+        let mut devices: Vec<DeviceKey> =
+            self.by_segment.get(&segment).map(|devices| devices.iter().copied().collect()).unwrap_or_default();
+        // A fixed order (the set's is seeded per process): the records a
+        // compaction writes must not depend on it.
+        devices.sort_unstable();
+        devices
     }
 
     /// How many devices have a fact in `segment`.
