@@ -346,7 +346,7 @@ async fn run_shard(
             };
             let mut recovery = Recovery::new(store_limits, log_limits);
             let replay = |segment, scan: &_| recovery.replay_segment(segment, scan);
-            let last = match layout::scan_segments(&dir, &key, &key_path, replay) {
+            let last = match layout::scan_segments(&dir, &key, &key_path, first_message_id, replay) {
                 Ok(last) => last,
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };

@@ -187,7 +187,7 @@ pub const CLOSE_GRACE_MS: u64 = 1000;
 
 /// State of a connection on this shard.
 #[derive(Debug)]
-enum Session {
+pub(super) enum Session {
     /// Connected, no valid Hello yet: only Hello, ShardMapRequest and Ping
     /// are allowed, and at most [`PRE_HELLO_REQUESTS_MAX`] of the latter two.
     AwaitingHello {
@@ -499,7 +499,14 @@ impl<S: MailboxStore> ShardCore<S> {
                 pending.requester = None;
             }
         }
-        match self.sessions.remove(&conn) {
+        let session = self.sessions.remove(&conn);
+        self.session_ended(conn, session);
+    }
+
+    /// `conn`'s session `session` is over (the connection closed, or is
+    /// being closed): its device goes offline if this was its session.
+    pub(super) fn session_ended(&mut self, conn: ConnId, session: Option<Session>) {
+        match session {
             Some(Session::Active { device, .. }) if self.online.get(&device) == Some(&conn) => {
                 self.online.remove(&device);
                 self.device_offline(device);
@@ -645,6 +652,8 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// Completes a Hello whose device is durably registered.
     fn welcome(&mut self, conn: ConnId, device: DeviceKey, expires_at_s: u64, resume_after_seq: u64) {
+        // Authenticated: its hello deadline ends here, whatever is polled when.
+        self.deadlines.clear(conn);
         let last_seq = self.store.last_seq(device);
         if resume_after_seq > last_seq {
             // Never clamp silently: a seq the server never assigned means the
@@ -1150,13 +1159,11 @@ impl<S: MailboxStore> ShardCore<S> {
         self.outbox.iter().any(|queue| !queue.is_empty())
     }
 
-    /// Next output for the driver. A close starts the connection's grace,
-    /// a Welcome ends its hello deadline.
+    /// Next output for the driver. A close starts the connection's grace.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.flush_commits();
         let output = self.outputs.pop_front()?;
         match &output {
-            Output::Authenticated { conn } => self.deadlines.clear(*conn),
             Output::Close { conn, close_code, .. } => {
                 let grace = schedule::Deadline::Grace { close_code: *close_code };
                 self.deadlines.set(*conn, self.clock_us + CLOSE_GRACE_MS * 1000, grace);

@@ -281,10 +281,12 @@ pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std:
 /// recovery skipped damaged chunks or cut a torn tail (`damaged`), it is first raised to
 /// `first_sequence`, the first message sequence reserved by this start, and
 /// written durably before the shard serves. A damaged chunk may have held a
-/// device's newest seq; each seq was given to one message, and every message
-/// took a sequence below `first_sequence`, so no seq handed out before is
-/// above it. Kept once raised: the next start may no longer see the damage
-/// (its segment reclaimed) while clients have seen seqs from above it.
+/// device's newest seq; every start reserves at least 2^30 sequences, so no
+/// seq handed out before is above the floor unless a device got more seqs
+/// than its shard ever reserved (seqs count messages from every shard:
+/// docs/storage.md, "Damage", says how far that is). Kept once raised: the
+/// next start may no longer see the damage (its segment reclaimed) while
+/// clients have seen seqs from above it.
 pub fn seq_floor(dir: &Path, damaged: bool, first_sequence: u64) -> Result<u64, LayoutError> {
     let path = dir.join("seq-floor");
     let io = |source| LayoutError::Io { path: path.clone(), source };
@@ -307,13 +309,17 @@ pub fn seq_floor(dir: &Path, damaged: bool, first_sequence: u64) -> Result<u64, 
 /// every segment of `dir` (a log sealed with `key`, the data directory's
 /// key at `key_path`), ascending, one at a time, handing each scan to
 /// `visit` before the next is read (so only one segment is in memory). A
-/// torn tail is cut off its file (it holds only unacknowledged writes);
-/// corrupt records are reported by the scan and skipped. Returns the last
-/// segment and its valid end, if there is any segment.
+/// torn tail is cut off its file (after a crash it holds only
+/// unacknowledged writes), but only once the seq floor has been raised to
+/// `first_sequence` ([`seq_floor`]): bit rot in the last chunks looks the
+/// same, and once cut, the damage could not be seen again. Corrupt records
+/// are reported by the scan and skipped. Returns the last segment and its
+/// valid end, if there is any segment.
 pub fn scan_segments(
     dir: &Path,
     key: &LogKey,
     key_path: &Path,
+    first_sequence: u64,
     mut visit: impl FnMut(u64, &Scan),
 ) -> Result<Option<(u64, usize)>, LayoutError> {
     let io = |path: &Path| {
@@ -370,6 +376,7 @@ pub fn scan_segments(
                 segment = %path.display(), offset = tail.offset, length = tail.length, error = %tail.error,
                 last = is_last, "torn tail truncated at the last valid record"
             );
+            seq_floor(dir, true, first_sequence)?;
             let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
             file.set_len(scan.valid_end as u64).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
@@ -432,7 +439,7 @@ mod tests {
         let before = file.clone();
         std::fs::write(segment_path(dir.path(), 1), &file).unwrap();
         let mut visited = 0;
-        let error = scan_segments(dir.path(), &key, Path::new("log.key"), |_, _| visited += 1).unwrap_err();
+        let error = scan_segments(dir.path(), &key, Path::new("log.key"), 1, |_, _| visited += 1).unwrap_err();
         assert!(matches!(error, LayoutError::NewerRecords { .. }), "{error}");
         assert!(error.to_string().contains("newer irisd"), "{error}");
         assert_eq!(visited, 0, "nothing of it replayed");
@@ -459,10 +466,10 @@ mod tests {
         std::fs::write(segment_path(&logs, 1), &file).unwrap();
         let key_path = log_key_path(dir.path());
         let mut read = 0;
-        scan_segments(&logs, &key, &key_path, |_, scan| read += scan.records.len()).unwrap();
+        scan_segments(&logs, &key, &key_path, 1, |_, scan| read += scan.records.len()).unwrap();
         assert_eq!(read, 1);
         let other = LogKey::from_secret(&[5; 32]);
-        let error = scan_segments(&logs, &other, &key_path, |_, _| panic!("nothing replayed")).unwrap_err();
+        let error = scan_segments(&logs, &other, &key_path, 1, |_, _| panic!("nothing replayed")).unwrap_err();
         assert!(matches!(error, LayoutError::WrongLogKey { offset: 0, .. }), "{error}");
         assert_eq!(std::fs::read(segment_path(&logs, 1)).unwrap(), file, "nor cut");
         // The key lost: refused at open, not replaced by a new one.
@@ -490,6 +497,29 @@ mod tests {
         assert_eq!(seq_floor(dir.path(), true, 900).unwrap(), 900);
         std::fs::write(dir.path().join("seq-floor"), "x").unwrap();
         assert!(matches!(seq_floor(dir.path(), false, 0), Err(LayoutError::BadLayout { .. })));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_only_after_the_floor_is_raised() {
+        use crate::storage::record::{append_chunk, encode_record, DeviceRegistered, Record};
+        let dir = tempfile::tempdir().unwrap();
+        let key = LogKey::from_secret(&[7; 32]);
+        let mut records = Vec::new();
+        encode_record(&Record::DeviceRegistered(DeviceRegistered { user: 1, device: 1 }), &mut records);
+        let mut file = Vec::new();
+        append_chunk(&key, &mut file, 1, &records);
+        file.extend_from_slice(&[0xA5; 40]);
+        std::fs::write(segment_path(dir.path(), 1), &file).unwrap();
+        // The floor cannot be written (a directory stands in its place):
+        // the start fails and the tail stays, to be seen again.
+        std::fs::create_dir(dir.path().join("seq-floor")).unwrap();
+        let key_path = Path::new("log.key");
+        assert!(scan_segments(dir.path(), &key, key_path, 1000, |_, _| {}).is_err());
+        assert_eq!(std::fs::read(segment_path(dir.path(), 1)).unwrap(), file, "cut before the floor was raised");
+        std::fs::remove_dir(dir.path().join("seq-floor")).unwrap();
+        scan_segments(dir.path(), &key, key_path, 1000, |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(segment_path(dir.path(), 1)).unwrap().len(), file.len() - 40);
+        assert_eq!(seq_floor(dir.path(), false, 0).unwrap(), 1000);
     }
 
     #[test]

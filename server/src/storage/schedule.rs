@@ -121,8 +121,10 @@ impl IoSchedule {
 
     /// The earliest time a write or read may become due without any input.
     pub fn deadline(&self) -> Option<u64> {
-        let commit = match (self.pending_since_us, self.write_in_flight) {
-            (Some(since), false) if self.commit_delay_us > 0 => Some(since.saturating_add(self.commit_delay_us)),
+        // While a retry waits, the commit delay (maybe long past) is not a
+        // deadline: the retry is.
+        let commit = match (self.pending_since_us, self.write_in_flight, self.write_retry_at_us) {
+            (Some(since), false, None) if self.commit_delay_us > 0 => Some(since.saturating_add(self.commit_delay_us)),
             _ => None,
         };
         let write_retry = self.write_retry_at_us.filter(|_| !self.write_in_flight);
@@ -185,6 +187,18 @@ mod tests {
         schedule.write_taken(now, 0);
         schedule.write_failed(now);
         assert_eq!(schedule.deadline(), Some(now + RETRY_MIN_US));
+    }
+
+    #[test]
+    fn a_retry_after_a_failure_hides_a_commit_delay_that_passed() {
+        let mut schedule = IoSchedule::new(500, 1024);
+        assert!(!schedule.write_due(0, 10));
+        assert!(schedule.write_due(500, 10));
+        schedule.write_taken(500, 10);
+        schedule.write_failed(600);
+        // The delay of the waiting records passed long ago: only the retry
+        // may wake the loop (a past deadline would spin it).
+        assert_eq!(schedule.deadline(), Some(600 + RETRY_MIN_US));
     }
 
     #[test]

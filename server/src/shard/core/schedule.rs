@@ -116,8 +116,11 @@ impl<S: MailboxStore> ShardCore<S> {
                 Deadline::Hello => (close_code::PROTOCOL_ERROR, "no Hello in time"),
                 Deadline::Grace { close_code } => (close_code, "closed by server"),
             };
-            if self.sessions.contains_key(&conn) {
-                self.sessions.insert(conn, Session::Closing);
+            if let Some(session) = self.sessions.get_mut(&conn) {
+                // A device whose registration outlasted the deadline goes
+                // offline as if its connection had closed.
+                let ended = std::mem::replace(session, Session::Closing);
+                self.session_ended(conn, Some(ended));
             }
             self.outputs.push_back(Output::CloseNow { conn, close_code, reason });
         }

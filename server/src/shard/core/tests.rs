@@ -741,3 +741,24 @@ fn a_closing_connection_the_client_does_not_end_is_closed_after_its_grace() {
     core.handle_timeout(at(NOW_MS + 60_000));
     assert_eq!(closed_now(&outputs(&mut core)), []);
 }
+
+#[test]
+fn a_device_whose_registration_outlasts_the_hello_timeout_still_expires() {
+    // The test core gives 10 s to authenticate and expires devices after 100 s.
+    let authority = TokenAuthority::from_secret([14; 32]);
+    let mut files = Vec::new();
+    let mut core = recovered_core(&authority, &files);
+    core.handle_timeout(at(NOW_MS));
+    core.handle_connection(ConnId(1), at(NOW_MS));
+    let token = authority.mint(Claims { user_id: 20, device_id: 1, expires_at_s: u64::MAX });
+    core.handle_frame(ConnId(1), Frame::Hello(frames::Hello { token, resume_after_seq: 0 }), at(NOW_MS));
+    // The registration is not durable yet when the deadline passes.
+    core.handle_timeout(at(NOW_MS + 10_000));
+    let out: Vec<Output> = std::iter::from_fn(|| core.poll_output()).collect();
+    assert_eq!(closed_now(&out), [(ConnId(1), close_code::PROTOCOL_ERROR, "no Hello in time")]);
+    core.handle_connection_closed(ConnId(1), at(NOW_MS + 10_000));
+    write_log(&mut core, &mut files);
+    assert_eq!(core.store().devices_of(20), &[1], "registered after all");
+    core.handle_timeout(at(NOW_MS + 200_000));
+    assert_eq!(core.store().devices_of(20), &[] as &[u32], "idle since its deadline, so it expires");
+}
