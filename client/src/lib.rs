@@ -207,6 +207,10 @@ pub(crate) struct Shared {
     pub(crate) processed_seq: AtomicU64,
     /// Latest session facts.
     pub(crate) info: std::sync::Mutex<SessionInfo>,
+    /// The error that ended the session for good (a replaced session,
+    /// a removed device, a refused token), once one did: every later call
+    /// returns it, so an app can tell why.
+    pub(crate) ended: std::sync::Mutex<Option<ClientError>>,
 }
 
 /// The outcome of a queued send.
@@ -219,13 +223,15 @@ pub struct ClientSender {
     commands: mpsc::Sender<Command>,
     /// Largest payload accepted, from the frame bound.
     payload_bytes_max: usize,
+    /// Shared with the session task (why it ended).
+    shared: Arc<Shared>,
 }
 
 impl ClientSender {
     /// See [`Client::send`].
     pub async fn send(&self, to_user: u64, payload: Vec<u8>) -> Result<Acked, ClientError> {
         let reply = self.send_nowait(to_user, payload).await?;
-        reply.await.map_err(|_| closed_error())?
+        reply.await.map_err(|_| closed_error(&self.shared))?
     }
 
     /// See [`Client::send_nowait`].
@@ -234,13 +240,16 @@ impl ClientSender {
             return Err(ClientError::PayloadTooLarge { bytes: payload.len(), limit: self.payload_bytes_max });
         }
         let (reply, outcome) = oneshot::channel();
-        self.commands.send(Command::Send { to_user, payload, reply }).await.map_err(|_| closed_error())?;
+        let send = Command::Send { to_user, payload, reply };
+        self.commands.send(send).await.map_err(|_| closed_error(&self.shared))?;
         Ok(outcome)
     }
 }
 
-fn closed_error() -> ClientError {
-    ClientError::Closed("session ended".into())
+/// What a call on an ended session returns: the error that ended it, if one did.
+fn closed_error(shared: &Shared) -> ClientError {
+    let ended = shared.ended.lock().ok().and_then(|ended| ended.clone());
+    ended.unwrap_or_else(|| ClientError::Closed("session ended".into()))
 }
 
 /// A connected device.
@@ -297,7 +306,11 @@ impl Client {
     /// A cloneable handle that sends on this client's session, for use from
     /// other tasks while this one receives.
     pub fn sender(&self) -> ClientSender {
-        ClientSender { commands: self.commands.clone(), payload_bytes_max: self.payload_bytes_max }
+        ClientSender {
+            commands: self.commands.clone(),
+            payload_bytes_max: self.payload_bytes_max,
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The next message for this device, in seq order, each seq once.
@@ -326,13 +339,14 @@ impl Client {
     /// ends this session the same way once it returns.
     pub async fn remove_device(&self, device_id: u32) -> Result<(), ClientError> {
         let (reply, outcome) = oneshot::channel();
-        self.commands.send(Command::RemoveDevice { device_id, reply }).await.map_err(|_| closed_error())?;
-        outcome.await.map_err(|_| closed_error())?
+        let remove = Command::RemoveDevice { device_id, reply };
+        self.commands.send(remove).await.map_err(|_| closed_error(&self.shared))?;
+        outcome.await.map_err(|_| closed_error(&self.shared))?
     }
 
     /// Drops the connection and reconnects, resuming after the processed seq.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        self.commands.send(Command::Reconnect).await.map_err(|_| closed_error())
+        self.commands.send(Command::Reconnect).await.map_err(|_| closed_error(&self.shared))
     }
 
     /// Acknowledges what was processed and closes the connection.

@@ -182,6 +182,9 @@ impl Session {
     }
 
     fn fail_all(&mut self, error: ClientError) -> ClientError {
+        if let Ok(mut ended) = self.shared.ended.lock() {
+            *ended = Some(error.clone());
+        }
         for (_, pending) in self.pending.drain() {
             let _ = pending.reply.send(Err(error.clone()));
         }

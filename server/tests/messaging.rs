@@ -224,3 +224,36 @@ async fn hello_on_the_wrong_shard_is_redirected_and_the_shard_map_agrees() {
     let mut home = Raw::connect(&server, 1).await;
     assert!(matches!(home.hello(&server.token(user, 1), 0).await, Frame::Welcome(w) if w.shard == 1));
 }
+
+/// A second connection of the same device replaces the first. The SDK of the
+/// first learns why from every later call (the error that ended its session,
+/// not a bare "session ended"), and does not reconnect to fight the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_sdk_session_says_why_and_stays_down() {
+    let server = Server::start(1);
+    let (device, friend, sender) = (5, 7, 8);
+    Client::connect(server.client_config(friend, 1)).await.unwrap().close().await.unwrap();
+    let first = Client::connect(server.client_config(device, 1)).await.unwrap();
+    let mut second = Client::connect(server.client_config(device, 1)).await.unwrap();
+    let mut error = None;
+    for _ in 0..50 {
+        match first.send(friend, b"from the old session".to_vec()).await {
+            Err(refused) => {
+                error = Some(refused);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let error = error.expect("the replaced session ends");
+    assert_eq!(error.code(), Some(iris_protocol::ErrorCode::SessionReplaced), "{error}");
+    // Asked again, it says the same.
+    let again = first.send(friend, b"again".to_vec()).await.unwrap_err();
+    assert_eq!(again.code(), Some(iris_protocol::ErrorCode::SessionReplaced), "{again}");
+    // The newer session was not displaced by a reconnect of the older.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    other.send(device, b"to the new session".to_vec()).await.unwrap();
+    let delivered = tokio::time::timeout(Duration::from_secs(5), second.recv()).await.unwrap().unwrap();
+    assert_eq!(delivered.payload, b"to the new session");
+}
