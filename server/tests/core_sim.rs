@@ -262,10 +262,10 @@ struct Sim {
     hello_timeouts: u64,
     /// Payloads a removed device never saw acknowledged.
     abandoned: std::collections::HashSet<String>,
-    /// Payloads whose record lay in a segment a bit flip hit, or whose read-back
-    /// came back with a bit flipped: acknowledged,
-    /// yet they may be lost (bit rot on one disk loses what it hit); never
-    /// delivered twice unless also in `resent`.
+    /// Payloads whose record lay in a segment a bit flip hit, or whose
+    /// read-back came with a bit flipped: acknowledged, yet they may be lost
+    /// (bit rot on one disk loses what it hit); never delivered twice unless
+    /// also in `resent`.
     excused: std::collections::HashSet<String>,
     /// Excused payloads whose sender had not yet seen the ack: it sends them
     /// again, and with their record (and so their dedup entry) gone they

@@ -52,6 +52,20 @@ fn log_key(server: &Server) -> irisd::storage::record::LogKey {
     irisd::storage::layout::load_log_key(server.data_dir.path()).unwrap()
 }
 
+/// Flips bits inside the record of the message `payload` in shard 0's
+/// newest segment (bit rot while the server was down).
+fn rot_record_of(server: &Server, payload: &[u8]) {
+    let path = segments(server, 0).pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (offset, _) = scan_segment(&bytes, &log_key(server))
+        .records
+        .into_iter()
+        .find(|(_, record)| matches!(record, Record::MessageStored(m) if m.payload == payload))
+        .expect("the message is in the log");
+    bytes[offset + 20] ^= 0x5A;
+    std::fs::write(&path, &bytes).unwrap();
+}
+
 fn valid_end(server: &Server, path: &Path) -> usize {
     scan_segment(&std::fs::read(path).unwrap(), &log_key(server)).valid_end
 }
@@ -97,17 +111,7 @@ async fn a_corrupt_record_is_skipped_reported_and_the_rest_recovered() {
     send_numbered(&server, sender, recipient, 20).await;
     server.kill9();
 
-    let path = segments(&server, 0).pop().unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    let scan = scan_segment(&bytes, &log_key(&server));
-    // Flip bits inside the payload of the message "m7".
-    let (offset, _) = scan
-        .records
-        .iter()
-        .find(|(_, record)| matches!(record, Record::MessageStored(m) if m.payload == b"m7"))
-        .expect("m7 is in the log");
-    bytes[offset + 20] ^= 0x5A;
-    std::fs::write(&path, &bytes).unwrap();
+    rot_record_of(&server, b"m7");
 
     server.restart();
     server.assert_running();
@@ -147,15 +151,7 @@ async fn after_damage_seqs_start_above_every_seq_handed_out() {
     server.kill9();
 
     // Bit rot in the chunk that gave out seq 10 (the message "m9").
-    let path = segments(&server, 0).pop().unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    let (offset, _) = scan_segment(&bytes, &log_key(&server))
-        .records
-        .into_iter()
-        .find(|(_, record)| matches!(record, Record::MessageStored(m) if m.payload == b"m9"))
-        .expect("m9 is in the log");
-    bytes[offset + 20] ^= 0x5A;
-    std::fs::write(&path, &bytes).unwrap();
+    rot_record_of(&server, b"m9");
 
     server.restart();
     server.assert_running();
