@@ -54,6 +54,13 @@ pub struct ClientConfig {
     /// the send fails with the last refusal (`ClientError::Server` with its
     /// code), so a persistent refusal reaches the application.
     pub refusal_retry_for: Duration,
+    /// How long a connection may stay silent while a request waits for its
+    /// answer before the session gives it up and reconnects (resending what
+    /// is unacknowledged). A server that crashed and came back answers the
+    /// old connection only with a stateless reset, and only once the
+    /// client's QUIC probes, which back off exponentially, reach it: seconds
+    /// to tens of seconds. `Duration::ZERO`: never.
+    pub answer_timeout: Duration,
     /// A client endpoint (one UDP socket) to open connections on, shared
     /// with other sessions of this process; `None` opens a new one per
     /// connection. Many sessions in one process (a gateway, a load
@@ -74,6 +81,7 @@ impl ClientConfig {
             connect_attempts: 3,
             retry_refusals: true,
             refusal_retry_for: Duration::from_secs(60),
+            answer_timeout: Duration::from_secs(10),
             endpoint: None,
         }
     }

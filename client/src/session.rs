@@ -309,6 +309,10 @@ impl Session {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let deliveries = self.deliveries.clone();
+        // Since when the server has been silent while something waits for
+        // its answer (refreshed by every read, and by every tick with
+        // nothing outstanding).
+        let mut quiet_since = Instant::now();
         loop {
             let window_open = self.pending.len() < SEND_WINDOW_MAX;
             let can_read_push = push.is_some() && self.ready.len() < READY_DELIVERIES_MAX;
@@ -366,6 +370,7 @@ impl Session {
                 },
                 read = live.request_recv.read(&mut request_buffer) => match read {
                     Ok(Some(count)) => {
+                        quiet_since = Instant::now();
                         live.decoder.feed(&request_buffer[..count]);
                         loop {
                             match live.decoder.next_frame() {
@@ -391,6 +396,7 @@ impl Session {
                 },
                 read = read_optional(&mut push, &mut push_buffer), if can_read_push => match read {
                     Ok(Some(count)) => {
+                        quiet_since = Instant::now();
                         push_decoder.feed(&push_buffer[..count]);
                         loop {
                             match push_decoder.next_frame() {
@@ -419,6 +425,13 @@ impl Session {
                     }
                 },
                 _ = tick.tick() => {
+                    let timeout = self.config.answer_timeout;
+                    if !self.awaiting_answer() || timeout.is_zero() {
+                        quiet_since = Instant::now();
+                    } else if quiet_since.elapsed() > timeout {
+                        live.connection.close(quinn::VarInt::from_u32(0), b"no answer");
+                        return Ended::Lost(format!("no answer from the server for {timeout:?}"));
+                    }
                     if let Err(ended) = self.flush_delivery_ack(&mut live).await {
                         return ended;
                     }
@@ -428,6 +441,12 @@ impl Session {
                 },
             }
         }
+    }
+
+    /// Whether a request on the connection waits for its answer (a send not
+    /// held back for a retry, or a removal).
+    fn awaiting_answer(&self) -> bool {
+        self.removal.is_some() || self.pending.values().any(|pending| pending.retry_at.is_none())
     }
 
     /// Sends the next queued RemoveDevice if none is awaiting its answer.

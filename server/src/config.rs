@@ -176,8 +176,9 @@ pub struct Limits {
     /// Batches in flight on each shard-to-shard channel. When full, messages
     /// wait in the sender's outbox.
     pub shard_channel_batches_max: u32,
-    /// Messages buffered per destination shard in a shard's outbox; past it,
-    /// new Sends to that shard are refused with Throttle.
+    /// Messages buffered per destination shard in a shard's outbox, and
+    /// sends in flight to each destination shard; past either, new Sends to
+    /// that shard are refused with Throttle.
     pub shard_outbox_messages_max: u32,
 }
 

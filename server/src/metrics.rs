@@ -77,6 +77,9 @@ pub struct ShardMetrics {
     pub mailbox_read_ahead_bytes: AtomicU64,
     /// Bodies let go from the cache (read back when pushed).
     pub mailbox_bodies_cooled_total: AtomicU64,
+    /// Log compactions made durable, and the mailbox entries they moved.
+    pub log_compactions_total: AtomicU64,
+    pub log_compacted_messages_total: AtomicU64,
     /// Records read back from the log.
     pub log_reads_total: AtomicU64,
     /// Reads back from the log that failed (retried).
@@ -125,7 +128,7 @@ const SEND_REFUSAL_CODES: [ErrorCode; 8] = [
 /// Renders every shard's counters in the Prometheus text format.
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Field); 35] = [
+    let families: [(&str, &str, &str, Field); 37] = [
         ("iris_connections", "gauge", "Live client connections.", |m| &m.connections),
         ("iris_sends_accepted_total", "counter", "Sends accepted from devices homed here.", |m| {
             &m.sends_accepted_total
@@ -187,6 +190,12 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         }),
         ("iris_mailbox_bodies_cooled_total", "counter", "Bodies let go from memory (read back when pushed).", |m| {
             &m.mailbox_bodies_cooled_total
+        }),
+        ("iris_log_compactions_total", "counter", "Log segments compacted (live entries copied forward).", |m| {
+            &m.log_compactions_total
+        }),
+        ("iris_log_compacted_messages_total", "counter", "Mailbox entries moved by compactions.", |m| {
+            &m.log_compacted_messages_total
         }),
         ("iris_log_reads_total", "counter", "Message records read back from the log.", |m| &m.log_reads_total),
         ("iris_log_read_failures_total", "counter", "Reads back from the log that failed (retried).", |m| {

@@ -389,6 +389,8 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.mailbox_body_bytes, store.body_bytes);
         ShardMetrics::set(&metrics.mailbox_read_ahead_bytes, store.read_ahead_bytes);
         ShardMetrics::set(&metrics.mailbox_bodies_cooled_total, store.cooled_total);
+        ShardMetrics::set(&metrics.log_compactions_total, store.compactions_total);
+        ShardMetrics::set(&metrics.log_compacted_messages_total, store.compacted_messages_total);
         ShardMetrics::set(&metrics.log_reads_total, store.reads_total);
         ShardMetrics::set(&metrics.log_read_failures_total, store.read_failures_total);
         ShardMetrics::set(&metrics.log_unreadable_messages_total, store.unreadable_total);

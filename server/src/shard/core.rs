@@ -93,7 +93,8 @@ pub struct CoreLimits {
     pub sender_dedup_entries_max: u32,
     /// Unanswered Sends per device; over it: Throttle.
     pub sends_in_flight_per_device_max: u32,
-    /// Messages buffered per destination shard; over it: Throttle.
+    /// Messages buffered per destination shard, and sends in flight to
+    /// each destination shard; over either: Throttle.
     pub shard_outbox_messages_max: u32,
     /// A device with no session for this long is removed; 0: never.
     pub device_inactive_expiry_s: u64,
@@ -742,6 +743,19 @@ impl<S: MailboxStore> ShardCore<S> {
             return self.refuse(conn, send.client_msg_id, ErrorCode::Internal, 0, "recipient is on another node");
         }
         let destination = home.shard.0;
+        // Every send in flight to a shard gets one StoreOutcome back, which
+        // that shard queues to this one outside its own Send bound: capping
+        // the sends in flight per destination bounds those replies too
+        // (docs/architecture.md, bounds table).
+        if self.sends_in_flight[usize::from(destination)] >= u64::from(self.limits.shard_outbox_messages_max) {
+            return self.refuse(
+                conn,
+                send.client_msg_id,
+                ErrorCode::Throttle,
+                THROTTLE_RETRY_AFTER_MS,
+                "too many sends in flight to the recipient's shard",
+            );
+        }
         if destination != self.identity.shard.0
             && self.outbox[usize::from(destination)].len() >= self.limits.shard_outbox_messages_max as usize
         {

@@ -118,6 +118,11 @@ pub struct StoreStats {
     pub unreadable_total: u64,
     /// Bodies let go from the cache.
     pub cooled_total: u64,
+    /// Compactions made durable (a mostly dead segment's live entries and
+    /// device states copied forward).
+    pub compactions_total: u64,
+    /// Mailbox entries those compactions moved.
+    pub compacted_messages_total: u64,
     /// Disk the log takes.
     pub disk_bytes: u64,
     /// Disk the log may take.

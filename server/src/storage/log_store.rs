@@ -206,6 +206,9 @@ struct Bodies {
     unreadable_total: u64,
     /// Bodies let go from the cache.
     cooled_total: u64,
+    /// Compactions made durable, and the message copies they moved.
+    compactions_total: u64,
+    compacted_messages_total: u64,
 }
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -290,8 +293,10 @@ fn stored_message(record: &MessageStored, payload: Vec<u8>) -> MailboxMessage {
     }
 }
 
-fn message_record(message: &MailboxMessage, recipients: Vec<RecipientSeq>) -> Record {
-    Record::MessageStored(MessageStored {
+/// The record of `message` stored for `recipients`; a compaction's copy
+/// (`copied`) is a `MessageCopied`.
+fn message_record(message: &MailboxMessage, recipients: Vec<RecipientSeq>, copied: bool) -> Record {
+    let record = MessageStored {
         server_msg_id: message.server_msg_id,
         from_user: message.from_user,
         from_device: message.from_device,
@@ -300,7 +305,12 @@ fn message_record(message: &MailboxMessage, recipients: Vec<RecipientSeq>) -> Re
         to_user: message.to_user,
         recipients,
         payload: message.payload.clone(),
-    })
+    };
+    if copied {
+        Record::MessageCopied(record)
+    } else {
+        Record::MessageStored(record)
+    }
 }
 
 /// What one undelivered (device, message) entry counts as live in its
@@ -462,7 +472,8 @@ impl LogStore {
                     self.homes.set(device, StateKind::Seqs, segment);
                 }
             }
-            Record::MessageStored(r) => {
+            Record::MessageStored(r) | Record::MessageCopied(r) => {
+                let copied = matches!(record, Record::MessageCopied(_));
                 let message = Rc::new(stored_message(r, r.payload.clone()));
                 let at = RecordAt {
                     segment,
@@ -482,8 +493,10 @@ impl LogStore {
                         self.homes.set(device, StateKind::Seqs, segment);
                     }
                 }
-                self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
-                self.note_stored_in(segment);
+                if !copied {
+                    self.index.remember_stored(message.sender(), r.client_msg_id, r.server_msg_id, 0);
+                    self.note_stored_in(segment);
+                }
                 self.last_seen.recovered_time(r.sent_at_ms / 1000);
             }
             Record::Acknowledged(r) => {
@@ -708,7 +721,7 @@ impl LogStore {
     /// The message in a record read back from `at`, with its recipients.
     fn decode_read(at: RecordAt, bytes: &[u8]) -> Result<(Rc<MailboxMessage>, Vec<RecipientSeq>), String> {
         match decode_record(bytes) {
-            Ok((Record::MessageStored(mut r), _)) => {
+            Ok((Record::MessageStored(mut r), _)) | Ok((Record::MessageCopied(mut r), _)) => {
                 let payload = std::mem::take(&mut r.payload);
                 Ok((Rc::new(stored_message(&r, payload)), r.recipients))
             }
@@ -833,19 +846,15 @@ impl LogStore {
         let mut moves = Vec::new();
         let mut last_ticket = self.last_ticket;
         for (_, (message, recipients)) in by_message {
-            let record = message_record(&message, recipients.clone());
+            let record = message_record(&message, recipients.clone(), true);
             let (ticket, at) = self.append(&record);
-            let segment = at.segment;
             last_ticket = ticket;
-            // Recovery remembers the copy's dedup key where it lies; so does
-            // the running store, so the window means the same in both. Ticket
-            // 0: the original is durable (only committed entries are copied),
-            // so a failed copy must not make the key forgettable.
-            let sender = message.sender();
-            if self.index.find_stored(sender, message.client_msg_id).is_none() {
-                self.index.remember_stored(sender, message.client_msg_id, message.server_msg_id, 0);
-            }
-            self.note_stored_in(segment);
+            // The copy is not a new message: its dedup key left the window
+            // before the segment could be compacted, and neither the window
+            // nor its count (`note_stored_in`) takes it again, here or in
+            // recovery. (Counting copies let compaction churn push recent
+            // keys out: a retry well inside the window was stored twice,
+            // found by the SIGKILL test.)
             for recipient in recipients {
                 let device = DeviceKey { user: message.to_user, device: recipient.device };
                 moves.push((device, recipient.seq, live_bytes(message.payload.len()), at));
@@ -1252,7 +1261,7 @@ impl MailboxStore for LogStore {
                 RecipientSeq { device: device.device, seq: self.index.last_seq(*device) + 1 }
             })
             .collect();
-        let record = message_record(&message, recipients.clone());
+        let record = message_record(&message, recipients.clone(), false);
         let (ticket, at) = self.append(&record);
         let segment = at.segment;
         for (device, recipient) in devices.iter().zip(&recipients) {
@@ -1316,6 +1325,8 @@ impl MailboxStore for LogStore {
             read_failures_total: self.bodies.read_failures_total,
             unreadable_total: self.bodies.unreadable_total,
             cooled_total: self.bodies.cooled_total,
+            compactions_total: self.bodies.compactions_total,
+            compacted_messages_total: self.bodies.compacted_messages_total,
             disk_bytes: self.disk_bytes(),
             disk_budget_bytes: self.limits.disk_bytes_max,
         }
@@ -1526,6 +1537,8 @@ impl LogIo for LogStore {
         self.cool_bodies();
         if self.compaction.as_ref().is_some_and(|compaction| compaction.last_ticket <= last_ticket) {
             let compaction = self.compaction.take().expect("checked above");
+            self.bodies.compactions_total += 1;
+            self.bodies.compacted_messages_total += compaction.moves.len() as u64;
             for (device, seq, bytes, to) in compaction.moves {
                 // Entries acknowledged meanwhile are gone: nothing to move.
                 if self.index.relocate(device, seq, compaction.from, to) {

@@ -248,6 +248,10 @@ pub enum Record {
     DeviceSeen(DeviceSeen),
     /// Type 10 (framing: never in [`Scan::records`]).
     ChunkSeal(ChunkSeal),
+    /// Type 11: a compaction's copy of a stored message (same fields). It is
+    /// not a new message: its dedup key, long out of the recipient-side
+    /// window, does not enter it again.
+    MessageCopied(MessageStored),
 }
 
 impl Record {
@@ -263,6 +267,7 @@ impl Record {
             Record::DeviceRemoved(_) => 8,
             Record::DeviceSeen(_) => 9,
             Record::ChunkSeal(_) => 10,
+            Record::MessageCopied(_) => 11,
         }
     }
 }
@@ -280,6 +285,7 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
         Record::DeviceRemoved(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::DeviceSeen(r) => rkyv::to_bytes::<rancor::Error>(r),
         Record::ChunkSeal(r) => rkyv::to_bytes::<rancor::Error>(r),
+        Record::MessageCopied(r) => rkyv::to_bytes::<rancor::Error>(r),
     }
     // Serializing plain structs into a growable buffer fails only if memory
     // allocation fails, which aborts anyway.
@@ -407,6 +413,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
         8 => Record::DeviceRemoved(rkyv::from_bytes::<DeviceRemoved, _>(body).map_err(malformed)?),
         9 => Record::DeviceSeen(rkyv::from_bytes::<DeviceSeen, _>(body).map_err(malformed)?),
         10 => Record::ChunkSeal(rkyv::from_bytes::<ChunkSeal, _>(body).map_err(malformed)?),
+        11 => Record::MessageCopied(rkyv::from_bytes::<MessageStored, _>(body).map_err(malformed)?),
         _ => return Err(RecordError::Unsupported { type_byte, version }),
     };
     Ok((record, total))

@@ -226,18 +226,47 @@ pub fn client_tls(ca: &std::path::Path) -> quinn::ClientConfig {
 
 impl Raw {
     pub async fn connect(server: &Server, shard: u16) -> Raw {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(client_tls(&server.ca()));
-        let address: SocketAddr = server.address(shard).parse().unwrap();
-        let connection = endpoint.connect(address, "localhost").unwrap().await.expect("handshake");
-        let (send, recv) = connection.open_bi().await.unwrap();
-        Raw {
+        Raw::try_connect(&server.address(shard), &server.ca(), Duration::from_secs(10)).await.expect("handshake")
+    }
+
+    /// A connection to `address` that gives up (returns `None`) instead of
+    /// panicking when the server is down or restarting.
+    pub async fn try_connect(address: &str, ca: &std::path::Path, wait: Duration) -> Option<Raw> {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).ok()?;
+        endpoint.set_default_client_config(client_tls(ca));
+        let address: SocketAddr = address.parse().unwrap();
+        let connecting = endpoint.connect(address, "localhost").ok()?;
+        let connection = tokio::time::timeout(wait, connecting).await.ok()?.ok()?;
+        let (send, recv) = tokio::time::timeout(wait, connection.open_bi()).await.ok()?.ok()?;
+        Some(Raw {
             connection,
             send,
             recv,
             decoder: FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT),
             push: None,
             _endpoint: endpoint,
+        })
+    }
+
+    /// Writes `frame`; `false` if the connection is gone.
+    pub async fn try_write_frame(&mut self, frame: &Frame) -> bool {
+        let bytes = encode(frame, FRAME_BYTES_MAX_DEFAULT).unwrap();
+        self.send.write_all(&bytes).await.is_ok()
+    }
+
+    /// Next response frame, or `None` if the connection ended or nothing
+    /// came within `wait` (a killed server sends no close).
+    pub async fn try_read_frame(&mut self, wait: Duration) -> Option<Frame> {
+        let mut buffer = vec![0u8; 65536];
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(frame) = self.decoder.next_frame().expect("server sent an undecodable frame") {
+                return Some(frame);
+            }
+            match tokio::time::timeout_at(deadline, self.recv.read(&mut buffer)).await {
+                Ok(Ok(Some(count))) => self.decoder.feed(&buffer[..count]),
+                _ => return None,
+            }
         }
     }
 
@@ -324,11 +353,17 @@ pub fn admin_address() -> (String, String) {
 
 /// A plain HTTP GET against the admin endpoint; the whole response.
 pub fn http_get(address: &str, path: &str) -> String {
+    try_http_get(address, path).unwrap_or_else(|e| panic!("{address}{path}: {e}"))
+}
+
+/// [`http_get`] that reports a server not listening (yet) as an error.
+pub fn try_http_get(address: &str, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("admin endpoint");
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("{address}{path}: {e}"));
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }

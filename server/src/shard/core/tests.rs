@@ -638,18 +638,14 @@ fn a_retry_after_a_reconnect_gets_the_original_ack() {
     assert_eq!(core.stats().messages_stored, 2, "the retry must not be stored again");
 }
 
-#[test]
-fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() {
-    // Shard 0 of two, a queue to shard 1 of 64 sends that shard 1 never
-    // answers: two heavy devices pipeline 40 sends each, then a light one
-    // sends one. Without fair shares the heavy ones fill the queue and the
-    // light one is refused.
-    let authority = TokenAuthority::from_secret([9; 32]);
-    let limits = CoreLimits {
+/// Limits for the queue tests: only the queue bound `outbox` (per
+/// destination shard) holds sends back.
+fn queue_limits(outbox: u32) -> CoreLimits {
+    CoreLimits {
         dedup_entries_per_device_max: 8,
         sender_dedup_entries_max: 1024,
         sends_in_flight_per_device_max: 1000,
-        shard_outbox_messages_max: 64,
+        shard_outbox_messages_max: outbox,
         device_inactive_expiry_s: 0,
         rates: SendRates::OFF,
         codel_target_ms: 0,
@@ -657,7 +653,17 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
-    };
+    }
+}
+
+#[test]
+fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() {
+    // Shard 0 of two, a queue to shard 1 of 64 sends that shard 1 never
+    // answers: two heavy devices pipeline 40 sends each, then a light one
+    // sends one. Without fair shares the heavy ones fill the queue and the
+    // light one is refused.
+    let authority = TokenAuthority::from_secret([9; 32]);
+    let limits = queue_limits(64);
     let (mut core, table) = shard_zero_of_two(&authority, limits);
     let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
     let (heavy_a, heavy_b, light, remote) = (on_shard(0, 1), on_shard(0, 100), on_shard(0, 1000), on_shard(1, 1));
@@ -679,6 +685,45 @@ fn heavy_senders_get_a_fair_share_of_the_queue_and_leave_room_for_a_light_one() 
     assert_eq!((a, b), (32, 16), "each heavy device is held to its share once half the queue is used");
     assert_eq!(accepted(&mut core, 3, 1), 1, "the light sender still gets in");
     assert_eq!(core.stats().unfair_refusals, 8 + 24);
+}
+
+#[test]
+fn sends_in_flight_to_a_shard_are_capped_so_its_replies_are_bounded() {
+    // Shard 0 of two; shard 1 never answers and the channel takes every
+    // batch at once, so the outbox never fills. Twelve devices pipeline 8
+    // sends each: fair shares alone let each have 8 in flight (96 in all),
+    // and shard 1 would queue one StoreOutcome per send outside any bound.
+    let authority = TokenAuthority::from_secret([9; 32]);
+    let limits = queue_limits(16);
+    let (mut core, table) = shard_zero_of_two(&authority, limits);
+    let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
+    let remote = on_shard(1, 1);
+    let local = on_shard(0, 5_000);
+    let mut accepted = 0;
+    let mut forwarded = 0;
+    let mut from = 1;
+    for conn in 1..=12 {
+        let user = on_shard(0, from);
+        from = user + 1;
+        hello(&mut core, &authority, ConnId(conn), user);
+        for id in 0..8 {
+            let frame = Frame::Send(frames::Send { client_msg_id: id, to_user: remote, after: None, payload: vec![1] });
+            core.handle_frame(ConnId(conn), frame, at(NOW_MS));
+            let refused = outputs(&mut core).iter().any(
+                |o| matches!(o, Output::Frame { frame: Frame::Error(e), .. } if e.code == ErrorCode::Throttle as u16),
+            );
+            accepted += u64::from(!refused);
+            forwarded += core.poll_outbox(1, usize::MAX).len() as u64;
+        }
+    }
+    assert_eq!(accepted, 16, "at most shard_outbox_messages_max sends in flight to one shard");
+    assert_eq!(forwarded, accepted);
+    // The cap is per destination: a send to a user on this shard still goes.
+    hello(&mut core, &authority, ConnId(100), local);
+    let frame = Frame::Send(frames::Send { client_msg_id: 1, to_user: local, after: None, payload: vec![1] });
+    core.handle_frame(ConnId(1), frame, at(NOW_MS));
+    let answers = outputs(&mut core);
+    assert!(!answers.iter().any(|o| matches!(o, Output::Frame { frame: Frame::Error(_), .. })), "{answers:?}");
 }
 
 /// The CloseNow outputs among `outputs`, as (connection, close code, reason).

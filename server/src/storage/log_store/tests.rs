@@ -280,6 +280,40 @@ fn a_segment_holding_recent_dedup_keys_outlives_its_delivery() {
 }
 
 #[test]
+fn compaction_copies_never_push_recent_keys_out_of_the_dedup_window() {
+    // The quiet device is offline with 4 messages; busy traffic makes the
+    // log rotate, and compaction copies the quiet messages forward again
+    // and again. A key is in the window while fewer than DEDUP_WINDOW
+    // newer messages were stored, however many copies compaction made.
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    let sender = DeviceKey { user: 1, device: 1 };
+    for id in 1..=4 {
+        store.store_message(message(id, QUIET.user, 1), &[QUIET]).unwrap();
+    }
+    flush(&mut store, &mut files);
+    let mut id = 100;
+    let mut checked = 0;
+    for _ in 0..30 {
+        let key = id;
+        for _ in 0..DEDUP_WINDOW {
+            store.store_message(message(id, BUSY.user, 1000), &[BUSY]).unwrap();
+            flush(&mut store, &mut files);
+            store.acknowledge(BUSY, store.last_seq(BUSY));
+            flush(&mut store, &mut files);
+            id += 1;
+        }
+        // `key` is the oldest of the window's DEDUP_WINDOW messages.
+        assert!(store.find_stored(sender, key).is_some(), "key {key} left the window early");
+        assert!(recover(&files, log_limits).find_stored(sender, key).is_some(), "key {key} lost by recovery");
+        checked += 1;
+    }
+    let stats = store.stats();
+    assert!(stats.compactions_total >= 10, "compaction must have run: {stats:?}");
+    assert_eq!(checked, 30);
+    assert_eq!(mailbox(&store, QUIET).len(), 4, "the quiet messages are all kept");
+}
+
+#[test]
 fn a_removed_device_stays_removed_across_failed_writes_reclaim_and_recovery() {
     let (log_limits, mut store, mut files) = small_log_of_two_devices();
     flush(&mut store, &mut files);
@@ -475,7 +509,7 @@ fn a_message_record_fits_its_size_bound() {
         let list = (0..recipients).map(|device| RecipientSeq { device, seq: u64::MAX - 1 }).collect();
         let mut stored = (*message(u64::MAX / 2, u64::MAX, payload)).clone();
         stored.client_msg_id = u64::MAX;
-        encode_record(&message_record(&stored, list), &mut bytes);
+        encode_record(&message_record(&stored, list, false), &mut bytes);
         assert!(
             bytes.len() as u32 <= message_record_bytes_max(payload, recipients as usize),
             "{payload} B, {recipients}"
