@@ -695,8 +695,8 @@ impl Sim {
         // deliver it to nobody in a corrupted form.
         if let Ok(bytes) = result.as_mut() {
             if !bytes.is_empty() && self.faults.bit_flips_per_mille > 0 && self.rng.below(20) == 0 {
-                if let Ok((Record::MessageStored(message), _)) = decode_record(bytes) {
-                    self.excused.insert(String::from_utf8(message.payload).unwrap());
+                if let Some(message) = decode_record(bytes).ok().as_ref().and_then(|(record, _)| record.message()) {
+                    self.excused.insert(String::from_utf8(message.payload.clone()).unwrap());
                 }
                 let at = self.rng.below(bytes.len() as u64) as usize;
                 bytes[at] ^= 1 << self.rng.below(8);
@@ -767,7 +767,7 @@ impl Sim {
         let file = disk.files.get_mut(&segment).expect("listed");
         for (_, record) in &scan_segment(file, &sim_key()).records {
             match record {
-                Record::MessageStored(message) => {
+                Record::MessageStored(message) | Record::MessageCopied(message) => {
                     let payload = String::from_utf8(message.payload.clone()).unwrap();
                     let sender = (message.from_user, message.from_device);
                     let unacked = self
@@ -1112,7 +1112,7 @@ impl Sim {
                     panic!("shard {shard}: {device:?} seq {} at {}:{start}: {error}", entry.seq, entry.segment)
                 });
                 match record {
-                    Record::MessageStored(message) => {
+                    Record::MessageStored(message) | Record::MessageCopied(message) => {
                         assert_eq!(message.server_msg_id, entry.server_msg_id, "another message there");
                         assert!(message.recipients.iter().any(|r| r.device == device.device && r.seq == entry.seq));
                     }

@@ -1,9 +1,12 @@
 //! Structure-aware: random sequences of connections, valid and invalid
 //! Hellos, Sends, DeliveryAcks, device removals, raw frame bytes, closes and
-//! the passing of time fed to one shard core. Nothing a peer sends may panic
-//! it; pushes to a connection carry strictly increasing seqs; outputs stay
-//! bounded by what was asked; a connection without a Hello is closed once
-//! its hello timeout has passed.
+//! the passing of time fed to one shard core, over the memory store or the
+//! log store (with an in-memory disk whose writes and reads complete or fail
+//! when the input says, tiny segments so the log rotates, compacts and
+//! reclaims, and a body cache so small that pushes read bodies back). Nothing
+//! a peer sends may panic it; pushes to a connection carry strictly
+//! increasing seqs; outputs stay bounded by what was asked; a connection
+//! without a Hello is closed once its hello timeout has passed.
 
 #![no_main]
 
@@ -12,10 +15,21 @@ use iris_protocol::frames::{self, Frame};
 use iris_protocol::{FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
 use iris_shard_map::{NodeId, ShardId, SlotTable};
 use irisd::auth::{Claims, TokenAuthority};
-use irisd::shard::mailbox::StoreLimits;
-use irisd::shard::{ConnId, CoreLimits, MemoryStore, Now, Output, SendRates, ShardCore, ShardIdentity};
+use irisd::shard::core::{ReadOutcome, WriteOutcome};
+use irisd::shard::mailbox::{RecordAt, StoreLimits};
+use irisd::shard::{ConnId, CoreLimits, MailboxStore, MemoryStore, Now, Output, SendRates, ShardCore, ShardIdentity};
+use irisd::storage::io::WriteChunk;
+use irisd::storage::record::{frame_chunk, LogKey};
+use irisd::storage::{LogLimits, LogStore};
 use libfuzzer_sys::fuzz_target;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    /// The log store (else the memory store).
+    log_store: bool,
+    ops: Vec<Op>,
+}
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -62,6 +76,63 @@ enum Op {
     Tick {
         ms: u16,
     },
+    /// The log's pending write completes (durable, or failed).
+    Write {
+        fail: bool,
+    },
+    /// One pending read of a cold body completes (or fails).
+    Read {
+        fail: bool,
+        index: u8,
+    },
+}
+
+/// The log store's disk: segment files in memory.
+#[derive(Default)]
+struct Disk {
+    files: BTreeMap<u64, Vec<u8>>,
+    in_flight: Option<WriteChunk>,
+    reads: Vec<RecordAt>,
+}
+
+impl Disk {
+    fn write<S: MailboxStore>(&mut self, core: &mut ShardCore<S>, fail: bool, now: Now) {
+        if self.in_flight.is_none() {
+            self.in_flight = core.poll_write(now);
+        }
+        let Some(chunk) = self.in_flight.take() else { return };
+        let file = self.files.entry(chunk.segment).or_default();
+        let outcome = if fail || file.len() as u64 != chunk.start {
+            WriteOutcome::Failed
+        } else {
+            frame_chunk(&LogKey::from_secret(&[5; 32]), chunk.segment, chunk.start, &chunk.bytes, file);
+            WriteOutcome::Durable
+        };
+        core.handle_write_outcome(chunk.segment, chunk.first_ticket, chunk.last_ticket, outcome, now);
+        for segment in core.poll_reclaim() {
+            self.files.remove(&segment);
+        }
+    }
+
+    fn read<S: MailboxStore>(&mut self, core: &mut ShardCore<S>, fail: bool, index: u8, now: Now) {
+        while let Some(at) = core.poll_read(now) {
+            self.reads.push(at);
+        }
+        if self.reads.is_empty() {
+            return;
+        }
+        let at = self.reads.swap_remove(usize::from(index) % self.reads.len());
+        match self.files.get(&at.segment) {
+            _ if fail => core.handle_read(at, ReadOutcome::Failed("injected"), now),
+            None => core.handle_read(at, ReadOutcome::SegmentGone("deleted"), now),
+            Some(file) => {
+                let start = (at.offset as usize).min(file.len());
+                let end = (start + at.bytes as usize).min(file.len());
+                let bytes = file[start..end].to_vec();
+                core.handle_read(at, ReadOutcome::Bytes(&bytes), now);
+            }
+        }
+    }
 }
 
 /// The hello timeout of the fuzzed core.
@@ -77,7 +148,7 @@ struct Conn {
     welcomed: bool,
 }
 
-fuzz_target!(|ops: Vec<Op>| {
+fuzz_target!(|input: Input| {
     let authority = TokenAuthority::from_secret([3; 32]);
     let identity = ShardIdentity {
         node: NodeId(0),
@@ -100,7 +171,7 @@ fuzz_target!(|ops: Vec<Op>| {
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
     };
-    let store = MemoryStore::new(StoreLimits {
+    let store_limits = StoreLimits {
         devices_per_user_max: 3,
         devices_per_shard_max: 16,
         mailbox_messages_max: 16,
@@ -111,8 +182,30 @@ fuzz_target!(|ops: Vec<Op>| {
         stored_dedup_entries_max: 32,
         // Small, so the shard-wide budget refuses some sends too.
         shard_mailbox_bytes_max: 16 * 1024,
-    });
-    let mut core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
+    };
+    if input.log_store {
+        // Segments of 2 KiB, and a body cache of 100 B: rotation, compaction,
+        // reclaim and read-back all run within a few dozen sends.
+        let log_limits = LogLimits {
+            segment_bytes_max: 2048,
+            commit_bytes_max: 1024,
+            body_cache_bytes_max: 100,
+            read_ahead_bytes_max: 600,
+            disk_bytes_max: 64 * 1024,
+        };
+        let store = LogStore::new(store_limits, log_limits);
+        let core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
+        run(core, &authority, input.ops);
+    } else {
+        let store = MemoryStore::new(store_limits);
+        let core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
+        run(core, &authority, input.ops);
+    }
+});
+
+/// Feeds `ops` to `core`, checking what the module documentation says.
+fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops: Vec<Op>) {
+    let mut disk = Disk::default();
     let mut conns: Vec<Conn> = Vec::new();
     let mut next_conn = 0u64;
     let mut now_ms = 1_000_000;
@@ -216,6 +309,8 @@ fuzz_target!(|ops: Vec<Op>| {
                 core.handle_timeout(Now { monotonic_us: now_ms * 1000, wall_ms: now_ms });
                 timeouts_at_ms = now_ms;
             }
+            Op::Write { fail } => disk.write(&mut core, fail, now),
+            Op::Read { fail, index } => disk.read(&mut core, fail, index, now),
         }
         for (conn, frame) in frames_in {
             core.handle_frame(conn, frame, now);
@@ -259,4 +354,4 @@ fuzz_target!(|ops: Vec<Op>| {
             !close
         });
     }
-});
+}

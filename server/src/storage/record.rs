@@ -255,6 +255,14 @@ pub enum Record {
 }
 
 impl Record {
+    /// The message of a `MessageStored` or a `MessageCopied`.
+    pub fn message(&self) -> Option<&MessageStored> {
+        match self {
+            Record::MessageStored(message) | Record::MessageCopied(message) => Some(message),
+            _ => None,
+        }
+    }
+
     fn type_byte(&self) -> u8 {
         match self {
             Record::DeviceRegistered(_) => 1,
