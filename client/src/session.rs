@@ -313,10 +313,14 @@ impl Session {
         // its answer (refreshed by every read, and by every tick with
         // nothing outstanding).
         let mut quiet_since = Instant::now();
+        let mut last_tick = Instant::now();
         loop {
             let window_open = self.pending.len() < SEND_WINDOW_MAX;
             let can_read_push = push.is_some() && self.ready.len() < READY_DELIVERIES_MAX;
             tokio::select! {
+                // In order: an answer already read never loses to the tick
+                // that would give the connection up.
+                biased;
                 command = self.commands.recv(), if window_open => match command {
                     None => {
                         self.flush_delivery_ack(&mut live).await.ok();
@@ -426,7 +430,12 @@ impl Session {
                 },
                 _ = tick.tick() => {
                     let timeout = self.config.answer_timeout;
-                    if !self.awaiting_answer() || timeout.is_zero() {
+                    // A tick long overdue means this task did not run (a
+                    // branch waited, or the process was descheduled): that
+                    // time is not the server's silence.
+                    let overdue = last_tick.elapsed() > 10 * TICK;
+                    last_tick = Instant::now();
+                    if !self.awaiting_answer() || timeout.is_zero() || overdue {
                         quiet_since = Instant::now();
                     } else if quiet_since.elapsed() > timeout {
                         live.connection.close(quinn::VarInt::from_u32(0), b"no answer");

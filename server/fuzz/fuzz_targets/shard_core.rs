@@ -18,7 +18,6 @@ use irisd::auth::{Claims, TokenAuthority};
 use irisd::shard::core::{ReadOutcome, WriteOutcome};
 use irisd::shard::mailbox::{RecordAt, StoreLimits};
 use irisd::shard::{ConnId, CoreLimits, MailboxStore, MemoryStore, Now, Output, SendRates, ShardCore, ShardIdentity};
-use irisd::storage::io::WriteChunk;
 use irisd::storage::record::{frame_chunk, LogKey};
 use irisd::storage::{LogLimits, LogStore};
 use libfuzzer_sys::fuzz_target;
@@ -91,16 +90,12 @@ enum Op {
 #[derive(Default)]
 struct Disk {
     files: BTreeMap<u64, Vec<u8>>,
-    in_flight: Option<WriteChunk>,
     reads: Vec<RecordAt>,
 }
 
 impl Disk {
     fn write<S: MailboxStore>(&mut self, core: &mut ShardCore<S>, fail: bool, now: Now) {
-        if self.in_flight.is_none() {
-            self.in_flight = core.poll_write(now);
-        }
-        let Some(chunk) = self.in_flight.take() else { return };
+        let Some(chunk) = core.poll_write(now) else { return };
         let file = self.files.entry(chunk.segment).or_default();
         let outcome = if fail || file.len() as u64 != chunk.start {
             WriteOutcome::Failed

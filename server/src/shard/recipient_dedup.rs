@@ -82,7 +82,8 @@ impl RecipientDedup {
         });
         if let Some(&seq) = existing {
             if ticket == 0 {
-                // Recovery, or a compaction copy of a durable message: same
+                // Recovery meeting a key again (a record written twice, or
+                // a copy in a directory from before `MessageCopied`): same
                 // place in the window.
                 if let Some(Some(entry)) = ring.get_mut(seq.wrapping_sub(first) as usize) {
                     entry.server_msg_id = server_msg_id;
@@ -208,7 +209,7 @@ mod tests {
         for id in 1..=900 {
             index.remember(device(1), id, id * 10, id);
         }
-        // A compaction copy (ticket 0) among the newest entries.
+        // A recovered entry (ticket 0) among the newest entries.
         index.remember(device(2), 1, 5, 0);
         index.remember(device(1), 901, 9010, 901);
         index.forget_tickets(899, 900);

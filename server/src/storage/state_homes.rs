@@ -5,7 +5,8 @@
 //! that it is registered), its acknowledged seq, when it was last seen,
 //! and, for a removed device, that it was removed. Each fact is durable in
 //! the newest record that carries its current value: a `DeviceRegistered`,
-//! a `MessageStored` naming the device, an `Acknowledged`, a `DeviceState`,
+//! a `MessageStored` (or a compaction's `MessageCopied`) naming the device,
+//! an `Acknowledged`, a `DeviceState`,
 //! a `DeviceSeen` or a `DeviceRemoved`. The
 //! *home* of a fact is the segment of that record. A segment that is the
 //! home of some fact must outlive it; compaction moves the facts of a
