@@ -59,7 +59,8 @@ pub struct ClientConfig {
     /// is unacknowledged). A server that crashed and came back answers the
     /// old connection only with a stateless reset, and only once the
     /// client's QUIC probes, which back off exponentially, reach it: seconds
-    /// to tens of seconds. `Duration::ZERO`: never.
+    /// to tens of seconds. A write that waits this long for flow control is
+    /// given up the same way. `Duration::ZERO`: never.
     pub answer_timeout: Duration,
     /// A client endpoint (one UDP socket) to open connections on, shared
     /// with other sessions of this process; `None` opens a new one per

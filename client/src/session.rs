@@ -64,6 +64,9 @@ struct Live {
     request_send: quinn::SendStream,
     request_recv: quinn::RecvStream,
     decoder: FrameDecoder,
+    /// `ClientConfig::answer_timeout`: also how long a write may wait for
+    /// flow control (a dead server never opens the window again).
+    answer_timeout: Duration,
 }
 
 /// Why `serve` returned.
@@ -260,8 +263,13 @@ impl Session {
         });
         let bytes = encode(&hello, self.config.frame_bytes_max).map_err(|e| ClientError::Protocol(e.to_string()))?;
         request_send.write_all(&bytes).await.map_err(|e| connect_error(e.to_string()))?;
-        let mut live =
-            Live { connection, request_send, request_recv, decoder: FrameDecoder::new(self.config.frame_bytes_max) };
+        let mut live = Live {
+            connection,
+            request_send,
+            request_recv,
+            decoder: FrameDecoder::new(self.config.frame_bytes_max),
+            answer_timeout: self.config.answer_timeout,
+        };
         let mut buffer = vec![0u8; READ_CHUNK_BYTES];
         loop {
             match live.decoder.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
@@ -628,7 +636,17 @@ fn retry_delay(retry_after_ms: u32) -> Duration {
 
 async fn write_frame(live: &mut Live, frame: &Frame, frame_bytes_max: u32) -> Result<(), Ended> {
     let bytes = encode(frame, frame_bytes_max).map_err(|e| Ended::Fatal(ClientError::Protocol(e.to_string())))?;
-    live.request_send.write_all(&bytes).await.map_err(|e| Ended::Lost(e.to_string()))
+    let write = live.request_send.write_all(&bytes);
+    if live.answer_timeout.is_zero() {
+        return write.await.map_err(|e| Ended::Lost(e.to_string()));
+    }
+    match tokio::time::timeout(live.answer_timeout, write).await {
+        Ok(written) => written.map_err(|e| Ended::Lost(e.to_string())),
+        Err(_) => {
+            live.connection.close(quinn::VarInt::from_u32(0), b"no answer");
+            Err(Ended::Lost(format!("a write waited {:?} for the server", live.answer_timeout)))
+        }
+    }
 }
 
 async fn read_optional(
