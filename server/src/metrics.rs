@@ -77,8 +77,9 @@ pub struct ShardMetrics {
     pub mailbox_read_ahead_bytes: AtomicU64,
     /// Bodies let go from the cache (read back when pushed).
     pub mailbox_bodies_cooled_total: AtomicU64,
-    /// Log compactions made durable, and the mailbox entries they moved.
+    /// Log compactions made durable.
     pub log_compactions_total: AtomicU64,
+    /// Mailbox entries those compactions moved.
     pub log_compacted_messages_total: AtomicU64,
     /// Records read back from the log.
     pub log_reads_total: AtomicU64,

@@ -1,7 +1,9 @@
 //! Seqs never go backwards and a Hello never deletes what it was not sent:
 //! `resume_after_seq` beyond the last seq is refused, a resume above what
 //! was pushed deletes nothing, and an SDK whose server lost the device's
-//! state says so instead of dropping new messages as redeliveries.
+//! state says so instead of dropping new messages as redeliveries. And an
+//! SDK whose server stops answering replaces the connection
+//! (`ClientConfig::answer_timeout`) instead of waiting on it.
 
 mod common;
 
@@ -103,5 +105,59 @@ async fn an_sdk_whose_server_lost_its_state_ends_the_session_with_a_typed_error(
         Err(ClientError::Server { code: Some(ErrorCode::ResumeBeyondLastSeq), .. }) => {}
         Err(ClientError::SeqWentBackwards { processed_seq: 3, server_last_seq: 0 }) => {}
         other => panic!("expected the lost state to be reported, got {other:?}"),
+    }
+}
+
+/// A server that completes the handshake and answers Hello, then never
+/// answers anything (hung, or a crashed and restarted one whose stateless
+/// reset has not reached the client yet). Counts the connections it gets.
+async fn silent_server(connections: std::sync::Arc<std::sync::atomic::AtomicU32>) -> (String, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let tls = irisd::tls::TlsFiles::in_data_dir(&dir);
+    tls.create_if_missing(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let crypto = tls.quic_server_config().unwrap();
+    let config = quinn::ServerConfig::with_crypto(crypto);
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let address = endpoint.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let connections = std::sync::Arc::clone(&connections);
+            tokio::spawn(async move {
+                let Ok(connection) = incoming.await else { return };
+                connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
+                let mut buffer = vec![0u8; 65536];
+                let _ = recv.read(&mut buffer).await;
+                let welcome =
+                    iris_protocol::frames::Welcome { user_id: 7, device_id: 1, shard: 0, epoch: 1, last_seq: 0 };
+                let bytes = iris_protocol::encode(&Frame::Welcome(welcome), iris_protocol::FRAME_BYTES_MAX_DEFAULT);
+                let _ = send.write_all(&bytes.unwrap()).await;
+                // Read and never answer, until the client goes.
+                while let Ok(Some(_)) = recv.read(&mut buffer).await {}
+                connection.closed().await;
+            });
+        }
+    });
+    (address, dir.join("tls/cert.pem"))
+}
+
+#[tokio::test]
+async fn a_send_without_an_answer_makes_the_sdk_replace_its_connection() {
+    // With the answer timeout the SDK gives the silent connection up and
+    // connects again; with it off (ZERO) it keeps waiting on the first one
+    // (keep-alives hold it open), so a second connection never comes.
+    for (timeout, expect_reconnect) in [(Duration::from_millis(300), true), (Duration::ZERO, false)] {
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (address, ca) = silent_server(std::sync::Arc::clone(&connections)).await;
+        let mut config = iris_client::ClientConfig::new(address, ca, "token");
+        config.answer_timeout = timeout;
+        let client = Client::connect(config).await.expect("the silent server welcomes");
+        let _pending = client.send_nowait(9, b"hello".to_vec()).await.expect("queued");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while connections.load(std::sync::atomic::Ordering::Relaxed) < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reconnected = connections.load(std::sync::atomic::Ordering::Relaxed) >= 2;
+        assert_eq!(reconnected, expect_reconnect, "answer_timeout {timeout:?}");
     }
 }

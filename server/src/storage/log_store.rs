@@ -206,8 +206,9 @@ struct Bodies {
     unreadable_total: u64,
     /// Bodies let go from the cache.
     cooled_total: u64,
-    /// Compactions made durable, and the message copies they moved.
+    /// Compactions made durable.
     compactions_total: u64,
+    /// Mailbox entries those compactions moved.
     compacted_messages_total: u64,
 }
 
