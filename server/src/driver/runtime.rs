@@ -429,8 +429,9 @@ async fn serve<S: MailboxStore>(
         durable = writer.is_some(),
         "shard running"
     );
+    let shard_loop = ShardLoop::new(core, parts, writer);
     let _ = ready.send(Ok(shard));
-    ShardLoop::new(core, parts, writer).run().await;
+    shard_loop.run().await;
 }
 
 fn report_failure(ready: &std::sync::mpsc::Sender<Result<u16, String>>, shard: u16, error: String) {

@@ -254,7 +254,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
         let hang_on_connection = super::failpoint::armed(super::failpoint::HANG_ON_CONNECTION, core.shard_index());
-        ShardLoop {
+        let shard_loop = ShardLoop {
             core,
             endpoint,
             connections: HashMap::new(),
@@ -279,7 +279,11 @@ impl<S: MailboxStore> ShardLoop<S> {
             reserve_retry_at: None,
             readable: None,
             link_wakes: HashMap::new(),
-        }
+        };
+        // A loop that exists has a heartbeat: the node reports ready once
+        // every loop is built, and /health must not see a zero beat then.
+        shard_loop.publish_metrics();
+        shard_loop
     }
 
     /// Runs until the process exits.
