@@ -17,8 +17,10 @@
 //! `layout::scan_segments` does) with a new boot. In a third of the runs
 //! with crashes, half the crashes also flip a bit of a segment (bit rot):
 //! the chunk it hits is skipped as damaged, the messages in that segment may
-//! be lost (never duplicated), and the seq floor keeps every device's seq
-//! from going backwards. Delivered segments are
+//! be lost (never duplicated), and the seq floor (the end of the shard's
+//! durable seq reservation, extended 8 seqs at a time by writes that fail
+//! as often as chunk writes) keeps every device's seq from going backwards.
+//! Delivered segments are
 //! reclaimed and mostly dead ones compacted along the way (4 KiB segments).
 //! Most runs keep few or no bodies in memory (a body cache of 0 B to 2 KB):
 //! pushes and compaction read records back from the simulated segments,
@@ -60,6 +62,10 @@ const DEFAULT_SEED_BASE: u64 = 0x1215_C0FF_EE00;
 const STEPS: usize = 12_000;
 /// A connection has this long (simulated) to authenticate.
 const HELLO_TIMEOUT_MS: u64 = 5_000;
+/// Seqs a reservation reaches beyond the highest (`layout::SEQ_BLOCK` is
+/// 2^30): tiny, so that reservations are extended all the time, some
+/// extensions fail, and sends are refused at the end of a reservation.
+const SEQ_BLOCK: u64 = 8;
 
 /// The simulated time as the core takes it: one clock for both.
 fn at(now_ms: u64) -> Now {
@@ -133,6 +139,9 @@ struct SimDisk {
     uncut: Option<u64>,
     /// The shard's seq floor file (`layout::seq_floor`): survives crashes.
     seq_floor: u64,
+    /// The shard's seq reservation file (`layout::reserve_seqs`): survives
+    /// crashes; `None` before the first start.
+    seq_reserved: Option<u64>,
     /// Reads of cold mailbox entries handed to the "reader", not answered yet.
     reads: Vec<RecordAt>,
 }
@@ -245,6 +254,12 @@ struct Sim {
     boot: u64,
     crashes: u64,
     failed_writes: u64,
+    /// Seq reservations extended, and extensions that failed.
+    seq_extensions: u64,
+    failed_reservations: u64,
+    /// Times a shard was found with its seq reservation used up (its sends
+    /// to the busiest device refused until an extension succeeds).
+    reservations_used_up: u64,
     reclaimed: u64,
     links: BTreeMap<(u16, u16), VecDeque<ShardMessage>>,
     devices: Vec<Device>,
@@ -329,15 +344,18 @@ fn sim_key() -> LogKey {
 }
 
 /// Recovers a store from a disk the way a start does: torn tails cut off,
-/// every segment scanned in order, and the seq floor raised to
-/// `first_sequence` (the start's first message sequence) if a damaged chunk
-/// was skipped or a torn tail cut.
+/// every segment scanned in order, the seq floor raised to the end of the
+/// seq reservation (or, before the first reservation, `first_sequence`,
+/// the start's first message sequence) if a damaged chunk was skipped or a
+/// torn tail cut, and the reservation moved [`SEQ_BLOCK`] above the highest
+/// seq before the shard serves.
 fn recover_store(
     disk: &mut SimDisk,
     store_limits: StoreLimits,
     log_limits: LogLimits,
     first_sequence: u64,
 ) -> LogStore {
+    let damage_floor = disk.seq_reserved.unwrap_or(first_sequence);
     let mut scans: Vec<(u64, Scan)> = Vec::new();
     for (segment, bytes) in disk.files.iter_mut() {
         let scan = scan_segment(bytes, &sim_key());
@@ -349,9 +367,13 @@ fn recover_store(
     }
     let (mut store, report) = LogStore::recover(store_limits, log_limits, &scans);
     if report.lost_bytes() {
-        disk.seq_floor = disk.seq_floor.max(first_sequence);
+        disk.seq_floor = disk.seq_floor.max(damage_floor);
     }
     store.raise_seq_floor(disk.seq_floor);
+    let high = store.seq_reservation().expect("the log store reserves seqs").high;
+    let end = disk.seq_reserved.unwrap_or(0).max(high + 1 + SEQ_BLOCK);
+    disk.seq_reserved = Some(end);
+    store.extend_seq_reservation(end);
     store
 }
 
@@ -384,8 +406,12 @@ impl Sim {
             store_limits,
             bit_flips_per_mille,
         };
+        let mut disks: Vec<SimDisk> = (0..SHARDS).map(|_| SimDisk::default()).collect();
         let cores = (0..SHARDS)
-            .map(|shard| core_over(shard, 1, &authority, LogStore::new(store_limits, log_limits), faults.tight))
+            .map(|shard| {
+                let store = recover_store(&mut disks[shard as usize], store_limits, log_limits, 1 << 30);
+                core_over(shard, 1, &authority, store, faults.tight)
+            })
             .collect();
         let mut devices = Vec::new();
         for user in 1..=USERS {
@@ -411,10 +437,13 @@ impl Sim {
         }
         Sim {
             cores,
-            disks: (0..SHARDS).map(|_| SimDisk::default()).collect(),
+            disks,
             faults,
             boot: 1,
             crashes: 0,
+            seq_extensions: 0,
+            failed_reservations: 0,
+            reservations_used_up: 0,
             failed_writes: 0,
             reclaimed: 0,
             links: BTreeMap::new(),
@@ -711,6 +740,39 @@ impl Sim {
         self.cores[shard].handle_read(record, outcome, at(self.now_ms));
     }
 
+    /// What the driver does on every pass: a shard whose busiest device is
+    /// within half a block of its seq reservation's end extends it
+    /// durably; the write fails as often as chunk writes do (its sends are
+    /// refused at the end until a later extension succeeds). Checks that no
+    /// device ever got a seq at or above what the disk holds.
+    fn reserve_seqs(&mut self) {
+        for shard in 0..SHARDS as usize {
+            let disk = &mut self.disks[shard];
+            let reserved = disk.seq_reserved.expect("every start reserves seqs");
+            let reservation = self.cores[shard].seq_reservation().expect("the log store reserves seqs");
+            assert!(
+                reservation.high < reserved && reservation.end <= reserved,
+                "shard {shard}: seq {} handed out, {} reserved in memory, {reserved} on disk",
+                reservation.high,
+                reservation.end
+            );
+            if reservation.end - reservation.high > SEQ_BLOCK / 2 {
+                continue;
+            }
+            if reservation.high + 1 == reservation.end {
+                self.reservations_used_up += 1;
+            }
+            if self.rng.below(1000) < self.faults.write_failures_per_mille {
+                self.failed_reservations += 1;
+                continue;
+            }
+            let end = reserved.max(reservation.high + 1 + SEQ_BLOCK);
+            disk.seq_reserved = Some(end);
+            self.cores[shard].extend_seq_reservation(end);
+            self.seq_extensions += 1;
+        }
+    }
+
     /// The process dies: every shard loses what was not synced (the chunk
     /// in flight may leave a torn prefix), every connection and every
     /// cross-shard message in flight; then every shard recovers.
@@ -996,6 +1058,9 @@ impl Sim {
             if self.faults.removals && self.rng.below(1500) == 0 {
                 self.remove_sibling(index);
             }
+            if self.rng.below(4) == 0 {
+                self.reserve_seqs();
+            }
             match self.rng.below(100) {
                 0..=24 => self.send_new(index),
                 25..=39 => self.step_link(),
@@ -1042,8 +1107,10 @@ impl Sim {
                 self.step_link();
                 self.step_disk();
                 self.step_read();
+                self.reserve_seqs();
                 self.settle();
             }
+            self.reserve_seqs();
             for index in 0..self.devices.len() {
                 self.resend_all(index);
             }
@@ -1242,6 +1309,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
     };
     let (mut crashes, mut failed_writes, mut reclaimed, mut acked, mut removed, mut reads) = (0, 0, 0, 0, 0, 0);
     let (mut bit_flips, mut excused, mut hello_timeouts, mut unreadable) = (0, 0, 0, 0);
+    let (mut seq_extensions, mut failed_reservations, mut reservations_used_up) = (0, 0, 0);
     let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| {
@@ -1252,6 +1320,7 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
             let run_reads: u64 = sim.cores.iter().map(|core| core.store().stats().reads_total).sum();
             let run_unreadable: u64 = sim.cores.iter().map(|core| core.store().stats().unreadable_total).sum();
             let flips = (sim.bit_flips + sim.read_flips, sim.excused.len(), sim.hello_timeouts, run_unreadable);
+            let seqs = (sim.seq_extensions, sim.failed_reservations, sim.reservations_used_up);
             (
                 sim.crashes,
                 sim.failed_writes,
@@ -1261,11 +1330,25 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
                 sim.refusals,
                 run_reads,
                 flips,
+                seqs,
             )
         });
         match outcome {
-            Ok((run_crashes, run_failed, run_reclaimed, run_acked, run_removed, run_refusals, run_reads, flips)) => {
+            Ok((
+                run_crashes,
+                run_failed,
+                run_reclaimed,
+                run_acked,
+                run_removed,
+                run_refusals,
+                run_reads,
+                flips,
+                seqs,
+            )) => {
                 reads += run_reads;
+                seq_extensions += seqs.0;
+                failed_reservations += seqs.1;
+                reservations_used_up += seqs.2;
                 bit_flips += flips.0;
                 excused += flips.1;
                 hello_timeouts += flips.2;
@@ -1292,7 +1375,9 @@ fn seeded_message_path_simulation_loses_and_duplicates_nothing() {
          {acked} acknowledged sends, {removed} removed devices, {reads} bodies read back (since each \
          run's last crash), {bit_flips} bit flips on disk and in reads (which put {excused} messages at risk; \
          {unreadable} read back damaged were dropped), {hello_timeouts} \
-         connections closed for no Hello in time; send refusals {refusals:?}"
+         connections closed for no Hello in time, {seq_extensions} seq reservations extended \
+         ({failed_reservations} failed; {reservations_used_up} times a shard's was used up); \
+         send refusals {refusals:?}"
     );
 }
 

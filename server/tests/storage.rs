@@ -149,6 +149,14 @@ async fn after_damage_seqs_start_above_every_seq_handed_out() {
     // A later chunk, so that the damaged one is not the log's tail.
     send_numbered(&server, sender, bystander, 1).await;
     server.kill9();
+    // No device was ever given a seq at or above the reservation's end.
+    let shard_0 = shard_dir(server.data_dir.path(), 0);
+    let read_number = |name: &str| -> u64 {
+        let path = shard_0.join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().parse().unwrap()
+    };
+    let reserved = read_number("seq-reserved");
+    assert!(reserved > processed);
 
     // Bit rot in the chunk that gave out seq 10 (the message "m9").
     rot_record_of(&server, b"m9");
@@ -175,19 +183,20 @@ async fn after_damage_seqs_start_above_every_seq_handed_out() {
         assert_eq!(deliver.payload, b"after the damage");
         break;
     }
-    let floor: u64 = std::fs::read_to_string(shard_dir(server.data_dir.path(), 0).join("seq-floor"))
-        .expect("the damage raised the floor")
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(floor >= processed);
+    // The damage raised the floor to exactly that end: above every seq
+    // handed out before, however many a device had.
+    let floor = read_number("seq-floor");
+    assert_eq!(floor, reserved);
+    // The reservation moved above the floor before the shard served.
+    assert!(read_number("seq-reserved") > floor);
     // The floor never goes down (this start sees the same damage again,
-    // so it rises once more).
+    // so it rises once more, to the reservation this start found).
     drop(raw);
     server.kill9();
+    let reserved = read_number("seq-reserved");
     server.restart();
-    let again = std::fs::read_to_string(shard_dir(server.data_dir.path(), 0).join("seq-floor")).unwrap();
-    assert!(again.trim().parse::<u64>().unwrap() >= floor);
+    server.assert_running();
+    assert_eq!(read_number("seq-floor"), reserved);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,15 +344,23 @@ async fn run_shard(
                 Ok(key) => key,
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };
+            // Damage may have hidden a device's newest seq: devices then
+            // start at the end of the last seq reservation, above every seq
+            // handed out before. A directory from before reservations uses
+            // this start's first message sequence (docs/storage.md, "Damage").
+            let damage_floor = match layout::seq_reserved(&dir) {
+                Ok(reserved) => reserved.unwrap_or(first_message_id),
+                Err(error) => return report_failure(&ready, shard, error.to_string()),
+            };
             let mut recovery = Recovery::new(store_limits, log_limits);
             let replay = |segment, scan: &_| recovery.replay_segment(segment, scan);
-            let last = match layout::scan_segments(&dir, &key, &key_path, first_message_id, replay) {
+            let last = match layout::scan_segments(&dir, &key, &key_path, damage_floor, replay) {
                 Ok(last) => last,
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };
             let start = last.map(|(segment, valid_end)| WriterStart { segment, valid_end: valid_end as u64 });
             let (mut store, report) = recovery.finish();
-            match layout::seq_floor(&dir, report.lost_bytes(), first_message_id) {
+            match layout::seq_floor(&dir, report.lost_bytes(), damage_floor) {
                 Ok(floor) => {
                     if report.corrupt_records > 0 {
                         tracing::warn!(
@@ -363,6 +371,12 @@ async fn run_shard(
                     }
                     store.raise_seq_floor(floor);
                 }
+                Err(error) => return report_failure(&ready, shard, error.to_string()),
+            }
+            // Before the shard serves: no seq at or above this end is handed out.
+            let seq_high = store.seq_reservation().map_or(0, |reservation| reservation.high);
+            match layout::reserve_seqs(&dir, seq_high.saturating_add(1 + layout::SEQ_BLOCK)) {
+                Ok(end) => store.extend_seq_reservation(end),
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             }
             if config.storage.disk_bytes_max == 0 {

@@ -213,6 +213,8 @@ pub struct ShardLoop<S: MailboxStore> {
     shard_dir: std::path::PathBuf,
     /// After a failed reservation, when to try again.
     reserve_retry_at: Option<Instant>,
+    /// When to try again after a failed [`ShardLoop::reserve_seqs`].
+    seq_reserve_retry_at: Option<Instant>,
     /// The socket readiness future, kept across waits until it resolves
     /// (see [`UdpIo::readable`]).
     readable: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -277,6 +279,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             hang_on_connection,
             shard_dir,
             reserve_retry_at: None,
+            seq_reserve_retry_at: None,
             readable: None,
             link_wakes: HashMap::new(),
         };
@@ -325,6 +328,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
         self.reserve_message_ids();
+        self.reserve_seqs();
         busy || !self.dirty.is_empty()
     }
 
@@ -356,6 +360,29 @@ impl<S: MailboxStore> ShardLoop<S> {
             Err(error) => {
                 tracing::error!(%error, "reserving message ids failed; retrying in 1 s");
                 self.reserve_retry_at = Some(now + Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// Extends the store's durable seq reservation once the busiest device
+    /// is within half a block of its end: a blocking file write and sync,
+    /// at most once per 2^29 messages to one device. If it fails, sends
+    /// that would pass the end are refused with Throttle; retried after 1 s.
+    fn reserve_seqs(&mut self) {
+        use crate::storage::layout::{reserve_seqs, SEQ_BLOCK};
+        let Some(reservation) = self.core.seq_reservation() else { return };
+        if reservation.end.saturating_sub(reservation.high) > SEQ_BLOCK / 2 {
+            return;
+        }
+        let now = Instant::now();
+        if self.seq_reserve_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        match reserve_seqs(&self.shard_dir, reservation.high.saturating_add(1 + SEQ_BLOCK)) {
+            Ok(end) => self.core.extend_seq_reservation(end),
+            Err(error) => {
+                tracing::error!(%error, "reserving seqs failed; retrying in 1 s");
+                self.seq_reserve_retry_at = Some(now + Duration::from_secs(1));
             }
         }
     }

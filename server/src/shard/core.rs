@@ -1316,6 +1316,17 @@ impl<S: MailboxStore> ShardCore<S> {
         self.message_sequence_end = end;
     }
 
+    /// The store's seqs against their durable reservation
+    /// ([`MailboxStore::seq_reservation`]).
+    pub fn seq_reservation(&self) -> Option<crate::shard::mailbox::SeqReservation> {
+        self.store.seq_reservation()
+    }
+
+    /// Moves the seq reservation's end to `end` (durably reserved by the caller).
+    pub fn extend_seq_reservation(&mut self, end: u64) {
+        self.store.extend_seq_reservation(end);
+    }
+
     /// This shard's index on its node.
     pub fn shard_index(&self) -> u16 {
         self.identity.shard.0

@@ -81,6 +81,11 @@ pub enum StoreError {
     /// The log takes its disk budget until devices drain.
     #[error("the shard's log is at its disk budget")]
     DiskBudget,
+    /// A device's next seq would reach the end of the shard's durable seq
+    /// reservation (only while extending it fails: see
+    /// [`MailboxStore::seq_reservation`]).
+    #[error("the shard's seq reservation is used up")]
+    SeqsUnreserved,
 }
 
 impl StoreError {
@@ -96,6 +101,7 @@ impl StoreError {
             StoreError::DeviceRemoved(_) => ErrorCode::DeviceRemoved,
             StoreError::UnknownDevice(_) => ErrorCode::UnknownDevice,
             StoreError::DiskBudget => ErrorCode::Throttle,
+            StoreError::SeqsUnreserved => ErrorCode::Throttle,
         }
     }
 }
@@ -252,6 +258,26 @@ pub trait MailboxStore: LogIo {
     fn ticket_failed(&self, _ticket: Ticket) -> bool {
         false
     }
+    /// Where the store's seqs stand against their durable reservation, for
+    /// a store whose seqs outlive the process (`None` otherwise). No device
+    /// is given a seq at or above the reservation's end (a send that would
+    /// is refused with [`StoreError::SeqsUnreserved`]), so after damage a
+    /// restart can start every device above every seq handed out before.
+    fn seq_reservation(&self) -> Option<SeqReservation> {
+        None
+    }
+    /// Moves the reservation's end to `end`, which the caller has reserved
+    /// durably (`layout::reserve_seqs`).
+    fn extend_seq_reservation(&mut self, _end: u64) {}
+}
+
+/// A store's seqs against their durable reservation ([`MailboxStore::seq_reservation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqReservation {
+    /// The highest seq any device has been given.
+    pub high: u64,
+    /// No seq at or above this is handed out.
+    pub end: u64,
 }
 
 /// Where a message's record lies in the log: it can be read back from
@@ -387,6 +413,10 @@ pub struct MailboxIndex {
     stored: RecipientDedup,
     /// No device's seq is below it ([`MailboxIndex::raise_seq_floor`]).
     seq_floor: u64,
+    /// The highest seq any device of the shard has had since this index was
+    /// built: a durable seq reservation (`layout::reserve_seqs`) must stay
+    /// above it.
+    seq_high: u64,
 }
 
 impl MailboxIndex {
@@ -402,6 +432,7 @@ impl MailboxIndex {
             stored: RecipientDedup::new(limits.stored_dedup_entries_max),
             limits,
             seq_floor: 0,
+            seq_high: 0,
         }
     }
 
@@ -412,6 +443,7 @@ impl MailboxIndex {
     /// above every seq handed out before (see `layout::seq_floor`).
     pub fn raise_seq_floor(&mut self, floor: u64) {
         self.seq_floor = self.seq_floor.max(floor);
+        self.seq_high = self.seq_high.max(floor);
         for mailbox in self.mailboxes.values_mut() {
             mailbox.last_seq = mailbox.last_seq.max(floor);
         }
@@ -420,6 +452,11 @@ impl MailboxIndex {
     /// The seq no device's last seq is below.
     pub fn seq_floor(&self) -> u64 {
         self.seq_floor
+    }
+
+    /// The highest seq any device has had since this index was built.
+    pub fn seq_high(&self) -> u64 {
+        self.seq_high
     }
 
     /// The bounds.
@@ -676,6 +713,7 @@ impl MailboxIndex {
         // A removed device stays removed.
         let Some(mailbox) = self.mailboxes.get_mut(&device) else { return false };
         mailbox.last_seq = mailbox.last_seq.max(seq);
+        self.seq_high = self.seq_high.max(seq);
         if seq <= mailbox.acked_seq {
             return false;
         }
@@ -732,6 +770,7 @@ impl MailboxIndex {
         self.register_recovered(device);
         if let Some(mailbox) = self.mailboxes.get_mut(&device) {
             mailbox.last_seq = mailbox.last_seq.max(last_seq);
+            self.seq_high = self.seq_high.max(mailbox.last_seq);
         }
     }
 

@@ -243,17 +243,6 @@ pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std:
         let path = path.to_path_buf();
         move |source| LayoutError::Io { path, source }
     };
-    let read_number = |path: &Path| -> Result<Option<u64>, LayoutError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => text
-                .trim()
-                .parse::<u64>()
-                .map(Some)
-                .map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(io(path)(error)),
-        }
-    };
     crate::files::create_private_directory(dir).map_err(io(dir))?;
     let path = dir.join("message-ids");
     let start = match read_number(&path)? {
@@ -276,33 +265,67 @@ pub fn reserve_message_ids(dir: &Path, count: u64, at_least: u64) -> Result<std:
     Ok(start..end)
 }
 
-/// The seq below which no device of the shard in `dir` starts: the
-/// number in `<shard-dir>/seq-floor` (0 if absent). When this start's
-/// recovery skipped damaged chunks or cut a torn tail (`damaged`), it is first raised to
-/// `first_sequence`, the first message sequence reserved by this start, and
-/// written durably before the shard serves. A damaged chunk may have held a
-/// device's newest seq; every start reserves at least 2^30 sequences, so no
-/// seq handed out before is above the floor unless a device got more seqs
-/// than its shard ever reserved (seqs count messages from every shard:
-/// docs/storage.md, "Damage", says how far that is). Kept once raised: the
-/// next start may no longer see the damage (its segment reclaimed) while
-/// clients have seen seqs from above it.
-pub fn seq_floor(dir: &Path, damaged: bool, first_sequence: u64) -> Result<u64, LayoutError> {
-    let path = dir.join("seq-floor");
-    let io = |source| LayoutError::Io { path: path.clone(), source };
-    let floor = match std::fs::read_to_string(&path) {
+/// The number a small state file of a shard holds, `None` if it does not exist.
+fn read_number(path: &Path) -> Result<Option<u64>, LayoutError> {
+    match std::fs::read_to_string(path) {
         Ok(text) => text
             .trim()
             .parse::<u64>()
-            .map_err(|e| LayoutError::BadLayout { path: path.clone(), detail: e.to_string() })?,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(error) => return Err(io(error)),
-    };
-    if !damaged || first_sequence <= floor {
+            .map(Some)
+            .map_err(|e| LayoutError::BadLayout { path: path.to_path_buf(), detail: e.to_string() }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(LayoutError::Io { path: path.to_path_buf(), source: error }),
+    }
+}
+
+/// Seqs a reservation ([`reserve_seqs`]) reaches beyond the highest seq
+/// of the shard's devices: 2^30. Only the busiest device moves it, so a
+/// shard rewrites the file once per 2^29 messages to one device at most.
+pub const SEQ_BLOCK: u64 = 1 << 30;
+
+/// The end of the seq reservation of the shard in `dir`: no device of the
+/// shard has ever been given a seq at or above it. `None` for a directory
+/// that no build with reservations has started yet.
+pub fn seq_reserved(dir: &Path) -> Result<Option<u64>, LayoutError> {
+    read_number(&dir.join("seq-reserved"))
+}
+
+/// Extends the seq reservation of the shard in `dir` to at least `end`,
+/// durably (a private file written through a synced temporary); returns
+/// the reservation's end, which never goes down. It writes even when the
+/// file already reaches `end`: an earlier attempt may have renamed its
+/// file into place and then failed to sync the directory, and a number
+/// read back from the page cache is not a reservation.
+pub fn reserve_seqs(dir: &Path, end: u64) -> Result<u64, LayoutError> {
+    let path = dir.join("seq-reserved");
+    let end = read_number(&path)?.unwrap_or(0).max(end);
+    crate::files::write_private(&path, end.to_string().as_bytes())
+        .map_err(|source| LayoutError::Io { path: path.clone(), source })?;
+    Ok(end)
+}
+
+/// The seq below which no device of the shard in `dir` starts: the
+/// number in `<shard-dir>/seq-floor` (0 if absent). When this start's
+/// recovery skipped damaged chunks or cut a torn tail (`damaged`), it is
+/// first raised to `damage_floor` and written durably before the shard
+/// serves. A damaged chunk may have held a device's newest seq, so
+/// `damage_floor` must be above every seq handed out before: the end of the
+/// seq reservation ([`seq_reserved`]) as this start found it. For a
+/// directory written before reservations existed the caller passes the
+/// first message sequence this start reserved, which is above them unless
+/// a device got more seqs than its shard ever reserved message ids
+/// (docs/storage.md, "Damage"). Kept once raised: the next start may no
+/// longer see the damage (its segment reclaimed) while clients have seen
+/// seqs from above it.
+pub fn seq_floor(dir: &Path, damaged: bool, damage_floor: u64) -> Result<u64, LayoutError> {
+    let path = dir.join("seq-floor");
+    let io = |source| LayoutError::Io { path: path.clone(), source };
+    let floor = read_number(&path)?.unwrap_or(0);
+    if !damaged || damage_floor <= floor {
         return Ok(floor);
     }
-    crate::files::write_private(&path, first_sequence.to_string().as_bytes()).map_err(io)?;
-    Ok(first_sequence)
+    crate::files::write_private(&path, damage_floor.to_string().as_bytes()).map_err(io)?;
+    Ok(damage_floor)
 }
 
 /// Deletes leftover spare segments (`seg-N.prep`), then reads and scans
@@ -311,7 +334,7 @@ pub fn seq_floor(dir: &Path, damaged: bool, first_sequence: u64) -> Result<u64, 
 /// `visit` before the next is read (so only one segment is in memory). A
 /// torn tail is cut off its file (after a crash it holds only
 /// unacknowledged writes), but only once the seq floor has been raised to
-/// `first_sequence` ([`seq_floor`]): bit rot in the last chunks looks the
+/// `damage_floor` ([`seq_floor`]): bit rot in the last chunks looks the
 /// same, and once cut, the damage could not be seen again. Corrupt records
 /// are reported by the scan and skipped. Returns the last segment and its
 /// valid end, if there is any segment.
@@ -319,7 +342,7 @@ pub fn scan_segments(
     dir: &Path,
     key: &LogKey,
     key_path: &Path,
-    first_sequence: u64,
+    damage_floor: u64,
     mut visit: impl FnMut(u64, &Scan),
 ) -> Result<Option<(u64, usize)>, LayoutError> {
     let io = |path: &Path| {
@@ -376,7 +399,7 @@ pub fn scan_segments(
                 segment = %path.display(), offset = tail.offset, length = tail.length, error = %tail.error,
                 last = is_last, "torn tail truncated at the last valid record"
             );
-            seq_floor(dir, true, first_sequence)?;
+            seq_floor(dir, true, damage_floor)?;
             let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
             file.set_len(scan.valid_end as u64).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
@@ -497,6 +520,25 @@ mod tests {
         assert_eq!(seq_floor(dir.path(), true, 900).unwrap(), 900);
         std::fs::write(dir.path().join("seq-floor"), "x").unwrap();
         assert!(matches!(seq_floor(dir.path(), false, 0), Err(LayoutError::BadLayout { .. })));
+    }
+
+    #[test]
+    fn the_seq_reservation_only_grows_and_is_rewritten_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(seq_reserved(dir.path()).unwrap(), None, "a directory from before reservations");
+        assert_eq!(reserve_seqs(dir.path(), 500).unwrap(), 500);
+        assert_eq!(seq_reserved(dir.path()).unwrap(), Some(500));
+        assert_eq!(reserve_seqs(dir.path(), 200).unwrap(), 500, "never lowered");
+        assert_eq!(reserve_seqs(dir.path(), 9_000).unwrap(), 9_000);
+        // A reservation that is already in the file is written again: the
+        // write fails here (a directory stands in the temporary's place),
+        // so the caller learns that it holds nothing durable.
+        std::fs::create_dir(dir.path().join(".seq-reserved.tmp")).unwrap();
+        assert!(reserve_seqs(dir.path(), 100).is_err());
+        std::fs::remove_dir(dir.path().join(".seq-reserved.tmp")).unwrap();
+        std::fs::write(dir.path().join("seq-reserved"), "x").unwrap();
+        assert!(matches!(seq_reserved(dir.path()), Err(LayoutError::BadLayout { .. })));
+        assert!(reserve_seqs(dir.path(), 100).is_err());
     }
 
     #[test]

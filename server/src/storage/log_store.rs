@@ -20,8 +20,8 @@ use super::record::{
 };
 use super::state_homes::{StateHomes, StateKind};
 use crate::shard::mailbox::{
-    MailboxEntry, MailboxIndex, MailboxMessage, MailboxStore, Next, RecordAt, StoreError, StoreLimits, StoreStats,
-    Ticket,
+    MailboxEntry, MailboxIndex, MailboxMessage, MailboxStore, Next, RecordAt, SeqReservation, StoreError, StoreLimits,
+    StoreStats, Ticket,
 };
 use crate::shard::DeviceKey;
 use std::collections::{BTreeMap, VecDeque};
@@ -163,6 +163,9 @@ pub struct LogStore {
     /// disk, segments with live entries): recounted only when one moves,
     /// not on every send made at the budget.
     held_disk_cache: Option<((Ticket, usize, usize), u64)>,
+    /// End of the durable seq reservation ([`MailboxStore::seq_reservation`]);
+    /// `u64::MAX` until the driver sets one (a store no start reserved for).
+    seq_end: u64,
 }
 
 /// The bodies of mailbox entries that are not in the index: the order in
@@ -409,6 +412,7 @@ impl LogStore {
             bodies: Bodies::default(),
             last_seen: LastSeen::default(),
             held_disk_cache: None,
+            seq_end: u64::MAX,
         }
     }
 
@@ -1242,6 +1246,15 @@ impl MailboxStore for LogStore {
         self.index.shard_has_room(payload_bytes, devices, self.read_ahead_bytes())
     }
 
+    fn seq_reservation(&self) -> Option<SeqReservation> {
+        Some(SeqReservation { high: self.index.seq_high(), end: self.seq_end })
+    }
+
+    fn extend_seq_reservation(&mut self, end: u64) {
+        assert!(end >= self.seq_end || self.seq_end == u64::MAX, "a seq reservation only grows");
+        self.seq_end = end;
+    }
+
     fn find_stored(&self, sender: DeviceKey, client_msg_id: u64) -> Option<(u64, Ticket)> {
         self.index.find_stored(sender, client_msg_id)
     }
@@ -1254,6 +1267,10 @@ impl MailboxStore for LogStore {
             && self.held_disk_bytes_cached() >= self.limits.disk_bytes_max
         {
             return Err(StoreError::DiskBudget);
+        }
+        // Every recipient's next seq is at most one above the highest.
+        if self.index.seq_high().saturating_add(1) >= self.seq_end {
+            return Err(StoreError::SeqsUnreserved);
         }
         let recipients: Vec<RecipientSeq> = devices
             .iter()

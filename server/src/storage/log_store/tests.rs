@@ -822,3 +822,29 @@ fn an_online_device_at_a_crash_is_idle_since_the_newest_time_in_the_log() {
     let recovered = recover(&files, log_limits);
     assert_eq!(recovered.recovered_idle_since(QUIET), Some(9_000), "it was online at least until the last send");
 }
+
+#[test]
+fn no_seq_reaches_the_end_of_the_reservation_and_an_extension_lets_sends_through() {
+    let (log_limits, mut store, mut files) = small_log_of_two_devices();
+    assert!(store.seq_reservation().is_some_and(|reservation| reservation.end == u64::MAX), "none set yet");
+    // Seqs 1..=4 may be handed out, 5 may not.
+    store.extend_seq_reservation(5);
+    for id in 1..=4 {
+        store.store_message(message(id, QUIET.user, 10), &[QUIET]).unwrap();
+    }
+    assert_eq!(store.store_message(message(5, BUSY.user, 10), &[BUSY]), Err(StoreError::SeqsUnreserved));
+    assert_eq!(StoreError::SeqsUnreserved.code(), ErrorCode::Throttle);
+    assert_eq!(store.seq_reservation(), Some(SeqReservation { high: 4, end: 5 }));
+    store.extend_seq_reservation(7);
+    store.store_message(message(5, BUSY.user, 10), &[BUSY]).unwrap();
+    store.store_message(message(6, QUIET.user, 10), &[QUIET]).unwrap();
+    store.store_message(message(7, QUIET.user, 10), &[QUIET]).unwrap();
+    assert_eq!(store.store_message(message(8, QUIET.user, 10), &[QUIET]), Err(StoreError::SeqsUnreserved));
+    assert_eq!(store.seq_reservation(), Some(SeqReservation { high: 6, end: 7 }));
+    flush(&mut store, &mut files);
+    // Recovery finds the same high seq, acknowledged messages included.
+    store.acknowledge(QUIET, 6);
+    flush(&mut store, &mut files);
+    let recovered = recover(&files, log_limits);
+    assert_eq!(recovered.seq_reservation().map(|reservation| reservation.high), Some(6));
+}
