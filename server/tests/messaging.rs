@@ -257,3 +257,41 @@ async fn a_replaced_sdk_session_says_why_and_stays_down() {
     let delivered = tokio::time::timeout(Duration::from_secs(5), second.recv()).await.unwrap().unwrap();
     assert_eq!(delivered.payload, b"to the new session");
 }
+
+/// The push stream is read with the protocol's ceiling, not the client's
+/// own frame limit: a server configured for larger frames delivers a
+/// message larger than the recipient would ever send, and the messages
+/// after it still arrive. A sender is held to its own limit, with a typed
+/// error before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliver_larger_than_the_clients_own_frame_limit_still_arrives() {
+    let server = Server::start_with(2, &["[limits]", "frame_bytes_max = 262144"]);
+    let sender = user_on_shard(0, 2, 5000);
+    let receiver = user_on_shard(1, 2, 5000);
+    let mut receiving = Client::connect(server.client_config(receiver, 1)).await.unwrap();
+    let default_limit = iris_protocol::FRAME_BYTES_MAX_DEFAULT;
+    let big = vec![7u8; 200_000];
+    assert!(big.len() > default_limit as usize, "the receiver's own frames could not hold it");
+
+    let small_sender = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    match small_sender.send(receiver, big.clone()).await {
+        Err(iris_client::ClientError::PayloadTooLarge { bytes, limit }) => {
+            assert_eq!((bytes, limit), (big.len(), iris_protocol::payload_bytes_max(default_limit)));
+        }
+        other => panic!("a payload over the sender's own limit: {other:?}"),
+    }
+    small_sender.close().await.unwrap();
+
+    let mut config = server.client_config(sender, 2);
+    config.frame_bytes_max = 262_144;
+    let large_sender = Client::connect(config).await.unwrap();
+    large_sender.send(receiver, big.clone()).await.unwrap();
+    large_sender.send(receiver, b"after the big one".to_vec()).await.unwrap();
+    large_sender.close().await.unwrap();
+
+    let first = tokio::time::timeout(Duration::from_secs(10), receiving.recv()).await.unwrap().unwrap();
+    assert_eq!(first.payload, big);
+    let second = tokio::time::timeout(Duration::from_secs(10), receiving.recv()).await.unwrap().unwrap();
+    assert_eq!(second.payload, b"after the big one");
+    assert_eq!(second.seq, first.seq + 1);
+}
