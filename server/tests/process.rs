@@ -441,3 +441,46 @@ async fn a_shard_whose_cross_shard_channels_stay_idle_survives_many_wake_ups() {
     }
     server.assert_running();
 }
+
+/// One scraper that sends its request a byte at a time (or many that send
+/// nothing) never stops another from being answered: each request has its
+/// own thread and two seconds in all, and connections past the cap are
+/// closed rather than queued behind the slow ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_scraper_never_blocks_the_admin_endpoint() {
+    use std::io::Write;
+    let (admin, admin_line) = common::admin_address();
+    let mut server = Server::start_with(1, &[&admin_line]);
+    server.assert_running();
+    // A slowloris: a byte every 100 ms for 8 s, the head never complete.
+    let slow_admin = admin.clone();
+    let slow = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(&slow_admin).unwrap();
+        for _ in 0..80 {
+            if stream.write_all(b"G").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Answered at once, not after the slow one (its 5 s read timeout
+    // would expire first on a server that serves one request at a time).
+    let health = common::try_http_get(&admin, "/health").expect("a scrape behind a slow scraper");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(slow.join().unwrap(), "the slow scraper was cut off at its deadline");
+    // Silent connections up to the cap and beyond: the ones past it are
+    // closed, and once the others reach their deadline scrapes go through.
+    let silent: Vec<_> = (0..40).map(|_| std::net::TcpStream::connect(&admin).unwrap()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let answered = loop {
+        match common::try_http_get(&admin, "/metrics") {
+            Ok(answer) if answer.starts_with("HTTP/1.1 200") => break true,
+            _ if std::time::Instant::now() > deadline => break false,
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    drop(silent);
+    assert!(answered, "scrapes never came back after silent connections held the endpoint");
+}

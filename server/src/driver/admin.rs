@@ -1,13 +1,14 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text, from
-//! `crate::metrics`) and `GET /health` (every shard loop alive), served from
-//! one plain thread, one request at a time. Nothing here touches a shard;
-//! scrapes are rare.
+//! `crate::metrics`) and `GET /health` (every shard loop alive), served by
+//! plain threads, one per request (a bounded number). Nothing here touches
+//! a shard; scrapes are rare.
 
 use crate::metrics::{render, ShardMetrics};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest request head read from a scraper.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
@@ -36,37 +37,68 @@ fn health(shards: &[Arc<ShardMetrics>]) -> (&'static str, String) {
     }
 }
 
+/// Requests served at once; a connection past this is closed unanswered.
+const CONNECTIONS_MAX: usize = 16;
+
+/// Time a scraper has to send its request head and take the answer.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Serves `/metrics` and `/health` on `address`; returns the bound address.
+/// Each connection gets its own thread (at most [`CONNECTIONS_MAX`]) and
+/// [`REQUEST_DEADLINE`] in all, so a scraper that sends its request a byte
+/// at a time, or never reads the answer, delays nobody else.
 pub fn serve_admin(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let bound = listener.local_addr()?;
+    let shards: Arc<[Arc<ShardMetrics>]> = shards.into();
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name("admin".into()).spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-            // Read until the end of the request head (it may arrive in pieces).
-            let mut request = vec![0u8; REQUEST_BYTES_MAX];
-            let mut filled = 0;
-            while filled < request.len() && !request[..filled].windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut request[filled..]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(count) => filled += count,
-                }
+            let Ok(stream) = stream else { continue };
+            if active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
+                active.fetch_sub(1, Ordering::AcqRel);
+                continue;
             }
-            let head = String::from_utf8_lossy(&request[..filled]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render(&shards)),
-                "/health" => health(&shards),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes());
+            let (shards, done) = (Arc::clone(&shards), Arc::clone(&active));
+            let spawned = std::thread::Builder::new().name("admin-request".into()).spawn(move || {
+                answer(stream, &shards);
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+            if spawned.is_err() {
+                active.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     })?;
     Ok(bound)
+}
+
+/// Reads one request head and writes its answer, within [`REQUEST_DEADLINE`].
+fn answer(mut stream: TcpStream, shards: &[Arc<ShardMetrics>]) {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let left = || deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero());
+    // Read until the end of the request head (it may arrive in pieces).
+    let mut request = vec![0u8; REQUEST_BYTES_MAX];
+    let mut filled = 0;
+    while filled < request.len() && !request[..filled].windows(4).any(|w| w == b"\r\n\r\n") {
+        let Some(left) = left() else { return };
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut request[filled..]) {
+            Ok(0) | Err(_) => return,
+            Ok(count) => filled += count,
+        }
+    }
+    let head = String::from_utf8_lossy(&request[..filled]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = match path {
+        "/metrics" => ("200 OK", render(shards)),
+        "/health" => health(shards),
+        _ => ("404 Not Found", "not found\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let Some(left) = left() else { return };
+    let _ = stream.set_write_timeout(Some(left));
+    let _ = stream.write_all(response.as_bytes());
 }
