@@ -484,3 +484,46 @@ async fn a_slow_scraper_never_blocks_the_admin_endpoint() {
     drop(silent);
     assert!(answered, "scrapes never came back after silent connections held the endpoint");
 }
+
+/// The admin endpoint is up before the logs are recovered: `/healthz` says
+/// the process lives, `/readyz` answers 503 until every shard serves, then
+/// 200 (a load balancer or systemd check can tell a long recovery from a
+/// dead process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_ready_only_after_recovery_while_healthz_answers_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    let admin = format!("127.0.0.1:{}", port + 100);
+    let config = dir.path().join("admin.toml");
+    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .env("IRIS_FAILPOINT", "slow-recovery:1")
+        .env("IRIS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Shard 1 takes 3 s to recover: the endpoint answers long before.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let healthz = loop {
+        match common::try_http_get(&admin, "/healthz") {
+            Ok(answer) => break answer,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(error) => panic!("the admin endpoint was not up during recovery: {error}"),
+        }
+    };
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let readyz = common::http_get(&admin, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains("starting"), "{readyz}");
+    assert!(wait_until_ready(&mut child), "irisd did not start");
+    let readyz = common::http_get(&admin, "/readyz");
+    let health = common::http_get(&admin, "/health");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}

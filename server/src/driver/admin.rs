@@ -1,12 +1,13 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text, from
-//! `crate::metrics`) and `GET /health` (every shard loop alive), served by
+//! `crate::metrics`), `GET /healthz` (the process is up) and `GET /readyz`
+//! (every shard recovered and its loop alive; `/health` is the same), served by
 //! plain threads, one per request (a bounded number). Nothing here touches
 //! a shard; scrapes are rare.
 
 use crate::metrics::{render, ShardMetrics};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,15 +18,19 @@ const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// (the loop iterates at least once a second, `shard_loop::HEARTBEAT_INTERVAL`).
 const SHARD_STALLED_AFTER_MS: u64 = 5_000;
 
-/// `/health`: 200 while every shard loop is iterating, 503 naming the ones
-/// that are not (a shard that panics takes the process down instead).
-fn health(shards: &[Arc<ShardMetrics>]) -> (&'static str, String) {
+/// `/readyz` (and `/health`, its older name): 200 while every shard has
+/// recovered and its loop is iterating; 503 saying which is not (a shard
+/// that panics takes the process down instead).
+fn readiness(shards: &[Arc<ShardMetrics>], serving: &AtomicBool) -> (&'static str, String) {
+    if !serving.load(Ordering::Acquire) {
+        return ("503 Service Unavailable", "starting: recovering the logs\n".to_string());
+    }
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let stalled: Vec<String> = shards
         .iter()
         .enumerate()
         .filter(|(_, metrics)| {
-            let beat = metrics.heartbeat_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let beat = metrics.heartbeat_ms.load(Ordering::Relaxed);
             now_ms.saturating_sub(beat) > SHARD_STALLED_AFTER_MS
         })
         .map(|(shard, _)| shard.to_string())
@@ -43,11 +48,16 @@ const CONNECTIONS_MAX: usize = 16;
 /// Time a scraper has to send its request head and take the answer.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Serves `/metrics` and `/health` on `address`; returns the bound address.
+/// Serves `/metrics`, `/healthz` (the process is up), `/readyz` and
+/// `/health` (every shard serving) on `address`; returns the bound address.
 /// Each connection gets its own thread (at most [`CONNECTIONS_MAX`]) and
 /// [`REQUEST_DEADLINE`] in all, so a scraper that sends its request a byte
 /// at a time, or never reads the answer, delays nobody else.
-pub fn serve_admin(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
+pub fn serve_admin(
+    address: SocketAddr,
+    shards: Vec<Arc<ShardMetrics>>,
+    serving: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let bound = listener.local_addr()?;
     let shards: Arc<[Arc<ShardMetrics>]> = shards.into();
@@ -59,9 +69,9 @@ pub fn serve_admin(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::
                 active.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let (shards, done) = (Arc::clone(&shards), Arc::clone(&active));
+            let (shards, serving, done) = (Arc::clone(&shards), Arc::clone(&serving), Arc::clone(&active));
             let spawned = std::thread::Builder::new().name("admin-request".into()).spawn(move || {
-                answer(stream, &shards);
+                answer(stream, &shards, &serving);
                 done.fetch_sub(1, Ordering::AcqRel);
             });
             if spawned.is_err() {
@@ -73,7 +83,7 @@ pub fn serve_admin(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::
 }
 
 /// Reads one request head and writes its answer, within [`REQUEST_DEADLINE`].
-fn answer(mut stream: TcpStream, shards: &[Arc<ShardMetrics>]) {
+fn answer(mut stream: TcpStream, shards: &[Arc<ShardMetrics>], serving: &AtomicBool) {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let left = || deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero());
     // Read until the end of the request head (it may arrive in pieces).
@@ -91,7 +101,8 @@ fn answer(mut stream: TcpStream, shards: &[Arc<ShardMetrics>]) {
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {
         "/metrics" => ("200 OK", render(shards)),
-        "/health" => health(shards),
+        "/healthz" => ("200 OK", "ok\n".to_string()),
+        "/readyz" | "/health" => readiness(shards, serving),
         _ => ("404 Not Found", "not found\n".to_string()),
     };
     let response = format!(

@@ -5,6 +5,8 @@
 
 /// The shard panics while recovering its log.
 pub const PANIC_IN_RECOVERY: &str = "panic-in-recovery";
+/// The shard sleeps 3 s before recovering its log (a long recovery).
+pub const SLOW_RECOVERY: &str = "slow-recovery";
 /// The shard panics when it accepts its first connection.
 pub const PANIC_ON_CONNECTION: &str = "panic-on-connection";
 /// The shard's loop stops iterating (blocks its thread) at its first connection.

@@ -162,6 +162,16 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
 
     let (ready_sender, ready_receiver) = std::sync::mpsc::channel();
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..shard_count).map(|_| Arc::default()).collect();
+    // Up before recovery, so that an operator sees a long one (`/readyz`
+    // answers 503 until every shard serves).
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin = match config.admin_listen {
+        Some(address) => Some(
+            super::admin::serve_admin(address, shard_metrics.clone(), Arc::clone(&serving))
+                .map_err(|source| StartError::Admin { address, source })?,
+        ),
+        None => None,
+    };
     let mut executors = Vec::new();
     let mut shard_inputs: Vec<_> = sockets.into_iter().zip(senders).zip(receivers).collect();
     for (index, ((socket, shard_senders), shard_receivers)) in shard_inputs.drain(..).enumerate() {
@@ -194,13 +204,7 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
             Err(_) => return Err(StartError::Shard("a shard stopped during start".into())),
         }
     }
-    let admin = match config.admin_listen {
-        Some(address) => Some(
-            super::admin::serve_admin(address, shard_metrics)
-                .map_err(|source| StartError::Admin { address, source })?,
-        ),
-        None => None,
-    };
+    serving.store(true, std::sync::atomic::Ordering::Release);
     Ok(RunningNode { addresses, admin, executors })
 }
 
@@ -339,6 +343,9 @@ async fn run_shard(
                 disk_bytes_max: config.storage.disk_bytes_max,
             };
             assert!(!super::failpoint::armed(super::failpoint::PANIC_IN_RECOVERY, shard), "failpoint: recovery");
+            if super::failpoint::armed(super::failpoint::SLOW_RECOVERY, shard) {
+                std::thread::sleep(Duration::from_secs(3));
+            }
             let key_path = layout::log_key_path(&config.data_dir);
             let key = match layout::load_log_key(&config.data_dir) {
                 Ok(key) => key,
