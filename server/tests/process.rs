@@ -62,6 +62,28 @@ fn wait_until_ready(child: &mut std::process::Child) -> bool {
     ready
 }
 
+/// Starts a 2-shard `irisd serve` on `data_dir` with an admin endpoint and
+/// failpoint `failpoint` armed; returns the child (stdout piped), its base
+/// port and the admin address.
+fn serve_with_admin_and_failpoint(data_dir: &Path, failpoint: &str) -> (std::process::Child, u16, String) {
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    let admin = format!("127.0.0.1:{}", port + 100);
+    let config = data_dir.join("admin.toml");
+    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir)
+        .arg("--config")
+        .arg(&config)
+        .env("IRIS_FAILPOINT", failpoint)
+        .env("IRIS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, port, admin)
+}
+
 /// Starts `irisd serve` in `cwd` with `--data-dir data_dir` (as given:
 /// relative or absolute); returns the child and its base port.
 fn serve_in(cwd: &Path, data_dir: &Path, config: &str) -> (std::process::Child, u16) {
@@ -303,21 +325,7 @@ async fn a_stalled_stderr_never_stalls_the_shards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_a_shard_whose_loop_stalls() {
     let dir = tempfile::tempdir().unwrap();
-    let port = 20_000 + (rand_u64() % 12_000) as u16;
-    let admin = format!("127.0.0.1:{}", port + 100);
-    let config = dir.path().join("admin.toml");
-    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_irisd"))
-        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&config)
-        .env("IRIS_FAILPOINT", "hang-on-connection:1")
-        .env("IRIS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, port, admin) = serve_with_admin_and_failpoint(dir.path(), "hang-on-connection:1");
     assert!(wait_until_ready(&mut child), "irisd did not start");
     let health = |admin: &str| common::http_get(admin, "/health");
     // Ready means every loop has a heartbeat already (this once raced).
@@ -492,21 +500,7 @@ async fn a_slow_scraper_never_blocks_the_admin_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_ready_only_after_recovery_while_healthz_answers_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let port = 20_000 + (rand_u64() % 12_000) as u16;
-    let admin = format!("127.0.0.1:{}", port + 100);
-    let config = dir.path().join("admin.toml");
-    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_irisd"))
-        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&config)
-        .env("IRIS_FAILPOINT", "slow-recovery:1")
-        .env("IRIS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, _, admin) = serve_with_admin_and_failpoint(dir.path(), "slow-recovery:1");
     // Shard 1 takes 3 s to recover: the endpoint answers long before.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let healthz = loop {
