@@ -434,8 +434,11 @@ impl Config {
             return invalid("runtime.idle_timeout_ms must be at least 1000".into());
         }
         let storage = &self.storage;
-        if storage.segment_bytes_max < 1024 * 1024 || storage.segment_bytes_max > 1 << 40 {
-            return invalid("storage.segment_bytes_max must be between 1 MiB and 1 TiB".into());
+        // Recovery holds one segment's bytes and its decoded records at a
+        // time on each shard (about twice the segment): the upper bound
+        // keeps that within what a server has.
+        if storage.segment_bytes_max < 1024 * 1024 || storage.segment_bytes_max > 1 << 30 {
+            return invalid("storage.segment_bytes_max must be between 1 MiB and 1 GiB".into());
         }
         if storage.commit_bytes_max < 4096 || u64::from(storage.commit_bytes_max) > storage.segment_bytes_max {
             return invalid(

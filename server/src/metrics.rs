@@ -95,10 +95,20 @@ pub struct ShardMetrics {
     pub handshake_retries_total: AtomicU64,
     /// New connections refused (connection bound or per-source bound).
     pub handshakes_refused_total: AtomicU64,
-    /// When the shard loop last finished an iteration (ms since the Unix
-    /// epoch); the loop iterates at least every `HEARTBEAT_INTERVAL`, so a
-    /// stale value means a stalled shard. Read by `/health`, not exported.
+    /// When the shard loop last finished an iteration ([`monotonic_ms`]);
+    /// the loop iterates at least every `HEARTBEAT_INTERVAL`, so a stale
+    /// value means a stalled shard. Read by `/readyz`, not exported.
     pub heartbeat_ms: AtomicU64,
+}
+
+/// Milliseconds since the process first read this clock, which is
+/// monotonic: a step of the wall clock (NTP, an operator) can neither make
+/// a live shard look stalled nor a stalled one look alive. Starts at 1, so
+/// a heartbeat of 0 is one never given.
+pub fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    origin.elapsed().as_millis() as u64 + 1
 }
 
 impl ShardMetrics {

@@ -756,9 +756,8 @@ impl Sim {
                 reservation.high,
                 reservation.end
             );
-            if reservation.end - reservation.high > SEQ_BLOCK / 2 {
-                continue;
-            }
+            // The policy the shard loop runs (`driver::reservations`).
+            let Some(wanted) = reservation.extension(SEQ_BLOCK) else { continue };
             if reservation.high + 1 == reservation.end {
                 self.reservations_used_up += 1;
             }
@@ -766,7 +765,7 @@ impl Sim {
                 self.failed_reservations += 1;
                 continue;
             }
-            let end = reserved.max(reservation.high + 1 + SEQ_BLOCK);
+            let end = reserved.max(wanted);
             disk.seq_reserved = Some(end);
             self.cores[shard].extend_seq_reservation(end);
             self.seq_extensions += 1;

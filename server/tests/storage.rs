@@ -199,6 +199,57 @@ async fn after_damage_seqs_start_above_every_seq_handed_out() {
     assert_eq!(read_number("seq-floor"), reserved);
 }
 
+/// A running shard extends its durable message id and seq reservations as
+/// they are used (off the shard thread), and what it reserved holds across
+/// a SIGKILL. The failpoint shrinks both blocks to 64 (from 2^30), so 300
+/// messages to one device need several extensions of each: without them
+/// every send past the first block would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_are_extended_while_serving_and_hold_across_a_sigkill() {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: failpoints exist only in debug builds of irisd");
+        return;
+    }
+    let mut server = Server::start_with_failpoint(1, &[], "small-reservations:0");
+    let (sender, recipient) = (1, 2);
+    let mut receiver = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    send_numbered(&server, sender, recipient, 300).await;
+    let mut delivered = Vec::new();
+    for _ in 0..300 {
+        let message = tokio::time::timeout(Duration::from_secs(10), receiver.recv()).await.unwrap().unwrap();
+        delivered.push(message);
+    }
+    for (index, message) in delivered.iter().enumerate() {
+        assert_eq!(message.payload, format!("m{index}").into_bytes());
+        assert_eq!(message.seq, index as u64 + 1);
+    }
+    assert!(
+        delivered.windows(2).all(|pair| pair[0].server_msg_id < pair[1].server_msg_id),
+        "server_msg_ids must be unique and rising"
+    );
+    receiver.close().await.unwrap();
+    let shard_0 = shard_dir(server.data_dir.path(), 0);
+    let read_number =
+        |name: &str| -> u64 { std::fs::read_to_string(shard_0.join(name)).unwrap().trim().parse().unwrap() };
+    // Small blocks: the reservations stayed within a block of what is used.
+    let seq_reserved = read_number("seq-reserved");
+    assert!((301..=300 + 1 + 64).contains(&seq_reserved), "seq reservation {seq_reserved}");
+    let ids_reserved = read_number("message-ids");
+    assert!(ids_reserved > 300 && ids_reserved <= 300 + 2 * 64, "message id reservation {ids_reserved}");
+
+    server.kill9();
+    server.restart();
+    let client = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    client.send(recipient, b"after the restart".to_vec()).await.unwrap();
+    client.close().await.unwrap();
+    let mut receiver = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), receiver.recv()).await.unwrap().unwrap();
+    assert_eq!(message.payload, b"after the restart");
+    assert_eq!(message.seq, 301);
+    assert!(message.server_msg_id > delivered.last().unwrap().server_msg_id, "a server_msg_id was handed out twice");
+    receiver.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incompatible_or_mismatched_data_directory_is_refused_untouched() {
     let mut server = Server::start(2);

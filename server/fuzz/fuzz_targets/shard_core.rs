@@ -6,7 +6,9 @@
 //! reclaims, and a body cache so small that pushes read bodies back). Nothing
 //! a peer sends may panic it; pushes to a connection carry strictly
 //! increasing seqs; outputs stay bounded by what was asked; a connection
-//! without a Hello is closed once its hello timeout has passed.
+//! without a Hello is closed once its hello timeout has passed. The log
+//! store starts with a seq reservation of 8 that the input extends now and
+//! then, so sends are refused at its end; no seq may reach it.
 
 #![no_main]
 
@@ -83,6 +85,10 @@ enum Op {
     Read {
         fail: bool,
         index: u8,
+    },
+    /// The driver extends the seq reservation to `by` above the highest seq.
+    ExtendSeqs {
+        by: u8,
     },
 }
 
@@ -188,7 +194,8 @@ fuzz_target!(|input: Input| {
             read_ahead_bytes_max: 600,
             disk_bytes_max: 64 * 1024,
         };
-        let store = LogStore::new(store_limits, log_limits);
+        let mut store = LogStore::new(store_limits, log_limits);
+        store.extend_seq_reservation(8);
         let core = ShardCore::new(identity, table, authority.verifier(), limits, FRAME_BYTES_MAX_DEFAULT, store);
         run(core, &authority, input.ops);
     } else {
@@ -306,6 +313,12 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
             }
             Op::Write { fail } => disk.write(&mut core, fail, now),
             Op::Read { fail, index } => disk.read(&mut core, fail, index, now),
+            Op::ExtendSeqs { by } => {
+                if let Some(reservation) = core.seq_reservation() {
+                    let end = reservation.high.saturating_add(1 + u64::from(by)).max(reservation.end);
+                    core.extend_seq_reservation(end);
+                }
+            }
         }
         for (conn, frame) in frames_in {
             core.handle_frame(conn, frame, now);
@@ -340,6 +353,9 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
             );
         }
         while core.poll_push_ready().is_some() {}
+        if let Some(reservation) = core.seq_reservation() {
+            assert!(reservation.high < reservation.end, "seq {} handed out at or past the reservation", reservation.high);
+        }
         // The driver closes what the core asked it to close.
         conns.retain(|connection| {
             let close = closing.contains_key(&connection.id);

@@ -25,7 +25,7 @@ fn readiness(shards: &[Arc<ShardMetrics>], serving: &AtomicBool) -> (&'static st
     if !serving.load(Ordering::Acquire) {
         return ("503 Service Unavailable", "starting: recovering the logs\n".to_string());
     }
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::metrics::monotonic_ms();
     let stalled: Vec<String> = shards
         .iter()
         .enumerate()

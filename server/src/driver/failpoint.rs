@@ -7,6 +7,9 @@
 pub const PANIC_IN_RECOVERY: &str = "panic-in-recovery";
 /// The shard sleeps 3 s before recovering its log (a long recovery).
 pub const SLOW_RECOVERY: &str = "slow-recovery";
+/// The shard reserves message ids and seqs in blocks of 64 (not 2^30), so a
+/// test extends both reservations with a few hundred messages.
+pub const SMALL_RESERVATIONS: &str = "small-reservations";
 /// The shard panics when it accepts its first connection.
 pub const PANIC_ON_CONNECTION: &str = "panic-on-connection";
 /// The shard's loop stops iterating (blocks its thread) at its first connection.

@@ -9,6 +9,8 @@
 //! - [`connection`]: one client connection's streams and buffers.
 //! - [`udp`]: batched UDP I/O (GSO/GRO) with glommio readiness.
 //! - [`log_writer`]: the shard's log writer task (buffered appends, fdatasync).
+//! - [`reservations`]: extends the durable id and seq reservations off the
+//!   shard thread.
 //! - [`admin`]: the metrics and health HTTP endpoint.
 //! - [`failpoint`]: fault injection for tests (debug builds only).
 
@@ -17,6 +19,7 @@ pub mod connection;
 pub mod failpoint;
 pub mod log_reader;
 pub mod log_writer;
+pub mod reservations;
 pub mod runtime;
 pub mod shard_loop;
 pub mod udp;

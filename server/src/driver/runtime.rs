@@ -293,7 +293,8 @@ async fn run_shard(
         commit_bytes_max: config.storage.commit_bytes_max as usize,
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
-    let message_ids = match layout::reserve_message_ids(&dir, layout::MESSAGE_ID_BLOCK, 0) {
+    let (message_id_block, seq_block) = super::reservations::block_sizes(shard);
+    let message_ids = match layout::reserve_message_ids(&dir, message_id_block, 0) {
         Ok(ids) => ids,
         Err(error) => return report_failure(&ready, shard, error.to_string()),
     };
@@ -324,7 +325,7 @@ async fn run_shard(
             push_stall_timeout: Duration::from_millis(u64::from(config.runtime.push_stall_timeout_ms)),
         },
         metrics: Arc::clone(&metrics),
-        shard_dir: dir.clone(),
+        reservations: super::reservations::Reservations::new(dir.clone(), (message_id_block, seq_block)),
     };
     let authority = setup.verifier.clone();
     match config.storage.durability {
@@ -382,7 +383,7 @@ async fn run_shard(
             }
             // Before the shard serves: no seq at or above this end is handed out.
             let seq_high = store.seq_reservation().map_or(0, |reservation| reservation.high);
-            match layout::reserve_seqs(&dir, seq_high.saturating_add(1 + layout::SEQ_BLOCK)) {
+            match layout::reserve_seqs(&dir, seq_high.saturating_add(1 + seq_block)) {
                 Ok(end) => store.extend_seq_reservation(end),
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             }

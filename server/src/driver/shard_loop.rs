@@ -14,6 +14,7 @@
 use super::connection::{Connection, ConnectionLimits};
 use super::log_reader::{LogReader, ReadDone};
 use super::log_writer::{WriterEvent, WriterQueue};
+use super::reservations::Reservations;
 use super::udp::UdpIo;
 use crate::metrics::ShardMetrics;
 use crate::shard::{ConnId, MailboxStore, Now, Output, ReadOutcome, ShardCore, ShardMessage, WriteOutcome};
@@ -159,8 +160,8 @@ pub struct LoopParts {
     pub connection_limits: ConnectionLimits,
     /// This shard's counters, read by the admin endpoint.
     pub metrics: Arc<ShardMetrics>,
-    /// The shard's directory, where message ids are reserved.
-    pub shard_dir: std::path::PathBuf,
+    /// The shard's durable message id and seq reservations.
+    pub reservations: Reservations,
 }
 
 /// Everything one shard's loop owns.
@@ -209,12 +210,8 @@ pub struct ShardLoop<S: MailboxStore> {
     panic_on_connection: bool,
     /// Test fault injection: stop iterating at the first accepted connection.
     hang_on_connection: bool,
-    /// Where the next block of message ids is reserved.
-    shard_dir: std::path::PathBuf,
-    /// After a failed reservation, when to try again.
-    reserve_retry_at: Option<Instant>,
-    /// When to try again after a failed [`ShardLoop::reserve_seqs`].
-    seq_reserve_retry_at: Option<Instant>,
+    /// The durable message id and seq reservations, extended as they are used.
+    reservations: Reservations,
     /// The socket readiness future, kept across waits until it resolves
     /// (see [`UdpIo::readable`]).
     readable: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -251,7 +248,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             handshakes_unvalidated_max,
             connection_limits,
             metrics,
-            shard_dir,
+            reservations,
         } = parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
@@ -277,9 +274,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             metrics,
             panic_on_connection,
             hang_on_connection,
-            shard_dir,
-            reserve_retry_at: None,
-            seq_reserve_retry_at: None,
+            reservations,
             readable: None,
             link_wakes: HashMap::new(),
         };
@@ -327,71 +322,15 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.send_shard_batches();
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
-        self.reserve_message_ids();
-        self.reserve_seqs();
+        self.reservations.drive(&mut self.core, now);
         busy || !self.dirty.is_empty()
-    }
-
-    /// Reserves the next block of message ids once half of the current one
-    /// is used. This is a blocking file write and sync on the shard thread,
-    /// once per 2^29 messages (minutes at full load); if it fails, Sends are
-    /// refused with Throttle only once the current block runs out.
-    fn reserve_message_ids(&mut self) {
-        if self.core.message_ids_left() >= crate::storage::layout::MESSAGE_ID_BLOCK / 2 {
-            return;
-        }
-        let now = Instant::now();
-        if self.reserve_retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        let end = self.core.message_ids_left() + self.core.next_message_sequence();
-        match crate::storage::layout::reserve_message_ids(
-            &self.shard_dir,
-            crate::storage::layout::MESSAGE_ID_BLOCK,
-            end,
-        ) {
-            Ok(ids) => {
-                // Only this process reserves in its directory (the lock), so
-                // everything from the current end to the new one is ours: a
-                // gap left by a half-failed attempt is reserved as well.
-                assert!(ids.start >= end, "message id reservations only move forward");
-                self.core.extend_message_ids(ids.end);
-            }
-            Err(error) => {
-                tracing::error!(%error, "reserving message ids failed; retrying in 1 s");
-                self.reserve_retry_at = Some(now + Duration::from_secs(1));
-            }
-        }
-    }
-
-    /// Extends the store's durable seq reservation once the busiest device
-    /// is within half a block of its end: a blocking file write and sync,
-    /// at most once per 2^29 messages to one device. If it fails, sends
-    /// that would pass the end are refused with Throttle; retried after 1 s.
-    fn reserve_seqs(&mut self) {
-        use crate::storage::layout::{reserve_seqs, SEQ_BLOCK};
-        let Some(reservation) = self.core.seq_reservation() else { return };
-        if reservation.end.saturating_sub(reservation.high) > SEQ_BLOCK / 2 {
-            return;
-        }
-        let now = Instant::now();
-        if self.seq_reserve_retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        match reserve_seqs(&self.shard_dir, reservation.high.saturating_add(1 + SEQ_BLOCK)) {
-            Ok(end) => self.core.extend_seq_reservation(end),
-            Err(error) => {
-                tracing::error!(%error, "reserving seqs failed; retrying in 1 s");
-                self.seq_reserve_retry_at = Some(now + Duration::from_secs(1));
-            }
-        }
     }
 
     /// Copies the core's counters to the exported ones (a few relaxed stores).
     fn publish_metrics(&self) {
         let stats = self.core.stats();
         let metrics = &self.metrics;
-        ShardMetrics::set(&metrics.heartbeat_ms, Self::now_ms());
+        ShardMetrics::set(&metrics.heartbeat_ms, crate::metrics::monotonic_ms());
         ShardMetrics::set(&metrics.connections, self.connections.len() as u64);
         ShardMetrics::set(&metrics.sends_accepted_total, stats.sends_accepted);
         ShardMetrics::set(&metrics.messages_stored_total, stats.messages_stored);

@@ -1309,6 +1309,18 @@ impl<S: MailboxStore> ShardCore<S> {
         self.next_message_sequence
     }
 
+    /// The end of the current message id reservation.
+    pub fn message_id_end(&self) -> u64 {
+        self.message_sequence_end
+    }
+
+    /// The end of the current message id reservation once fewer than half
+    /// of a `block` of ids is left in it (time to reserve the next block
+    /// from there), `None` before.
+    pub fn message_id_extension(&self, block: u64) -> Option<u64> {
+        (self.message_ids_left() < block / 2).then_some(self.message_sequence_end)
+    }
+
     /// Continues the reservation up to `end` (durably reserved by the caller).
     pub fn extend_message_ids(&mut self, end: u64) {
         assert!(end >= self.message_sequence_end, "a reservation only grows");

@@ -280,6 +280,15 @@ pub struct SeqReservation {
     pub end: u64,
 }
 
+impl SeqReservation {
+    /// The end to reserve next once the busiest device is within half a
+    /// `block` of this one's end: a whole block above the highest seq
+    /// handed out. `None` while more than half a block is left.
+    pub fn extension(&self, block: u64) -> Option<u64> {
+        (self.end.saturating_sub(self.high) <= block / 2).then(|| self.high.saturating_add(1 + block))
+    }
+}
+
 /// Where a message's record lies in the log: it can be read back from
 /// there once its change is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

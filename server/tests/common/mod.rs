@@ -32,6 +32,8 @@ pub struct Server {
     pub data_dir: DataDir,
     pub base_port: u16,
     pub shards: u16,
+    /// `IRIS_FAILPOINT` for every start (debug builds of irisd read it).
+    pub failpoint: Option<String>,
 }
 
 impl Server {
@@ -52,7 +54,18 @@ impl Server {
         Self::start_at(shards, DataDir { path, _temporary: None }, &[])
     }
 
+    /// Starts irisd with failpoint `failpoint` armed, at this start and every restart.
+    pub fn start_with_failpoint(shards: u16, config_toml: &[&str], failpoint: &str) -> Server {
+        let temporary = tempfile::tempdir().expect("temporary directory");
+        let data_dir = DataDir { path: temporary.path().to_path_buf(), _temporary: Some(temporary) };
+        Self::start_at_with(shards, data_dir, config_toml, Some(failpoint.to_owned()))
+    }
+
     fn start_at(shards: u16, data_dir: DataDir, config_toml: &[&str]) -> Server {
+        Self::start_at_with(shards, data_dir, config_toml, None)
+    }
+
+    fn start_at_with(shards: u16, data_dir: DataDir, config_toml: &[&str], failpoint: Option<String>) -> Server {
         // Rate limits are off unless a test sets them: most tests send as
         // fast as they can and check other things.
         let mut lines: Vec<&str> = config_toml.to_vec();
@@ -69,8 +82,8 @@ impl Server {
             // Below the kernel's ephemeral range (32768+), so a client socket
             // bound while the server is down cannot take the server's port.
             let base_port = 20_000 + (rand_u64() % 12_000) as u16;
-            if let Some(child) = spawn_irisd(data_dir.path(), base_port, shards) {
-                return Server { child, data_dir, base_port, shards };
+            if let Some(child) = spawn_irisd(data_dir.path(), base_port, shards, failpoint.as_deref()) {
+                return Server { child, data_dir, base_port, shards, failpoint };
             }
             eprintln!("irisd did not start on port {base_port} (attempt {attempt}); retrying");
         }
@@ -86,7 +99,9 @@ impl Server {
     /// Starts the server again on the same data directory and ports.
     pub fn restart(&mut self) {
         for _ in 0..50 {
-            if let Some(child) = spawn_irisd(self.data_dir.path(), self.base_port, self.shards) {
+            if let Some(child) =
+                spawn_irisd(self.data_dir.path(), self.base_port, self.shards, self.failpoint.as_deref())
+            {
                 self.child = child;
                 return;
             }
@@ -98,7 +113,7 @@ impl Server {
     /// Starts the server again at once, with no retry by the test: irisd
     /// itself must cope with ports a killed process still holds.
     pub fn restart_once(&mut self) -> bool {
-        match spawn_irisd(self.data_dir.path(), self.base_port, self.shards) {
+        match spawn_irisd(self.data_dir.path(), self.base_port, self.shards, self.failpoint.as_deref()) {
             Some(child) => {
                 self.child = child;
                 true
@@ -143,7 +158,7 @@ impl Drop for Server {
 }
 
 /// Spawns `irisd serve` and waits for its ready line; `None` if it exited first.
-fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16) -> Option<Child> {
+fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16, failpoint: Option<&str>) -> Option<Child> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_irisd"));
     command
         .arg("serve")
@@ -156,6 +171,9 @@ fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16) -> Optio
         .env("IRIS_LOG", std::env::var("IRIS_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if let Some(failpoint) = failpoint {
+        command.env("IRIS_FAILPOINT", failpoint);
+    }
     let config = data_dir.join("test-config.toml");
     if config.exists() {
         command.arg("--config").arg(&config);
