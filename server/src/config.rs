@@ -258,6 +258,9 @@ pub struct RuntimeConfig {
     /// messages wait for it is closed (close code 6, SLOW_READER); its
     /// messages stay in its mailbox for its next connection.
     pub push_stall_timeout_ms: u32,
+    /// On SIGTERM, the longest irisd drains (clients told to reconnect,
+    /// Sends in flight answered, logs synced) before it exits regardless.
+    pub drain_timeout_ms: u32,
 }
 
 impl Default for Config {
@@ -348,6 +351,7 @@ impl Default for RuntimeConfig {
             idle_timeout_ms: 30_000,
             hello_timeout_ms: 10_000,
             push_stall_timeout_ms: 30_000,
+            drain_timeout_ms: 10_000,
         }
     }
 }
@@ -493,6 +497,9 @@ impl Config {
         }
         if self.runtime.hello_timeout_ms < 100 {
             return invalid("runtime.hello_timeout_ms must be at least 100".into());
+        }
+        if !(100..=600_000).contains(&self.runtime.drain_timeout_ms) {
+            return invalid("runtime.drain_timeout_ms must be between 100 and 600000".into());
         }
         if self.runtime.push_stall_timeout_ms < 100 {
             return invalid("runtime.push_stall_timeout_ms must be at least 100".into());

@@ -10,6 +10,7 @@ use irisd::tls::TlsFiles;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(name = "irisd", version, about = "Iris chat messaging server")]
@@ -286,6 +287,43 @@ fn serve(
     if let Some(admin) = node.admin {
         println!("irisd: admin endpoint on http://{admin}/metrics and /health");
     }
-    node.wait();
+    drain_on_signal(&node, Duration::from_millis(u64::from(config.runtime.drain_timeout_ms)))
+}
+
+/// Serves until SIGTERM (or SIGINT), then drains: no new connections, every
+/// client told to reconnect (close code SHUTTING_DOWN) once its Sends in
+/// flight are answered, every log synced; exits within `timeout`. A second
+/// signal during the drain exits at once.
+fn drain_on_signal(node: &runtime::RunningNode, timeout: Duration) -> ExitCode {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("irisd: cannot handle SIGTERM ({error}); a stop will not drain");
+            loop {
+                std::thread::park();
+            }
+        }
+    };
+    let Some(signal) = signals.forever().next() else { return ExitCode::SUCCESS };
+    let started = std::time::Instant::now();
+    tracing::info!(signal, timeout_ms = timeout.as_millis() as u64, "draining");
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            eprintln!("irisd: signal {signal} during the drain; exiting now");
+            std::process::exit(1);
+        }
+    });
+    match node.drain(timeout) {
+        runtime::DrainOutcome::Settled => {
+            println!("irisd: drained in {} ms; exiting", started.elapsed().as_millis());
+        }
+        runtime::DrainOutcome::TimedOut => {
+            println!(
+                "irisd: the drain did not settle within {} ms; exiting (unacknowledged sends are sent again by clients)",
+                timeout.as_millis()
+            );
+        }
+    }
     ExitCode::SUCCESS
 }

@@ -99,6 +99,9 @@ pub struct ShardMetrics {
     /// the loop iterates at least every `HEARTBEAT_INTERVAL`, so a stale
     /// value means a stalled shard. Read by `/readyz`, not exported.
     pub heartbeat_ms: AtomicU64,
+    /// 1 while the shard is draining and settled (every session told to
+    /// close, nothing owed, the log synced); read by the drain, not exported.
+    pub drain_settled: AtomicU64,
 }
 
 /// Milliseconds since the process first read this clock, which is

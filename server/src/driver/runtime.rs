@@ -108,9 +108,41 @@ pub struct RunningNode {
     pub admin: Option<SocketAddr>,
     /// Executor handles, joined by [`RunningNode::wait`].
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// Asks every shard to drain.
+    drain: Arc<std::sync::atomic::AtomicBool>,
+    /// Every shard's counters (their `drain_settled` flags).
+    shard_metrics: Vec<Arc<ShardMetrics>>,
+}
+
+/// How a drain ended ([`RunningNode::drain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every shard settled: each client was told to reconnect after its
+    /// Sends in flight were answered, and every log is synced.
+    Settled,
+    /// The time ran out first; what was not acknowledged, clients send
+    /// again (nothing acknowledged is lost: an Ack follows the sync).
+    TimedOut,
 }
 
 impl RunningNode {
+    /// Drains every shard ([`crate::shard::ShardCore::begin_drain`]) and
+    /// waits, at most `timeout`, until all of them are settled at once.
+    pub fn drain(&self, timeout: Duration) -> DrainOutcome {
+        use std::sync::atomic::Ordering;
+        self.drain.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.shard_metrics.iter().all(|metrics| metrics.drain_settled.load(Ordering::Acquire) == 1) {
+                return DrainOutcome::Settled;
+            }
+            if std::time::Instant::now() >= deadline {
+                return DrainOutcome::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Blocks until every shard stops.
     pub fn wait(self) {
         for executor in self.executors {
@@ -172,6 +204,7 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
         ),
         None => None,
     };
+    let drain = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut executors = Vec::new();
     let mut shard_inputs: Vec<_> = sockets.into_iter().zip(senders).zip(receivers).collect();
     for (index, ((socket, shard_senders), shard_receivers)) in shard_inputs.drain(..).enumerate() {
@@ -186,11 +219,13 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
         let ports: Vec<u16> = addresses.iter().map(SocketAddr::port).collect();
         let ready = ready_sender.clone();
         let metrics = Arc::clone(&shard_metrics[index]);
+        let drain = Arc::clone(&drain);
         let executor = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{shard}"))
             .io_memory(config.runtime.io_memory_bytes)
             .spawn(move || async move {
-                run_shard(shard, setup, table, ports, socket, shard_senders, shard_receivers, ready, metrics).await;
+                let links = (shard_senders, shard_receivers);
+                run_shard(shard, setup, table, ports, socket, links, ready, metrics, drain).await;
             })
             .map_err(|e| StartError::Executor { shard, detail: e.to_string() })?;
         executors.push(executor);
@@ -205,7 +240,7 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
         }
     }
     serving.store(true, std::sync::atomic::Ordering::Release);
-    Ok(RunningNode { addresses, admin, executors })
+    Ok(RunningNode { addresses, admin, executors, drain, shard_metrics })
 }
 
 /// How long a busy shard port is retried at start. After a SIGKILL the
@@ -235,6 +270,10 @@ fn bind_with_retry(address: SocketAddr) -> std::io::Result<socket2::Socket> {
     }
 }
 
+/// A shard's ends of the cross-shard channels, before they are connected:
+/// a sender to every other shard (`None` for itself) and a receiver from each.
+type UnconnectedLinks = (Vec<Option<SharedSender<ShardBatch>>>, Vec<(u16, SharedReceiver<ShardBatch>)>);
+
 #[allow(clippy::too_many_arguments)]
 async fn run_shard(
     shard: u16,
@@ -242,10 +281,10 @@ async fn run_shard(
     table: SlotTable,
     ports: Vec<u16>,
     socket: socket2::Socket,
-    senders: Vec<Option<SharedSender<ShardBatch>>>,
-    receivers: Vec<(u16, SharedReceiver<ShardBatch>)>,
+    (senders, receivers): UnconnectedLinks,
     ready: std::sync::mpsc::Sender<Result<u16, String>>,
     metrics: Arc<ShardMetrics>,
+    drain: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let config = &setup.config;
     let limits = &config.limits;
@@ -326,6 +365,7 @@ async fn run_shard(
         },
         metrics: Arc::clone(&metrics),
         reservations: super::reservations::Reservations::new(dir.clone(), (message_id_block, seq_block)),
+        drain: Arc::clone(&drain),
     };
     let authority = setup.verifier.clone();
     match config.storage.durability {

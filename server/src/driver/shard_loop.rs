@@ -162,6 +162,8 @@ pub struct LoopParts {
     pub metrics: Arc<ShardMetrics>,
     /// The shard's durable message id and seq reservations.
     pub reservations: Reservations,
+    /// Set once by the process on SIGTERM: drain ([`ShardCore::begin_drain`]).
+    pub drain: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Everything one shard's loop owns.
@@ -212,6 +214,8 @@ pub struct ShardLoop<S: MailboxStore> {
     hang_on_connection: bool,
     /// The durable message id and seq reservations, extended as they are used.
     reservations: Reservations,
+    /// The process asks the shard to drain.
+    drain: Arc<std::sync::atomic::AtomicBool>,
     /// The socket readiness future, kept across waits until it resolves
     /// (see [`UdpIo::readable`]).
     readable: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -249,6 +253,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             connection_limits,
             metrics,
             reservations,
+            drain,
         } = parts;
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
@@ -275,6 +280,7 @@ impl<S: MailboxStore> ShardLoop<S> {
             panic_on_connection,
             hang_on_connection,
             reservations,
+            drain,
             readable: None,
             link_wakes: HashMap::new(),
         };
@@ -305,6 +311,9 @@ impl<S: MailboxStore> ShardLoop<S> {
     /// One pass of the loop. Returns whether work is left over.
     fn iterate(&mut self) -> bool {
         let now = Instant::now();
+        if !self.core.is_draining() && self.drain.load(std::sync::atomic::Ordering::Acquire) {
+            self.core.begin_drain(Self::clock());
+        }
         let mut busy = self.receive_datagrams(now);
         busy |= self.receive_shard_batches();
         self.receive_writer_events();
@@ -323,6 +332,15 @@ impl<S: MailboxStore> ShardLoop<S> {
         busy |= self.transmit_dirty(now);
         busy |= self.send_datagrams();
         self.reservations.drive(&mut self.core, now);
+        if self.core.is_draining() {
+            // Settled once every connection has its CONNECTION_CLOSE queued
+            // or sent and nothing is owed; the process exits when every
+            // shard is settled at once.
+            let settled = self.core.drain_settled()
+                && self.transmits.is_empty()
+                && self.connections.values().all(|connection| connection.quic.is_closed());
+            ShardMetrics::set(&self.metrics.drain_settled, u64::from(settled));
+        }
         busy || !self.dirty.is_empty()
     }
 
@@ -551,7 +569,11 @@ impl<S: MailboxStore> ShardLoop<S> {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let source = incoming.remote_address().ip();
                 let from_source = self.connections_by_source.get(&source).copied().unwrap_or(0);
-                if self.connections.len() >= self.connections_max || from_source >= self.connections_per_source_max {
+                let full =
+                    self.connections.len() >= self.connections_max || from_source >= self.connections_per_source_max;
+                // A draining shard takes no new connection: the client retries
+                // (with backoff) until the restarted server answers.
+                if full || self.core.is_draining() {
                     ShardMetrics::add(&self.metrics.handshakes_refused_total, 1);
                     let transmit = self.endpoint.refuse(incoming, &mut self.scratch);
                     self.queue_scratch(transmit);

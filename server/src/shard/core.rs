@@ -37,6 +37,7 @@ use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+mod drain;
 mod schedule;
 
 use schedule::Deadlines;
@@ -365,6 +366,9 @@ pub struct ShardCore<S: MailboxStore> {
     /// The ShardMap answer, encoded once (the table does not change within
     /// an epoch; one node has one epoch).
     shard_map_encoded: Rc<[u8]>,
+    /// While draining ([`ShardCore::begin_drain`]): sessions that close once
+    /// their Sends in flight are answered.
+    draining: Option<Vec<ConnId>>,
 }
 
 /// ShardMapRequests and Pings a connection may send before its Hello. A
@@ -445,6 +449,7 @@ impl<S: MailboxStore> ShardCore<S> {
             next_message_sequence: message_ids.start,
             message_sequence_end: message_ids.end,
             shard_map_encoded,
+            draining: None,
         }
     }
 
@@ -486,6 +491,9 @@ impl<S: MailboxStore> ShardCore<S> {
         assert!(previous.is_none(), "connection id {conn:?} reused while live");
         let deadline = self.clock_us + self.limits.hello_timeout_ms * 1000;
         self.deadlines.set(conn, deadline, schedule::Deadline::Hello);
+        if self.draining.is_some() {
+            self.close_for_drain(conn);
+        }
     }
 
     /// The connection is gone (closed by either side or timed out).
@@ -608,6 +616,9 @@ impl<S: MailboxStore> ShardCore<S> {
             Frame::Hello(hello) if matches!(self.sessions.get(&conn), Some(Session::AwaitingHello { .. })) => {
                 self.on_hello(conn, hello, now_ms)
             }
+            // Draining: not taken, and not answered; the SDK sends it again
+            // after it reconnects (order holds: every later one waits too).
+            Frame::Send(_) | Frame::RemoveDevice(_) if active && self.draining.is_some() => {}
             Frame::Send(send) if active => self.on_send(conn, send, now_ms),
             Frame::DeliveryAck(ack) if active => self.on_delivery_ack(conn, ack.up_to_seq),
             Frame::RemoveDevice(remove) if active => self.on_remove_device(conn, remove.device_id),

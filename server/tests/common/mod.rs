@@ -34,6 +34,8 @@ pub struct Server {
     pub shards: u16,
     /// `IRIS_FAILPOINT` for every start (debug builds of irisd read it).
     pub failpoint: Option<String>,
+    /// What the current process printed on stdout after its ready line.
+    pub stdout: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -82,8 +84,8 @@ impl Server {
             // Below the kernel's ephemeral range (32768+), so a client socket
             // bound while the server is down cannot take the server's port.
             let base_port = 20_000 + (rand_u64() % 12_000) as u16;
-            if let Some(child) = spawn_irisd(data_dir.path(), base_port, shards, failpoint.as_deref()) {
-                return Server { child, data_dir, base_port, shards, failpoint };
+            if let Some((child, stdout)) = spawn_irisd(data_dir.path(), base_port, shards, failpoint.as_deref()) {
+                return Server { child, data_dir, base_port, shards, failpoint, stdout };
             }
             eprintln!("irisd did not start on port {base_port} (attempt {attempt}); retrying");
         }
@@ -99,10 +101,11 @@ impl Server {
     /// Starts the server again on the same data directory and ports.
     pub fn restart(&mut self) {
         for _ in 0..50 {
-            if let Some(child) =
+            if let Some((child, stdout)) =
                 spawn_irisd(self.data_dir.path(), self.base_port, self.shards, self.failpoint.as_deref())
             {
                 self.child = child;
+                self.stdout = stdout;
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -114,8 +117,9 @@ impl Server {
     /// itself must cope with ports a killed process still holds.
     pub fn restart_once(&mut self) -> bool {
         match spawn_irisd(self.data_dir.path(), self.base_port, self.shards, self.failpoint.as_deref()) {
-            Some(child) => {
+            Some((child, stdout)) => {
                 self.child = child;
+                self.stdout = stdout;
                 true
             }
             None => false,
@@ -144,6 +148,11 @@ impl Server {
         iris_client::ClientConfig::new(self.address(0), self.ca(), self.token(user, device))
     }
 
+    /// Whether the current process has printed a line containing `text`.
+    pub fn printed(&self, text: &str) -> bool {
+        self.stdout.lock().unwrap().iter().any(|line| line.contains(text))
+    }
+
     /// Asserts the process is still alive.
     pub fn assert_running(&mut self) {
         assert!(self.child.try_wait().expect("try_wait").is_none(), "irisd exited");
@@ -158,7 +167,10 @@ impl Drop for Server {
 }
 
 /// Spawns `irisd serve` and waits for its ready line; `None` if it exited first.
-fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16, failpoint: Option<&str>) -> Option<Child> {
+/// The child and the lines it prints on stdout after its ready line.
+type Spawned = (Child, Arc<std::sync::Mutex<Vec<String>>>);
+
+fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16, failpoint: Option<&str>) -> Option<Spawned> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_irisd"));
     command
         .arg("serve")
@@ -184,8 +196,14 @@ fn spawn_irisd(data_dir: &std::path::Path, base_port: u16, shards: u16, failpoin
     let ready = lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:"));
     if ready {
         // Keep draining stdout so irisd never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        return Some(child);
+        let printed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::clone(&printed);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        return Some((child, printed));
     }
     let _ = child.wait();
     None

@@ -111,6 +111,7 @@ impl<S: MailboxStore> ShardCore<S> {
     /// Harmless to call early.
     pub fn handle_timeout(&mut self, now: Now) {
         self.advance(now);
+        self.drain_step();
         while let Some((conn, deadline)) = self.deadlines.pop_due(self.clock_us) {
             let (close_code, reason) = match deadline {
                 Deadline::Hello => (close_code::PROTOCOL_ERROR, "no Hello in time"),

@@ -813,3 +813,70 @@ fn a_device_whose_registration_outlasts_the_hello_timeout_still_expires() {
     core.handle_timeout(at(NOW_MS + 200_000));
     assert_eq!(core.store().devices_of(20), &[] as &[u32], "idle since its deadline, so it expires");
 }
+
+/// Draining: a session with a Send in flight stays open until the Send is
+/// answered (its Ack is queued before the close), one with none closes at
+/// once, new Sends are neither taken nor answered, new connections are
+/// closed, and the shard settles only when nothing is owed.
+#[test]
+fn a_drain_answers_the_sends_in_flight_before_it_closes_their_sessions() {
+    let authority = TokenAuthority::from_secret([9; 32]);
+    let limits = CoreLimits {
+        dedup_entries_per_device_max: 8,
+        sender_dedup_entries_max: 64,
+        sends_in_flight_per_device_max: 16,
+        shard_outbox_messages_max: 64,
+        device_inactive_expiry_s: 0,
+        rates: SendRates::OFF,
+        codel_target_ms: 0,
+        codel_interval_ms: 100,
+        hello_timeout_ms: 10_000,
+        commit_delay_us: 0,
+        commit_bytes_max: 1 << 20,
+    };
+    let (mut core, table) = shard_zero_of_two(&authority, limits);
+    let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
+    let (sender, idle, remote) = (on_shard(0, 1), on_shard(0, 1000), on_shard(1, 1));
+    let (busy_conn, idle_conn) = (ConnId(1), ConnId(2));
+    hello(&mut core, &authority, busy_conn, sender);
+    hello(&mut core, &authority, idle_conn, idle);
+    let send =
+        |id: u64| Frame::Send(frames::Send { client_msg_id: id, to_user: remote, after: None, payload: vec![1] });
+    core.handle_frame(busy_conn, send(1), at(NOW_MS));
+    assert!(outputs(&mut core).is_empty(), "the send waits for shard 1");
+    assert_eq!(core.poll_outbox(1, 64).len(), 1, "the send goes to shard 1");
+
+    core.begin_drain(at(NOW_MS));
+    let drained = outputs(&mut core);
+    assert_eq!(closed_with(&drained, idle_conn), Some((close_code::SHUTTING_DOWN, None)));
+    assert_eq!(closed_with(&drained, busy_conn), None, "closed with its Send unanswered");
+    assert!(!core.drain_settled());
+    // A Send that comes now is not taken: nothing is answered or routed.
+    core.handle_frame(busy_conn, send(2), at(NOW_MS));
+    assert!(outputs(&mut core).is_empty());
+    assert!(core.poll_outbox(1, 64).is_empty(), "a send taken while draining");
+    // A connection that opens now is closed at once.
+    core.handle_connection(ConnId(3), at(NOW_MS));
+    assert_eq!(closed_with(&outputs(&mut core), ConnId(3)), Some((close_code::SHUTTING_DOWN, None)));
+
+    // Shard 1 answers the Send in flight: its Ack, then the close.
+    let stored = ShardMessage::StoreOutcome {
+        sender: DeviceKey { user: sender, device: 1 },
+        accepted_at_ms: NOW_MS,
+        to_user: remote,
+        payload_bytes: 1,
+        client_msg_id: 1,
+        result: Ok(42),
+    };
+    core.handle_shard_message(1, stored, at(NOW_MS + 1));
+    core.handle_timeout(at(NOW_MS + 1));
+    let answered = outputs(&mut core);
+    let ack_at = answered.iter().position(
+        |output| matches!(output, Output::Frame { conn, frame: Frame::Ack(ack) } if *conn == busy_conn && ack.client_msg_id == 1),
+    );
+    let close_at = answered
+        .iter()
+        .position(|output| matches!(output, Output::Close { conn, close_code, .. } if *conn == busy_conn && *close_code == close_code::SHUTTING_DOWN));
+    assert!(ack_at.is_some() && close_at.is_some() && ack_at < close_at, "{answered:?}");
+    assert!(core.drain_settled());
+}
