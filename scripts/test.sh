@@ -2,7 +2,9 @@
 # The test suite, on any machine of this project's kind (Debian, root): installs
 # what the suite needs and the machine lacks, then runs every test.
 #   - a C compiler (the build scripts of ring and glommio compile C);
-#   - mosquitto and nats-server (the perf harness's peer smoke test starts them).
+#   - mosquitto and nats-server (the perf harness's peer smoke test starts them);
+#   - systemd, for systemd-analyze, systemd-sysusers and systemd-tmpfiles (the
+#     deploy tests check the unit and its snippets; no systemd runs as PID 1).
 # Extra arguments go to `cargo test` (e.g. `bash scripts/test.sh -p irisd`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,7 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     apt-get update -q

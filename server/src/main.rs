@@ -287,6 +287,8 @@ fn serve(
     if let Some(admin) = node.admin {
         println!("irisd: admin endpoint on http://{admin}/metrics and /health");
     }
+    irisd::driver::systemd::ready(&format!("serving {shard_count} shard(s) on {first}"));
+    irisd::driver::systemd::start_watchdog(node.shard_metrics());
     drain_on_signal(&node, Duration::from_millis(u64::from(config.runtime.drain_timeout_ms)))
 }
 
@@ -308,6 +310,7 @@ fn drain_on_signal(node: &runtime::RunningNode, timeout: Duration) -> ExitCode {
     let Some(signal) = signals.forever().next() else { return ExitCode::SUCCESS };
     let started = std::time::Instant::now();
     tracing::info!(signal, timeout_ms = timeout.as_millis() as u64, "draining");
+    irisd::driver::systemd::stopping("draining: clients told to reconnect, sends in flight answered, logs synced");
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             eprintln!("irisd: signal {signal} during the drain; exiting now");

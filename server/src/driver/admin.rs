@@ -18,6 +18,20 @@ const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// (the loop iterates at least once a second, `shard_loop::HEARTBEAT_INTERVAL`).
 const SHARD_STALLED_AFTER_MS: u64 = 5_000;
 
+/// The shards whose loop has not iterated for [`SHARD_STALLED_AFTER_MS`]
+/// (read by `/readyz` and by the systemd watchdog).
+pub fn stalled_shards(shards: &[Arc<ShardMetrics>]) -> Vec<usize> {
+    let now_ms = crate::metrics::monotonic_ms();
+    shards
+        .iter()
+        .enumerate()
+        .filter(|(_, metrics)| {
+            now_ms.saturating_sub(metrics.heartbeat_ms.load(Ordering::Relaxed)) > SHARD_STALLED_AFTER_MS
+        })
+        .map(|(shard, _)| shard)
+        .collect()
+}
+
 /// `/readyz` (and `/health`, its older name): 200 while every shard has
 /// recovered and its loop is iterating; 503 saying which is not (a shard
 /// that panics takes the process down instead).
@@ -25,16 +39,7 @@ fn readiness(shards: &[Arc<ShardMetrics>], serving: &AtomicBool) -> (&'static st
     if !serving.load(Ordering::Acquire) {
         return ("503 Service Unavailable", "starting: recovering the logs\n".to_string());
     }
-    let now_ms = crate::metrics::monotonic_ms();
-    let stalled: Vec<String> = shards
-        .iter()
-        .enumerate()
-        .filter(|(_, metrics)| {
-            let beat = metrics.heartbeat_ms.load(Ordering::Relaxed);
-            now_ms.saturating_sub(beat) > SHARD_STALLED_AFTER_MS
-        })
-        .map(|(shard, _)| shard.to_string())
-        .collect();
+    let stalled: Vec<String> = stalled_shards(shards).iter().map(ToString::to_string).collect();
     if stalled.is_empty() {
         ("200 OK", "ok\n".to_string())
     } else {

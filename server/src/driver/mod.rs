@@ -12,6 +12,7 @@
 //! - [`reservations`]: extends the durable id and seq reservations off the
 //!   shard thread.
 //! - [`admin`]: the metrics and health HTTP endpoint.
+//! - [`systemd`]: READY/STATUS/WATCHDOG/STOPPING notifications.
 //! - [`failpoint`]: fault injection for tests (debug builds only).
 
 pub mod admin;
@@ -22,4 +23,5 @@ pub mod log_writer;
 pub mod reservations;
 pub mod runtime;
 pub mod shard_loop;
+pub mod systemd;
 pub mod udp;

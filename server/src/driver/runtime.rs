@@ -126,6 +126,11 @@ pub enum DrainOutcome {
 }
 
 impl RunningNode {
+    /// Every shard's counters, in shard order.
+    pub fn shard_metrics(&self) -> Vec<Arc<ShardMetrics>> {
+        self.shard_metrics.clone()
+    }
+
     /// Drains every shard ([`crate::shard::ShardCore::begin_drain`]) and
     /// waits, at most `timeout`, until all of them are settled at once.
     pub fn drain(&self, timeout: Duration) -> DrainOutcome {
@@ -232,9 +237,10 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
     }
     // Serve only once every shard has recovered and is running.
     drop(ready_sender);
-    for _ in 0..shard_count {
+    super::systemd::status(&format!("recovering the logs of {shard_count} shard(s)"));
+    for recovered in 1..=shard_count {
         match ready_receiver.recv() {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => super::systemd::status(&format!("recovered {recovered} of {shard_count} shard(s)")),
             Ok(Err(detail)) => return Err(StartError::Shard(detail)),
             Err(_) => return Err(StartError::Shard("a shard stopped during start".into())),
         }
