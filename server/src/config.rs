@@ -2,7 +2,7 @@
 //! validated as a whole. Every limit has a name, a unit and a default that is
 //! explained where it is declared.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -27,13 +27,31 @@ pub enum ConfigError {
         /// The parser's message, with line and column.
         detail: String,
     },
-    /// A value is out of its allowed range.
+    /// A value is out of its allowed range (named with its section and key).
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A value in the file is out of its allowed range.
+    #[error("config file {path}: {message}")]
+    InvalidIn {
+        /// The file.
+        path: PathBuf,
+        /// The key and why its value is refused.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The same error, naming the file the values came from.
+    pub fn in_file(self, path: &Path) -> ConfigError {
+        match self {
+            ConfigError::Invalid(message) => ConfigError::InvalidIn { path: path.to_path_buf(), message },
+            other => other,
+        }
+    }
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where keys, certificates and (later) the logs live.
@@ -60,7 +78,7 @@ pub struct Config {
 }
 
 /// How messages are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// Per-shard log; an Ack is sent only after the fdatasync covering the message.
@@ -70,7 +88,7 @@ pub enum Durability {
 }
 
 /// Storage settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// `"fsync"` (default) or `"none"`.
@@ -118,7 +136,7 @@ impl Default for StorageConfig {
 }
 
 /// Limits. Each bound says what happens when it is reached.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest frame accepted or sent (length prefix value). Over it: FrameTooLarge, connection closed.
@@ -187,7 +205,7 @@ pub struct Limits {
 /// is charged to (its device's sends and bytes, and its device -> user
 /// pair), else it is refused with `Throttle{retry_after_ms}` saying when it
 /// would pass. A `*_per_s` of 0 turns that bucket off.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimits {
     /// Sends per second of one device, to anyone.
@@ -223,7 +241,7 @@ impl Default for RateLimits {
 }
 
 /// CoDel admission control (RFC 8289's control law, applied to new Sends).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admission {
     /// Target sojourn of a Send, from its arrival to its answer (which
@@ -243,7 +261,7 @@ impl Default for Admission {
 }
 
 /// Runtime tuning.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// glommio's locked I/O memory per shard, in bytes (it refuses to start below 512 KiB).
@@ -366,6 +384,14 @@ impl Config {
         toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), detail: e.to_string() })
     }
 
+    /// Reads and checks `path` as `irisd serve --config` would before
+    /// flags apply (`irisd check-config`): the same messages, with the file.
+    pub fn check_file(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::load(Some(path))?;
+        config.validate().map_err(|error| error.in_file(path))?;
+        Ok(config)
+    }
+
     /// Checks every value; call after flags are applied.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
@@ -434,8 +460,14 @@ impl Config {
         if self.runtime.io_memory_bytes < 512 * 1024 {
             return invalid("runtime.io_memory_bytes must be at least 524288 (glommio's minimum)".into());
         }
-        if self.runtime.idle_timeout_ms < 1000 {
-            return invalid("runtime.idle_timeout_ms must be at least 1000".into());
+        if !(1000..=600_000).contains(&self.runtime.idle_timeout_ms) {
+            return invalid("runtime.idle_timeout_ms must be between 1000 and 600000".into());
+        }
+        if self.runtime.io_memory_bytes > 1 << 30 {
+            return invalid("runtime.io_memory_bytes must be at most 1 GiB".into());
+        }
+        if limits.connections_per_shard_max > 10_000_000 {
+            return invalid("limits.connections_per_shard_max must be at most 10000000".into());
         }
         let storage = &self.storage;
         // Recovery holds one segment's bytes and its decoded records at a
@@ -495,14 +527,14 @@ impl Config {
         if self.admission.codel_target_ms > 10_000 || !(1..=60_000).contains(&self.admission.codel_interval_ms) {
             return invalid("admission.codel_target_ms must be at most 10000 and codel_interval_ms 1..=60000".into());
         }
-        if self.runtime.hello_timeout_ms < 100 {
-            return invalid("runtime.hello_timeout_ms must be at least 100".into());
+        if !(100..=600_000).contains(&self.runtime.hello_timeout_ms) {
+            return invalid("runtime.hello_timeout_ms must be between 100 and 600000".into());
         }
         if !(100..=600_000).contains(&self.runtime.drain_timeout_ms) {
             return invalid("runtime.drain_timeout_ms must be between 100 and 600000".into());
         }
-        if self.runtime.push_stall_timeout_ms < 100 {
-            return invalid("runtime.push_stall_timeout_ms must be at least 100".into());
+        if !(100..=3_600_000).contains(&self.runtime.push_stall_timeout_ms) {
+            return invalid("runtime.push_stall_timeout_ms must be between 100 and 3600000".into());
         }
         Ok(())
     }

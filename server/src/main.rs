@@ -1,4 +1,5 @@
 //! `irisd`: the Iris server binary. `irisd serve` runs the shards;
+//! `irisd check-config FILE` checks a configuration file;
 //! `irisd token` mints an access token for a device;
 //! `irisd rotate-token-key` replaces the token-signing key.
 
@@ -36,6 +37,12 @@ enum Command {
         #[arg(long)]
         shards: Option<u16>,
     },
+    /// Check a configuration file: exit 0 if `irisd serve --config FILE`
+    /// would accept it, else 1 with the file, key and reason.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
     /// Print an access token for a device.
     Token {
         /// Data directory holding the token-signing key.
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, data_dir, listen, shards } => serve(config, data_dir, listen, shards),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Token { data_dir, user, device, ttl } => token(&data_dir, user, device, ttl),
         Command::RotateTokenKey { data_dir } => rotate_token_key(&data_dir),
     }
@@ -127,6 +135,19 @@ fn rotate_token_key(data_dir: &Path) -> ExitCode {
         retired_file.display()
     );
     ExitCode::SUCCESS
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match Config::check_file(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("irisd: {error}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn token(data_dir: &Path, user: u64, device: u32, ttl: u64) -> ExitCode {
@@ -199,6 +220,10 @@ fn serve(
     };
     config.shards = Some(shard_count);
     if let Err(error) = config.validate() {
+        let error = match &config_path {
+            Some(path) => error.in_file(path),
+            None => error,
+        };
         return fail(error.to_string());
     }
     // Files irisd creates are its own: the logs hold who talks to whom.
