@@ -73,7 +73,7 @@ async fn a_flooding_sender_is_throttled_while_another_on_its_shard_is_not() {
     let untracked = common::metric_sum(&metrics, "iris_rate_limit_untracked_total", "shard=\"0\"");
     assert_eq!(untracked, 0, "the tables are far from their bound");
     // Every accepted send's sojourn is in the histogram.
-    let sojourns = common::metric_sum(&metrics, "iris_send_sojourn_milliseconds_count", "shard=\"0\"");
+    let sojourns = common::metric_sum(&metrics, "iris_send_sojourn_seconds_count", "shard=\"0\"");
     assert!(sojourns >= acked + acked_other + 20, "{sojourns} sojourns:\n{metrics}");
 }
 

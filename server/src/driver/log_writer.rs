@@ -148,6 +148,8 @@ pub enum WriterEvent {
         last_ticket: u64,
         /// Bytes of records it carried.
         bytes: u64,
+        /// How long its write and sync took, µs.
+        took_us: u64,
     },
     /// The chunk could not be written or synced.
     Failed {
@@ -209,12 +211,14 @@ pub async fn run_writer(
     while let Ok(command) = commands.recv_async().await {
         match command {
             WriterCommand::Write(chunk) => {
+                let started = std::time::Instant::now();
                 let event = match writer.write(&chunk, &mut resume).await {
                     Ok(()) => WriterEvent::Durable {
                         segment: chunk.segment,
                         first_ticket: chunk.first_ticket,
                         last_ticket: chunk.last_ticket,
                         bytes: chunk.bytes.len() as u64,
+                        took_us: started.elapsed().as_micros() as u64,
                     },
                     Err(error) => {
                         tracing::error!(segment = chunk.segment, %error, "log write failed; sends in it are refused");

@@ -364,6 +364,17 @@ impl<S: MailboxStore> ShardLoop<S> {
             ShardMetrics::set(counter, value);
         }
         ShardMetrics::set(&metrics.sojourn_ms_sum, stats.sojourn_ms_sum);
+        for (counter, value) in metrics.deliver_buckets.iter().zip(stats.deliver_buckets) {
+            ShardMetrics::set(counter, value);
+        }
+        ShardMetrics::set(&metrics.deliver_ms_sum, stats.deliver_ms_sum);
+        for (counter, value) in metrics.frames_received_total.iter().zip(stats.frames_in) {
+            ShardMetrics::set(counter, value);
+        }
+        for (counter, value) in metrics.frames_sent_total.iter().zip(stats.frames_out) {
+            ShardMetrics::set(counter, value);
+        }
+        ShardMetrics::set(&metrics.outbox_messages, self.core.outbox_messages());
         for (counter, value) in metrics.refusals_by_code.iter().zip(stats.refused_by_code) {
             ShardMetrics::set(counter, value);
         }
@@ -467,8 +478,11 @@ impl<S: MailboxStore> ShardLoop<S> {
 
     fn accept_writer_event(&mut self, event: Option<WriterEvent>) {
         match event {
-            Some(WriterEvent::Durable { segment, first_ticket, last_ticket, bytes }) => {
+            Some(WriterEvent::Durable { segment, first_ticket, last_ticket, bytes, took_us }) => {
                 ShardMetrics::add(&self.metrics.log_writes_total, 1);
+                let bucket = crate::metrics::bucket_of(&crate::metrics::LOG_SYNC_BUCKETS_US, took_us);
+                ShardMetrics::add(&self.metrics.log_sync_buckets[bucket], 1);
+                ShardMetrics::add(&self.metrics.log_sync_us_sum, took_us);
                 ShardMetrics::add(&self.metrics.log_bytes_total, bytes);
                 let outcome = WriteOutcome::Durable;
                 self.core.handle_write_outcome(segment, first_ticket, last_ticket, outcome, Self::clock());
@@ -600,6 +614,7 @@ impl<S: MailboxStore> ShardLoop<S> {
                                 std::thread::sleep(Duration::from_secs(1));
                             }
                         }
+                        ShardMetrics::add(&self.metrics.handshakes_total, 1);
                         *self.connections_by_source.entry(source).or_default() += 1;
                         self.handshaking += 1;
                         let mut connection = Connection::new(quic, self.core.frame_bytes_max(), self.connection_limits);

@@ -31,7 +31,7 @@ use super::rate::{Rate, RateTable};
 use super::StateMap;
 use crate::auth::{TokenError, TokenVerifier};
 use crate::storage::schedule::IoSchedule;
-use iris_protocol::frames::{self, Frame};
+use iris_protocol::frames::{self, Frame, FrameKind};
 use iris_protocol::{close_code, ErrorCode};
 use iris_shard_map::{NodeId, ShardId, SlotTable, UserId};
 use std::collections::VecDeque;
@@ -277,7 +277,19 @@ pub struct CoreStats {
     /// Sends refused because their sending user held its whole share of a
     /// recipient device's mailbox.
     pub sends_over_mailbox_share: u64,
+    /// Frames handled, by kind (index: the kind's byte; below [`FRAME_KIND_SLOTS`]).
+    pub frames_in: [u64; FRAME_KIND_SLOTS],
+    /// Frames handed to the driver for clients, by kind (pushes included).
+    pub frames_out: [u64; FRAME_KIND_SLOTS],
+    /// Deliver latencies (the message's acceptance to its push), per bucket
+    /// of [`SOJOURN_BUCKETS_MS`] (the last counts the rest).
+    pub deliver_buckets: [u64; SOJOURN_BUCKETS_MS.len() + 1],
+    /// Sum of those latencies, ms.
+    pub deliver_ms_sum: u64,
 }
+
+/// Slots of the per-kind frame counters ([`CoreStats::frames_in`]).
+pub const FRAME_KIND_SLOTS: usize = 16;
 
 /// A removal waiting to be durable before anyone is told: until then the
 /// removed device's sessions are parked (Closing) rather than told
@@ -607,6 +619,7 @@ impl<S: MailboxStore> ShardCore<S> {
                 }
             }
         }
+        self.stats.frames_in[usize::from(frame.kind() as u8) % FRAME_KIND_SLOTS] += 1;
         match frame {
             Frame::Ping(ping) => self.emit(conn, Frame::Pong(frames::Pong { nonce: ping.nonce })),
             Frame::ShardMapRequest(_) => {
@@ -1188,6 +1201,14 @@ impl<S: MailboxStore> ShardCore<S> {
     pub fn poll_output(&mut self) -> Option<Output> {
         self.flush_commits();
         let output = self.outputs.pop_front()?;
+        let kind = match &output {
+            Output::Frame { frame, .. } | Output::Close { frame: Some(frame), .. } => Some(frame.kind()),
+            Output::Encoded { .. } => Some(frames::FrameKind::ShardMap),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            self.stats.frames_out[usize::from(kind as u8) % FRAME_KIND_SLOTS] += 1;
+        }
         match &output {
             Output::Close { conn, close_code, .. } => {
                 let grace = schedule::Deadline::Grace { close_code: *close_code };
@@ -1228,6 +1249,10 @@ impl<S: MailboxStore> ShardCore<S> {
         let device = *device;
         self.store.note_pushed(device, seq);
         self.stats.deliveries += 1;
+        self.stats.frames_out[FrameKind::Deliver as usize] += 1;
+        let latency_ms = self.wall_ms.saturating_sub(message.sent_at_ms);
+        self.stats.deliver_buckets[SOJOURN_BUCKETS_MS.partition_point(|bound| *bound < latency_ms)] += 1;
+        self.stats.deliver_ms_sum += latency_ms;
         Some(Frame::Deliver(frames::Deliver {
             seq,
             from_user: message.from_user,
@@ -1337,6 +1362,11 @@ impl<S: MailboxStore> ShardCore<S> {
         assert!(end >= self.message_sequence_end, "a reservation only grows");
         assert!(end <= 1 << MESSAGE_SEQUENCE_BITS, "message ids beyond the layout");
         self.message_sequence_end = end;
+    }
+
+    /// Messages waiting in the outboxes for other shards.
+    pub fn outbox_messages(&self) -> u64 {
+        self.outbox.iter().map(|messages| messages.len() as u64).sum()
     }
 
     /// The store's seqs against their durable reservation
