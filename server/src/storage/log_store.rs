@@ -203,11 +203,6 @@ struct Bodies {
     next_generation: u64,
     /// Segments whose compaction gave up on failing reads (until reclaimed).
     compaction_skips: std::collections::BTreeSet<u64>,
-    /// Records whose bytes came back damaged once, by (segment, offset):
-    /// they are read once more before their messages are given up, in case
-    /// the damage was in the read, not on the disk. Bounded by
-    /// [`SUSPECT_RECORDS_MAX`]; past it a damaged record is given up at once.
-    suspect: HashSet<(u64, u64)>,
     /// Reads completed, failed, and messages dropped as unreadable.
     reads_total: u64,
     read_failures_total: u64,
@@ -277,9 +272,6 @@ const STARVED_WOKEN_PER_READ: usize = 4;
 /// Failed reads after which a compaction gives its segment up (a sector
 /// that keeps failing must not stop every other compaction).
 const COMPACTION_READ_FAILURES_MAX: u32 = 8;
-
-/// Damaged records remembered for their second read (`Bodies::suspect`).
-const SUSPECT_RECORDS_MAX: usize = 1024;
 
 /// The log record of `message` stored for `recipients`.
 /// At least the encoded size of a `MessageStored` record with
@@ -728,84 +720,6 @@ impl LogStore {
                 error,
                 "an undelivered message cannot be read back from the log; it is dropped"
             );
-        }
-    }
-
-    /// A read of `at` failed (or its bytes came back damaged the first
-    /// time): nothing is dropped; the next push asks again (the driver
-    /// waits a while after failed reads), or the compaction does.
-    fn read_failed(&mut self, at: RecordAt, for_loading: bool, error: &str) {
-        if let Some(loading) = self.bodies.loading.as_mut().filter(|_| for_loading) {
-            loading.failures += 1;
-            if loading.failures > COMPACTION_READ_FAILURES_MAX {
-                tracing::warn!(segment = loading.from, "compaction gives the segment up: its reads keep failing");
-                self.bodies.compaction_skips.insert(loading.from);
-                self.bodies.loading = None;
-            } else {
-                loading.pending.push_back(at);
-            }
-        }
-        if !self.on_disk.contains(&at.segment) {
-            // Reclaimed meanwhile: nothing there to compact either.
-            if self.bodies.loading.as_ref().is_some_and(|loading| loading.from == at.segment) {
-                self.bodies.loading = None;
-            }
-        }
-        // A segment reclaimed meanwhile (its entries moved or were
-        // delivered) is not a failing disk.
-        if self.on_disk.contains(&at.segment) {
-            self.bodies.read_failures_total += 1;
-            tracing::warn!(segment = at.segment, offset = at.offset, %error, "reading a message back failed");
-        }
-    }
-
-    /// Applies a completed read of `at`: stages the body for the entries
-    /// that wanted it, or drops every entry whose record lies there when
-    /// the bytes are not the message the index expects.
-    fn accept_decoded(
-        &mut self,
-        at: RecordAt,
-        reading: Reading,
-        decoded: Result<(Rc<MailboxMessage>, Vec<RecipientSeq>), String>,
-    ) {
-        let key = (at.segment, at.offset);
-        match decoded {
-            Ok((message, recipients)) => {
-                for (device, seq, _) in reading.wanted {
-                    if !self.is_cold_at(device, seq, key, None) {
-                        continue; // delivered, moved or read back meanwhile
-                    }
-                    let listed = device.user == message.to_user
-                        && recipients.iter().any(|recipient| (recipient.device, recipient.seq) == (device.device, seq));
-                    let same = self.index.entry(device, seq).is_some_and(|e| e.server_msg_id == message.server_msg_id);
-                    if listed && same {
-                        self.stage(device, seq, Rc::clone(&message));
-                    } else {
-                        // Another message lies where this entry's record should.
-                        self.drop_unreadable(device, seq, "the record there holds another message");
-                    }
-                }
-                if let Some(loading) = self.bodies.loading.as_mut().filter(|loading| loading.from == at.segment) {
-                    let bytes = message.payload.len() as u64;
-                    if loading.bodies.insert(key, message).is_none() {
-                        loading.bytes += bytes;
-                    }
-                }
-                self.trim_staged(0);
-            }
-            Err(error) => {
-                // The bytes on disk are not the message the index expects
-                // there: it cannot be delivered. Every entry whose record
-                // lies there goes, loudly (all of them, so that a compaction
-                // does not ask for it again and again).
-                let mut holders: Vec<(DeviceKey, u64)> = reading.wanted.iter().map(|w| (w.0, w.1)).collect();
-                holders.extend(self.entries_at(at));
-                for (device, seq) in holders {
-                    if self.is_cold_at(device, seq, key, None) {
-                        self.drop_unreadable(device, seq, &error);
-                    }
-                }
-            }
         }
     }
 
@@ -1522,20 +1436,73 @@ impl LogIo for LogStore {
         let bytes = match result {
             Ok(bytes) => bytes,
             Err(error) => {
-                self.read_failed(at, for_loading, &error);
+                // Asked again by the next push (the driver waits a while
+                // after failed reads), or by the compaction.
+                if let Some(loading) = self.bodies.loading.as_mut().filter(|_| for_loading) {
+                    loading.failures += 1;
+                    if loading.failures > COMPACTION_READ_FAILURES_MAX {
+                        tracing::warn!(
+                            segment = loading.from,
+                            "compaction gives the segment up: its reads keep failing"
+                        );
+                        self.bodies.compaction_skips.insert(loading.from);
+                        self.bodies.loading = None;
+                    } else {
+                        loading.pending.push_back(at);
+                    }
+                }
+                if !self.on_disk.contains(&at.segment) {
+                    // Reclaimed meanwhile: nothing there to compact either.
+                    if self.bodies.loading.as_ref().is_some_and(|loading| loading.from == at.segment) {
+                        self.bodies.loading = None;
+                    }
+                }
+                // A segment reclaimed meanwhile (its entries moved or were
+                // delivered) is not a failing disk.
+                if self.on_disk.contains(&at.segment) {
+                    self.bodies.read_failures_total += 1;
+                    tracing::warn!(segment = at.segment, offset = at.offset, %error, "reading a message back failed");
+                }
                 return ready;
             }
         };
         self.bodies.reads_total += 1;
         match Self::decode_read(at, bytes) {
-            Err(error) if self.bodies.suspect.len() < SUSPECT_RECORDS_MAX && self.bodies.suspect.insert(key) => {
-                // Damaged bytes the first time: read once more, like a
-                // failed read, before giving the messages up.
-                self.read_failed(at, for_loading, &format!("{error}; reading it once more"));
+            Ok((message, recipients)) => {
+                for (device, seq, _) in reading.wanted {
+                    if !self.is_cold_at(device, seq, key, None) {
+                        continue; // delivered, moved or read back meanwhile
+                    }
+                    let listed = device.user == message.to_user
+                        && recipients.iter().any(|recipient| (recipient.device, recipient.seq) == (device.device, seq));
+                    let same = self.index.entry(device, seq).is_some_and(|e| e.server_msg_id == message.server_msg_id);
+                    if listed && same {
+                        self.stage(device, seq, Rc::clone(&message));
+                    } else {
+                        // Another message lies where this entry's record should.
+                        self.drop_unreadable(device, seq, "the record there holds another message");
+                    }
+                }
+                if let Some(loading) = self.bodies.loading.as_mut().filter(|loading| loading.from == at.segment) {
+                    let bytes = message.payload.len() as u64;
+                    if loading.bodies.insert(key, message).is_none() {
+                        loading.bytes += bytes;
+                    }
+                }
+                self.trim_staged(0);
             }
-            decoded => {
-                self.bodies.suspect.remove(&key);
-                self.accept_decoded(at, reading, decoded);
+            Err(error) => {
+                // The bytes on disk are not the message the index expects
+                // there: it cannot be delivered. Every entry whose record
+                // lies there goes, loudly (all of them, so that a compaction
+                // does not ask for it again and again).
+                let mut holders: Vec<(DeviceKey, u64)> = reading.wanted.iter().map(|w| (w.0, w.1)).collect();
+                holders.extend(self.entries_at(at));
+                for (device, seq) in holders {
+                    if self.is_cold_at(device, seq, key, None) {
+                        self.drop_unreadable(device, seq, &error);
+                    }
+                }
             }
         }
         ready
