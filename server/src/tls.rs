@@ -103,11 +103,12 @@ impl TlsFiles {
         // certificate signature. Tickets are stateless (sealed with a key
         // of this configuration, so of this shard, rotated every 6 h): no
         // session cache grows with connections and no lock is shared
-        // across shards. One ticket per handshake, the one a reconnect
-        // uses. No 0-RTT: early data can be replayed.
+        // across shards. Two tickets per handshake: a client spends one on
+        // every attempt, also one that times out, so the next attempt still
+        // has one. No 0-RTT: early data can be replayed.
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
-        config.send_tls13_tickets = 1;
+        config.send_tls13_tickets = 2;
         config.max_early_data_size = 0;
         Ok(config)
     }
@@ -164,7 +165,7 @@ mod tests {
         let (shard_0, shard_1) = (files.rustls_server_config().unwrap(), files.rustls_server_config().unwrap());
         assert!(!shard_0.session_storage.can_cache(), "a server-side session cache");
         assert!(shard_0.ticketer.enabled());
-        assert_eq!(shard_0.send_tls13_tickets, 1);
+        assert_eq!(shard_0.send_tls13_tickets, 2);
         let (shard_0, shard_1) = (Arc::new(shard_0), Arc::new(shard_1));
 
         let mut roots = rustls::RootCertStore::empty();

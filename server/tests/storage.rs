@@ -201,7 +201,9 @@ async fn after_damage_seqs_start_above_every_seq_handed_out() {
 
 /// A running shard extends its durable message id and seq reservations as
 /// they are used (off the shard thread), and what it reserved holds across
-/// a SIGKILL. The failpoint shrinks both blocks to 64 (from 2^30), so 300
+/// a restart after SIGKILL (which keeps the page cache: what this shows is
+/// that the reservations are written and reread, not that they are synced;
+/// `files::write_private` syncs). The failpoint shrinks both blocks to 64 (from 2^30), so 300
 /// messages to one device need several extensions of each: without them
 /// every send past the first block would be refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +215,11 @@ async fn reservations_are_extended_while_serving_and_hold_across_a_sigkill() {
     let mut server = Server::start_with_failpoint(1, &[], "small-reservations:0");
     let (sender, recipient) = (1, 2);
     let mut receiver = Client::connect(server.client_config(recipient, 1)).await.unwrap();
-    send_numbered(&server, sender, recipient, 300).await;
+    // Without extensions every send past the first block is refused until
+    // the SDK gives up; fail sooner than that.
+    tokio::time::timeout(Duration::from_secs(30), send_numbered(&server, sender, recipient, 300))
+        .await
+        .expect("300 sends through reservations of 64 within 30 s");
     let mut delivered = Vec::new();
     for _ in 0..300 {
         let message = tokio::time::timeout(Duration::from_secs(10), receiver.recv()).await.unwrap().unwrap();
