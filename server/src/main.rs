@@ -301,6 +301,16 @@ fn serve(
         Ok(node) => node,
         Err(error) => return fail(error.to_string()),
     };
+    // Handled from before "ready" is said, so a stop that follows it drains
+    // (a signal during recovery ends the process: there is nothing to drain).
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+    {
+        Ok(signals) => Some(signals),
+        Err(error) => {
+            eprintln!("irisd: cannot handle SIGTERM ({error}); a stop will not drain");
+            None
+        }
+    };
     let first = node.addresses.first().map(ToString::to_string).unwrap_or_default();
     println!(
         "irisd: ready: {shard_count} shard(s) on {first} (ports {}..={}), data in {}, CA {}",
@@ -314,24 +324,23 @@ fn serve(
     }
     irisd::driver::systemd::ready(&format!("serving {shard_count} shard(s) on {first}"));
     irisd::driver::systemd::start_watchdog(node.shard_metrics());
-    drain_on_signal(&node, Duration::from_millis(u64::from(config.runtime.drain_timeout_ms)))
+    let Some(signals) = signals else {
+        loop {
+            std::thread::park();
+        }
+    };
+    drain_on_signal(&node, signals, Duration::from_millis(u64::from(config.runtime.drain_timeout_ms)))
 }
 
 /// Serves until SIGTERM (or SIGINT), then drains: no new connections, every
 /// client told to reconnect (close code SHUTTING_DOWN) once its Sends in
 /// flight are answered, every log synced; exits within `timeout`. A second
 /// signal during the drain exits at once.
-fn drain_on_signal(node: &runtime::RunningNode, timeout: Duration) -> ExitCode {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
-        Ok(signals) => signals,
-        Err(error) => {
-            eprintln!("irisd: cannot handle SIGTERM ({error}); a stop will not drain");
-            loop {
-                std::thread::park();
-            }
-        }
-    };
+fn drain_on_signal(
+    node: &runtime::RunningNode,
+    mut signals: signal_hook::iterator::Signals,
+    timeout: Duration,
+) -> ExitCode {
     let Some(signal) = signals.forever().next() else { return ExitCode::SUCCESS };
     let started = std::time::Instant::now();
     tracing::info!(signal, timeout_ms = timeout.as_millis() as u64, "draining");
