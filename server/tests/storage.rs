@@ -412,7 +412,9 @@ async fn a_full_disk_refuses_sends_and_recovers_when_space_returns() {
     let mount = TmpfsMount(directory);
     let mount_path = mount.0.path().to_path_buf();
 
-    let mut server = Server::start_in(1, mount_path.join("data"));
+    let (admin, admin_line) = common::admin_address();
+    let mut server = Server::start_in_with(1, mount_path.join("data"), &[admin_line.as_str()]);
+    assert!(common::http_get(&admin, "/readyz").starts_with("HTTP/1.1 200"));
     let (sender, recipient) = (user_on_shard(0, 1, 1), user_on_shard(0, 1, 2));
     register(&server, recipient, 1).await;
     // Leave about 256 KiB free.
@@ -443,8 +445,15 @@ async fn a_full_disk_refuses_sends_and_recovers_when_space_returns() {
     }
     let refused = refused.expect("the disk never filled up");
     server.assert_running();
+    // Take the last pages too: /readyz's synced probe write fails, and says so.
+    let last = mount_path.join("last");
+    let _ = std::fs::write(&last, vec![0u8; 1 << 20]);
+    let ready = common::http_get(&admin, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("storage not writable on shards: 0"), "{ready}");
 
+    let _ = std::fs::remove_file(&last);
     std::fs::remove_file(&filler).unwrap();
+    assert!(common::http_get(&admin, "/readyz").starts_with("HTTP/1.1 200"), "ready again once space returns");
     // The same id again: stored now.
     raw.write_frame(&send(refused)).await;
     match raw.read_frame().await {

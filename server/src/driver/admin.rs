@@ -1,6 +1,7 @@
 //! The admin endpoint: `GET /metrics` (Prometheus text, from
 //! `crate::metrics`), `GET /healthz` (the process is up) and `GET /readyz`
-//! (every shard recovered and its loop alive; `/health` is the same), served by
+//! (every shard recovered, its loop alive and its storage writable; `/health`
+//! is the same), served by
 //! plain threads, one per request (a bounded number). Nothing here touches
 //! a shard; scrapes are rare.
 
@@ -32,18 +33,52 @@ pub fn stalled_shards(shards: &[Arc<ShardMetrics>]) -> Vec<usize> {
         .collect()
 }
 
+/// What `/readyz` looks at.
+#[derive(Debug)]
+pub struct Readiness {
+    /// Every shard's counters (heartbeats).
+    pub shards: Vec<Arc<ShardMetrics>>,
+    /// Set once every shard has recovered and serves.
+    pub serving: Arc<AtomicBool>,
+    /// The shard directories whose storage must take a write and a sync
+    /// (empty for `storage.durability = "none"`).
+    pub shard_dirs: Vec<std::path::PathBuf>,
+    /// One probe at a time (concurrent ones would share the temporary file).
+    pub probing: std::sync::Mutex<()>,
+}
+
+/// The file each `/readyz` writes and syncs in every shard directory.
+const PROBE_FILE: &str = "readyz-probe";
+
 /// `/readyz` (and `/health`, its older name): 200 while every shard has
-/// recovered and its loop is iterating; 503 saying which is not (a shard
-/// that panics takes the process down instead).
-fn readiness(shards: &[Arc<ShardMetrics>], serving: &AtomicBool) -> (&'static str, String) {
-    if !serving.load(Ordering::Acquire) {
+/// recovered, its loop is iterating and its directory takes a small
+/// synced write; 503 saying which is not (a shard that panics takes the
+/// process down instead). The write runs on this admin thread, never on a
+/// shard's.
+fn readiness(ready: &Readiness) -> (&'static str, String) {
+    if !ready.serving.load(Ordering::Acquire) {
         return ("503 Service Unavailable", "starting: recovering the logs\n".to_string());
     }
-    let stalled: Vec<String> = stalled_shards(shards).iter().map(ToString::to_string).collect();
-    if stalled.is_empty() {
+    let mut problems = Vec::new();
+    let stalled: Vec<String> = stalled_shards(&ready.shards).iter().map(ToString::to_string).collect();
+    if !stalled.is_empty() {
+        problems.push(format!("stalled shards: {}", stalled.join(" ")));
+    }
+    let _probing = ready.probing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let unwritable: Vec<String> = ready
+        .shard_dirs
+        .iter()
+        .enumerate()
+        .filter(|(_, dir)| crate::files::write_private(&dir.join(PROBE_FILE), b"ok\n").is_err())
+        .map(|(shard, _)| shard.to_string())
+        .collect();
+    if !unwritable.is_empty() {
+        problems.push(format!("storage not writable on shards: {}", unwritable.join(" ")));
+    }
+    if problems.is_empty() {
         ("200 OK", "ok\n".to_string())
     } else {
-        ("503 Service Unavailable", format!("stalled shards: {}\n", stalled.join(" ")))
+        ("503 Service Unavailable", problems.join("\n") + "\n")
     }
 }
 
@@ -58,14 +93,10 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Each connection gets its own thread (at most [`CONNECTIONS_MAX`]) and
 /// [`REQUEST_DEADLINE`] in all, so a scraper that sends its request a byte
 /// at a time, or never reads the answer, delays nobody else.
-pub fn serve_admin(
-    address: SocketAddr,
-    shards: Vec<Arc<ShardMetrics>>,
-    serving: Arc<AtomicBool>,
-) -> std::io::Result<SocketAddr> {
+pub fn serve_admin(address: SocketAddr, ready: Readiness) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let bound = listener.local_addr()?;
-    let shards: Arc<[Arc<ShardMetrics>]> = shards.into();
+    let ready = Arc::new(ready);
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name("admin".into()).spawn(move || {
         for stream in listener.incoming() {
@@ -74,9 +105,9 @@ pub fn serve_admin(
                 active.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let (shards, serving, done) = (Arc::clone(&shards), Arc::clone(&serving), Arc::clone(&active));
+            let (ready, done) = (Arc::clone(&ready), Arc::clone(&active));
             let spawned = std::thread::Builder::new().name("admin-request".into()).spawn(move || {
-                answer(stream, &shards, &serving);
+                answer(stream, &ready);
                 done.fetch_sub(1, Ordering::AcqRel);
             });
             if spawned.is_err() {
@@ -88,7 +119,7 @@ pub fn serve_admin(
 }
 
 /// Reads one request head and writes its answer, within [`REQUEST_DEADLINE`].
-fn answer(mut stream: TcpStream, shards: &[Arc<ShardMetrics>], serving: &AtomicBool) {
+fn answer(mut stream: TcpStream, ready: &Readiness) {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let left = || deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero());
     // Read until the end of the request head (it may arrive in pieces).
@@ -105,9 +136,9 @@ fn answer(mut stream: TcpStream, shards: &[Arc<ShardMetrics>], serving: &AtomicB
     let head = String::from_utf8_lossy(&request[..filled]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {
-        "/metrics" => ("200 OK", render(shards)),
+        "/metrics" => ("200 OK", render(&ready.shards)),
         "/healthz" => ("200 OK", "ok\n".to_string()),
-        "/readyz" | "/health" => readiness(shards, serving),
+        "/readyz" | "/health" => readiness(ready),
         _ => ("404 Not Found", "not found\n".to_string()),
     };
     let response = format!(

@@ -204,8 +204,21 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = match config.admin_listen {
         Some(address) => Some(
-            super::admin::serve_admin(address, shard_metrics.clone(), Arc::clone(&serving))
-                .map_err(|source| StartError::Admin { address, source })?,
+            super::admin::serve_admin(
+                address,
+                super::admin::Readiness {
+                    shards: shard_metrics.clone(),
+                    serving: Arc::clone(&serving),
+                    shard_dirs: match config.storage.durability {
+                        Durability::Fsync => {
+                            (0..shard_count).map(|shard| layout::shard_dir(&config.data_dir, shard)).collect()
+                        }
+                        Durability::None => Vec::new(),
+                    },
+                    probing: std::sync::Mutex::new(()),
+                },
+            )
+            .map_err(|source| StartError::Admin { address, source })?,
         ),
         None => None,
     };

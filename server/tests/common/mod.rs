@@ -52,8 +52,13 @@ impl Server {
 
     /// Starts irisd on a data directory at `path` (created if missing).
     pub fn start_in(shards: u16, path: PathBuf) -> Server {
+        Self::start_in_with(shards, path, &[])
+    }
+
+    /// [`Server::start_in`] with extra configuration lines.
+    pub fn start_in_with(shards: u16, path: PathBuf, config_toml: &[&str]) -> Server {
         std::fs::create_dir_all(&path).expect("create data directory");
-        Self::start_at(shards, DataDir { path, _temporary: None }, &[])
+        Self::start_at(shards, DataDir { path, _temporary: None }, config_toml)
     }
 
     /// Starts irisd with failpoint `failpoint` armed, at this start and every restart.
