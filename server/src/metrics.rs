@@ -471,6 +471,17 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
         }
+        encode_per_shard(
+            &mut encoder,
+            "iris_mailbox_messages",
+            Kind::Gauge,
+            "Mailbox entries queued for devices (one per device a message waits for).",
+            shards.len(),
+            |shard| {
+                shards[shard].mailbox_index_bytes.load(Ordering::Relaxed)
+                    / crate::shard::mailbox::MAILBOX_ENTRY_OVERHEAD_BYTES
+            },
+        )?;
         let now_ms = monotonic_ms();
         let mut age = encoder.encode_descriptor(
             "iris_shard_heartbeat_age_seconds",

@@ -1,5 +1,6 @@
 //! Log hygiene: at the most verbose level, through good and bad sessions,
-//! irisd never writes a token, a key or a message payload to its log.
+//! irisd never writes a token, a key or a message payload to its log, and
+//! what it logs while handling a connection carries that connection's span.
 
 mod common;
 
@@ -95,6 +96,8 @@ async fn no_token_key_or_payload_reaches_the_log_even_at_trace_level() {
 
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.lines().count() > 20, "a trace-level run logs something:\n{log}");
+    // Lines logged while a connection is handled carry its span.
+    assert!(log.contains("conn{id="), "no per-connection span in the log:\n{log}");
     let mut secrets: Vec<(String, String)> = Vec::new();
     for (name, token) in [
         ("sender token", &sender_token),

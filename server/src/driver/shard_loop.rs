@@ -737,6 +737,11 @@ impl<S: MailboxStore> ShardLoop<S> {
                 }
             }
             let conn = ConnId(handle.0 as u64);
+            // Every line logged while this connection's events and frames
+            // are handled (by the driver or the core) carries its id and
+            // peer. Disabled at the default level: one cached check.
+            let span = tracing::debug_span!("conn", id = handle.0, peer = %connection.source);
+            let _entered = span.enter();
             connection.poll_events(now, &mut self.core, conn, clock);
         }
     }
