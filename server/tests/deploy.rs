@@ -30,8 +30,14 @@ fn the_systemd_unit_verifies_without_a_warning() {
     let output = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "systemd-analyze verify failed: {stderr}");
-    // Unknown keys and bad values are only warnings to verify: none allowed.
-    assert!(stderr.trim().is_empty(), "systemd-analyze verify warned: {stderr}");
+    // Unknown keys and bad values are only warnings to verify: none allowed
+    // about the unit (each names its file). Lines about the machine itself
+    // (no systemd running as PID 1 here) are not the unit's.
+    let about_unit: Vec<&str> = stderr.lines().filter(|line| line.contains("irisd.service")).collect();
+    assert!(about_unit.is_empty(), "systemd-analyze verify warned about the unit: {about_unit:?}");
+    if !stderr.trim().is_empty() {
+        eprintln!("systemd-analyze verify said (not about the unit): {stderr}");
+    }
 }
 
 #[test]
