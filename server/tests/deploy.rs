@@ -147,8 +147,18 @@ fn sigterm_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus
 fn irisd_tells_its_service_manager_status_ready_watchdog_and_stopping() {
     let manager = Manager::new();
     let data = tempfile::tempdir().unwrap();
-    let (mut child, _) = serve_under(&manager, data.path(), "");
+    let (mut child, port) = serve_under(&manager, data.path(), "");
     let lines = manager.wait_for("READY=1", Duration::from_secs(30));
+    // A device registers on shard 0: its log gets a segment.
+    let authority =
+        irisd::auth::TokenAuthority::load_or_create(&data.path().join("keys/token-signing.key"), false).unwrap().0;
+    let user = common::user_on_shard(0, 2, 1);
+    let token =
+        authority.mint(irisd::auth::Claims { user_id: user, device_id: 1, expires_at_s: common::now_s() + 600 });
+    let config = iris_client::ClientConfig::new(format!("127.0.0.1:{port}"), data.path().join("tls/cert.pem"), token);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        iris_client::Client::connect(config).await.unwrap().close().await.unwrap();
+    });
     let ready_at = lines.iter().position(|line| line == "READY=1").unwrap();
     assert!(lines[..ready_at].iter().any(|line| line.starts_with("STATUS=recovering")), "{lines:?}");
     assert!(lines[..ready_at].iter().any(|line| line == "STATUS=recovered 2 of 2 shard(s)"), "{lines:?}");
@@ -163,6 +173,18 @@ fn irisd_tells_its_service_manager_status_ready_watchdog_and_stopping() {
     assert!(status.success(), "{status:?}");
     let lines = manager.lines();
     assert!(lines.iter().any(|line| line == "STOPPING=1"), "{lines:?}");
+    // A restart recovers the log the first run wrote and says so, segment
+    // by segment.
+    let restarted = Manager::new();
+    let (mut child, _) = serve_under(&restarted, data.path(), "");
+    let lines = restarted.wait_for("READY=1", Duration::from_secs(30));
+    let ready_at = lines.iter().position(|line| line == "READY=1").unwrap();
+    assert!(
+        lines[..ready_at].iter().any(|line| line.starts_with("STATUS=shard 0: recovered log segment")),
+        "{lines:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

@@ -420,7 +420,11 @@ async fn run_shard(
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
             };
             let mut recovery = Recovery::new(store_limits, log_limits);
-            let replay = |segment, scan: &_| recovery.replay_segment(segment, scan);
+            let replay = |segment, scan: &_| {
+                recovery.replay_segment(segment, scan);
+                // systemctl status shows how far a long recovery is.
+                super::systemd::status(&format!("shard {shard}: recovered log segment {segment}"));
+            };
             let last = match layout::scan_segments(&dir, &key, &key_path, damage_floor, replay) {
                 Ok(last) => last,
                 Err(error) => return report_failure(&ready, shard, error.to_string()),
