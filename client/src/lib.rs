@@ -395,9 +395,15 @@ pub fn client_tls(ca_path: &Path) -> Result<quinn::ClientConfig, ClientError> {
     crypto.alpn_protocols = vec![iris_protocol::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| ca_error(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(client_transport()));
+    Ok(config)
+}
+
+/// The QUIC transport settings of an Iris client: a keep-alive every 10 s
+/// (well inside the server's idle timeout) and a 30 s idle timeout.
+pub fn client_transport() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
     transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    transport
 }

@@ -16,6 +16,7 @@
 //! - [`report`]: counts, HDR percentiles, the summary table and the JSON report.
 //! - [`html`]: the HTML report with SVG charts.
 
+mod client_tls;
 mod compare;
 mod connect;
 mod fanin;
@@ -286,9 +287,14 @@ enum Command {
         /// Connections to open.
         #[arg(long, default_value_t = 1000)]
         connections: u64,
-        /// Seconds to hold them open before measuring memory.
+        /// Seconds to hold them open before measuring memory (and idle CPU:
+        /// use 20 or more to see keep-alives, sent every 10 s).
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
+        /// Then reconnect every user twice, without and with TLS tickets,
+        /// to measure full and resumed handshakes side by side.
+        #[arg(long)]
+        reconnect: bool,
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -401,13 +407,13 @@ fn run(cli: Cli) -> Result<(), String> {
             let label = Some(format!("iris {} soak", server.durability));
             run_pairs(server, shape, duration, (json, html), label, 1, (sample_interval, Some(warmup)))
         }
-        Command::Connect { server, connections, settle, json } => {
+        Command::Connect { server, connections, settle, reconnect, json } => {
             if connections == 0 || connections > 1_000_000 || !(0.0..=3600.0).contains(&settle) {
                 return Err("--connections must be 1..=1000000 and --settle 0..=3600".into());
             }
             check_server_args(&server)?;
             let (spawned, target, pid) = target(&server)?;
-            connect::report(&target, pid, (connections, settle), json)?;
+            connect::report(&target, pid, connect::ConnectOptions { connections, settle, reconnect }, json)?;
             drop(spawned);
             Ok(())
         }

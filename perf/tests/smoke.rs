@@ -61,7 +61,7 @@ fn impossible_parameters_fail_with_one_line() {
 fn connect_smoke_holds_authenticated_connections() {
     let json = tempfile::NamedTempFile::new().unwrap();
     let output = iris_perf()
-        .args(["connect", "--spawn-server", "--connections", "50", "--settle", "0.2"])
+        .args(["connect", "--spawn-server", "--connections", "50", "--settle", "0.2", "--reconnect"])
         .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--server-arg=--shards", "--server-arg=2"])
         .args(["--port", &free_port().to_string(), "--json"])
         .arg(json.path())
@@ -72,6 +72,15 @@ fn connect_smoke_holds_authenticated_connections() {
     assert_eq!(report["established"], 50, "{report}");
     assert_eq!(report["failed"], 0);
     assert!(report["server_rss_per_connection_bytes"].as_f64().is_some());
+    // The first pass offers no TLS tickets: every handshake is a full one,
+    // the redirected attempts included.
+    assert!(report["full_handshakes"].as_u64().unwrap() >= 50, "{report}");
+    // Reconnected to their home shards: 50 full handshakes without tickets,
+    // then 50 resumed with the tickets the home shards issued.
+    assert_eq!(report["reconnect_full"]["established"], 50, "{report}");
+    assert_eq!(report["reconnect_full"]["full_handshakes"], 50, "{report}");
+    assert_eq!(report["reconnect_resumed"]["established"], 50, "{report}");
+    assert_eq!(report["reconnect_resumed"]["full_handshakes"], 0, "resumption failed: {report}");
 }
 
 #[test]

@@ -181,19 +181,44 @@ fn serve(
     listen: Option<SocketAddr>,
     shards: Option<u16>,
 ) -> ExitCode {
-    // Log lines go to stderr from a thread of their own: a shard never
-    // blocks on a slow or stalled stderr (a full pipe, a stuck journald).
-    // Past LOG_LINES_BUFFERED_MAX waiting lines, new ones are dropped.
-    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_LINES_BUFFERED_MAX)
-        .lossy(true)
-        .thread_name("irisd-log")
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IRIS_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(log_writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Records leave from a thread of their own: a shard never blocks on a
+    // slow or stalled stderr or journald (a full pipe, a stuck journald).
+    // Past a bound of waiting records, new ones are dropped.
+    let filter = || tracing_subscriber::EnvFilter::try_from_env("IRIS_LOG").unwrap_or_else(|_| "info".into());
+    let to_journal = match std::env::var("IRIS_LOG_OUTPUT").as_deref() {
+        Err(_) | Ok("auto") => irisd::driver::journal::stderr_is_journal(),
+        Ok("journal") => true,
+        Ok("stderr") => false,
+        Ok(other) => {
+            eprintln!("irisd: IRIS_LOG_OUTPUT={other}: must be auto, journal or stderr");
+            return ExitCode::from(2);
+        }
+    };
+    let _log_guard: Box<dyn std::any::Any> = if to_journal {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let (layer, guard) = match irisd::driver::journal::layer() {
+            Ok(started) => started,
+            Err(error) => {
+                eprintln!("irisd: cannot start the journal thread: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing_subscriber::registry().with(filter()).with(layer).init();
+        Box::new(guard)
+    } else {
+        let (log_writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .buffered_lines_limit(LOG_LINES_BUFFERED_MAX)
+            .lossy(true)
+            .thread_name("irisd-log")
+            .finish(std::io::stderr());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(log_writer)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+        Box::new(guard)
+    };
     let fail = |message: String| {
         eprintln!("irisd: {message}");
         ExitCode::from(2)

@@ -91,8 +91,11 @@ async fn no_token_key_or_payload_reaches_the_log_even_at_trace_level() {
     let _ = raw.try_read_frame(Duration::from_secs(2)).await;
     client.close().await.unwrap();
     receiver.close().await.unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    // A stop that lets the log thread write what waits (a SIGKILL could
+    // lose the very lines this test looks for).
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
 
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.lines().count() > 20, "a trace-level run logs something:\n{log}");
@@ -109,6 +112,10 @@ async fn no_token_key_or_payload_reaches_the_log_even_at_trace_level() {
         secrets.push((format!("{name} signature"), token[token.len() - 24..].to_owned()));
     }
     secrets.push(("payload".into(), payload.clone()));
+    // A `{:?}` of the payload's bytes prints a list of numbers: look for
+    // the list of its random part.
+    let random_part = &payload.as_bytes()["secret-payload-".len()..];
+    secrets.push(("payload as Debug bytes".into(), format!("{random_part:?}").trim_matches(['[', ']']).to_owned()));
     for file in ["keys/token-signing.key", "log.key", "keys/stateless-reset.key", "tls/key.pem"] {
         let bytes = std::fs::read(data_dir.join(file)).unwrap();
         let bytes = if file.ends_with(".pem") {
@@ -129,4 +136,110 @@ async fn no_token_key_or_payload_reaches_the_log_even_at_trace_level() {
     for (what, text) in secrets {
         assert!(!log.contains(&text), "the log holds the {what} ({text})");
     }
+}
+
+/// Splits one datagram of the journal's native protocol into its fields:
+/// `KEY=value\n`, or `KEY\n` + a little-endian u64 length + value + `\n`.
+fn journal_fields(mut datagram: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = datagram.iter().position(|&b| b == b'\n') {
+        let line = &datagram[..end];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            let key = String::from_utf8(line[..eq].to_vec()).unwrap();
+            fields.push((key, String::from_utf8(line[eq + 1..].to_vec()).unwrap()));
+            datagram = &datagram[end + 1..];
+        } else {
+            let key = String::from_utf8(line.to_vec()).unwrap();
+            let rest = &datagram[end + 1..];
+            let length = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            fields.push((key, String::from_utf8(rest[8..8 + length].to_vec()).unwrap()));
+            assert_eq!(rest[8 + length], b'\n', "a length-prefixed field ends with a newline");
+            datagram = &rest[9 + length..];
+        }
+    }
+    assert!(datagram.is_empty(), "a datagram ends with a newline");
+    fields
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_records_reach_the_journal_with_their_fields() {
+    // irisd runs as systemd would start it, with its stderr on the journal:
+    // JOURNAL_STREAM names its stderr, and in a mount namespace of its own
+    // /run/systemd/journal is a directory where this test listens on the
+    // journal's socket.
+    let mut keys = Server::start(2);
+    keys.kill9();
+    let data_dir = keys.data_dir.path().to_path_buf();
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = std::os::unix::net::UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
+    journal.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let stderr_path = data_dir.join("stderr");
+    let port = 20_000 + (rand_u64() % 12_000) as u16;
+    let script = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
+                  && mount --bind \"$0\" /run/systemd/journal \
+                  && JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec \"$@\"";
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c", script])
+        .arg(journal_dir.path())
+        .arg(env!("CARGO_BIN_EXE_irisd"))
+        .args(["serve", "--shards", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(&data_dir)
+        .env("IRIS_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("unshare (util-linux) runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let started = lines.by_ref().map_while(Result::ok).any(|line| line.contains("ready:"));
+    assert!(started, "irisd did not start: {}", std::fs::read_to_string(&stderr_path).unwrap());
+    let reader = std::thread::spawn(move || for _ in lines {});
+    keys.base_port = port;
+
+    // A session that is refused (an expired token) logs inside its span.
+    let user = common::user_on_shard(0, 2, 10);
+    let expired = keys.authority().mint(irisd::auth::Claims { user_id: user, device_id: 1, expires_at_s: 1 });
+    let mut raw = Raw::connect(&keys, 0).await;
+    assert!(matches!(raw.hello(&expired, 0).await, Frame::Error(_)));
+    drop(raw);
+    let client = Client::connect(keys.client_config(user, 2)).await.unwrap();
+    client.close().await.unwrap();
+    // A stop: the guard sends what waits before irisd exits.
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+
+    let mut records = Vec::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    while let Ok(length) = journal.recv(&mut buffer) {
+        records.push(journal_fields(&buffer[..length]));
+    }
+    let field = |record: &[(String, String)], key: &str| record.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    assert!(records.len() > 5, "few records reached the journal: {records:?}");
+    for record in &records {
+        assert_eq!(field(record, "SYSLOG_IDENTIFIER").as_deref(), Some("irisd"), "{record:?}");
+        assert!(field(record, "TARGET").is_some() && field(record, "CODE_FILE").is_some(), "{record:?}");
+        let priority: u8 = field(record, "PRIORITY").unwrap().parse().unwrap();
+        assert!((3..=7).contains(&priority), "{record:?}");
+    }
+    // Levels are journal priorities: info is 6, debug is 7.
+    let draining = records.iter().find(|r| field(r, "SIGNAL").is_some());
+    let draining = draining.unwrap_or_else(|| panic!("no record with the drain's signal field: {records:?}"));
+    assert_eq!(field(draining, "SIGNAL").as_deref(), Some("15"));
+    assert!(field(draining, "MESSAGE").unwrap().starts_with("draining signal=15"), "{draining:?}");
+    assert_eq!(field(draining, "PRIORITY").as_deref(), Some("6"));
+    // A connection's records carry its span's fields as CONN_ID and CONN_PEER.
+    let in_span = records.iter().filter(|r| field(r, "CONN_ID").is_some()).collect::<Vec<_>>();
+    assert!(!in_span.is_empty(), "no record inside a connection span: {records:?}");
+    for record in &in_span {
+        assert_eq!(field(record, "PRIORITY").as_deref(), Some("7"), "{record:?}");
+        assert!(field(record, "CONN_PEER").unwrap().starts_with("127.0.0.1"), "{record:?}");
+        assert!(field(record, "MESSAGE").unwrap().starts_with("conn{id="), "{record:?}");
+    }
+    // Nothing went to stderr as text, and no token anywhere.
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(!stderr.contains("draining") && !stderr.contains("DEBUG"), "records on stderr too:\n{stderr}");
+    let all = format!("{records:?}");
+    assert!(!all.contains(&expired[expired.len() - 24..]), "a token reached the journal");
 }

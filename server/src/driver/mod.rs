@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod connection;
 pub mod failpoint;
+pub mod journal;
 pub mod log_reader;
 pub mod log_writer;
 pub mod reservations;
