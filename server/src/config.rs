@@ -374,6 +374,10 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Most batches in flight on one shard-to-shard channel: every ordered pair
+/// of shards has a channel, and each allocates its capacity at start.
+pub const SHARD_CHANNEL_BATCHES_CEILING: u32 = 4096;
+
 impl Config {
     /// Reads `path` (or the defaults when `None`).
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -386,8 +390,11 @@ impl Config {
 
     /// Reads and checks `path` as `irisd serve --config` would before
     /// flags apply (`irisd check-config`): the same messages, with the file.
-    pub fn check_file(path: &Path) -> Result<Config, ConfigError> {
-        let config = Config::load(Some(path))?;
+    /// A file without `shards` is checked with `default_shards`, the count
+    /// `serve` would choose on this machine (one per allowed CPU).
+    pub fn check_file(path: &Path, default_shards: u16) -> Result<Config, ConfigError> {
+        let mut config = Config::load(Some(path))?;
+        config.shards = config.shards.or(Some(default_shards));
         config.validate().map_err(|error| error.in_file(path))?;
         Ok(config)
     }
@@ -432,6 +439,12 @@ impl Config {
             if value == 0 {
                 return invalid(format!("limits.{name} must be at least 1"));
             }
+        }
+        if limits.shard_channel_batches_max > SHARD_CHANNEL_BATCHES_CEILING {
+            return invalid(format!(
+                "limits.shard_channel_batches_max = {}: at most {SHARD_CHANNEL_BATCHES_CEILING} (each of the shards x shards channels allocates it)",
+                limits.shard_channel_batches_max
+            ));
         }
         if limits.devices_per_user_max > 64 {
             return invalid(format!("limits.devices_per_user_max = {}: at most 64", limits.devices_per_user_max));

@@ -138,7 +138,14 @@ fn rotate_token_key(data_dir: &Path) -> ExitCode {
 }
 
 fn check_config(file: &Path) -> ExitCode {
-    match Config::check_file(file) {
+    let default_shards = match default_shard_count() {
+        Ok(count) => count,
+        Err(error) => {
+            eprintln!("irisd: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match Config::check_file(file, default_shards) {
         Ok(_) => {
             println!("{}: ok", file.display());
             ExitCode::SUCCESS
@@ -148,6 +155,12 @@ fn check_config(file: &Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The shard count when the configuration names none: one per CPU this
+/// process may run on (its affinity mask, e.g. systemd's `CPUAffinity=`).
+fn default_shard_count() -> Result<u16, String> {
+    runtime::allowed_cpus().map(|cpus| cpus.len().clamp(1, 1024) as u16).map_err(|error| error.to_string())
 }
 
 fn token(data_dir: &Path, user: u64, device: u32, ttl: u64) -> ExitCode {
@@ -238,9 +251,9 @@ fn serve(
     }
     let shard_count = match config.shards {
         Some(count) => count,
-        None => match runtime::allowed_cpus() {
-            Ok(cpus) => cpus.len().clamp(1, 1024) as u16,
-            Err(error) => return fail(error.to_string()),
+        None => match default_shard_count() {
+            Ok(count) => count,
+            Err(error) => return fail(error),
         },
     };
     config.shards = Some(shard_count);
@@ -369,7 +382,10 @@ fn drain_on_signal(
     let Some(signal) = signals.forever().next() else { return ExitCode::SUCCESS };
     let started = std::time::Instant::now();
     tracing::info!(signal, timeout_ms = timeout.as_millis() as u64, "draining");
-    irisd::driver::systemd::stopping("draining: clients told to reconnect, sends in flight answered, logs synced");
+    irisd::driver::systemd::stopping(
+        "draining: clients told to reconnect, sends in flight answered, logs synced",
+        timeout,
+    );
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             eprintln!("irisd: signal {signal} during the drain; exiting now");

@@ -6,7 +6,7 @@
 //! relaxed ordering: a scrape may see one counter a moment older than
 //! another, which monitoring tolerates; the data path never waits on it.
 
-use crate::shard::core::SOJOURN_BUCKETS_MS;
+use crate::shard::core::{DELIVER_BUCKETS_MS, SOJOURN_BUCKETS_MS};
 use iris_protocol::frames::FrameKind;
 use iris_protocol::ErrorCode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
@@ -111,8 +111,8 @@ pub struct ShardMetrics {
     /// Frames sent to clients, by kind.
     pub frames_sent_total: [AtomicU64; FRAME_KIND_SLOTS],
     /// Deliver latency (acceptance to push) histogram, per bucket of
-    /// `SOJOURN_BUCKETS_MS` (not cumulative; the last is the overflow).
-    pub deliver_buckets: [AtomicU64; SOJOURN_BUCKETS_MS.len() + 1],
+    /// `DELIVER_BUCKETS_MS` (not cumulative; the last is the overflow).
+    pub deliver_buckets: [AtomicU64; DELIVER_BUCKETS_MS.len() + 1],
     /// Sum of those latencies, ms.
     pub deliver_ms_sum: AtomicU64,
     /// Log chunk write+sync latency, per bucket of [`LOG_SYNC_BUCKETS_US`].
@@ -124,6 +124,18 @@ pub struct ShardMetrics {
     /// 1 while the shard is draining and settled (every session told to
     /// close, nothing owed, the log synced); read by the drain, not exported.
     pub drain_settled: AtomicU64,
+    /// 1 once the shard has recovered its log and its loop runs.
+    pub serving: AtomicU64,
+}
+
+/// The process's start, seconds since the Unix epoch (exported, so that
+/// restarts can be counted); set once by [`record_process_start`].
+static PROCESS_START_S: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Records now as the process's start (the first call wins).
+pub fn record_process_start() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let _ = PROCESS_START_S.set(now);
 }
 
 /// Milliseconds since the process first read this clock, which is
@@ -450,7 +462,7 @@ impl prometheus_client::collector::Collector for Collector {
             "iris_deliver_latency_seconds",
             "Time from a Send's acceptance to its Deliver going to a recipient device (offline time included).",
             shards,
-            &sojourn_bounds,
+            &DELIVER_BUCKETS_MS.iter().map(|ms| *ms as f64 / 1e3).collect::<Vec<_>>(),
             |metrics| (&metrics.deliver_buckets, seconds(&metrics.deliver_ms_sum)),
         )?;
         let sync_bounds: Vec<f64> = LOG_SYNC_BUCKETS_US.iter().map(|us| *us as f64 / 1e6).collect();
@@ -494,6 +506,25 @@ impl prometheus_client::collector::Collector for Collector {
             let beat = metrics.heartbeat_ms.load(Ordering::Relaxed);
             let seconds = now_ms.saturating_sub(beat) as f64 / 1e3;
             ConstGauge::new(seconds).encode(age.encode_family(&labels)?)?;
+        }
+        let mut serving = encoder.encode_descriptor(
+            "iris_shard_serving",
+            "1 once the shard has recovered its log and serves, 0 while it recovers.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (shard, metrics) in shards.iter().enumerate() {
+            let labels = [("shard", shard.to_string())];
+            ConstGauge::new(metrics.serving.load(Ordering::Relaxed)).encode(serving.encode_family(&labels)?)?;
+        }
+        if let Some(start) = PROCESS_START_S.get() {
+            let family = encoder.encode_descriptor(
+                "iris_process_start_time_seconds",
+                "When the irisd process started, seconds since the Unix epoch.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(*start).encode(family)?;
         }
         if let Some(bytes) = resident_bytes() {
             let rss = encoder.encode_descriptor(

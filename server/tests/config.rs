@@ -63,6 +63,7 @@ fn a_bad_file_is_refused_with_its_path_key_and_reason_by_check_config_and_serve(
         ("range.toml", "[storage]\nsegment_bytes_max = 4096\n", "storage.segment_bytes_max"),
         ("type.toml", "[runtime]\nidle_timeout_ms = \"soon\"\n", "idle_timeout_ms"),
         ("drain.toml", "[runtime]\ndrain_timeout_ms = 0\n", "runtime.drain_timeout_ms"),
+        ("channels.toml", "[limits]\nshard_channel_batches_max = 1000000\n", "limits.shard_channel_batches_max"),
     ];
     for (name, text, key) in cases {
         let path = dir.path().join(name);
@@ -85,4 +86,24 @@ fn a_bad_file_is_refused_with_its_path_key_and_reason_by_check_config_and_serve(
         assert!(stderr.contains(first_line), "{name}: serve said {stderr:?}, check-config {first_line:?}");
         assert!(!data.exists(), "{name}: serve created the data directory of a refused configuration");
     }
+}
+
+#[test]
+fn check_config_counts_the_shards_serve_would_run() {
+    // No `shards` in the file: serve runs one per allowed CPU, so the ports
+    // from 65535 up do not fit once there are two CPUs; check-config must
+    // say so too instead of checking one shard.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ports.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:65535\"\n").unwrap();
+    let (ok, code, message) = check_config(&path);
+    assert!(!ok && code == 1 && message.contains("one port per shard"), "{code}: {message}");
+    std::fs::write(&path, "listen = \"127.0.0.1:65535\"\nshards = 1\n").unwrap();
+    let (ok, _, message) = check_config(&path);
+    assert!(ok, "{message}");
 }

@@ -163,6 +163,9 @@ fn irisd_tells_its_service_manager_status_ready_watchdog_and_stopping() {
     assert!(lines[..ready_at].iter().any(|line| line.starts_with("STATUS=recovering")), "{lines:?}");
     assert!(lines[..ready_at].iter().any(|line| line == "STATUS=recovered 2 of 2 shard(s)"), "{lines:?}");
     assert!(!lines[..ready_at].iter().any(|line| line == "WATCHDOG=1"), "pings before start-up completed");
+    // Each step of recovery extends the start timeout by 10 minutes.
+    let extensions = lines[..ready_at].iter().filter(|line| *line == "EXTEND_TIMEOUT_USEC=600000000").count();
+    assert!(extensions >= 3, "no start-timeout extension per recovery step: {lines:?}");
     // Pings at half the 200 ms interval.
     let deadline = Instant::now() + Duration::from_secs(10);
     while manager.count("WATCHDOG=1") < 5 {
@@ -172,7 +175,9 @@ fn irisd_tells_its_service_manager_status_ready_watchdog_and_stopping() {
     let status = sigterm_and_wait(&mut child);
     assert!(status.success(), "{status:?}");
     let lines = manager.lines();
-    assert!(lines.iter().any(|line| line == "STOPPING=1"), "{lines:?}");
+    let stopping = lines.iter().position(|line| line == "STOPPING=1").unwrap_or_else(|| panic!("{lines:?}"));
+    // The stop timeout is extended to the drain timeout (2 s here) plus 10 s.
+    assert!(lines[stopping..].iter().any(|line| line == "EXTEND_TIMEOUT_USEC=12000000"), "{lines:?}");
     // A restart recovers the log the first run wrote and says so, segment
     // by segment.
     let restarted = Manager::new();

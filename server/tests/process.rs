@@ -514,7 +514,7 @@ async fn readyz_turns_ready_only_after_recovery_while_healthz_answers_at_once() 
     let readyz = common::http_get(&admin, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains("starting"), "{readyz}");
     assert!(wait_until_ready(&mut child), "irisd did not start");
-    let readyz = common::http_get(&admin, "/readyz");
+    let readyz = common::http_get_until(&admin, "/readyz", Duration::from_secs(10), |r| !r.contains("not probed"));
     let health = common::http_get(&admin, "/health");
     let _ = child.kill();
     let _ = child.wait();

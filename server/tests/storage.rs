@@ -414,7 +414,8 @@ async fn a_full_disk_refuses_sends_and_recovers_when_space_returns() {
 
     let (admin, admin_line) = common::admin_address();
     let mut server = Server::start_in_with(1, mount_path.join("data"), &[admin_line.as_str()]);
-    assert!(common::http_get(&admin, "/readyz").starts_with("HTTP/1.1 200"));
+    let ok = |response: &str| response.starts_with("HTTP/1.1 200");
+    common::http_get_until(&admin, "/readyz", Duration::from_secs(15), ok);
     let (sender, recipient) = (user_on_shard(0, 1, 1), user_on_shard(0, 1, 2));
     register(&server, recipient, 1).await;
     // Leave about 256 KiB free.
@@ -445,15 +446,19 @@ async fn a_full_disk_refuses_sends_and_recovers_when_space_returns() {
     }
     let refused = refused.expect("the disk never filled up");
     server.assert_running();
-    // Take the last pages too: /readyz's synced probe write fails, and says so.
+    // Take the last pages too: the storage probe's synced write fails (and
+    // the log's failed writes count too), and /readyz says so.
     let last = mount_path.join("last");
     let _ = std::fs::write(&last, vec![0u8; 1 << 20]);
-    let ready = common::http_get(&admin, "/readyz");
-    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("storage not writable on shards: 0"), "{ready}");
+    common::http_get_until(&admin, "/readyz", Duration::from_secs(15), |ready| {
+        ready.starts_with("HTTP/1.1 503") && ready.contains("storage not writable on shards: 0")
+    });
 
     let _ = std::fs::remove_file(&last);
     std::fs::remove_file(&filler).unwrap();
-    assert!(common::http_get(&admin, "/readyz").starts_with("HTTP/1.1 200"), "ready again once space returns");
+    // Ready again once space returns (and a probe round passes with no new
+    // failed log write).
+    common::http_get_until(&admin, "/readyz", Duration::from_secs(15), ok);
     // The same id again: stored now.
     raw.write_frame(&send(refused)).await;
     match raw.read_frame().await {

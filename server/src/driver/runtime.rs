@@ -197,11 +197,13 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
         }
     }
 
+    crate::metrics::record_process_start();
     let (ready_sender, ready_receiver) = std::sync::mpsc::channel();
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..shard_count).map(|_| Arc::default()).collect();
     // Up before recovery, so that an operator sees a long one (`/readyz`
     // answers 503 until every shard serves).
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = match config.admin_listen {
         Some(address) => Some(
             super::admin::serve_admin(
@@ -215,14 +217,13 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
                         }
                         Durability::None => Vec::new(),
                     },
-                    probing: std::sync::Mutex::new(()),
+                    draining: Arc::clone(&drain),
                 },
             )
             .map_err(|source| StartError::Admin { address, source })?,
         ),
         None => None,
     };
-    let drain = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut executors = Vec::new();
     let mut shard_inputs: Vec<_> = sockets.into_iter().zip(senders).zip(receivers).collect();
     for (index, ((socket, shard_senders), shard_receivers)) in shard_inputs.drain(..).enumerate() {
@@ -250,10 +251,10 @@ pub fn start(mut setup: NodeSetup, shard_count: u16) -> Result<RunningNode, Star
     }
     // Serve only once every shard has recovered and is running.
     drop(ready_sender);
-    super::systemd::status(&format!("recovering the logs of {shard_count} shard(s)"));
+    super::systemd::progress(&format!("recovering the logs of {shard_count} shard(s)"));
     for recovered in 1..=shard_count {
         match ready_receiver.recv() {
-            Ok(Ok(_)) => super::systemd::status(&format!("recovered {recovered} of {shard_count} shard(s)")),
+            Ok(Ok(_)) => super::systemd::progress(&format!("recovered {recovered} of {shard_count} shard(s)")),
             Ok(Err(detail)) => return Err(StartError::Shard(detail)),
             Err(_) => return Err(StartError::Shard("a shard stopped during start".into())),
         }
@@ -423,7 +424,7 @@ async fn run_shard(
             let replay = |segment, scan: &_| {
                 recovery.replay_segment(segment, scan);
                 // systemctl status shows how far a long recovery is.
-                super::systemd::status(&format!("shard {shard}: recovered log segment {segment}"));
+                super::systemd::progress(&format!("shard {shard}: recovered log segment {segment}"));
             };
             let last = match layout::scan_segments(&dir, &key, &key_path, damage_floor, replay) {
                 Ok(last) => last,

@@ -29,6 +29,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
+/// Most time between two publications of the gauges that cost a walk.
+const GAUGE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Receive batches per iteration. With 32 datagrams per batch this is up to
 /// 128 datagrams (or GRO batches) before timers and channels get a turn:
 /// about 0.5-1 ms of work at the measured 6 us per packet, which keeps timer
@@ -221,6 +224,9 @@ pub struct ShardLoop<S: MailboxStore> {
     readable: Option<Pin<Box<dyn Future<Output = ()>>>>,
     /// The waker of each inbound channel, by sending shard.
     link_wakes: HashMap<u16, LinkWake>,
+    /// When the gauges that cost a walk (the outbox depth, O(shards)) were
+    /// last published; they are published at most every [`GAUGE_INTERVAL`].
+    gauges_published_at: Option<Instant>,
 }
 
 impl<S: MailboxStore> std::fmt::Debug for ShardLoop<S> {
@@ -258,7 +264,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         let endpoint = Endpoint::new(endpoint_config, Some(server_config), true, None);
         let panic_on_connection = super::failpoint::armed(super::failpoint::PANIC_ON_CONNECTION, core.shard_index());
         let hang_on_connection = super::failpoint::armed(super::failpoint::HANG_ON_CONNECTION, core.shard_index());
-        let shard_loop = ShardLoop {
+        let mut shard_loop = ShardLoop {
             core,
             endpoint,
             connections: HashMap::new(),
@@ -283,10 +289,12 @@ impl<S: MailboxStore> ShardLoop<S> {
             drain,
             readable: None,
             link_wakes: HashMap::new(),
+            gauges_published_at: None,
         };
         // A loop that exists has a heartbeat: the node reports ready once
         // every loop is built, and /health must not see a zero beat then.
         shard_loop.publish_metrics();
+        ShardMetrics::set(&shard_loop.metrics.serving, 1);
         shard_loop
     }
 
@@ -345,7 +353,7 @@ impl<S: MailboxStore> ShardLoop<S> {
     }
 
     /// Copies the core's counters to the exported ones (a few relaxed stores).
-    fn publish_metrics(&self) {
+    fn publish_metrics(&mut self) {
         let stats = self.core.stats();
         let metrics = &self.metrics;
         ShardMetrics::set(&metrics.heartbeat_ms, crate::metrics::monotonic_ms());
@@ -374,7 +382,11 @@ impl<S: MailboxStore> ShardLoop<S> {
         for (counter, value) in metrics.frames_sent_total.iter().zip(stats.frames_out) {
             ShardMetrics::set(counter, value);
         }
-        ShardMetrics::set(&metrics.outbox_messages, self.core.outbox_messages());
+        let now = Instant::now();
+        if self.gauges_published_at.is_none_or(|at| now.duration_since(at) >= GAUGE_INTERVAL) {
+            ShardMetrics::set(&metrics.outbox_messages, self.core.outbox_messages());
+            self.gauges_published_at = Some(now);
+        }
         for (counter, value) in metrics.refusals_by_code.iter().zip(stats.refused_by_code) {
             ShardMetrics::set(counter, value);
         }

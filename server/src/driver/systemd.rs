@@ -20,9 +20,27 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
+/// How much longer systemd waits for READY after each step of recovery
+/// ([`progress`]): a recovery that keeps replaying segments is never timed
+/// out by `TimeoutStartSec=`, one stuck on a step is, this long after it.
+pub const RECOVERY_STEP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Time allowed past the drain's own bound for the last syncs and the exit.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+
 /// A STATUS line (what irisd is doing, shown by `systemctl status`).
 pub fn status(text: &str) {
     notify(&[NotifyState::Status(text)]);
+}
+
+/// A STATUS line for a step of recovery, extending systemd's start timeout
+/// by [`RECOVERY_STEP_TIMEOUT`] from now.
+pub fn progress(text: &str) {
+    notify(&[NotifyState::Status(text), NotifyState::ExtendTimeoutUsec(micros(RECOVERY_STEP_TIMEOUT))]);
+}
+
+fn micros(duration: Duration) -> u32 {
+    u32::try_from(duration.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// Start-up is complete: every shard has recovered and serves.
@@ -30,9 +48,12 @@ pub fn ready(text: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(text)]);
 }
 
-/// The drain has started.
-pub fn stopping(text: &str) {
-    notify(&[NotifyState::Stopping, NotifyState::Status(text)]);
+/// The drain has started; it ends within `drain_timeout`, and systemd's
+/// stop timeout is extended to that plus a margin (so a configured drain
+/// longer than `TimeoutStopSec=` is not cut short by a SIGKILL).
+pub fn stopping(text: &str, drain_timeout: Duration) {
+    let extension = micros(drain_timeout + STOP_MARGIN);
+    notify(&[NotifyState::Stopping, NotifyState::Status(text), NotifyState::ExtendTimeoutUsec(extension)]);
 }
 
 /// With `WatchdogSec=` set, pings systemd at half its interval from a

@@ -68,6 +68,13 @@ pub struct ShardIdentity {
 /// Upper bounds (ms, inclusive) of the sojourn histogram's buckets.
 pub const SOJOURN_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 
+/// Upper bounds (ms, inclusive) of the Deliver latency histogram's buckets:
+/// an online device's milliseconds up to an offline one's day.
+pub const DELIVER_BUCKETS_MS: [u64; 16] = [
+    1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 60_000, 300_000, 900_000, 3_600_000, 14_400_000, 43_200_000,
+    86_400_000,
+];
+
 impl CoreStats {
     fn record_sojourn(&mut self, sojourn_ms: u64) {
         let bucket = SOJOURN_BUCKETS_MS.partition_point(|bound| *bound < sojourn_ms);
@@ -282,8 +289,8 @@ pub struct CoreStats {
     /// Frames handed to the driver for clients, by kind (pushes included).
     pub frames_out: [u64; FRAME_KIND_SLOTS],
     /// Deliver latencies (the message's acceptance to its push), per bucket
-    /// of [`SOJOURN_BUCKETS_MS`] (the last counts the rest).
-    pub deliver_buckets: [u64; SOJOURN_BUCKETS_MS.len() + 1],
+    /// of [`DELIVER_BUCKETS_MS`] (the last counts the rest).
+    pub deliver_buckets: [u64; DELIVER_BUCKETS_MS.len() + 1],
     /// Sum of those latencies, ms.
     pub deliver_ms_sum: u64,
 }
@@ -1251,7 +1258,7 @@ impl<S: MailboxStore> ShardCore<S> {
         self.stats.deliveries += 1;
         self.stats.frames_out[FrameKind::Deliver as usize] += 1;
         let latency_ms = self.wall_ms.saturating_sub(message.sent_at_ms);
-        self.stats.deliver_buckets[SOJOURN_BUCKETS_MS.partition_point(|bound| *bound < latency_ms)] += 1;
+        self.stats.deliver_buckets[DELIVER_BUCKETS_MS.partition_point(|bound| *bound < latency_ms)] += 1;
         self.stats.deliver_ms_sum += latency_ms;
         Some(Frame::Deliver(frames::Deliver {
             seq,

@@ -153,9 +153,20 @@ impl Server {
         iris_client::ClientConfig::new(self.address(0), self.ca(), self.token(user, device))
     }
 
-    /// Whether the current process has printed a line containing `text`.
-    pub fn printed(&self, text: &str) -> bool {
-        self.stdout.lock().unwrap().iter().any(|line| line.contains(text))
+    /// Whether the current process prints a line containing `text` within
+    /// `wait` (its stdout is read by a thread of its own, which may not have
+    /// read the last lines yet even once the process has exited).
+    pub fn printed_within(&self, text: &str, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if self.stdout.lock().unwrap().iter().any(|line| line.contains(text)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Asserts the process is still alive.
@@ -407,4 +418,19 @@ pub fn try_http_get(address: &str, path: &str) -> std::io::Result<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response)
+}
+
+/// GETs `path` until the response satisfies `wanted` (the storage probe
+/// behind `/readyz` runs every few seconds); panics after `timeout` with the
+/// last response.
+pub fn http_get_until(address: &str, path: &str, timeout: Duration, wanted: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let response = try_http_get(address, path).unwrap_or_else(|e| e.to_string());
+        if wanted(&response) {
+            return response;
+        }
+        assert!(std::time::Instant::now() < deadline, "{address}{path} never answered as wanted: {response}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
