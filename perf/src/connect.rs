@@ -25,6 +25,8 @@ const CONNECTIONS_PER_ENDPOINT: usize = 2_000;
 const CONCURRENT_HANDSHAKES: usize = 64;
 /// Longest wait for one connection's handshake and Welcome.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest measurement of the server's idle CPU before connecting.
+const BASELINE_SECONDS_MAX: f64 = 10.0;
 /// Longest wait for closed connections to finish closing.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -189,7 +191,11 @@ struct ConnectReport {
     /// shard it first reached.
     server_cpu_us_per_handshake: Option<f64>,
     settle_seconds: f64,
-    /// Server CPU while the connections sat idle (keep-alives every 10 s).
+    /// Server CPU per second with no connection (shard heartbeats, timers),
+    /// measured for up to `BASELINE_SECONDS_MAX` before connecting.
+    server_cpu_idle_baseline_us_per_second: Option<f64>,
+    /// Server CPU while the connections sat idle (keep-alives every 10 s),
+    /// less the baseline.
     server_cpu_us_per_idle_connection_second: Option<f64>,
     /// Every user reconnected to its home shard, without TLS tickets.
     reconnect_full: Option<PassReport>,
@@ -256,6 +262,12 @@ pub fn report(
             Err(_) => Err(format!("cannot connect to {address}: timed out")),
         }
     })?;
+    // The server's own idle cost (heartbeats, timers) with no connection,
+    // subtracted from the idle cost with them.
+    let baseline_seconds = options.settle.min(BASELINE_SECONDS_MAX);
+    let baseline_before = server_cpu();
+    runtime.block_on(tokio::time::sleep(Duration::from_secs_f64(baseline_seconds)));
+    let baseline_cpu = server_cpu().zip(baseline_before).map(|(after, before)| after - before);
     let rss_before = pid.and_then(process_rss_bytes);
     let cpu_before = server_cpu();
     let attempts = (first_user..first_user + options.connections).map(|user| (user, address)).collect();
@@ -313,7 +325,15 @@ pub fn report(
         server_rss_per_connection_bytes: per_connection,
         server_cpu_us_per_handshake: per(cpu, established as f64),
         settle_seconds: options.settle,
-        server_cpu_us_per_idle_connection_second: per(idle_cpu, established as f64 * options.settle),
+        server_cpu_idle_baseline_us_per_second: baseline_cpu
+            .filter(|_| baseline_seconds > 0.0)
+            .map(|cpu| cpu * 1e6 / baseline_seconds),
+        server_cpu_us_per_idle_connection_second: idle_cpu
+            .zip(baseline_cpu)
+            .filter(|_| baseline_seconds > 0.0)
+            .and_then(|(idle, baseline)| {
+                per(Some(idle - baseline * options.settle / baseline_seconds), established as f64 * options.settle)
+            }),
         reconnect_full,
         reconnect_resumed,
         loadgen_cpu_seconds: own_cpu_seconds() - own_before,
@@ -341,7 +361,11 @@ fn print_report(report: &ConnectReport) {
         println!("  server CPU per handshake   {cpu:.0} us (redirects included)");
     }
     if let Some(cpu) = report.server_cpu_us_per_idle_connection_second {
-        println!("  server CPU idle            {cpu:.2} us per connection-second ({:.0} s)", report.settle_seconds);
+        println!(
+            "  server CPU idle            {cpu:.2} us per connection-second ({:.0} s; baseline {:.0} us/s)",
+            report.settle_seconds,
+            report.server_cpu_idle_baseline_us_per_second.unwrap_or(0.0)
+        );
     }
     for (label, pass) in [("full", &report.reconnect_full), ("resumed", &report.reconnect_resumed)] {
         let Some(pass) = pass else { continue };
