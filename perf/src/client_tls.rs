@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Tickets kept per server port: two per connection of the largest pass.
 const TICKETS_PER_PORT_MAX: usize = 2_000_000;
@@ -27,12 +28,15 @@ pub struct ClientTls {
     provider: Arc<rustls::crypto::CryptoProvider>,
     full_handshakes: Arc<AtomicU64>,
     resume: Arc<AtomicBool>,
+    keep_alive: Duration,
     by_port: Mutex<HashMap<u16, quinn::ClientConfig>>,
 }
 
 impl ClientTls {
-    /// Trusts the certificates in the PEM file `ca`.
-    pub fn new(ca: &Path) -> Result<Self, String> {
+    /// Trusts the certificates in the PEM file `ca`; connections send a
+    /// keep-alive every `keep_alive` (the SDK's interval unless a run
+    /// measures another).
+    pub fn new(ca: &Path, keep_alive: Duration) -> Result<Self, String> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for certificate in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
@@ -44,6 +48,7 @@ impl ClientTls {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             full_handshakes: Arc::default(),
             resume: Arc::new(AtomicBool::new(true)),
+            keep_alive,
             by_port: Mutex::default(),
         })
     }
@@ -81,7 +86,9 @@ impl ClientTls {
         }));
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| e.to_string())?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(iris_client::client_transport()));
+        let mut transport = iris_client::client_transport();
+        transport.keep_alive_interval(Some(self.keep_alive));
+        config.transport_config(Arc::new(transport));
         by_port.insert(port, config.clone());
         Ok(config)
     }

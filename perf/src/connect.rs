@@ -194,8 +194,10 @@ struct ConnectReport {
     /// Server CPU per second with no connection (shard heartbeats, timers),
     /// measured for up to `BASELINE_SECONDS_MAX` before connecting.
     server_cpu_idle_baseline_us_per_second: Option<f64>,
-    /// Server CPU while the connections sat idle (keep-alives every 10 s),
-    /// less the baseline.
+    /// Keep-alive interval of the connections, ms.
+    keep_alive_ms: u64,
+    /// Server CPU while the connections sat idle (a keep-alive each
+    /// `keep_alive_ms`), less the baseline.
     server_cpu_us_per_idle_connection_second: Option<f64>,
     /// Every user reconnected to its home shard, without TLS tickets.
     reconnect_full: Option<PassReport>,
@@ -210,6 +212,8 @@ pub struct ConnectOptions {
     pub connections: u64,
     pub settle: f64,
     pub reconnect: bool,
+    /// Keep-alive interval of the connections.
+    pub keep_alive: Duration,
 }
 
 /// Runs the scenario against `target` (server process `pid`) and prints
@@ -240,7 +244,11 @@ pub fn report(
         );
     }
     // First connections of new devices: full handshakes.
-    let mut clients = Clients { endpoints, tls: Arc::new(ClientTls::new(&target.ca)?), authority: &target.authority };
+    let mut clients = Clients {
+        endpoints,
+        tls: Arc::new(ClientTls::new(&target.ca, options.keep_alive)?),
+        authority: &target.authority,
+    };
     clients.tls.set_resumption(false);
     let first_user = 2_000_000;
     let own_before = own_cpu_seconds();
@@ -288,7 +296,7 @@ pub fn report(
     if options.reconnect {
         // Fresh TLS state, offering no tickets in the "full" pass and
         // that pass's tickets in the "resumed" one.
-        clients.tls = Arc::new(ClientTls::new(&target.ca)?);
+        clients.tls = Arc::new(ClientTls::new(&target.ca, options.keep_alive)?);
         for resumed in [false, true] {
             clients.tls.set_resumption(resumed);
             let homes: Vec<(u64, SocketAddr)> = held.iter().map(|idle| (idle.user, idle.home)).collect();
@@ -325,6 +333,7 @@ pub fn report(
         server_rss_per_connection_bytes: per_connection,
         server_cpu_us_per_handshake: per(cpu, established as f64),
         settle_seconds: options.settle,
+        keep_alive_ms: options.keep_alive.as_millis() as u64,
         server_cpu_idle_baseline_us_per_second: baseline_cpu
             .filter(|_| baseline_seconds > 0.0)
             .map(|cpu| cpu * 1e6 / baseline_seconds),
@@ -362,8 +371,9 @@ fn print_report(report: &ConnectReport) {
     }
     if let Some(cpu) = report.server_cpu_us_per_idle_connection_second {
         println!(
-            "  server CPU idle            {cpu:.2} us per connection-second ({:.0} s; baseline {:.0} us/s)",
+            "  server CPU idle            {cpu:.2} us per connection-second ({:.0} s, keep-alive {} ms; baseline {:.0} us/s)",
             report.settle_seconds,
+            report.keep_alive_ms,
             report.server_cpu_idle_baseline_us_per_second.unwrap_or(0.0)
         );
     }

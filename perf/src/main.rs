@@ -295,6 +295,10 @@ enum Command {
         /// to measure full and resumed handshakes side by side.
         #[arg(long)]
         reconnect: bool,
+        /// Keep-alive interval of the connections, ms (the SDK's is 10,000;
+        /// under the server's idle timeout, 30 s by default).
+        #[arg(long, default_value_t = 10_000)]
+        keep_alive_ms: u64,
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -407,13 +411,22 @@ fn run(cli: Cli) -> Result<(), String> {
             let label = Some(format!("iris {} soak", server.durability));
             run_pairs(server, shape, duration, (json, html), label, 1, (sample_interval, Some(warmup)))
         }
-        Command::Connect { server, connections, settle, reconnect, json } => {
+        Command::Connect { server, connections, settle, reconnect, keep_alive_ms, json } => {
             if connections == 0 || connections > 1_000_000 || !(0.0..=3600.0).contains(&settle) {
                 return Err("--connections must be 1..=1000000 and --settle 0..=3600".into());
             }
+            if !(100..=600_000).contains(&keep_alive_ms) {
+                return Err("--keep-alive-ms must be 100..=600000".into());
+            }
+            let keep_alive = Duration::from_millis(keep_alive_ms);
             check_server_args(&server)?;
             let (spawned, target, pid) = target(&server)?;
-            connect::report(&target, pid, connect::ConnectOptions { connections, settle, reconnect }, json)?;
+            connect::report(
+                &target,
+                pid,
+                connect::ConnectOptions { connections, settle, reconnect, keep_alive },
+                json,
+            )?;
             drop(spawned);
             Ok(())
         }
