@@ -19,6 +19,7 @@ pub mod dedup;
 pub mod inactivity;
 pub mod mailbox;
 pub mod messages;
+pub mod presence;
 pub mod rate;
 pub mod recipient_dedup;
 

@@ -1,0 +1,519 @@
+//! The shard's presence table (issue 11, docs/presence.md): for the users
+//! homed on this shard, whether they are online, when they were last seen,
+//! who may see it, who watches them, and whom their own devices watch (their
+//! contacts, for the `contacts` privacy setting).
+//!
+//! Pure logic on simulated time: the shard core feeds it connections,
+//! disconnections, subscriptions and the clock, and routes what it returns
+//! (events to watchers, last-seen values to persist, watches to forward to
+//! other shards). Nothing here does I/O, and every collection is bounded:
+//! subscriptions per device by [`PresenceLimits::subscriptions_per_device_max`]
+//! and watchers per user by [`PresenceLimits::watchers_per_user_max`].
+//!
+//! Churn is damped: a user whose last device disconnects stays online to
+//! its watchers for [`PresenceLimits::grace_ms`]; a device that comes back
+//! within it causes no event at all. When the grace ends the user goes
+//! offline with the time its last device left as its last-seen time.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// Who may see a user's presence and last-seen time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Privacy {
+    /// Every watcher.
+    #[default]
+    Everyone,
+    /// Only users this user watches itself (from any of its devices).
+    Contacts,
+    /// No one: watchers see [`Visible::Hidden`].
+    Nobody,
+}
+
+/// A watching device (the event goes to its connection, on its home shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Watcher {
+    /// The watching user.
+    pub user: u64,
+    /// Its device.
+    pub device: u32,
+}
+
+/// What a watcher is shown of a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visible {
+    /// At least one device connected (or within the grace period).
+    Online,
+    /// No device connected; the last time one was, if ever.
+    Offline {
+        /// When its last device disconnected, ms since the Unix epoch.
+        last_seen_ms: Option<u64>,
+    },
+    /// The user's privacy setting hides it from this watcher.
+    Hidden,
+}
+
+/// A change a watcher is told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// Who is told.
+    pub watcher: Watcher,
+    /// About whom.
+    pub user: u64,
+    /// What it now sees.
+    pub state: Visible,
+}
+
+/// The table's bounds and timing.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceLimits {
+    /// Users one device may watch at once.
+    pub subscriptions_per_device_max: usize,
+    /// Devices that may watch one user at once (a celebrity's watchers).
+    pub watchers_per_user_max: usize,
+    /// How long a user stays online after its last device disconnects.
+    pub grace_ms: u64,
+}
+
+/// A refused presence request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PresenceError {
+    /// The device would watch more than the bound.
+    #[error("a device may watch at most {max} users")]
+    TooManySubscriptions {
+        /// The bound.
+        max: usize,
+    },
+    /// The user already has the most watchers the table keeps.
+    #[error("user {user} has the most watchers a shard keeps ({max})")]
+    TooManyWatchers {
+        /// The watched user.
+        user: u64,
+        /// The bound.
+        max: usize,
+    },
+}
+
+/// One local user's presence.
+#[derive(Debug, Default)]
+struct UserPresence {
+    /// Its connected devices.
+    devices_online: HashSet<u32>,
+    /// While in the grace period: when its last device left.
+    leaving_since_ms: Option<u64>,
+    /// The last time a device of it disconnected (durable: restored at start).
+    last_seen_ms: Option<u64>,
+    privacy: Privacy,
+    /// Devices watching this user.
+    watchers: BTreeSet<Watcher>,
+    /// Users its devices watch, with how many of its devices watch each.
+    contacts: HashMap<u64, u32>,
+    /// Per device of this user, the users it watches.
+    subscriptions: HashMap<u32, HashSet<u64>>,
+}
+
+impl UserPresence {
+    fn online(&self) -> bool {
+        !self.devices_online.is_empty() || self.leaving_since_ms.is_some()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.devices_online.is_empty()
+            && self.leaving_since_ms.is_none()
+            && self.last_seen_ms.is_none()
+            && self.privacy == Privacy::Everyone
+            && self.watchers.is_empty()
+            && self.subscriptions.is_empty()
+    }
+
+    /// What `watcher` is shown of this user.
+    fn visible_to(&self, watcher: u64) -> Visible {
+        let allowed = match self.privacy {
+            Privacy::Everyone => true,
+            Privacy::Contacts => self.contacts.contains_key(&watcher),
+            Privacy::Nobody => false,
+        };
+        if !allowed {
+            Visible::Hidden
+        } else if self.online() {
+            Visible::Online
+        } else {
+            Visible::Offline { last_seen_ms: self.last_seen_ms }
+        }
+    }
+}
+
+/// A last-seen time to make durable (the core writes it to the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastSeen {
+    /// The user.
+    pub user: u64,
+    /// When its last device left, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// The presence of one shard's users.
+#[derive(Debug)]
+pub struct PresenceTable {
+    limits: PresenceLimits,
+    users: HashMap<u64, UserPresence>,
+    /// Grace periods running: (deadline, user).
+    grace: BTreeSet<(u64, u64)>,
+}
+
+impl PresenceTable {
+    pub fn new(limits: PresenceLimits) -> Self {
+        Self { limits, users: HashMap::new(), grace: BTreeSet::new() }
+    }
+
+    /// Users with any presence state (bounded by the shard's devices and
+    /// their subscriptions).
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Watchers of `user` now.
+    pub fn watchers(&self, user: u64) -> usize {
+        self.users.get(&user).map_or(0, |presence| presence.watchers.len())
+    }
+
+    /// A last-seen time read back from the log at start.
+    pub fn restore_last_seen(&mut self, user: u64, at_ms: u64) {
+        let presence = self.users.entry(user).or_default();
+        presence.last_seen_ms = presence.last_seen_ms.max(Some(at_ms));
+    }
+
+    /// A device of local user `user` connected. Watchers hear "online" only
+    /// if the user was offline (not within its grace period).
+    pub fn connected(&mut self, user: u64, device: u32) -> Vec<PresenceEvent> {
+        let presence = self.users.entry(user).or_default();
+        let was_online = presence.online();
+        presence.devices_online.insert(device);
+        if let Some(since) = presence.leaving_since_ms.take() {
+            self.grace.remove(&(since + self.limits.grace_ms, user));
+        }
+        if was_online {
+            return Vec::new();
+        }
+        Self::announce(user, presence)
+    }
+
+    /// A device of local user `user` disconnected at `now_ms`. If it was the
+    /// last, the grace period starts; watchers hear nothing yet.
+    pub fn disconnected(&mut self, user: u64, device: u32, now_ms: u64) {
+        let Some(presence) = self.users.get_mut(&user) else { return };
+        if !presence.devices_online.remove(&device) || !presence.devices_online.is_empty() {
+            return;
+        }
+        presence.leaving_since_ms = Some(now_ms);
+        self.grace.insert((now_ms + self.limits.grace_ms, user));
+    }
+
+    /// When the next grace period ends.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.grace.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// Ends the grace periods due by `now_ms`: those users go offline; their
+    /// watchers are told, with the last-seen time, which is also returned to
+    /// be made durable.
+    pub fn expire(&mut self, now_ms: u64) -> (Vec<PresenceEvent>, Vec<LastSeen>) {
+        let mut events = Vec::new();
+        let mut last_seen = Vec::new();
+        while let Some(&(deadline, user)) = self.grace.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.grace.pop_first();
+            let Some(presence) = self.users.get_mut(&user) else { continue };
+            let Some(since) = presence.leaving_since_ms.take() else { continue };
+            presence.last_seen_ms = Some(since);
+            last_seen.push(LastSeen { user, at_ms: since });
+            events.extend(Self::announce(user, presence));
+        }
+        (events, last_seen)
+    }
+
+    /// Sets local user `user`'s privacy; watchers whose view changes are told.
+    pub fn set_privacy(&mut self, user: u64, privacy: Privacy) -> Vec<PresenceEvent> {
+        let presence = self.users.entry(user).or_default();
+        let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
+        presence.privacy = privacy;
+        let events = presence
+            .watchers
+            .iter()
+            .zip(before)
+            .filter_map(|(watcher, before)| {
+                let now = presence.visible_to(watcher.user);
+                (now != before).then_some(PresenceEvent { watcher: *watcher, user, state: now })
+            })
+            .collect();
+        self.forget_if_empty(user);
+        events
+    }
+
+    /// Device `watcher` (of a local user) subscribes to `targets`. Returns
+    /// the targets it did not watch before (the core forwards a watch to
+    /// each one's home shard) and the events for the local user's own
+    /// watchers whose view of it changed (a new contact may now see it).
+    /// All or nothing: past the bound nothing is added.
+    pub fn subscribe(
+        &mut self,
+        watcher: Watcher,
+        targets: &[u64],
+    ) -> Result<(Vec<u64>, Vec<PresenceEvent>), PresenceError> {
+        let max = self.limits.subscriptions_per_device_max;
+        let presence = self.users.entry(watcher.user).or_default();
+        let current = presence.subscriptions.get(&watcher.device).map_or(0, HashSet::len);
+        let fresh: Vec<u64> = {
+            let existing = presence.subscriptions.get(&watcher.device);
+            let mut seen = HashSet::new();
+            targets
+                .iter()
+                .copied()
+                .filter(|target| existing.is_none_or(|set| !set.contains(target)) && seen.insert(*target))
+                .collect()
+        };
+        if current + fresh.len() > max {
+            self.forget_if_empty(watcher.user);
+            return Err(PresenceError::TooManySubscriptions { max });
+        }
+        let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
+        presence.subscriptions.entry(watcher.device).or_default().extend(fresh.iter().copied());
+        for target in &fresh {
+            *presence.contacts.entry(*target).or_default() += 1;
+        }
+        let events = Self::changed_views(watcher.user, presence, before);
+        Ok((fresh, events))
+    }
+
+    /// Device `watcher` stops watching `targets` (all of them when `None`,
+    /// as when its session ends). Returns the targets it no longer watches
+    /// (the core forwards an unwatch to each) and the events for the local
+    /// user's watchers whose view changed (a contact lost may no longer see).
+    pub fn unsubscribe(&mut self, watcher: Watcher, targets: Option<&[u64]>) -> (Vec<u64>, Vec<PresenceEvent>) {
+        let Some(presence) = self.users.get_mut(&watcher.user) else { return (Vec::new(), Vec::new()) };
+        let Some(set) = presence.subscriptions.get_mut(&watcher.device) else { return (Vec::new(), Vec::new()) };
+        let removed: Vec<u64> = match targets {
+            Some(targets) => targets.iter().copied().filter(|target| set.remove(target)).collect(),
+            None => set.drain().collect(),
+        };
+        if set.is_empty() {
+            presence.subscriptions.remove(&watcher.device);
+        }
+        let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
+        for target in &removed {
+            if let Some(count) = presence.contacts.get_mut(target) {
+                *count -= 1;
+                if *count == 0 {
+                    presence.contacts.remove(target);
+                }
+            }
+        }
+        let events = Self::changed_views(watcher.user, presence, before);
+        self.forget_if_empty(watcher.user);
+        (removed, events)
+    }
+
+    /// `watcher` (a device on any shard) watches local user `user`; returns
+    /// what it sees now.
+    pub fn watch(&mut self, watcher: Watcher, user: u64) -> Result<Visible, PresenceError> {
+        let max = self.limits.watchers_per_user_max;
+        let presence = self.users.entry(user).or_default();
+        if !presence.watchers.contains(&watcher) && presence.watchers.len() >= max {
+            self.forget_if_empty(user);
+            return Err(PresenceError::TooManyWatchers { user, max });
+        }
+        presence.watchers.insert(watcher);
+        Ok(presence.visible_to(watcher.user))
+    }
+
+    /// `watcher` no longer watches local user `user`.
+    pub fn unwatch(&mut self, watcher: Watcher, user: u64) {
+        if let Some(presence) = self.users.get_mut(&user) {
+            presence.watchers.remove(&watcher);
+        }
+        self.forget_if_empty(user);
+    }
+
+    /// What `watcher` (a user) sees of local user `user` now.
+    pub fn visible(&self, user: u64, watcher: u64) -> Visible {
+        self.users.get(&user).map_or(Visible::Offline { last_seen_ms: None }, |presence| presence.visible_to(watcher))
+    }
+
+    /// Every watcher's view of `user` (after a change of its state).
+    fn announce(user: u64, presence: &UserPresence) -> Vec<PresenceEvent> {
+        presence
+            .watchers
+            .iter()
+            .filter_map(|watcher| match presence.visible_to(watcher.user) {
+                // Hidden watchers saw nothing before and see nothing now.
+                Visible::Hidden => None,
+                state => Some(PresenceEvent { watcher: *watcher, user, state }),
+            })
+            .collect()
+    }
+
+    /// The watchers of `user` whose view differs from `before` (one entry
+    /// per watcher, in the watchers' order).
+    fn changed_views(user: u64, presence: &UserPresence, before: Vec<Visible>) -> Vec<PresenceEvent> {
+        presence
+            .watchers
+            .iter()
+            .zip(before)
+            .filter_map(|(watcher, before)| {
+                let now = presence.visible_to(watcher.user);
+                (now != before).then_some(PresenceEvent { watcher: *watcher, user, state: now })
+            })
+            .collect()
+    }
+
+    fn forget_if_empty(&mut self, user: u64) {
+        if self.users.get(&user).is_some_and(UserPresence::is_empty) {
+            self.users.remove(&user);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: u64 = 5_000;
+
+    fn table() -> PresenceTable {
+        PresenceTable::new(PresenceLimits {
+            subscriptions_per_device_max: 3,
+            watchers_per_user_max: 4,
+            grace_ms: GRACE,
+        })
+    }
+
+    const A: Watcher = Watcher { user: 1, device: 1 };
+    const B: u64 = 2;
+
+    #[test]
+    fn online_then_offline_after_the_grace_with_the_time_the_device_left() {
+        let mut table = table();
+        assert_eq!(table.watch(A, B), Ok(Visible::Offline { last_seen_ms: None }));
+        assert_eq!(table.connected(B, 1), vec![PresenceEvent { watcher: A, user: B, state: Visible::Online }]);
+        table.disconnected(B, 1, 10_000);
+        assert_eq!(table.next_deadline(), Some(10_000 + GRACE));
+        assert_eq!(table.expire(10_000 + GRACE - 1), (vec![], vec![]), "still within the grace");
+        assert_eq!(table.visible(B, A.user), Visible::Online);
+        let (events, last_seen) = table.expire(10_000 + GRACE);
+        let offline = Visible::Offline { last_seen_ms: Some(10_000) };
+        assert_eq!(events, vec![PresenceEvent { watcher: A, user: B, state: offline }]);
+        assert_eq!(last_seen, vec![LastSeen { user: B, at_ms: 10_000 }]);
+        assert_eq!(table.next_deadline(), None);
+        // A new watcher sees the last-seen time at once.
+        let other = Watcher { user: 3, device: 1 };
+        assert_eq!(table.watch(other, B), Ok(offline));
+    }
+
+    #[test]
+    fn a_reconnect_within_the_grace_does_not_flap() {
+        let mut table = table();
+        table.watch(A, B).unwrap();
+        table.connected(B, 1);
+        table.disconnected(B, 1, 1_000);
+        assert_eq!(table.connected(B, 1), vec![], "back within the grace: no event");
+        assert_eq!(table.next_deadline(), None, "the grace was cancelled");
+        assert_eq!(table.expire(1_000 + GRACE), (vec![], vec![]));
+        assert_eq!(table.visible(B, A.user), Visible::Online);
+    }
+
+    #[test]
+    fn the_user_is_online_while_any_device_is() {
+        let mut table = table();
+        table.watch(A, B).unwrap();
+        table.connected(B, 1);
+        assert_eq!(table.connected(B, 2), vec![], "a second device changes nothing");
+        table.disconnected(B, 1, 100);
+        assert_eq!(table.next_deadline(), None, "device 2 is still connected");
+        table.disconnected(B, 2, 200);
+        let (events, _) = table.expire(200 + GRACE);
+        assert_eq!(events[0].state, Visible::Offline { last_seen_ms: Some(200) });
+        // A device that disconnects without having connected is ignored.
+        table.disconnected(B, 9, 300);
+        assert_eq!(table.next_deadline(), None);
+    }
+
+    #[test]
+    fn privacy_nobody_hides_and_contacts_shows_only_to_contacts() {
+        let mut table = table();
+        let contact = Watcher { user: 3, device: 1 };
+        table.watch(A, B).unwrap();
+        table.watch(contact, B).unwrap();
+        table.connected(B, 1);
+        // Nobody: both watchers are told it is hidden.
+        let events = table.set_privacy(B, Privacy::Nobody);
+        assert_eq!(events.len(), 2);
+        assert!(events.iter().all(|event| event.state == Visible::Hidden));
+        table.disconnected(B, 1, 50);
+        assert_eq!(table.expire(50 + GRACE).0, vec![], "hidden watchers hear nothing");
+        // Contacts: B's device subscribes to user 3, which makes 3 a contact.
+        let (fresh, events) = table.subscribe(Watcher { user: B, device: 1 }, &[contact.user]).unwrap();
+        assert_eq!(fresh, vec![contact.user]);
+        assert_eq!(events, vec![], "privacy is still nobody");
+        let events = table.set_privacy(B, Privacy::Contacts);
+        let offline = Visible::Offline { last_seen_ms: Some(50) };
+        assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: offline }]);
+        assert_eq!(table.visible(B, A.user), Visible::Hidden, "A is not B's contact");
+        // B stops watching 3: 3 loses the view.
+        let (removed, events) = table.unsubscribe(Watcher { user: B, device: 1 }, None);
+        assert_eq!(removed, vec![contact.user]);
+        assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: Visible::Hidden }]);
+        // And subscribing again gives it back at once.
+        let (_, events) = table.subscribe(Watcher { user: B, device: 2 }, &[contact.user]).unwrap();
+        assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: offline }]);
+    }
+
+    #[test]
+    fn a_contact_watched_by_two_devices_stays_one_until_both_stop() {
+        let mut table = table();
+        let contact = Watcher { user: 3, device: 1 };
+        table.set_privacy(B, Privacy::Contacts);
+        table.watch(contact, B).unwrap();
+        table.subscribe(Watcher { user: B, device: 1 }, &[3]).unwrap();
+        table.subscribe(Watcher { user: B, device: 2 }, &[3]).unwrap();
+        let (_, events) = table.unsubscribe(Watcher { user: B, device: 1 }, Some(&[3]));
+        assert_eq!(events, vec![], "device 2 still watches 3");
+        assert_ne!(table.visible(B, 3), Visible::Hidden);
+        let (_, events) = table.unsubscribe(Watcher { user: B, device: 2 }, Some(&[3]));
+        assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: Visible::Hidden }]);
+    }
+
+    #[test]
+    fn subscriptions_and_watchers_are_bounded_and_a_refusal_adds_nothing() {
+        let mut table = table();
+        let device = Watcher { user: B, device: 1 };
+        let (fresh, _) = table.subscribe(device, &[10, 11, 11]).unwrap();
+        assert_eq!(fresh, vec![10, 11], "a repeated target counts once");
+        assert_eq!(table.subscribe(device, &[12, 13]), Err(PresenceError::TooManySubscriptions { max: 3 }));
+        let (fresh, _) = table.subscribe(device, &[10, 12]).unwrap();
+        assert_eq!(fresh, vec![12], "10 was watched already");
+        for user in 100..104 {
+            table.watch(Watcher { user, device: 1 }, B).unwrap();
+        }
+        let refused = table.watch(Watcher { user: 200, device: 1 }, B);
+        assert_eq!(refused, Err(PresenceError::TooManyWatchers { user: B, max: 4 }));
+        assert!(table.watch(Watcher { user: 100, device: 1 }, B).is_ok(), "a watcher again is no new one");
+        assert_eq!(table.watchers(B), 4);
+    }
+
+    #[test]
+    fn state_left_behind_is_forgotten_and_last_seen_survives_a_restart() {
+        let mut table = table();
+        table.watch(A, B).unwrap();
+        table.unwatch(A, B);
+        let device = Watcher { user: 7, device: 1 };
+        table.subscribe(device, &[B]).unwrap();
+        table.unsubscribe(device, None);
+        assert_eq!(table.users(), 0, "nothing left to remember");
+        // A user offline since before the restart: its last seen comes back.
+        let mut restarted = self::table();
+        restarted.restore_last_seen(B, 42);
+        restarted.restore_last_seen(B, 41);
+        assert_eq!(restarted.watch(A, B), Ok(Visible::Offline { last_seen_ms: Some(42) }));
+    }
+}
