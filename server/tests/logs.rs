@@ -172,7 +172,25 @@ async fn under_systemd_records_reach_the_journal_with_their_fields() {
     let data_dir = keys.data_dir.path().to_path_buf();
     let journal_dir = tempfile::tempdir().unwrap();
     let journal = std::os::unix::net::UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
-    journal.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    journal.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // Read while irisd runs: a datagram socket's queue is short (10 on a
+    // host whose net.unix.max_dgram_qlen systemd has not raised), and a
+    // sender past it waits.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let journal_reader = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut records = Vec::new();
+            let mut buffer = vec![0u8; 1 << 20];
+            loop {
+                match journal.recv(&mut buffer) {
+                    Ok(length) => records.push(journal_fields(&buffer[..length])),
+                    Err(_) if stop.load(std::sync::atomic::Ordering::Acquire) => return records,
+                    Err(_) => {}
+                }
+            }
+        })
+    };
     let stderr_path = data_dir.join("stderr");
     let port = 20_000 + (rand_u64() % 12_000) as u16;
     let script = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
@@ -210,11 +228,8 @@ async fn under_systemd_records_reach_the_journal_with_their_fields() {
     assert!(child.wait().unwrap().success());
     reader.join().unwrap();
 
-    let mut records = Vec::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    while let Ok(length) = journal.recv(&mut buffer) {
-        records.push(journal_fields(&buffer[..length]));
-    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let records = journal_reader.join().unwrap();
     let field = |record: &[(String, String)], key: &str| record.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     assert!(records.len() > 5, "few records reached the journal: {records:?}");
     for record in &records {

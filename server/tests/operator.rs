@@ -50,9 +50,9 @@ impl Container {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             assert!(container.nspawn.try_wait().unwrap().is_none(), "systemd-nspawn exited: it cannot boot here");
-            if container.leader == 0 {
-                container.leader = child_of(container.nspawn.id()).unwrap_or(0);
-            }
+            // nspawn forks a helper first, which forks the container's PID 1:
+            // look until a descendant is PID 1 of its own namespace.
+            container.leader = container_init(container.nspawn.id()).unwrap_or(0);
             if container.leader != 0 {
                 let state = container.run(&["systemctl", "is-system-running"]);
                 let state = state.1.trim();
@@ -67,11 +67,9 @@ impl Container {
 
     /// Runs `command` inside the container as root; (success, stdout + stderr).
     fn run(&self, command: &[&str]) -> (bool, String) {
-        let output = Command::new("nsenter")
-            .args(["--target", &self.leader.to_string(), "--all", "--"])
-            .args(command)
-            .output()
-            .expect("nsenter runs");
+        let output =
+            Command::new("nsenter").args(["--target", &self.leader.to_string(), "--all", "--"]).args(command).output();
+        let Ok(output) = output else { return (false, "nsenter did not run".into()) };
         let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stderr));
         (output.status.success(), text)
@@ -104,15 +102,36 @@ impl Drop for Container {
         while self.nspawn.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Still up: killing a PID namespace's init ends every process in it
+        // (a container left running would hold this test's ports).
+        if self.leader != 0 && self.nspawn.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) on the container's init, which this test started.
+            unsafe { libc::kill(self.leader as libc::pid_t, libc::SIGKILL) };
+        }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
     }
 }
 
-/// The one child process of `pid` (the container's PID 1 for nspawn).
-fn child_of(pid: u32) -> Option<u32> {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
+/// The descendant of `pid` that is PID 1 of its own PID namespace (the
+/// container's init), if it exists yet.
+fn container_init(pid: u32) -> Option<u32> {
+    let mut pending = vec![pid];
+    while let Some(parent) = pending.pop() {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|child| child.parse::<u32>().ok()) {
+            let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+            let init = status.lines().find(|line| line.starts_with("NSpid:")).is_some_and(|line| {
+                let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
+                ids.len() > 1 && ids.last() == Some(&"1")
+            });
+            if init {
+                return Some(child);
+            }
+            pending.push(child);
+        }
+    }
+    None
 }
 
 fn repository(file: &str) -> PathBuf {

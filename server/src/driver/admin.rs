@@ -52,8 +52,8 @@ pub struct Readiness {
 const PROBE_FILE: &str = "readyz-probe";
 /// How often the storage probe runs.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-/// A probe result older than this means the probe itself is stuck (a hung
-/// disk): the storage counts as not writable.
+/// A probe round still running after this means the probe itself is stuck
+/// (a hung disk): the storage counts as not writable.
 const PROBE_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// The storage probe's last completed round.
@@ -61,6 +61,8 @@ const PROBE_STALE_AFTER: Duration = Duration::from_secs(15);
 struct ProbeResult {
     /// When it completed; `None` before the first round.
     at: Option<Instant>,
+    /// When the round under way started, if one is.
+    running_since: Option<Instant>,
     /// Shards whose directory did not take the write, or whose log failed
     /// a write since the round before.
     unwritable: Vec<usize>,
@@ -78,14 +80,23 @@ struct ReadyState {
 /// directory, and the shard logs' write-failure counts. `/readyz` answers
 /// from the last round, so a request never waits for a disk and a flood of
 /// requests costs no syncs.
-fn probe_loop(state: &ReadyState) {
-    let mut failures_seen: Vec<u64> = vec![0; state.ready.shards.len()];
+/// The loop ends once the admin endpoint's state is gone (only in tests).
+fn probe_loop(state: &std::sync::Weak<ReadyState>, interval: Duration) {
+    let Some(shards) = state.upgrade().map(|state| state.ready.shards.len()) else { return };
+    let mut failures_seen: Vec<u64> = vec![0; shards];
     // The shard directories exist once the shards serve (a fresh data
     // directory gets them during start-up).
-    while !state.ready.serving.load(Ordering::Acquire) {
+    loop {
+        let Some(state) = state.upgrade() else { return };
+        if state.ready.serving.load(Ordering::Acquire) {
+            break;
+        }
+        drop(state);
         std::thread::sleep(Duration::from_millis(20));
     }
     loop {
+        let Some(state) = state.upgrade() else { return };
+        state.probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner).running_since = Some(Instant::now());
         let mut unwritable = Vec::new();
         for (shard, dir) in state.ready.shard_dirs.iter().enumerate() {
             if crate::files::write_private(&dir.join(PROBE_FILE), b"ok\n").is_err() {
@@ -101,8 +112,9 @@ fn probe_loop(state: &ReadyState) {
         }
         unwritable.sort_unstable();
         *state.probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            ProbeResult { at: Some(Instant::now()), unwritable };
-        std::thread::sleep(PROBE_INTERVAL);
+            ProbeResult { at: Some(Instant::now()), running_since: None, unwritable };
+        drop(state);
+        std::thread::sleep(interval);
     }
 }
 
@@ -127,11 +139,15 @@ fn readiness(state: &ReadyState) -> (&'static str, String) {
     }
     {
         let probe = state.probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A round may take long on a slow disk with many shards; only one
+        // that has not finished in PROBE_STALE_AFTER counts as stuck.
+        let stuck = probe.running_since.map(|since| since.elapsed()).filter(|running| *running > PROBE_STALE_AFTER);
         match probe.at {
-            None => problems.push("storage not probed yet".to_string()),
-            Some(at) if at.elapsed() > PROBE_STALE_AFTER => {
-                problems.push(format!("storage probe stuck for {} s", at.elapsed().as_secs()));
+            _ if stuck.is_some() => {
+                let running = stuck.unwrap_or_default().as_secs();
+                problems.push(format!("storage probe stuck for {running} s"));
             }
+            None => problems.push("storage not probed yet".to_string()),
             Some(_) if !probe.unwritable.is_empty() => {
                 problems.push(format!("storage not writable on shards: {}", list(&probe.unwritable)));
             }
@@ -170,8 +186,8 @@ pub fn serve_admin(address: SocketAddr, ready: Readiness) -> std::io::Result<Soc
     let listener = TcpListener::bind(address)?;
     let bound = listener.local_addr()?;
     let ready = Arc::new(ReadyState { ready, probe: std::sync::Mutex::default() });
-    let prober = Arc::clone(&ready);
-    std::thread::Builder::new().name("admin-probe".into()).spawn(move || probe_loop(&prober))?;
+    let prober = Arc::downgrade(&ready);
+    std::thread::Builder::new().name("admin-probe".into()).spawn(move || probe_loop(&prober, PROBE_INTERVAL))?;
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name("admin".into()).spawn(move || {
         for stream in listener.incoming() {
@@ -251,7 +267,11 @@ mod tests {
                 draining: Arc::default(),
                 shard_dirs: Vec::new(),
             },
-            probe: std::sync::Mutex::new(ProbeResult { at: Some(Instant::now()), unwritable: Vec::new() }),
+            probe: std::sync::Mutex::new(ProbeResult {
+                at: Some(Instant::now()),
+                running_since: None,
+                unwritable: Vec::new(),
+            }),
         }
     }
 
@@ -272,8 +292,12 @@ mod tests {
         assert!(body.contains("storage not writable on shards: 1"), "{body}");
         assert!(body.contains("log disk budget used up on shards: 2"), "{body}");
 
-        state.probe.lock().unwrap().at = Instant::now().checked_sub(PROBE_STALE_AFTER + Duration::from_secs(1));
+        state.probe.lock().unwrap().at = Instant::now().checked_sub(PROBE_STALE_AFTER * 2);
+        assert!(!readiness(&state).1.contains("stuck"), "an old result of a slow round is still a result");
+        state.probe.lock().unwrap().running_since =
+            Instant::now().checked_sub(PROBE_STALE_AFTER + Duration::from_secs(1));
         assert!(readiness(&state).1.contains("storage probe stuck"), "a hung probe is not a pass");
+        state.probe.lock().unwrap().running_since = None;
         state.probe.lock().unwrap().at = None;
         assert!(readiness(&state).1.contains("not probed yet"));
 
@@ -289,14 +313,26 @@ mod tests {
         ready.probe = std::sync::Mutex::default();
         let ready = Arc::new(ready);
         ShardMetrics::add(&ready.ready.shards[0].log_write_failures_total, 1);
-        let prober = Arc::clone(&ready);
-        std::thread::spawn(move || probe_loop(&prober));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ready.probe.lock().unwrap().at.is_none() {
-            assert!(Instant::now() < deadline, "the first probe round never completed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(ready.probe.lock().unwrap().unwritable, vec![0], "a failure since the last round");
+        let prober = Arc::downgrade(&ready);
+        let thread = std::thread::spawn(move || probe_loop(&prober, Duration::from_millis(20)));
+        let round = |after: Option<Instant>| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let probe = ready.probe.lock().unwrap();
+                if probe.at.is_some() && probe.at > after {
+                    return (probe.at, probe.unwritable.clone());
+                }
+                drop(probe);
+                assert!(Instant::now() < deadline, "a probe round never completed");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let (first, unwritable) = round(None);
+        assert_eq!(unwritable, vec![0], "a failure since the last round");
         assert!(dir.path().join(PROBE_FILE).exists(), "the probe wrote its file");
+        let (_, unwritable) = round(first);
+        assert_eq!(unwritable, Vec::<usize>::new(), "no new failure: the next round passes");
+        drop(ready);
+        thread.join().unwrap();
     }
 }

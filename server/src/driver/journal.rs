@@ -29,6 +29,20 @@ use tracing_subscriber::Layer;
 pub const RECORDS_BUFFERED_MAX: usize = 10_000;
 /// Longest wait at exit for the waiting records to be sent.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest field name the journal accepts.
+const JOURNAL_KEY_BYTES_MAX: usize = 64;
+/// Field names the journal or this layer gives a meaning of their own.
+const RESERVED_KEYS: [&str; 9] = [
+    "MESSAGE",
+    "MESSAGE_ID",
+    "PRIORITY",
+    "TARGET",
+    "CODE_FILE",
+    "CODE_LINE",
+    "CODE_FUNC",
+    "SYSLOG_IDENTIFIER",
+    "ERRNO",
+];
 /// The journal's SYSLOG_IDENTIFIER for irisd's records.
 const IDENTIFIER: &str = "irisd";
 
@@ -67,9 +81,12 @@ pub struct JournalGuard {
 
 impl Drop for JournalGuard {
     fn drop(&mut self) {
+        // One deadline for both waits: the exit is delayed by at most
+        // FLUSH_TIMEOUT however stuck the journal is.
+        let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
         let (done, flushed) = std::sync::mpsc::sync_channel(1);
-        if self.sender.send_timeout(Item::Flush(done), FLUSH_TIMEOUT).is_ok() {
-            let _ = flushed.recv_timeout(FLUSH_TIMEOUT);
+        if self.sender.send_deadline(Item::Flush(done), deadline).is_ok() {
+            let _ = flushed.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
         }
     }
 }
@@ -88,23 +105,28 @@ fn send_loop(receiver: &flume::Receiver<Item>, dropped: &AtomicU64) {
     for item in receiver.iter() {
         match item {
             Item::Entry(entry) => {
-                let lost = dropped.swap(0, Ordering::Relaxed);
-                if lost > 0 {
-                    send(
-                        &Entry {
-                            priority: Priority::Warning,
-                            message: format!("{lost} log records dropped: the journal fell behind"),
-                            fields: vec![("DROPPED_RECORDS".into(), lost.to_string())],
-                        },
-                        &mut failing,
-                    );
-                }
                 send(&entry, &mut failing);
+                report_dropped(dropped, &mut failing);
             }
             Item::Flush(done) => {
+                report_dropped(dropped, &mut failing);
                 let _ = done.try_send(());
             }
         }
+    }
+}
+
+/// Says how many records were dropped since the last report, if any (after
+/// the entries that were queued before them).
+fn report_dropped(dropped: &AtomicU64, failing: &mut bool) {
+    let lost = dropped.swap(0, Ordering::Relaxed);
+    if lost > 0 {
+        let entry = Entry {
+            priority: Priority::Warning,
+            message: format!("{lost} log records dropped: the journal fell behind"),
+            fields: vec![("DROPPED_RECORDS".into(), lost.to_string())],
+        };
+        send(&entry, failing);
     }
 }
 
@@ -154,7 +176,15 @@ where
         values.record(&mut visitor);
         let mut extensions = span.extensions_mut();
         match extensions.get_mut::<SpanFields>() {
-            Some(fields) => fields.0.extend(visitor.fields),
+            // A field recorded again replaces its value.
+            Some(fields) => {
+                for field in visitor.fields {
+                    match fields.0.iter_mut().find(|old| old.key == field.key) {
+                        Some(old) => *old = field,
+                        None => fields.0.push(field),
+                    }
+                }
+            }
             None => extensions.insert(SpanFields(visitor.fields)),
         }
     }
@@ -240,7 +270,13 @@ impl FieldVisitor {
             _ => {}
         }
         let name = journal_key(field.name());
-        let key = if self.prefix.is_empty() { name } else { format!("{}_{name}", self.prefix) };
+        let mut key = if self.prefix.is_empty() { name } else { format!("{}_{name}", self.prefix) };
+        // The journal's own fields and the ones this layer sets are not
+        // taken by a record's field of the same name.
+        if RESERVED_KEYS.contains(&key.as_str()) {
+            key.insert_str(0, "FIELD_");
+        }
+        key.truncate(JOURNAL_KEY_BYTES_MAX);
         self.fields.push(Recorded { key, name: field.name(), value });
     }
 }
@@ -271,7 +307,7 @@ fn journal_key(name: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
         .skip_while(|c| *c == '_' || c.is_ascii_digit())
-        .take(64)
+        .take(JOURNAL_KEY_BYTES_MAX)
         .collect();
     if key.is_empty() && !name.is_empty() {
         key.push_str("FIELD");
@@ -291,5 +327,30 @@ mod tests {
         assert_eq!(journal_key("2fa"), "FA");
         assert_eq!(journal_key("__"), "FIELD");
         assert_eq!(journal_key(&"x".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn a_records_fields_never_take_the_journals_own_names_or_exceed_their_length() {
+        use tracing::field::Visit;
+        let callsite = tracing::callsite::Identifier(&CALLSITE);
+        let fields = tracing::field::FieldSet::new(&["priority", "target", "long_name_of_a_field_in_a_span"], callsite);
+        let mut visitor = super::FieldVisitor::new("a_span_with_a_name_long_enough_to_push_the_key_past_the_limit");
+        let mut plain = super::FieldVisitor::new("");
+        for field in fields.iter() {
+            visitor.record_str(&field, "x");
+            plain.record_str(&field, "y");
+        }
+        let keys: Vec<&str> = plain.fields.iter().map(|field| field.key.as_str()).collect();
+        assert_eq!(keys, ["FIELD_PRIORITY", "FIELD_TARGET", "LONG_NAME_OF_A_FIELD_IN_A_SPAN"]);
+        assert!(visitor.fields.iter().all(|field| field.key.len() <= 64), "{:?}", visitor.fields[2].key);
+    }
+
+    struct Callsite;
+    static CALLSITE: Callsite = Callsite;
+    impl tracing::callsite::Callsite for Callsite {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &tracing::Metadata<'_> {
+            panic!("the test records fields only; it never asks for metadata")
+        }
     }
 }
