@@ -296,7 +296,7 @@ pub struct CoreStats {
 }
 
 /// Slots of the per-kind frame counters ([`CoreStats::frames_in`]).
-pub const FRAME_KIND_SLOTS: usize = 16;
+pub const FRAME_KIND_SLOTS: usize = 32;
 
 /// A removal waiting to be durable before anyone is told: until then the
 /// removed device's sessions are parked (Closing) rather than told
@@ -1301,6 +1301,8 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// Sends a fatal error and closes the connection.
     fn fail(&mut self, conn: ConnId, code: ErrorCode, detail: String) {
+        // In the connection's span (the driver's), so it names the peer.
+        tracing::debug!(?code, %detail, "closing the connection");
         if let Some(Session::Active { device, .. }) = self.sessions.get(&conn) {
             if self.online.get(device) == Some(&conn) {
                 let device = *device;
