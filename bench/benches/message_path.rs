@@ -31,6 +31,7 @@ fn message_path(c: &mut Criterion) {
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
+        presence: irisd::shard::presence::PresenceLimits::DEFAULT,
     };
     let store = MemoryStore::new(StoreLimits {
         devices_per_user_max: 5,

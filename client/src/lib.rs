@@ -28,6 +28,8 @@ pub const COMMAND_QUEUE_MAX: usize = 1024;
 /// Deliveries buffered for the application; when full the session stops
 /// reading the push stream and QUIC flow control holds the server back.
 pub const DELIVERY_QUEUE_MAX: usize = 1024;
+/// Presence events buffered for the application.
+pub const PRESENCE_QUEUE_MAX: usize = 1024;
 
 /// How to reach and authenticate with the server.
 #[derive(Debug, Clone)]
@@ -207,6 +209,54 @@ pub(crate) enum Command {
     Reconnect,
     /// Remove a device of this user; answer once the server says it is durable.
     RemoveDevice { device_id: u32, reply: oneshot::Sender<Result<(), ClientError>> },
+    /// Watch these users' presence (kept across reconnects).
+    WatchPresence { users: Vec<u64> },
+    /// Stop watching these users.
+    UnwatchPresence { users: Vec<u64> },
+    /// Set who may see this user's presence (a `frames::PRIVACY_*` value).
+    PresencePrivacy { privacy: u8 },
+}
+
+/// What a watcher is shown of a user's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceState {
+    /// A device of the user is connected.
+    Online,
+    /// None is; when its last device left (ms since the Unix epoch), if ever.
+    Offline {
+        /// The user's last-seen time.
+        last_seen_ms: Option<u64>,
+    },
+    /// The user's privacy setting hides it from this user.
+    Hidden,
+    /// The server keeps no more watchers of this user; the watch was dropped.
+    Unavailable,
+}
+
+/// One item of a client's presence queue ([`Client::next_presence`]).
+#[derive(Debug, Clone)]
+pub enum PresenceEvent {
+    /// A watched user's state: once when the watch starts, then on changes.
+    Changed {
+        /// The watched user.
+        user: u64,
+        /// What this user may see of it.
+        state: PresenceState,
+    },
+    /// A watch request was refused as a whole (past the server's bound of
+    /// users per device); nothing of it was kept.
+    Refused(ClientError),
+}
+
+/// Who may see a user's presence and last-seen time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresencePrivacy {
+    /// Everyone who watches it.
+    Everyone,
+    /// Only users it watches itself.
+    Contacts,
+    /// No one.
+    Nobody,
 }
 
 /// State shared between the API and the session task.
@@ -270,6 +320,8 @@ pub struct Client {
     payload_bytes_max: usize,
     /// From the session task.
     deliveries: mpsc::Receiver<Delivered>,
+    /// Presence of watched users, from the session task.
+    presence: mpsc::Receiver<PresenceEvent>,
     /// Shared progress.
     shared: Arc<Shared>,
     /// The session task's outcome (a fatal error ends it).
@@ -286,11 +338,13 @@ impl Client {
         shared.processed_seq.store(config.resume_after_seq, Ordering::Relaxed);
         let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (delivery_sender, deliveries) = mpsc::channel(DELIVERY_QUEUE_MAX);
+        let (presence_sender, presence) = mpsc::channel(PRESENCE_QUEUE_MAX);
         let (ready_sender, ready) = oneshot::channel();
-        let session = session::Session::new(config, tls, Arc::clone(&shared), command_receiver, delivery_sender);
+        let session =
+            session::Session::new(config, tls, Arc::clone(&shared), command_receiver, delivery_sender, presence_sender);
         let task = tokio::spawn(session.run(ready_sender));
         match ready.await {
-            Ok(Ok(())) => Ok(Client { commands, payload_bytes_max, deliveries, shared, task }),
+            Ok(Ok(())) => Ok(Client { commands, payload_bytes_max, deliveries, presence, shared, task }),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(match task.await {
                 Ok(Err(error)) => error,
@@ -329,6 +383,41 @@ impl Client {
         let delivered = self.deliveries.recv().await?;
         self.shared.processed_seq.fetch_max(delivered.seq, Ordering::Relaxed);
         Some(delivered)
+    }
+
+    /// Watches the presence of `users`: each one's current state arrives on
+    /// [`Client::next_presence`] at once, then every change. The watch lasts
+    /// until [`Client::unwatch_presence`] (the SDK renews it after every
+    /// reconnect). A request past the server's bound of watched users per
+    /// device is refused as a whole: a [`PresenceEvent::Refused`] says so.
+    pub async fn watch_presence(&self, users: Vec<u64>) -> Result<(), ClientError> {
+        self.command(Command::WatchPresence { users }).await
+    }
+
+    /// Stops watching `users`.
+    pub async fn unwatch_presence(&self, users: Vec<u64>) -> Result<(), ClientError> {
+        self.command(Command::UnwatchPresence { users }).await
+    }
+
+    /// Sets who may see this user's presence and last-seen time (for all of
+    /// its devices; the last one set wins).
+    pub async fn set_presence_privacy(&self, privacy: PresencePrivacy) -> Result<(), ClientError> {
+        let privacy = match privacy {
+            PresencePrivacy::Everyone => iris_protocol::frames::PRIVACY_EVERYONE,
+            PresencePrivacy::Contacts => iris_protocol::frames::PRIVACY_CONTACTS,
+            PresencePrivacy::Nobody => iris_protocol::frames::PRIVACY_NOBODY,
+        };
+        self.command(Command::PresencePrivacy { privacy }).await
+    }
+
+    /// The next presence change of a watched user (a newer state of a user
+    /// replaces one not yet taken). `None` once the session has ended.
+    pub async fn next_presence(&mut self) -> Option<PresenceEvent> {
+        self.presence.recv().await
+    }
+
+    async fn command(&self, command: Command) -> Result<(), ClientError> {
+        self.commands.send(command).await.map_err(|_| closed_error(&self.shared))
     }
 
     /// Highest seq returned by [`Client::recv`] (persist it to resume later).

@@ -9,7 +9,7 @@
 //! and IRIS_TOKEN.
 
 use clap::{Parser, Subcommand};
-use iris_client::{Client, ClientConfig, ClientError};
+use iris_client::{Client, ClientConfig, ClientError, PresenceEvent, PresencePrivacy, PresenceState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -63,6 +63,34 @@ enum Command {
     RemoveDevice {
         /// Device id to remove.
         device: u32,
+    },
+    /// Presence of other users, and who may see this user's.
+    #[command(subcommand)]
+    Presence(PresenceCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PresenceCommand {
+    /// Watch users U...: print each one's state at once, then every change,
+    /// as JSON lines ({"user":U,"state":"online"|"offline"|"hidden"|
+    /// "unavailable","last_seen_ms":T}). A refused watch (too many users) is
+    /// printed as {"error":...} and the exit status is 1.
+    Watch {
+        /// Users to watch.
+        #[arg(required = true)]
+        users: Vec<u64>,
+        /// Stop after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Set who may see this user's presence and last seen: everyone,
+    /// contacts (the users it watches) or nobody.
+    Privacy {
+        /// everyone, contacts or nobody.
+        setting: String,
     },
 }
 
@@ -136,10 +164,57 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Ok(());
             }
         }
+        Command::Presence(PresenceCommand::Privacy { setting }) => {
+            let privacy = match setting.as_str() {
+                "everyone" => PresencePrivacy::Everyone,
+                "contacts" => PresencePrivacy::Contacts,
+                "nobody" => PresencePrivacy::Nobody,
+                other => return Err(format!("privacy {other}: must be everyone, contacts or nobody")),
+            };
+            client.set_presence_privacy(privacy).await.map_err(|e| e.to_string())?;
+            println!("{}", serde_json::json!({ "presence_privacy": setting }));
+        }
+        Command::Presence(PresenceCommand::Watch { users, count, timeout }) => {
+            client.watch_presence(users).await.map_err(|e| e.to_string())?;
+            let deadline = deadline_after(timeout);
+            let mut printed = 0u64;
+            while count.is_none_or(|count| printed < count) {
+                let next = match deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, client.next_presence()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                    None => client.next_presence().await,
+                };
+                let line = match next {
+                    None => break,
+                    Some(PresenceEvent::Changed { user, state }) => {
+                        let (state, last_seen_ms) = match state {
+                            PresenceState::Online => ("online", None),
+                            PresenceState::Offline { last_seen_ms } => ("offline", last_seen_ms),
+                            PresenceState::Hidden => ("hidden", None),
+                            PresenceState::Unavailable => ("unavailable", None),
+                        };
+                        serde_json::json!({ "user": user, "state": state, "last_seen_ms": last_seen_ms })
+                    }
+                    Some(PresenceEvent::Refused(error)) => {
+                        let code = error.code();
+                        let line = serde_json::json!({
+                            "error": code.map_or("Unknown".to_string(), |code| format!("{code:?}")),
+                            "code": code.map(|code| code as u16),
+                            "message": error.to_string(),
+                        });
+                        println!("{line}");
+                        let _ = client.close().await;
+                        return Err(format!("watch refused: {error}"));
+                    }
+                };
+                println!("{line}");
+                printed += 1;
+            }
+        }
         Command::Listen { count, timeout } => {
-            let deadline = timeout
-                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-                .map(|seconds| tokio::time::Instant::now() + Duration::from_secs_f64(seconds));
+            let deadline = deadline_after(timeout);
             let mut received = 0u64;
             while count.is_none_or(|count| received < count) {
                 let next = match deadline {
@@ -165,4 +240,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     client.close().await.map_err(|e| e.to_string())
+}
+
+/// The deadline `--timeout` seconds from now, if given (and sane).
+fn deadline_after(timeout: Option<f64>) -> Option<tokio::time::Instant> {
+    timeout
+        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+        .map(|seconds| tokio::time::Instant::now() + Duration::from_secs_f64(seconds))
 }

@@ -15,7 +15,7 @@
 //! right after it (their `OutOfOrder` refusals are expected and never reach
 //! the application).
 
-use crate::{Acked, ClientConfig, ClientError, Command, Delivered, Shared};
+use crate::{Acked, ClientConfig, ClientError, Command, Delivered, PresenceEvent, PresenceState, Shared};
 use iris_protocol::frames::{self, Frame};
 use iris_protocol::{encode, ErrorCode, FrameDecoder};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -41,6 +41,12 @@ const REDIRECTS_MAX: usize = 3;
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Bytes read from a stream per call.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Users per PresenceSubscribe frame when the watched set is sent again
+/// after a reconnect (8 bytes each: well inside the smallest frame bound).
+const SUBSCRIBE_CHUNK_USERS: usize = 1024;
+/// Presence changes waiting for room in the application's queue, one per
+/// watched user (a newer state replaces an older one not yet taken).
+const READY_PRESENCE_MAX: usize = 65_536;
 
 /// A send not yet acknowledged.
 #[derive(Debug)]
@@ -108,6 +114,18 @@ pub(crate) struct Session {
     removal: Option<(u32, oneshot::Sender<Result<(), ClientError>>)>,
     /// RemoveDevice requests waiting for `removal` to be answered.
     queued_removals: VecDeque<(u32, oneshot::Sender<Result<(), ClientError>>)>,
+    /// Users this device watches: subscriptions belong to a server session,
+    /// so they are sent again after every reconnect.
+    watched: std::collections::BTreeSet<u64>,
+    /// The presence privacy last set (sent again after a reconnect).
+    privacy: Option<u8>,
+    /// To the application's presence queue.
+    presence: mpsc::Sender<PresenceEvent>,
+    /// Presence events waiting for room there, coalesced per user.
+    presence_order: VecDeque<u64>,
+    presence_latest: HashMap<u64, PresenceState>,
+    /// Refusals waiting for room there.
+    presence_refusals: VecDeque<ClientError>,
 }
 
 impl Session {
@@ -117,6 +135,7 @@ impl Session {
         shared: Arc<Shared>,
         commands: mpsc::Receiver<Command>,
         deliveries: mpsc::Sender<Delivered>,
+        presence: mpsc::Sender<PresenceEvent>,
     ) -> Session {
         let resume = config.resume_after_seq;
         Session {
@@ -135,6 +154,12 @@ impl Session {
             connections: 0,
             removal: None,
             queued_removals: VecDeque::new(),
+            watched: std::collections::BTreeSet::new(),
+            privacy: None,
+            presence,
+            presence_order: VecDeque::new(),
+            presence_latest: HashMap::new(),
+            presence_refusals: VecDeque::new(),
         }
     }
 
@@ -307,7 +332,16 @@ impl Session {
                 return ended;
             }
         }
+        // Presence lives in the server's session: watch and set privacy again.
+        if let Err(ended) = self.resubscribe(&mut live).await {
+            return ended;
+        }
         let mut push: Option<quinn::RecvStream> = None;
+        // The second unidirectional stream the server opens: Presence frames.
+        let mut ephemeral: Option<quinn::RecvStream> = None;
+        let mut ephemeral_decoder = FrameDecoder::new(iris_protocol::FRAME_BYTES_MAX_CEILING);
+        let mut ephemeral_buffer = vec![0u8; READ_CHUNK_BYTES];
+        let presence_queue = self.presence.clone();
         // Deliver frames are bounded by the server's limit, which may be
         // larger than ours: a message we could not decode would come back
         // on every reconnect and stop this device's push stream for good.
@@ -325,6 +359,8 @@ impl Session {
         loop {
             let window_open = self.pending.len() < SEND_WINDOW_MAX;
             let can_read_push = push.is_some() && self.ready.len() < READY_DELIVERIES_MAX;
+            let can_read_ephemeral = ephemeral.is_some();
+            let presence_waiting = !self.presence_order.is_empty() || !self.presence_refusals.is_empty();
             tokio::select! {
                 // In order: an answer already read never loses to the tick
                 // that would give the connection up.
@@ -379,6 +415,36 @@ impl Session {
                             return ended;
                         }
                     }
+                    Some(Command::WatchPresence { users }) => {
+                        // All of them, watched already or not: the server
+                        // counts each once, and a request it refused (past
+                        // its bound) is kept whole nowhere but here, so
+                        // asking again must reach it.
+                        self.watched.extend(users.iter().copied());
+                        let frame = Frame::PresenceSubscribe(frames::PresenceSubscribe { users });
+                        if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                            return ended;
+                        }
+                    }
+                    Some(Command::UnwatchPresence { users }) => {
+                        let users: Vec<u64> = users.into_iter().filter(|user| self.watched.remove(user)).collect();
+                        for user in &users {
+                            if self.presence_latest.remove(user).is_some() {
+                                self.presence_order.retain(|waiting| waiting != user);
+                            }
+                        }
+                        let frame = Frame::PresenceUnsubscribe(frames::PresenceUnsubscribe { users });
+                        if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                            return ended;
+                        }
+                    }
+                    Some(Command::PresencePrivacy { privacy }) => {
+                        self.privacy = Some(privacy);
+                        let frame = Frame::PresencePrivacy(frames::PresencePrivacy { privacy });
+                        if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                            return ended;
+                        }
+                    }
                 },
                 read = live.request_recv.read(&mut request_buffer) => match read {
                     Ok(Some(count)) => {
@@ -402,9 +468,46 @@ impl Session {
                     Ok(None) => return Ended::Lost("server finished the request stream".into()),
                     Err(error) => return Ended::Lost(error.to_string()),
                 },
-                stream = live.connection.accept_uni(), if push.is_none() => match stream {
-                    Ok(stream) => push = Some(stream),
+                stream = live.connection.accept_uni(), if push.is_none() || ephemeral.is_none() => match stream {
+                    // In the order the server opens them: push, then ephemeral.
+                    Ok(stream) if push.is_none() => push = Some(stream),
+                    Ok(stream) => ephemeral = Some(stream),
                     Err(error) => return Ended::Lost(error.to_string()),
+                },
+                read = read_optional(&mut ephemeral, &mut ephemeral_buffer), if can_read_ephemeral => match read {
+                    Ok(Some(count)) => {
+                        ephemeral_decoder.feed(&ephemeral_buffer[..count]);
+                        loop {
+                            match ephemeral_decoder.next_frame() {
+                                Ok(Some(Frame::Presence(presence))) => self.on_presence(presence),
+                                Ok(Some(other)) => {
+                                    let detail = format!("unexpected {:?} on the ephemeral stream", other.kind());
+                                    return Ended::Fatal(ClientError::Protocol(detail));
+                                }
+                                Ok(None) => break,
+                                Err(error) => return Ended::Fatal(ClientError::Protocol(error.to_string())),
+                            }
+                        }
+                    }
+                    Ok(None) => return Ended::Lost("server finished the ephemeral stream".into()),
+                    Err(error) => return Ended::Lost(error.to_string()),
+                },
+                permit = presence_queue.reserve(), if presence_waiting => match permit {
+                    Ok(permit) => {
+                        if let Some(refusal) = self.presence_refusals.pop_front() {
+                            permit.send(PresenceEvent::Refused(refusal));
+                        } else if let Some(user) = self.presence_order.pop_front() {
+                            if let Some(state) = self.presence_latest.remove(&user) {
+                                permit.send(PresenceEvent::Changed { user, state });
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        // The application dropped its receiver.
+                        self.presence_order.clear();
+                        self.presence_latest.clear();
+                        self.presence_refusals.clear();
+                    }
                 },
                 read = read_optional(&mut push, &mut push_buffer), if can_read_push => match read {
                     Ok(Some(count)) => {
@@ -534,6 +637,15 @@ impl Session {
                         None
                     }
                     None if code == Some(ErrorCode::ShuttingDown) => Some(Ended::Lost(error.message)),
+                    // A PresenceSubscribe past the server's bound: nothing of
+                    // it was kept; the application hears it on its presence
+                    // queue and the session goes on.
+                    None if code == Some(ErrorCode::TooManySubscriptions) => {
+                        if self.presence_refusals.len() < READY_PRESENCE_MAX {
+                            self.presence_refusals.push_back(server_error(&error));
+                        }
+                        None
+                    }
                     // Refusals of the RemoveDevice in flight (one at a time).
                     None if matches!(code, Some(ErrorCode::UnknownDevice | ErrorCode::Throttle))
                         && self.removal.is_some() =>
@@ -549,6 +661,42 @@ impl Session {
             Frame::Pong(_) => None,
             other => Some(Ended::Fatal(ClientError::Protocol(format!("unexpected {:?} response", other.kind())))),
         }
+    }
+
+    /// A Presence frame: the latest state per user waits for the application.
+    fn on_presence(&mut self, presence: frames::Presence) {
+        if !self.watched.contains(&presence.user) {
+            return; // Unwatched since: the server's update crossed the unsubscribe.
+        }
+        let state = match presence.state {
+            frames::PRESENCE_ONLINE => PresenceState::Online,
+            frames::PRESENCE_OFFLINE => {
+                PresenceState::Offline { last_seen_ms: (presence.last_seen_ms > 0).then_some(presence.last_seen_ms) }
+            }
+            frames::PRESENCE_HIDDEN => PresenceState::Hidden,
+            _ => PresenceState::Unavailable,
+        };
+        if self.presence_latest.insert(presence.user, state).is_none() {
+            if self.presence_order.len() >= READY_PRESENCE_MAX {
+                self.presence_latest.remove(&presence.user);
+                return;
+            }
+            self.presence_order.push_back(presence.user);
+        }
+    }
+
+    /// After a reconnect: the watched users and the privacy again.
+    async fn resubscribe(&mut self, live: &mut Live) -> Result<(), Ended> {
+        let watched: Vec<u64> = self.watched.iter().copied().collect();
+        for users in watched.chunks(SUBSCRIBE_CHUNK_USERS) {
+            let frame = Frame::PresenceSubscribe(frames::PresenceSubscribe { users: users.to_vec() });
+            write_frame(live, &frame, self.config.frame_bytes_max).await?;
+        }
+        if let Some(privacy) = self.privacy {
+            let frame = Frame::PresencePrivacy(frames::PresencePrivacy { privacy });
+            write_frame(live, &frame, self.config.frame_bytes_max).await?;
+        }
+        Ok(())
     }
 
     fn on_deliver(&mut self, deliver: frames::Deliver) {

@@ -188,3 +188,44 @@ fn a_device_unlinks_another_then_itself() {
     send.args(["send", "--to", "5", "x"]);
     assert!(String::from_utf8_lossy(&run(send).stderr).contains("DeviceRemoved"));
 }
+
+#[test]
+fn iris_presence_watch_prints_a_users_state_and_its_changes_as_json_lines() {
+    let daemon = start_irisd();
+    let (watcher, watched) = (token(&daemon, 1, 1), token(&daemon, 2, 1));
+    // The watcher prints user 2's state now (offline, never seen), then
+    // "online" when user 2 connects.
+    let mut watch = iris_command(&daemon, &watcher);
+    watch.args(["presence", "watch", "2", "--count", "2", "--timeout", "20"]).stdout(Stdio::piped());
+    let mut child = watch.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first, serde_json::json!({ "user": 2, "state": "offline", "last_seen_ms": null }));
+    let mut privacy = iris_command(&daemon, &watched);
+    privacy.args(["presence", "privacy", "nobody"]);
+    let output = run(privacy);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    // User 2 connected to set its privacy: online first, unless the
+    // privacy frame came in the same flight (then hidden at once).
+    assert!(
+        second == serde_json::json!({ "user": 2, "state": "online", "last_seen_ms": null })
+            || second == serde_json::json!({ "user": 2, "state": "hidden", "last_seen_ms": null }),
+        "{second}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "iris presence watch did not stop after --count");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    // A bad privacy word is a one-line error.
+    let mut bad = iris_command(&daemon, &watched);
+    bad.args(["presence", "privacy", "friends"]);
+    let output = run(bad);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must be everyone, contacts or nobody"));
+}

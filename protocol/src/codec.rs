@@ -128,6 +128,10 @@ pub fn encode_into(frame: &Frame, frame_bytes_max: u32, out: &mut Vec<u8>) -> Re
         Frame::Pong(f) => to_bytes(f),
         Frame::RemoveDevice(f) => to_bytes(f),
         Frame::DeviceRemoved(f) => to_bytes(f),
+        Frame::PresenceSubscribe(f) => to_bytes(f),
+        Frame::PresenceUnsubscribe(f) => to_bytes(f),
+        Frame::PresencePrivacy(f) => to_bytes(f),
+        Frame::Presence(f) => to_bytes(f),
     }?;
     let length = body.len() + 2;
     if length > frame_bytes_max as usize {
@@ -188,6 +192,16 @@ pub fn decode_body(version: u8, kind_byte: u8, body: &[u8]) -> Result<Frame, Dec
         FrameKind::DeviceRemoved => {
             Frame::DeviceRemoved(rkyv::from_bytes::<frames::DeviceRemoved, _>(body).map_err(malformed)?)
         }
+        FrameKind::PresenceSubscribe => {
+            Frame::PresenceSubscribe(rkyv::from_bytes::<frames::PresenceSubscribe, _>(body).map_err(malformed)?)
+        }
+        FrameKind::PresenceUnsubscribe => {
+            Frame::PresenceUnsubscribe(rkyv::from_bytes::<frames::PresenceUnsubscribe, _>(body).map_err(malformed)?)
+        }
+        FrameKind::PresencePrivacy => {
+            Frame::PresencePrivacy(rkyv::from_bytes::<frames::PresencePrivacy, _>(body).map_err(malformed)?)
+        }
+        FrameKind::Presence => Frame::Presence(rkyv::from_bytes::<frames::Presence, _>(body).map_err(malformed)?),
     })
 }
 

@@ -69,6 +69,10 @@ pub enum ErrorCode {
     /// `after` must name a send to the same user: one naming a send to
     /// another user, or an id never sent, is refused every time.
     OutOfOrder = 19,
+    /// A PresenceSubscribe would make the device watch more users than the
+    /// server's bound (`presence_subscriptions_max`). Nothing of the request
+    /// is kept; the connection stays open. Unsubscribe from some first.
+    TooManySubscriptions = 20,
 }
 
 impl ErrorCode {
@@ -96,6 +100,7 @@ impl ErrorCode {
             17 => DeviceRemoved,
             18 => UnknownDevice,
             19 => OutOfOrder,
+            20 => TooManySubscriptions,
             _ => return None,
         })
     }

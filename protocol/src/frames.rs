@@ -179,6 +179,66 @@ pub struct DeviceRemoved {
     pub device_id: u32,
 }
 
+/// Watch the presence of `users` (docs/presence.md). Subscriptions belong to
+/// the session: they end with it, and the client subscribes again after a
+/// reconnect. The current state of each new one arrives at once as a
+/// [`Presence`] frame on the ephemeral stream, and every change after it.
+/// A device watches at most `presence_subscriptions_max` users; a request
+/// past it is refused as a whole with `TooManySubscriptions`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PresenceSubscribe {
+    /// Users to watch (repeats and users already watched count once).
+    pub users: Vec<u64>,
+}
+
+/// Stop watching `users` (unknown ones are ignored). Not answered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PresenceUnsubscribe {
+    /// Users to stop watching.
+    pub users: Vec<u64>,
+}
+
+/// Who may see this user's presence and last-seen time (for all its
+/// devices; the last one set wins). Not answered; watchers whose view
+/// changes are told at once.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PresencePrivacy {
+    /// [`PRIVACY_EVERYONE`], [`PRIVACY_CONTACTS`] or [`PRIVACY_NOBODY`].
+    pub privacy: u8,
+}
+
+/// Every watcher may see it (the default).
+pub const PRIVACY_EVERYONE: u8 = 0;
+/// Only users this user watches itself, from any of its devices.
+pub const PRIVACY_CONTACTS: u8 = 1;
+/// No watcher may see it.
+pub const PRIVACY_NOBODY: u8 = 2;
+
+/// A watched user's presence, on the ephemeral stream: the state at
+/// subscription, then each change. Ephemeral: a later one replaces an
+/// earlier one not yet sent, and none is stored or replayed.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The watched user.
+    pub user: u64,
+    /// [`PRESENCE_OFFLINE`], [`PRESENCE_ONLINE`], [`PRESENCE_HIDDEN`] or
+    /// [`PRESENCE_UNAVAILABLE`].
+    pub state: u8,
+    /// With [`PRESENCE_OFFLINE`]: when its last device left, ms since the
+    /// Unix epoch; 0 if it was never seen (or with any other state).
+    pub last_seen_ms: u64,
+}
+
+/// No device of the user is connected.
+pub const PRESENCE_OFFLINE: u8 = 0;
+/// A device of the user is connected.
+pub const PRESENCE_ONLINE: u8 = 1;
+/// The user's privacy setting hides its presence from this watcher.
+pub const PRESENCE_HIDDEN: u8 = 2;
+/// The user has the most watchers the server keeps; this subscription is
+/// not kept (subscribe again later).
+pub const PRESENCE_UNAVAILABLE: u8 = 3;
+
 /// Any frame of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -211,6 +271,14 @@ pub enum Frame {
     RemoveDevice(RemoveDevice),
     /// Server -> client.
     DeviceRemoved(DeviceRemoved),
+    /// Client -> server.
+    PresenceSubscribe(PresenceSubscribe),
+    /// Client -> server.
+    PresenceUnsubscribe(PresenceUnsubscribe),
+    /// Client -> server.
+    PresencePrivacy(PresencePrivacy),
+    /// Server -> client, on the ephemeral stream.
+    Presence(Presence),
 }
 
 /// The kind byte of the frame header. Values are stable wire constants.
@@ -246,6 +314,14 @@ pub enum FrameKind {
     RemoveDevice = 13,
     /// [`DeviceRemoved`]
     DeviceRemoved = 14,
+    /// [`PresenceSubscribe`]
+    PresenceSubscribe = 15,
+    /// [`PresenceUnsubscribe`]
+    PresenceUnsubscribe = 16,
+    /// [`PresencePrivacy`]
+    PresencePrivacy = 17,
+    /// [`Presence`]
+    Presence = 18,
 }
 
 impl FrameKind {
@@ -266,6 +342,10 @@ impl FrameKind {
             12 => FrameKind::Pong,
             13 => FrameKind::RemoveDevice,
             14 => FrameKind::DeviceRemoved,
+            15 => FrameKind::PresenceSubscribe,
+            16 => FrameKind::PresenceUnsubscribe,
+            17 => FrameKind::PresencePrivacy,
+            18 => FrameKind::Presence,
             _ => return None,
         })
     }
@@ -289,6 +369,10 @@ impl Frame {
             Frame::Pong(_) => FrameKind::Pong,
             Frame::RemoveDevice(_) => FrameKind::RemoveDevice,
             Frame::DeviceRemoved(_) => FrameKind::DeviceRemoved,
+            Frame::PresenceSubscribe(_) => FrameKind::PresenceSubscribe,
+            Frame::PresenceUnsubscribe(_) => FrameKind::PresenceUnsubscribe,
+            Frame::PresencePrivacy(_) => FrameKind::PresencePrivacy,
+            Frame::Presence(_) => FrameKind::Presence,
         }
     }
 

@@ -30,6 +30,10 @@ fn all_frames() -> Vec<Frame> {
         Frame::Pong(Pong { nonce: 12 }),
         Frame::RemoveDevice(RemoveDevice { device_id: 3 }),
         Frame::DeviceRemoved(DeviceRemoved { device_id: 3 }),
+        Frame::PresenceSubscribe(PresenceSubscribe { users: vec![1, 2, u64::MAX] }),
+        Frame::PresenceUnsubscribe(PresenceUnsubscribe { users: vec![2] }),
+        Frame::PresencePrivacy(PresencePrivacy { privacy: PRIVACY_CONTACTS }),
+        Frame::Presence(Presence { user: 2, state: PRESENCE_OFFLINE, last_seen_ms: 1_700_000_000_000 }),
     ]
 }
 

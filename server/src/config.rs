@@ -71,6 +71,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// Admission control (CoDel; docs/overload.md).
     pub admission: Admission,
+    /// Presence (docs/presence.md).
+    pub presence: PresenceConfig,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
     /// Durable storage.
@@ -240,6 +242,31 @@ impl Default for RateLimits {
     }
 }
 
+/// Presence: who watches whom, and how churn is damped.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Users one device may watch at once (a large contact list).
+    pub subscriptions_per_device_max: u32,
+    /// Devices that may watch one user at once; past it a watch is answered
+    /// "unavailable" and not kept.
+    pub watchers_per_user_max: u32,
+    /// How long a user stays online to its watchers after its last device
+    /// disconnects (a reconnect within it causes no event), ms.
+    pub grace_ms: u32,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> PresenceConfig {
+        let limits = crate::shard::presence::PresenceLimits::DEFAULT;
+        PresenceConfig {
+            subscriptions_per_device_max: limits.subscriptions_per_device_max as u32,
+            watchers_per_user_max: limits.watchers_per_user_max as u32,
+            grace_ms: limits.grace_ms as u32,
+        }
+    }
+}
+
 /// CoDel admission control (RFC 8289's control law, applied to new Sends).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -292,6 +319,7 @@ impl Default for Config {
             limits: Limits::default(),
             rate_limits: RateLimits::default(),
             admission: Admission::default(),
+            presence: PresenceConfig::default(),
             runtime: RuntimeConfig::default(),
             storage: StorageConfig::default(),
         }
@@ -536,6 +564,16 @@ impl Config {
         }
         if rates.device_bytes_per_s > 0 && rates.device_bytes_burst < u64::from(self.limits.frame_bytes_max) {
             return invalid("rate_limits.device_bytes_burst must be at least limits.frame_bytes_max".into());
+        }
+        let presence = &self.presence;
+        if !(1..=10_000).contains(&presence.subscriptions_per_device_max) {
+            return invalid("presence.subscriptions_per_device_max must be 1..=10000".into());
+        }
+        if !(1..=10_000_000).contains(&presence.watchers_per_user_max) {
+            return invalid("presence.watchers_per_user_max must be 1..=10000000".into());
+        }
+        if presence.grace_ms > 600_000 {
+            return invalid("presence.grace_ms must be at most 600000".into());
         }
         if self.admission.codel_target_ms > 10_000 || !(1..=60_000).contains(&self.admission.codel_interval_ms) {
             return invalid("admission.codel_target_ms must be at most 10000 and codel_interval_ms 1..=60000".into());

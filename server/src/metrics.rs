@@ -58,6 +58,10 @@ pub struct ShardMetrics {
     pub sends_over_mailbox_share_total: AtomicU64,
     /// Devices removed after the inactivity expiry.
     pub devices_expired_total: AtomicU64,
+    /// Presence frames queued for this shard's sessions.
+    pub presence_events_total: AtomicU64,
+    /// Ephemeral events shed (an overloaded path, a full outbox or queue).
+    pub ephemeral_shed_total: AtomicU64,
     /// Log chunks written and synced.
     pub log_writes_total: AtomicU64,
     /// Log chunks whose write or sync failed.
@@ -156,7 +160,7 @@ pub const LOG_SYNC_BUCKETS_US: [u64; 12] =
 
 /// Every frame kind, each exported in both directions (zero or not), so
 /// that rates and dashboards see a stable set of series.
-const FRAME_KINDS: [FrameKind; 14] = [
+const FRAME_KINDS: [FrameKind; 18] = [
     FrameKind::Hello,
     FrameKind::Welcome,
     FrameKind::Redirect,
@@ -171,6 +175,10 @@ const FRAME_KINDS: [FrameKind; 14] = [
     FrameKind::Pong,
     FrameKind::RemoveDevice,
     FrameKind::DeviceRemoved,
+    FrameKind::PresenceSubscribe,
+    FrameKind::PresenceUnsubscribe,
+    FrameKind::PresencePrivacy,
+    FrameKind::Presence,
 ];
 
 /// The bucket of `value` among `bounds` (inclusive upper bounds; past the
@@ -283,7 +291,7 @@ impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let shards = &self.shards;
         type Field = fn(&ShardMetrics) -> &AtomicU64;
-        let families: [(&str, Kind, &str, Field); 37] = [
+        let families: [(&str, Kind, &str, Field); 39] = [
             ("iris_connections", Kind::Gauge, "Live client connections.", |m| &m.connections),
             ("iris_sends_accepted_total", Kind::Counter, "Sends accepted from devices homed here.", |m| {
                 &m.sends_accepted_total
@@ -336,6 +344,15 @@ impl prometheus_client::collector::Collector for Collector {
             ("iris_devices_expired_total", Kind::Counter, "Devices removed after the inactivity expiry.", |m| {
                 &m.devices_expired_total
             }),
+            ("iris_presence_events_total", Kind::Counter, "Presence changes queued for watchers' sessions.", |m| {
+                &m.presence_events_total
+            }),
+            (
+                "iris_ephemeral_shed_total",
+                Kind::Counter,
+                "Presence updates shed: the path to the watcher's shard was overloaded, or a queue was full.",
+                |m| &m.ephemeral_shed_total,
+            ),
             ("iris_log_writes_total", Kind::Counter, "Log chunks written and synced.", |m| &m.log_writes_total),
             ("iris_log_write_failures_total", Kind::Counter, "Log chunks that failed to write or sync.", |m| {
                 &m.log_write_failures_total

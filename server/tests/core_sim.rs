@@ -334,6 +334,7 @@ fn core_over(shard: u16, boot: u64, authority: &TokenAuthority, store: LogStore,
         // Tight runs gather records for 2 ms before an idle log writes.
         commit_delay_us: if tight { 2_000 } else { 0 },
         commit_bytes_max: COMMIT_BYTES,
+        presence: irisd::shard::presence::PresenceLimits::DEFAULT,
     };
     ShardCore::new(identity, table, authority.verifier(), limits, 65536, store)
 }

@@ -67,6 +67,12 @@ enum Op {
         conn: u8,
         device: u8,
     },
+    /// A presence frame: subscribe (0), unsubscribe (1) or privacy (2+).
+    Presence {
+        conn: u8,
+        kind: u8,
+        users: Vec<u8>,
+    },
     Pull {
         conn: u8,
     },
@@ -171,6 +177,7 @@ fuzz_target!(|input: Input| {
         hello_timeout_ms: HELLO_TIMEOUT_MS,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
+        presence: irisd::shard::presence::PresenceLimits::DEFAULT,
     };
     let store_limits = StoreLimits {
         devices_per_user_max: 3,
@@ -268,6 +275,17 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
                     frames_in.push((conns[index].id, Frame::RemoveDevice(remove)));
                 }
             }
+            Op::Presence { conn, kind, users } => {
+                if let Some(index) = pick(&conns, conn) {
+                    let users: Vec<u64> = users.iter().map(|user| u64::from(*user % 8)).collect();
+                    let frame = match kind % 3 {
+                        0 => Frame::PresenceSubscribe(frames::PresenceSubscribe { users }),
+                        1 => Frame::PresenceUnsubscribe(frames::PresenceUnsubscribe { users }),
+                        _ => Frame::PresencePrivacy(frames::PresencePrivacy { privacy: kind / 3 % 4 }),
+                    };
+                    frames_in.push((conns[index].id, frame));
+                }
+            }
             Op::Bytes { conn, bytes } => {
                 if let Some(index) = pick(&conns, conn) {
                     let connection = &mut conns[index];
@@ -297,6 +315,14 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
                             Some(other) => panic!("a push must be a Deliver, got {other:?}"),
                             None => break,
                         }
+                    }
+                    // The ephemeral stream carries Presence frames only, each
+                    // for a user once per pull (coalesced).
+                    let mut seen = std::collections::HashSet::new();
+                    while let Some(frame) = core.poll_ephemeral(connection.id) {
+                        let Frame::Presence(presence) = frame else { panic!("ephemeral frame {frame:?}") };
+                        assert!(seen.insert(presence.user), "user {} twice in one queue", presence.user);
+                        assert!(presence.state <= frames::PRESENCE_UNAVAILABLE);
                     }
                 }
             }
@@ -353,6 +379,7 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
             );
         }
         while core.poll_push_ready().is_some() {}
+        while core.poll_ephemeral_ready().is_some() {}
         if let Some(reservation) = core.seq_reservation() {
             assert!(reservation.high < reservation.end, "seq {} handed out at or past the reservation", reservation.high);
         }

@@ -1,6 +1,7 @@
 //! One client connection inside the shard loop: its quinn-proto state, the
-//! request stream (frames in, responses out) and the push stream (Deliver
-//! frames out), with bounded buffers on both.
+//! request stream (frames in, responses out), the push stream (Deliver
+//! frames out) and the ephemeral stream (Presence frames out, at a lower
+//! priority than both), with bounded buffers on all three.
 //!
 //! Backpressure: every request frame is charged, before the core sees it,
 //! with the most bytes of answers it can produce
@@ -28,6 +29,11 @@ use std::time::{Duration, Instant};
 const READ_BYTES_PER_DRIVE: usize = 64 * 1024;
 /// Deliver frames written per drive of one connection (fairness, as above).
 const PUSH_FRAMES_PER_DRIVE: usize = 256;
+/// Presence frames written per drive of one connection.
+const EPHEMERAL_FRAMES_PER_DRIVE: usize = 256;
+/// The ephemeral stream's priority: below the request and push streams'
+/// (0), so presence never takes a durable frame's place in a packet.
+const EPHEMERAL_PRIORITY: i32 = -1;
 
 /// Capacity a drained outgoing buffer may keep; larger ones are released.
 const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
@@ -106,6 +112,8 @@ pub struct Connection {
     pub deadline: Option<Instant>,
     /// The core has messages to push.
     pub push_wanted: bool,
+    /// The core has presence frames for the ephemeral stream.
+    pub ephemeral_wanted: bool,
     /// The peer's address (for the per-source connection bound).
     pub source: std::net::IpAddr,
     /// Counted among the shard's handshakes in progress.
@@ -132,6 +140,12 @@ pub struct Connection {
     /// Deliver frames for the push stream (at most one partly written frame
     /// beyond what the stream accepted).
     pushes: Outgoing,
+    /// The server's ephemeral stream, opened right after the push stream
+    /// (so it is the second unidirectional stream the client accepts).
+    ephemeral: Option<StreamId>,
+    /// Presence frames for it (at most one partly written frame beyond what
+    /// the stream accepted; the rest wait in the core, coalesced).
+    ephemerals: Outgoing,
     /// Set once a fatal error or redirect was sent.
     closing: Option<Closing>,
     /// Frame bound for encoding.
@@ -149,6 +163,7 @@ impl Connection {
             dirty: false,
             deadline: None,
             push_wanted: false,
+            ephemeral_wanted: false,
             source: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             handshaking: false,
             request: None,
@@ -161,6 +176,8 @@ impl Connection {
             acked_up_to: 0,
             push_open_pending: false,
             pushes: Outgoing::default(),
+            ephemeral: None,
+            ephemerals: Outgoing::default(),
             closing: None,
             frame_bytes_max,
             limits,
@@ -180,6 +197,8 @@ impl Connection {
                         self.responses.blocked = false;
                     } else if Some(id) == self.push {
                         self.pushes.blocked = false;
+                    } else if Some(id) == self.ephemeral {
+                        self.ephemerals.blocked = false;
                     }
                 }
                 Event::Stream(StreamEvent::Finished { id }) if Some(id) == self.request && self.closing.is_some() => {
@@ -325,17 +344,32 @@ impl Connection {
         }
     }
 
+    /// Opens the push stream, then the ephemeral stream (each once; what
+    /// the peer's stream limit does not allow yet is opened when it does).
     fn open_push(&mut self) {
-        if self.push.is_some() {
-            return;
-        }
-        match self.quic.streams().open(Dir::Uni) {
-            Some(id) => {
-                self.push = Some(id);
-                self.push_open_pending = false;
+        if self.push.is_none() {
+            match self.quic.streams().open(Dir::Uni) {
+                Some(id) => self.push = Some(id),
+                None => {
+                    self.push_open_pending = true;
+                    return;
+                }
             }
-            None => self.push_open_pending = true,
         }
+        if self.ephemeral.is_none() {
+            match self.quic.streams().open(Dir::Uni) {
+                Some(id) => {
+                    // Only fails for a stream that is gone, which it is not.
+                    let _ = self.quic.send_stream(id).set_priority(EPHEMERAL_PRIORITY);
+                    self.ephemeral = Some(id);
+                }
+                None => {
+                    self.push_open_pending = true;
+                    return;
+                }
+            }
+        }
+        self.push_open_pending = false;
     }
 
     /// Writes buffered responses and pulls pushes from the core while the streams take them.
@@ -354,10 +388,11 @@ impl Connection {
                 }
             }
         }
-        let Some(stream) = self.push else { return };
         if self.closing.is_some() {
             return;
         }
+        self.flush_ephemeral(core, conn, now);
+        let Some(stream) = self.push else { return };
         let accepted_before = self.pushes.accepted;
         if !self.pushes.flush(&mut self.quic, stream) {
             return self.close(now, close_code::NORMAL, "push stream stopped");
@@ -387,6 +422,31 @@ impl Connection {
         }
     }
 
+    /// Writes presence frames while the ephemeral stream takes them. A
+    /// stream that takes nothing only makes the core's coalesced queue wait:
+    /// no deadline, nothing grows here.
+    fn flush_ephemeral<S: MailboxStore>(&mut self, core: &mut ShardCore<S>, conn: ConnId, now: Instant) {
+        let Some(stream) = self.ephemeral else { return };
+        if !self.ephemerals.flush(&mut self.quic, stream) {
+            return self.close(now, close_code::NORMAL, "ephemeral stream stopped");
+        }
+        let mut written = 0;
+        while self.ephemeral_wanted && !self.ephemerals.blocked && written < EPHEMERAL_FRAMES_PER_DRIVE {
+            let Some(frame) = core.poll_ephemeral(conn) else {
+                self.ephemeral_wanted = false;
+                break;
+            };
+            if let Err(error) = encode_into(&frame, self.frame_bytes_max, &mut self.ephemerals.bytes) {
+                tracing::error!(%error, "presence frame not encodable; dropped");
+                continue;
+            }
+            written += 1;
+            if !self.ephemerals.flush(&mut self.quic, stream) {
+                return self.close(now, close_code::NORMAL, "ephemeral stream stopped");
+            }
+        }
+    }
+
     /// When the push stream will have been stalled for too long, if it is stalled.
     pub fn stall_deadline(&self) -> Option<Instant> {
         // A closing connection has no stall to time: its own deadline ends it
@@ -406,8 +466,10 @@ impl Connection {
                 None => self.request_readable && room >= SMALL_RESPONSE_BYTES_MAX,
             };
         let can_push = self.push_wanted && self.push.is_some() && !self.pushes.blocked && self.closing.is_none();
+        let can_tell =
+            self.ephemeral_wanted && self.ephemeral.is_some() && !self.ephemerals.blocked && self.closing.is_none();
         let can_respond = self.responses.pending() > 0 && !self.responses.blocked;
-        can_read || can_push || can_respond
+        can_read || can_push || can_tell || can_respond
     }
 
     /// Called when the loop's timer for this connection fires. Returns

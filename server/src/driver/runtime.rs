@@ -350,6 +350,11 @@ async fn run_shard(
         hello_timeout_ms: u64::from(config.runtime.hello_timeout_ms),
         commit_delay_us: u64::from(config.storage.commit_delay_us),
         commit_bytes_max: config.storage.commit_bytes_max as usize,
+        presence: crate::shard::presence::PresenceLimits {
+            subscriptions_per_device_max: config.presence.subscriptions_per_device_max as usize,
+            watchers_per_user_max: config.presence.watchers_per_user_max as usize,
+            grace_ms: u64::from(config.presence.grace_ms),
+        },
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
     let (message_id_block, seq_block) = super::reservations::block_sizes(shard);

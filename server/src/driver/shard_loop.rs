@@ -395,6 +395,8 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.devices_removed_overflow_total, stats.devices_removed_overflow);
         ShardMetrics::set(&metrics.sends_over_mailbox_share_total, stats.sends_over_mailbox_share);
         ShardMetrics::set(&metrics.devices_expired_total, stats.devices_expired);
+        ShardMetrics::set(&metrics.presence_events_total, stats.presence_events);
+        ShardMetrics::set(&metrics.ephemeral_shed_total, stats.ephemeral_shed);
         let store = self.core.store().stats();
         ShardMetrics::set(&metrics.mailbox_index_bytes, store.index_bytes);
         ShardMetrics::set(&metrics.mailbox_body_bytes, store.body_bytes);
@@ -779,6 +781,13 @@ impl<S: MailboxStore> ShardLoop<S> {
             let handle = ConnectionHandle(conn.0 as usize);
             if let Some(connection) = self.connections.get_mut(&handle) {
                 connection.push_wanted = true;
+                self.mark_dirty(handle);
+            }
+        }
+        while let Some(conn) = self.core.poll_ephemeral_ready() {
+            let handle = ConnectionHandle(conn.0 as usize);
+            if let Some(connection) = self.connections.get_mut(&handle) {
+                connection.ephemeral_wanted = true;
                 self.mark_dirty(handle);
             }
         }

@@ -27,6 +27,7 @@ use super::dedup::{Seen, SenderWindows};
 use super::inactivity::Inactivity;
 use super::mailbox::{MailboxMessage, MailboxStore, Next, StoreError, Ticket};
 use super::messages::{DeviceKey, Refusal, ShardMessage};
+use super::presence::{PresenceLimits, PresenceTable};
 use super::rate::{Rate, RateTable};
 use super::StateMap;
 use crate::auth::{TokenError, TokenVerifier};
@@ -38,6 +39,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 mod drain;
+mod presence;
 mod schedule;
 
 use schedule::Deadlines;
@@ -120,6 +122,8 @@ pub struct CoreLimits {
     pub commit_delay_us: u64,
     /// Group commit: write at once when this many bytes wait.
     pub commit_bytes_max: usize,
+    /// The presence table's bounds and grace period.
+    pub presence: PresenceLimits,
 }
 
 /// Per-sender rate limits (token buckets, [`super::rate`]), applied on the
@@ -293,6 +297,10 @@ pub struct CoreStats {
     pub deliver_buckets: [u64; DELIVER_BUCKETS_MS.len() + 1],
     /// Sum of those latencies, ms.
     pub deliver_ms_sum: u64,
+    /// Presence frames queued for this shard's sessions.
+    pub presence_events: u64,
+    /// Ephemeral events shed (an overloaded path, a full outbox or queue).
+    pub ephemeral_shed: u64,
 }
 
 /// Slots of the per-kind frame counters ([`CoreStats::frames_in`]).
@@ -388,6 +396,15 @@ pub struct ShardCore<S: MailboxStore> {
     /// While draining ([`ShardCore::begin_drain`]): sessions that close once
     /// their Sends in flight are answered.
     draining: Option<Vec<ConnId>>,
+    /// Presence of this shard's users (docs/presence.md).
+    presence: PresenceTable,
+    presence_limits: PresenceLimits,
+    /// Presence frames waiting for each session's ephemeral stream.
+    ephemeral: StateMap<ConnId, presence::EphemeralQueue>,
+    /// Connections with presence frames waiting; each once.
+    ephemeral_ready: VecDeque<ConnId>,
+    /// Presence updates for other shards, by shard index.
+    ephemeral_outbox: Vec<presence::EphemeralOutbox>,
 }
 
 /// ShardMapRequests and Pings a connection may send before its Hello. A
@@ -469,6 +486,11 @@ impl<S: MailboxStore> ShardCore<S> {
             message_sequence_end: message_ids.end,
             shard_map_encoded,
             draining: None,
+            presence: PresenceTable::new(limits.presence),
+            presence_limits: limits.presence,
+            ephemeral: StateMap::default(),
+            ephemeral_ready: VecDeque::new(),
+            ephemeral_outbox: (0..shard_count).map(|_| presence::EphemeralOutbox::default()).collect(),
         }
     }
 
@@ -529,6 +551,7 @@ impl<S: MailboxStore> ShardCore<S> {
         }
         let session = self.sessions.remove(&conn);
         self.session_ended(conn, session);
+        self.drop_ephemeral(conn);
     }
 
     /// `conn`'s session `session` is over (the connection closed, or is
@@ -552,6 +575,7 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// `device`'s last session ended now: it is idle from now, durably.
     fn device_offline(&mut self, device: DeviceKey) {
+        self.presence_offline(device);
         self.inactivity.offline(device, self.now_s);
         if self.now_s > 0 {
             self.store.note_seen(device, self.now_s, false);
@@ -642,6 +666,21 @@ impl<S: MailboxStore> ShardCore<S> {
             Frame::Send(send) if active => self.on_send(conn, send, now_ms),
             Frame::DeliveryAck(ack) if active => self.on_delivery_ack(conn, ack.up_to_seq),
             Frame::RemoveDevice(remove) if active => self.on_remove_device(conn, remove.device_id),
+            Frame::PresenceSubscribe(subscribe) if active => {
+                if let Some(device) = self.active_device(conn) {
+                    self.on_presence_subscribe(conn, device, &subscribe.users);
+                }
+            }
+            Frame::PresenceUnsubscribe(unsubscribe) if active => {
+                if let Some(device) = self.active_device(conn) {
+                    self.on_presence_unsubscribe(device, Some(&unsubscribe.users));
+                }
+            }
+            Frame::PresencePrivacy(privacy) if active => {
+                if let Some(device) = self.active_device(conn) {
+                    self.on_presence_privacy(conn, device.user, privacy.privacy);
+                }
+            }
             Frame::Pong(_) => {}
             other => {
                 let detail = format!("{:?} frame not allowed here", other.kind());
@@ -706,6 +745,7 @@ impl<S: MailboxStore> ShardCore<S> {
         // What the client processed can only be what some connection of it
         // was pushed; anything above is pushed again (the SDK drops repeats).
         self.inactivity.online(device);
+        self.presence_online(device);
         if self.now_s > 0 {
             self.store.note_seen(device, self.now_s, true);
         }
@@ -898,10 +938,13 @@ impl<S: MailboxStore> ShardCore<S> {
         if let Some(&conn) = self.online.get(&device) {
             if conn != except {
                 self.online.remove(&device);
+                self.presence_offline(device);
                 self.sessions.insert(conn, Session::Closing);
                 closing.push(conn);
             }
         }
+        // A removed device's contact list goes with it.
+        self.on_presence_unsubscribe(device, None);
         for index in 0..self.registering.len() {
             let conn = self.registering[index];
             if matches!(self.sessions.get(&conn), Some(Session::Registering { device: waiting, .. }) if *waiting == device)
@@ -962,6 +1005,9 @@ impl<S: MailboxStore> ShardCore<S> {
     /// A message from shard `from` (or from this shard itself).
     fn on_shard_message(&mut self, from: u16, message: ShardMessage) {
         match message {
+            message @ (ShardMessage::PresenceWatch { .. }
+            | ShardMessage::PresenceUnwatch { .. }
+            | ShardMessage::PresenceUpdate { .. }) => self.on_presence_message(message),
             ShardMessage::Store {
                 origin_shard,
                 sender,
@@ -1189,7 +1235,9 @@ impl<S: MailboxStore> ShardCore<S> {
         self.flush_commits();
         let queue = &mut self.outbox[usize::from(shard)];
         let count = queue.len().min(messages_max);
-        queue.drain(..count).collect()
+        let mut batch: Vec<ShardMessage> = queue.drain(..count).collect();
+        self.take_ephemeral(shard, &mut batch, messages_max);
+        batch
     }
 
     /// The channel to `shard` refused `batch`: it goes back ahead of newer messages.
@@ -1201,7 +1249,15 @@ impl<S: MailboxStore> ShardCore<S> {
 
     /// Whether any shard has messages waiting.
     pub fn outbox_pending(&self) -> bool {
-        self.outbox.iter().any(|queue| !queue.is_empty())
+        self.outbox.iter().any(|queue| !queue.is_empty()) || self.ephemeral_outbox.iter().any(|queue| queue.len() > 0)
+    }
+
+    /// The device of `conn`'s session, if it is active.
+    fn active_device(&self, conn: ConnId) -> Option<DeviceKey> {
+        match self.sessions.get(&conn) {
+            Some(Session::Active { device, .. }) => Some(*device),
+            _ => None,
+        }
     }
 
     /// Next output for the driver. A close starts the connection's grace.

@@ -65,4 +65,32 @@ pub enum ShardMessage {
         /// `Ok(server_msg_id)` or why it was refused.
         result: Result<u64, Refusal>,
     },
+    /// Watcher's home shard -> watched user's home shard: `watcher` watches
+    /// `user` (answered with a [`ShardMessage::PresenceUpdate`] at once).
+    /// In the durable class of the channel: a lost one would leave the
+    /// watcher without state.
+    PresenceWatch {
+        /// The watching device.
+        watcher: crate::shard::presence::Watcher,
+        /// The watched user.
+        user: u64,
+    },
+    /// Watcher's home shard -> watched user's home shard: stop.
+    PresenceUnwatch {
+        /// The watching device.
+        watcher: crate::shard::presence::Watcher,
+        /// The watched user.
+        user: u64,
+    },
+    /// Watched user's home shard -> watcher's home shard: what `watcher`
+    /// now sees of `user`. Ephemeral: coalesced per (watcher, user) in the
+    /// outbox, and shed first under load.
+    PresenceUpdate {
+        /// The watching device.
+        watcher: crate::shard::presence::Watcher,
+        /// The watched user.
+        user: u64,
+        /// What it sees.
+        state: crate::shard::presence::Visible,
+    },
 }

@@ -50,6 +50,9 @@ pub enum Visible {
     },
     /// The user's privacy setting hides it from this watcher.
     Hidden,
+    /// The user has the most watchers the table keeps: this watch was not
+    /// kept.
+    Unavailable,
 }
 
 /// A change a watcher is told about.
@@ -72,6 +75,12 @@ pub struct PresenceLimits {
     pub watchers_per_user_max: usize,
     /// How long a user stays online after its last device disconnects.
     pub grace_ms: u64,
+}
+
+impl PresenceLimits {
+    /// The defaults of the `[presence]` configuration.
+    pub const DEFAULT: PresenceLimits =
+        PresenceLimits { subscriptions_per_device_max: 1_000, watchers_per_user_max: 100_000, grace_ms: 5_000 };
 }
 
 /// A refused presence request.
@@ -99,7 +108,7 @@ struct UserPresence {
     /// Its connected devices.
     devices_online: HashSet<u32>,
     /// While in the grace period: when its last device left.
-    leaving_since_ms: Option<u64>,
+    leaving: Option<Leaving>,
     /// The last time a device of it disconnected (durable: restored at start).
     last_seen_ms: Option<u64>,
     privacy: Privacy,
@@ -107,22 +116,27 @@ struct UserPresence {
     watchers: BTreeSet<Watcher>,
     /// Users its devices watch, with how many of its devices watch each.
     contacts: HashMap<u64, u32>,
-    /// Per device of this user, the users it watches.
+    /// Per device of this user, the users it subscribed to (its contact
+    /// list: it outlives sessions, until unsubscribed or the device goes).
     subscriptions: HashMap<u32, HashSet<u64>>,
+    /// Per device with a session, the users that session watches (each a
+    /// watch on the user's home shard).
+    watching: HashMap<u32, HashSet<u64>>,
 }
 
 impl UserPresence {
     fn online(&self) -> bool {
-        !self.devices_online.is_empty() || self.leaving_since_ms.is_some()
+        !self.devices_online.is_empty() || self.leaving.is_some()
     }
 
     fn is_empty(&self) -> bool {
         self.devices_online.is_empty()
-            && self.leaving_since_ms.is_none()
+            && self.leaving.is_none()
             && self.last_seen_ms.is_none()
             && self.privacy == Privacy::Everyone
             && self.watchers.is_empty()
             && self.subscriptions.is_empty()
+            && self.watching.is_empty()
     }
 
     /// What `watcher` is shown of this user.
@@ -142,6 +156,14 @@ impl UserPresence {
     }
 }
 
+/// A grace period running: when the last device left (wall clock, the
+/// last-seen time to be) and when the grace ends (monotonic).
+#[derive(Debug, Clone, Copy)]
+struct Leaving {
+    at_wall_ms: u64,
+    deadline_ms: u64,
+}
+
 /// A last-seen time to make durable (the core writes it to the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LastSeen {
@@ -156,7 +178,7 @@ pub struct LastSeen {
 pub struct PresenceTable {
     limits: PresenceLimits,
     users: HashMap<u64, UserPresence>,
-    /// Grace periods running: (deadline, user).
+    /// Grace periods running: (monotonic deadline, user).
     grace: BTreeSet<(u64, u64)>,
 }
 
@@ -188,8 +210,8 @@ impl PresenceTable {
         let presence = self.users.entry(user).or_default();
         let was_online = presence.online();
         presence.devices_online.insert(device);
-        if let Some(since) = presence.leaving_since_ms.take() {
-            self.grace.remove(&(since + self.limits.grace_ms, user));
+        if let Some(leaving) = presence.leaving.take() {
+            self.grace.remove(&(leaving.deadline_ms, user));
         }
         if was_online {
             return Vec::new();
@@ -197,25 +219,27 @@ impl PresenceTable {
         Self::announce(user, presence)
     }
 
-    /// A device of local user `user` disconnected at `now_ms`. If it was the
-    /// last, the grace period starts; watchers hear nothing yet.
-    pub fn disconnected(&mut self, user: u64, device: u32, now_ms: u64) {
+    /// A device of local user `user` disconnected at `wall_ms` (the last-seen
+    /// time to be), `monotonic_ms` on the shard's monotonic clock. If it was
+    /// the last, the grace period starts; watchers hear nothing yet.
+    pub fn disconnected(&mut self, user: u64, device: u32, wall_ms: u64, monotonic_ms: u64) {
         let Some(presence) = self.users.get_mut(&user) else { return };
         if !presence.devices_online.remove(&device) || !presence.devices_online.is_empty() {
             return;
         }
-        presence.leaving_since_ms = Some(now_ms);
-        self.grace.insert((now_ms + self.limits.grace_ms, user));
+        let deadline_ms = monotonic_ms + self.limits.grace_ms;
+        presence.leaving = Some(Leaving { at_wall_ms: wall_ms, deadline_ms });
+        self.grace.insert((deadline_ms, user));
     }
 
-    /// When the next grace period ends.
+    /// When the next grace period ends (monotonic ms).
     pub fn next_deadline(&self) -> Option<u64> {
         self.grace.first().map(|(deadline, _)| *deadline)
     }
 
-    /// Ends the grace periods due by `now_ms`: those users go offline; their
-    /// watchers are told, with the last-seen time, which is also returned to
-    /// be made durable.
+    /// Ends the grace periods due by `now_ms` (monotonic): those users go
+    /// offline; their watchers are told, with the last-seen time, which is
+    /// also returned to be made durable.
     pub fn expire(&mut self, now_ms: u64) -> (Vec<PresenceEvent>, Vec<LastSeen>) {
         let mut events = Vec::new();
         let mut last_seen = Vec::new();
@@ -225,9 +249,9 @@ impl PresenceTable {
             }
             self.grace.pop_first();
             let Some(presence) = self.users.get_mut(&user) else { continue };
-            let Some(since) = presence.leaving_since_ms.take() else { continue };
-            presence.last_seen_ms = Some(since);
-            last_seen.push(LastSeen { user, at_ms: since });
+            let Some(leaving) = presence.leaving.take() else { continue };
+            presence.last_seen_ms = Some(leaving.at_wall_ms);
+            last_seen.push(LastSeen { user, at_ms: leaving.at_wall_ms });
             events.extend(Self::announce(user, presence));
         }
         (events, last_seen)
@@ -251,11 +275,13 @@ impl PresenceTable {
         events
     }
 
-    /// Device `watcher` (of a local user) subscribes to `targets`. Returns
-    /// the targets it did not watch before (the core forwards a watch to
-    /// each one's home shard) and the events for the local user's own
-    /// watchers whose view of it changed (a new contact may now see it).
-    /// All or nothing: past the bound nothing is added.
+    /// Device `watcher` (of a local user) subscribes to `targets`: they join
+    /// its contact list, which outlives its sessions (so `contacts` privacy
+    /// keeps working while the user is offline), and its session watches
+    /// them. Returns the targets its session did not watch yet (the core
+    /// forwards a watch to each one's home shard) and the events for the
+    /// local user's own watchers whose view of it changed (a new contact may
+    /// now see it). All or nothing: past the bound nothing is added.
     pub fn subscribe(
         &mut self,
         watcher: Watcher,
@@ -263,45 +289,46 @@ impl PresenceTable {
     ) -> Result<(Vec<u64>, Vec<PresenceEvent>), PresenceError> {
         let max = self.limits.subscriptions_per_device_max;
         let presence = self.users.entry(watcher.user).or_default();
-        let current = presence.subscriptions.get(&watcher.device).map_or(0, HashSet::len);
-        let fresh: Vec<u64> = {
-            let existing = presence.subscriptions.get(&watcher.device);
-            let mut seen = HashSet::new();
-            targets
-                .iter()
-                .copied()
-                .filter(|target| existing.is_none_or(|set| !set.contains(target)) && seen.insert(*target))
-                .collect()
-        };
-        if current + fresh.len() > max {
+        let mut seen = HashSet::new();
+        let targets: Vec<u64> = targets.iter().copied().filter(|target| seen.insert(*target)).collect();
+        let listed = presence.subscriptions.get(&watcher.device);
+        let new_contacts: Vec<u64> =
+            targets.iter().copied().filter(|target| listed.is_none_or(|set| !set.contains(target))).collect();
+        if listed.map_or(0, HashSet::len) + new_contacts.len() > max {
             self.forget_if_empty(watcher.user);
             return Err(PresenceError::TooManySubscriptions { max });
         }
         let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
-        presence.subscriptions.entry(watcher.device).or_default().extend(fresh.iter().copied());
-        for target in &fresh {
+        presence.subscriptions.entry(watcher.device).or_default().extend(new_contacts.iter().copied());
+        for target in &new_contacts {
             *presence.contacts.entry(*target).or_default() += 1;
         }
+        let watching = presence.watching.entry(watcher.device).or_default();
+        let to_watch: Vec<u64> = targets.into_iter().filter(|target| watching.insert(*target)).collect();
         let events = Self::changed_views(watcher.user, presence, before);
-        Ok((fresh, events))
+        Ok((to_watch, events))
     }
 
-    /// Device `watcher` stops watching `targets` (all of them when `None`,
-    /// as when its session ends). Returns the targets it no longer watches
-    /// (the core forwards an unwatch to each) and the events for the local
-    /// user's watchers whose view changed (a contact lost may no longer see).
+    /// Device `watcher`'s session ended: its watches end (returned, for the
+    /// core to unwatch on their home shards); its contact list stays.
+    pub fn end_session(&mut self, watcher: Watcher) -> Vec<u64> {
+        let Some(presence) = self.users.get_mut(&watcher.user) else { return Vec::new() };
+        let watched = presence.watching.remove(&watcher.device).map(|set| set.into_iter().collect());
+        self.forget_if_empty(watcher.user);
+        watched.unwrap_or_default()
+    }
+
+    /// Device `watcher` unsubscribes from `targets` (all of them when
+    /// `None`, as when the device is removed): they leave its contact list
+    /// and its session's watches. Returns the targets its session no longer
+    /// watches (the core forwards an unwatch to each) and the events for the
+    /// local user's watchers whose view changed (a contact lost may no
+    /// longer see it).
     pub fn unsubscribe(&mut self, watcher: Watcher, targets: Option<&[u64]>) -> (Vec<u64>, Vec<PresenceEvent>) {
         let Some(presence) = self.users.get_mut(&watcher.user) else { return (Vec::new(), Vec::new()) };
-        let Some(set) = presence.subscriptions.get_mut(&watcher.device) else { return (Vec::new(), Vec::new()) };
-        let removed: Vec<u64> = match targets {
-            Some(targets) => targets.iter().copied().filter(|target| set.remove(target)).collect(),
-            None => set.drain().collect(),
-        };
-        if set.is_empty() {
-            presence.subscriptions.remove(&watcher.device);
-        }
         let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
-        for target in &removed {
+        let delisted = remove_targets(&mut presence.subscriptions, watcher.device, targets);
+        for target in &delisted {
             if let Some(count) = presence.contacts.get_mut(target) {
                 *count -= 1;
                 if *count == 0 {
@@ -309,9 +336,10 @@ impl PresenceTable {
                 }
             }
         }
+        let unwatched = remove_targets(&mut presence.watching, watcher.device, targets);
         let events = Self::changed_views(watcher.user, presence, before);
         self.forget_if_empty(watcher.user);
-        (removed, events)
+        (unwatched, events)
     }
 
     /// `watcher` (a device on any shard) watches local user `user`; returns
@@ -374,6 +402,20 @@ impl PresenceTable {
     }
 }
 
+/// Removes `targets` (all when `None`) from `device`'s set in `sets`,
+/// dropping the set once empty; returns those it held.
+fn remove_targets(sets: &mut HashMap<u32, HashSet<u64>>, device: u32, targets: Option<&[u64]>) -> Vec<u64> {
+    let Some(set) = sets.get_mut(&device) else { return Vec::new() };
+    let removed = match targets {
+        Some(targets) => targets.iter().copied().filter(|target| set.remove(target)).collect(),
+        None => set.drain().collect(),
+    };
+    if set.is_empty() {
+        sets.remove(&device);
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,14 +438,16 @@ mod tests {
         let mut table = table();
         assert_eq!(table.watch(A, B), Ok(Visible::Offline { last_seen_ms: None }));
         assert_eq!(table.connected(B, 1), vec![PresenceEvent { watcher: A, user: B, state: Visible::Online }]);
-        table.disconnected(B, 1, 10_000);
+        // Last seen is wall-clock time; the grace runs on the monotonic clock.
+        const WALL: u64 = 1_700_000_000_000;
+        table.disconnected(B, 1, WALL, 10_000);
         assert_eq!(table.next_deadline(), Some(10_000 + GRACE));
         assert_eq!(table.expire(10_000 + GRACE - 1), (vec![], vec![]), "still within the grace");
         assert_eq!(table.visible(B, A.user), Visible::Online);
         let (events, last_seen) = table.expire(10_000 + GRACE);
-        let offline = Visible::Offline { last_seen_ms: Some(10_000) };
+        let offline = Visible::Offline { last_seen_ms: Some(WALL) };
         assert_eq!(events, vec![PresenceEvent { watcher: A, user: B, state: offline }]);
-        assert_eq!(last_seen, vec![LastSeen { user: B, at_ms: 10_000 }]);
+        assert_eq!(last_seen, vec![LastSeen { user: B, at_ms: WALL }]);
         assert_eq!(table.next_deadline(), None);
         // A new watcher sees the last-seen time at once.
         let other = Watcher { user: 3, device: 1 };
@@ -415,7 +459,7 @@ mod tests {
         let mut table = table();
         table.watch(A, B).unwrap();
         table.connected(B, 1);
-        table.disconnected(B, 1, 1_000);
+        table.disconnected(B, 1, 1_000, 1_000);
         assert_eq!(table.connected(B, 1), vec![], "back within the grace: no event");
         assert_eq!(table.next_deadline(), None, "the grace was cancelled");
         assert_eq!(table.expire(1_000 + GRACE), (vec![], vec![]));
@@ -428,13 +472,13 @@ mod tests {
         table.watch(A, B).unwrap();
         table.connected(B, 1);
         assert_eq!(table.connected(B, 2), vec![], "a second device changes nothing");
-        table.disconnected(B, 1, 100);
+        table.disconnected(B, 1, 100, 100);
         assert_eq!(table.next_deadline(), None, "device 2 is still connected");
-        table.disconnected(B, 2, 200);
+        table.disconnected(B, 2, 200, 200);
         let (events, _) = table.expire(200 + GRACE);
         assert_eq!(events[0].state, Visible::Offline { last_seen_ms: Some(200) });
         // A device that disconnects without having connected is ignored.
-        table.disconnected(B, 9, 300);
+        table.disconnected(B, 9, 300, 300);
         assert_eq!(table.next_deadline(), None);
     }
 
@@ -449,7 +493,7 @@ mod tests {
         let events = table.set_privacy(B, Privacy::Nobody);
         assert_eq!(events.len(), 2);
         assert!(events.iter().all(|event| event.state == Visible::Hidden));
-        table.disconnected(B, 1, 50);
+        table.disconnected(B, 1, 50, 50);
         assert_eq!(table.expire(50 + GRACE).0, vec![], "hidden watchers hear nothing");
         // Contacts: B's device subscribes to user 3, which makes 3 a contact.
         let (fresh, events) = table.subscribe(Watcher { user: B, device: 1 }, &[contact.user]).unwrap();
@@ -481,6 +525,30 @@ mod tests {
         assert_ne!(table.visible(B, 3), Visible::Hidden);
         let (_, events) = table.unsubscribe(Watcher { user: B, device: 2 }, Some(&[3]));
         assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: Visible::Hidden }]);
+    }
+
+    #[test]
+    fn a_contact_list_outlives_the_session_that_made_it() {
+        let mut table = table();
+        let contact = Watcher { user: 3, device: 1 };
+        let device = Watcher { user: B, device: 1 };
+        table.set_privacy(B, Privacy::Contacts);
+        table.watch(contact, B).unwrap();
+        table.connected(B, 1);
+        let (to_watch, _) = table.subscribe(device, &[3]).unwrap();
+        assert_eq!(to_watch, vec![3]);
+        // B leaves: its session's watch ends, its contact still sees it.
+        assert_eq!(table.end_session(device), vec![3]);
+        table.disconnected(B, 1, 70, 70);
+        let (events, _) = table.expire(70 + GRACE);
+        let offline = Visible::Offline { last_seen_ms: Some(70) };
+        assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: offline }]);
+        // A new session subscribes again: watched again, not listed twice.
+        let (to_watch, events) = table.subscribe(device, &[3]).unwrap();
+        assert_eq!((to_watch, events), (vec![3], vec![]));
+        let (unwatched, events) = table.unsubscribe(device, Some(&[3]));
+        assert_eq!(unwatched, vec![3]);
+        assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: Visible::Hidden }], "counted once");
     }
 
     #[test]

@@ -102,7 +102,10 @@ impl<S: MailboxStore> ShardCore<S> {
     /// has something to do: a connection deadline, the group commit's delay,
     /// a retry after a failed write or read, or upkeep.
     pub fn poll_timeout(&self) -> Option<u64> {
-        [self.deadlines.first(), self.io.deadline(), Some(self.upkeep_at_us)].into_iter().flatten().min()
+        [self.deadlines.first(), self.io.deadline(), Some(self.upkeep_at_us), self.presence_deadline_us()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Acts on every deadline that has passed by `now`: connections that did
@@ -129,6 +132,7 @@ impl<S: MailboxStore> ShardCore<S> {
             self.upkeep_at_us = self.clock_us + UPKEEP_INTERVAL_US;
             self.expire_inactive();
         }
+        self.presence_expire();
     }
 
     /// The next chunk of log records to write and sync, if the group-commit

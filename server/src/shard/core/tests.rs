@@ -57,6 +57,7 @@ fn core_over<S: MailboxStore>(
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
+        presence: crate::shard::presence::PresenceLimits::DEFAULT,
     };
     let mut store_limits = StoreLimits {
         devices_per_user_max: 2,
@@ -514,6 +515,7 @@ fn codel_holds_back_only_the_sends_to_the_slow_shard() {
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
+        presence: crate::shard::presence::PresenceLimits::DEFAULT,
     };
     let (mut core, table) = shard_zero_of_two(&authority, limits);
     let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();
@@ -653,6 +655,7 @@ fn queue_limits(outbox: u32) -> CoreLimits {
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
+        presence: crate::shard::presence::PresenceLimits::DEFAULT,
     }
 }
 
@@ -833,6 +836,7 @@ fn a_drain_answers_the_sends_in_flight_before_it_closes_their_sessions() {
         hello_timeout_ms: 10_000,
         commit_delay_us: 0,
         commit_bytes_max: 1 << 20,
+        presence: crate::shard::presence::PresenceLimits::DEFAULT,
     };
     let (mut core, table) = shard_zero_of_two(&authority, limits);
     let on_shard = |shard: u16, from: u64| (from..).find(|user| table.home(UserId(*user)).shard.0 == shard).unwrap();

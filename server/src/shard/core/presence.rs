@@ -1,0 +1,257 @@
+//! Presence in the shard core (docs/presence.md): the frames of a session
+//! (subscribe, unsubscribe, privacy), the table's hooks on a device's
+//! sessions, the cross-shard watch messages, and the ephemeral path to a
+//! watcher's connection.
+//!
+//! The ephemeral path never waits behind durable traffic and never grows
+//! without bound: each session has its own queue, coalesced per watched
+//! user (the latest state wins) and pulled by the driver onto a stream of
+//! its own; each destination shard has its own coalesced outbox of
+//! updates, taken after the durable messages; and while the destination's
+//! CoDel controller is dropping (the path is overloaded) updates to it are
+//! shed, counted, before any Send is refused.
+
+use super::{ConnId, Session, ShardCore};
+use crate::shard::mailbox::MailboxStore;
+use crate::shard::messages::{DeviceKey, ShardMessage};
+use crate::shard::presence::{PresenceError, PresenceEvent, Privacy, Visible, Watcher};
+use crate::shard::StateMap;
+use iris_protocol::frames::{self, Frame};
+use iris_protocol::ErrorCode;
+use iris_shard_map::UserId;
+use std::collections::VecDeque;
+
+/// Updates waiting for one destination shard, coalesced per (watcher,
+/// user). Past [`EPHEMERAL_OUTBOX_MAX`] distinct pairs new ones are shed.
+#[derive(Debug, Default)]
+pub(crate) struct EphemeralOutbox {
+    order: VecDeque<(Watcher, u64)>,
+    latest: StateMap<(Watcher, u64), Visible>,
+}
+
+/// Distinct (watcher, user) updates waiting per destination shard.
+pub const EPHEMERAL_OUTBOX_MAX: usize = 65_536;
+
+/// Presence frames waiting for one session's ephemeral stream, coalesced
+/// per watched user.
+#[derive(Debug, Default)]
+pub(crate) struct EphemeralQueue {
+    order: VecDeque<u64>,
+    latest: StateMap<u64, Visible>,
+    /// Whether the connection is in `ephemeral_ready`.
+    queued: bool,
+}
+
+impl EphemeralOutbox {
+    /// Queues `state`; false if it had to be shed.
+    fn push(&mut self, watcher: Watcher, user: u64, state: Visible) -> bool {
+        if let Some(latest) = self.latest.get_mut(&(watcher, user)) {
+            *latest = state;
+            return true;
+        }
+        if self.order.len() >= EPHEMERAL_OUTBOX_MAX {
+            return false;
+        }
+        self.order.push_back((watcher, user));
+        self.latest.insert((watcher, user), state);
+        true
+    }
+
+    fn pop(&mut self) -> Option<ShardMessage> {
+        let (watcher, user) = self.order.pop_front()?;
+        let state = self.latest.remove(&(watcher, user))?;
+        Some(ShardMessage::PresenceUpdate { watcher, user, state })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// The wire form of what a watcher sees.
+fn presence_frame(user: u64, state: Visible) -> Frame {
+    let (state, last_seen_ms) = match state {
+        Visible::Online => (frames::PRESENCE_ONLINE, 0),
+        Visible::Offline { last_seen_ms } => (frames::PRESENCE_OFFLINE, last_seen_ms.unwrap_or(0)),
+        Visible::Hidden => (frames::PRESENCE_HIDDEN, 0),
+        Visible::Unavailable => (frames::PRESENCE_UNAVAILABLE, 0),
+    };
+    Frame::Presence(frames::Presence { user, state, last_seen_ms })
+}
+
+impl<S: MailboxStore> ShardCore<S> {
+    fn home_shard(&self, user: u64) -> u16 {
+        self.table.home(UserId(user)).shard.0
+    }
+
+    /// A PresenceSubscribe of `conn`'s device.
+    pub(super) fn on_presence_subscribe(&mut self, conn: ConnId, device: DeviceKey, users: &[u64]) {
+        let watcher = Watcher { user: device.user, device: device.device };
+        match self.presence.subscribe(watcher, users) {
+            Err(PresenceError::TooManySubscriptions { max }) => {
+                let message = format!("a device watches at most {max} users");
+                self.emit(conn, Frame::error(ErrorCode::TooManySubscriptions, message));
+            }
+            Err(other) => self.emit(conn, Frame::error(ErrorCode::Internal, other.to_string())),
+            Ok((fresh, events)) => {
+                for user in fresh {
+                    let home = self.home_shard(user);
+                    self.route(home, ShardMessage::PresenceWatch { watcher, user });
+                }
+                self.route_presence_events(events);
+            }
+        }
+    }
+
+    /// A PresenceUnsubscribe (`Some`) of `device`, or its removal (`None`:
+    /// its whole contact list).
+    pub(super) fn on_presence_unsubscribe(&mut self, device: DeviceKey, users: Option<&[u64]>) {
+        let watcher = Watcher { user: device.user, device: device.device };
+        let (removed, events) = self.presence.unsubscribe(watcher, users);
+        for user in removed {
+            let home = self.home_shard(user);
+            self.route(home, ShardMessage::PresenceUnwatch { watcher, user });
+        }
+        self.route_presence_events(events);
+    }
+
+    /// A PresencePrivacy of `conn`'s user.
+    pub(super) fn on_presence_privacy(&mut self, conn: ConnId, user: u64, privacy: u8) {
+        let privacy = match privacy {
+            frames::PRIVACY_EVERYONE => Privacy::Everyone,
+            frames::PRIVACY_CONTACTS => Privacy::Contacts,
+            frames::PRIVACY_NOBODY => Privacy::Nobody,
+            other => {
+                let detail = format!("presence privacy {other} is not one of 0, 1, 2");
+                return self.fail(conn, ErrorCode::BadFrame, detail);
+            }
+        };
+        let events = self.presence.set_privacy(user, privacy);
+        self.route_presence_events(events);
+    }
+
+    /// `device` has a session now (its Welcome went out).
+    pub(super) fn presence_online(&mut self, device: DeviceKey) {
+        let events = self.presence.connected(device.user, device.device);
+        self.route_presence_events(events);
+    }
+
+    /// `device`'s session ended: its watches end with it (its contact list
+    /// stays), and its user goes offline once the grace passes if this was
+    /// its last device.
+    pub(super) fn presence_offline(&mut self, device: DeviceKey) {
+        self.presence.disconnected(device.user, device.device, self.wall_ms, self.clock_ms);
+        let watcher = Watcher { user: device.user, device: device.device };
+        for user in self.presence.end_session(watcher) {
+            let home = self.home_shard(user);
+            self.route(home, ShardMessage::PresenceUnwatch { watcher, user });
+        }
+    }
+
+    /// Ends due grace periods (from `handle_timeout`).
+    pub(super) fn presence_expire(&mut self) {
+        let (events, _last_seen) = self.presence.expire(self.clock_ms);
+        self.route_presence_events(events);
+    }
+
+    /// When the next grace period ends, monotonic µs.
+    pub(super) fn presence_deadline_us(&self) -> Option<u64> {
+        self.presence.next_deadline().map(|ms| ms * 1000)
+    }
+
+    /// The watch messages, on the watched user's home shard.
+    pub(super) fn on_presence_message(&mut self, message: ShardMessage) {
+        match message {
+            ShardMessage::PresenceWatch { watcher, user } => {
+                let state = self.presence.watch(watcher, user).unwrap_or(Visible::Unavailable);
+                self.route_presence_events(vec![PresenceEvent { watcher, user, state }]);
+            }
+            ShardMessage::PresenceUnwatch { watcher, user } => self.presence.unwatch(watcher, user),
+            ShardMessage::PresenceUpdate { watcher, user, state } => self.deliver_presence(watcher, user, state),
+            _ => unreachable!("only presence messages are routed here"),
+        }
+    }
+
+    /// Sends each event towards its watcher's home shard.
+    fn route_presence_events(&mut self, events: Vec<PresenceEvent>) {
+        for PresenceEvent { watcher, user, state } in events {
+            let home = self.home_shard(watcher.user);
+            if home == self.identity.shard.0 {
+                self.deliver_presence(watcher, user, state);
+                continue;
+            }
+            let destination = usize::from(home);
+            // The path to that shard is overloaded: presence goes first.
+            let overloaded = self.codels.get(destination).is_some_and(|codel| codel.dropping());
+            if overloaded || !self.ephemeral_outbox[destination].push(watcher, user, state) {
+                self.stats.ephemeral_shed += 1;
+            }
+        }
+    }
+
+    /// Queues `state` for the watcher's session, if it has one here.
+    fn deliver_presence(&mut self, watcher: Watcher, user: u64, state: Visible) {
+        let device = DeviceKey { user: watcher.user, device: watcher.device };
+        let Some(&conn) = self.online.get(&device) else { return };
+        if !matches!(self.sessions.get(&conn), Some(Session::Active { .. })) {
+            return;
+        }
+        let bound = self.presence_limits.subscriptions_per_device_max;
+        let queue = self.ephemeral.entry(conn).or_default();
+        if let Some(latest) = queue.latest.get_mut(&user) {
+            *latest = state;
+        } else if queue.order.len() < bound {
+            queue.order.push_back(user);
+            queue.latest.insert(user, state);
+        } else {
+            // Only updates about users it no longer watches can get here.
+            self.stats.ephemeral_shed += 1;
+            return;
+        }
+        self.stats.presence_events += 1;
+        if !queue.queued {
+            queue.queued = true;
+            self.ephemeral_ready.push_back(conn);
+        }
+    }
+
+    /// Next connection with presence frames waiting.
+    pub fn poll_ephemeral_ready(&mut self) -> Option<ConnId> {
+        let conn = self.ephemeral_ready.pop_front()?;
+        if let Some(queue) = self.ephemeral.get_mut(&conn) {
+            queue.queued = false;
+        }
+        Some(conn)
+    }
+
+    /// The next presence frame for `conn`'s ephemeral stream, or `None`
+    /// when none waits. The driver calls this while the stream has room.
+    pub fn poll_ephemeral(&mut self, conn: ConnId) -> Option<Frame> {
+        let queue = self.ephemeral.get_mut(&conn)?;
+        let Some(user) = queue.order.pop_front() else {
+            self.ephemeral.remove(&conn);
+            return None;
+        };
+        let state = queue.latest.remove(&user)?;
+        if queue.order.is_empty() {
+            self.ephemeral.remove(&conn);
+        }
+        self.stats.frames_out[frames::FrameKind::Presence as usize] += 1;
+        Some(presence_frame(user, state))
+    }
+
+    /// Forgets `conn`'s waiting presence frames (its session is over).
+    pub(super) fn drop_ephemeral(&mut self, conn: ConnId) {
+        self.ephemeral.remove(&conn);
+    }
+
+    /// Moves waiting updates for `shard` into `batch`, up to `messages_max`
+    /// in all (durable messages first).
+    pub(super) fn take_ephemeral(&mut self, shard: u16, batch: &mut Vec<ShardMessage>, messages_max: usize) {
+        let outbox = &mut self.ephemeral_outbox[usize::from(shard)];
+        while batch.len() < messages_max {
+            let Some(message) = outbox.pop() else { break };
+            batch.push(message);
+        }
+    }
+}

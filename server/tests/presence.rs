@@ -1,0 +1,133 @@
+//! Presence over real QUIC (docs/presence.md): a watcher sees a user go
+//! online and, once the grace period has passed, offline with its last-seen
+//! time, for a user on another shard and one on its own; a reconnect within
+//! the grace does not flap; privacy hides it or shows it to contacts only;
+//! a watch past the per-device bound is refused and changes nothing.
+
+mod common;
+
+use common::{user_on_shard, Server};
+use iris_client::{Client, PresenceEvent, PresencePrivacy, PresenceState};
+use std::time::{Duration, Instant};
+
+const GRACE_MS: u64 = 400;
+
+fn server() -> Server {
+    Server::start_with(2, &[&format!("presence.grace_ms = {GRACE_MS}")])
+}
+
+async fn next_change(client: &mut Client) -> (u64, PresenceState) {
+    match tokio::time::timeout(Duration::from_secs(10), client.next_presence()).await {
+        Ok(Some(PresenceEvent::Changed { user, state })) => (user, state),
+        other => panic!("no presence change: {other:?}"),
+    }
+}
+
+/// Asserts that nothing arrives for `window`.
+async fn quiet(client: &mut Client, window: Duration) {
+    if let Ok(event) = tokio::time::timeout(window, client.next_presence()).await {
+        panic!("unexpected presence event: {event:?}");
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_sees_online_then_offline_with_last_seen_on_both_shards_without_flapping() {
+    let server = server();
+    let (watcher, remote, local) = (user_on_shard(0, 2, 10), user_on_shard(1, 2, 20), user_on_shard(0, 2, 30));
+    let mut a = Client::connect(server.client_config(watcher, 1)).await.unwrap();
+    a.watch_presence(vec![remote, local]).await.unwrap();
+    // The current state at once: never seen.
+    let mut first = vec![next_change(&mut a).await, next_change(&mut a).await];
+    first.sort_by_key(|(user, _)| *user);
+    let mut expected = vec![
+        (remote, PresenceState::Offline { last_seen_ms: None }),
+        (local, PresenceState::Offline { last_seen_ms: None }),
+    ];
+    expected.sort_by_key(|(user, _)| *user);
+    assert_eq!(first, expected);
+
+    for user in [remote, local] {
+        let client = Client::connect(server.client_config(user, 1)).await.unwrap();
+        assert_eq!(next_change(&mut a).await, (user, PresenceState::Online), "user {user}");
+        // Offline only after the grace, with the time its device left.
+        let left = wall_ms();
+        client.close().await.unwrap();
+        let closed = Instant::now();
+        let (who, state) = next_change(&mut a).await;
+        assert!(closed.elapsed() >= Duration::from_millis(GRACE_MS - 100), "offline before the grace ended");
+        assert_eq!(who, user);
+        let PresenceState::Offline { last_seen_ms: Some(seen) } = state else { panic!("{state:?}") };
+        assert!(seen + 1000 >= left && seen <= wall_ms(), "last seen {seen}, left at {left}");
+        // A device back within the grace: no event at all.
+        let client = Client::connect(server.client_config(user, 1)).await.unwrap();
+        assert_eq!(next_change(&mut a).await, (user, PresenceState::Online));
+        client.reconnect().await.unwrap();
+        quiet(&mut a, Duration::from_millis(GRACE_MS * 2)).await;
+        client.close().await.unwrap();
+        assert!(matches!(next_change(&mut a).await, (who, PresenceState::Offline { .. }) if who == user));
+    }
+    // Unwatched: no more events.
+    a.unwatch_presence(vec![remote]).await.unwrap();
+    let client = Client::connect(server.client_config(remote, 1)).await.unwrap();
+    quiet(&mut a, Duration::from_millis(500)).await;
+    client.close().await.unwrap();
+    a.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_nobody_hides_and_contacts_shows_only_to_users_it_watches() {
+    let server = server();
+    let (owner, contact, stranger) = (user_on_shard(1, 2, 10), user_on_shard(0, 2, 20), user_on_shard(1, 2, 30));
+    let mut b = Client::connect(server.client_config(owner, 1)).await.unwrap();
+    let mut c = Client::connect(server.client_config(contact, 1)).await.unwrap();
+    let mut s = Client::connect(server.client_config(stranger, 1)).await.unwrap();
+    for watcher in [&c, &s] {
+        watcher.watch_presence(vec![owner]).await.unwrap();
+    }
+    assert_eq!(next_change(&mut c).await, (owner, PresenceState::Online));
+    assert_eq!(next_change(&mut s).await, (owner, PresenceState::Online));
+    b.set_presence_privacy(PresencePrivacy::Nobody).await.unwrap();
+    assert_eq!(next_change(&mut c).await, (owner, PresenceState::Hidden));
+    assert_eq!(next_change(&mut s).await, (owner, PresenceState::Hidden));
+    // Contacts: the owner watches `contact`, which makes it one.
+    b.set_presence_privacy(PresencePrivacy::Contacts).await.unwrap();
+    quiet(&mut c, Duration::from_millis(300)).await;
+    b.watch_presence(vec![contact]).await.unwrap();
+    assert_eq!(next_change(&mut b).await, (contact, PresenceState::Online));
+    assert_eq!(next_change(&mut c).await, (owner, PresenceState::Online), "a contact sees it");
+    quiet(&mut s, Duration::from_millis(300)).await;
+    // The owner goes away: only the contact hears it.
+    b.close().await.unwrap();
+    assert!(
+        matches!(next_change(&mut c).await, (who, PresenceState::Offline { last_seen_ms: Some(_) }) if who == owner)
+    );
+    quiet(&mut s, Duration::from_millis(GRACE_MS * 2)).await;
+    c.close().await.unwrap();
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_past_the_bound_is_refused_whole_and_the_session_goes_on() {
+    let server = Server::start_with(2, &["presence.subscriptions_per_device_max = 3"]);
+    let (watcher, other) = (user_on_shard(0, 2, 10), user_on_shard(1, 2, 20));
+    let mut a = Client::connect(server.client_config(watcher, 1)).await.unwrap();
+    a.watch_presence(vec![other, 1_000, 1_001, 1_002]).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), a.next_presence()).await {
+        Ok(Some(PresenceEvent::Refused(error))) => {
+            assert_eq!(error.code(), Some(iris_protocol::ErrorCode::TooManySubscriptions), "{error:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing of it was kept, and the session still serves.
+    let _receiver = Client::connect(server.client_config(other, 1)).await.unwrap();
+    quiet(&mut a, Duration::from_millis(300)).await;
+    a.unwatch_presence(vec![1_000, 1_001, 1_002]).await.unwrap();
+    a.watch_presence(vec![other]).await.unwrap();
+    assert_eq!(next_change(&mut a).await, (other, PresenceState::Online));
+    a.send(other, b"still here".to_vec()).await.unwrap();
+    a.close().await.unwrap();
+}
