@@ -42,8 +42,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Bytes read from a stream per call.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Users per PresenceSubscribe frame when the watched set is sent again
-/// after a reconnect (8 bytes each: well inside the smallest frame bound).
-const SUBSCRIBE_CHUNK_USERS: usize = 1024;
+/// after a reconnect: small, so that a set past the server's bound loses
+/// only the chunks that do not fit (each request is refused whole).
+const SUBSCRIBE_CHUNK_USERS: usize = 100;
 /// Presence changes waiting for room in the application's queue, one per
 /// watched user (a newer state replaces an older one not yet taken).
 const READY_PRESENCE_MAX: usize = 65_536;
@@ -427,7 +428,12 @@ impl Session {
                         }
                     }
                     Some(Command::UnwatchPresence { users }) => {
-                        let users: Vec<u64> = users.into_iter().filter(|user| self.watched.remove(user)).collect();
+                        // All of them: the server's contact list outlives
+                        // this process, so one watched by an earlier run
+                        // is unknown here and must still be removed.
+                        for user in &users {
+                            self.watched.remove(user);
+                        }
                         for user in &users {
                             if self.presence_latest.remove(user).is_some() {
                                 self.presence_order.retain(|waiting| waiting != user);

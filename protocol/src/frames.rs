@@ -179,12 +179,13 @@ pub struct DeviceRemoved {
     pub device_id: u32,
 }
 
-/// Watch the presence of `users` (docs/presence.md). Subscriptions belong to
-/// the session: they end with it, and the client subscribes again after a
-/// reconnect. The current state of each new one arrives at once as a
-/// [`Presence`] frame on the ephemeral stream, and every change after it.
-/// A device watches at most `presence_subscriptions_max` users; a request
-/// past it is refused as a whole with `TooManySubscriptions`.
+/// Watch the presence of `users` (docs/presence.md): they join the device's
+/// contact list (which outlives its sessions) and its session watches them;
+/// the watches end with the session, and the client subscribes again after
+/// a reconnect. The current state of each arrives at once as a [`Presence`]
+/// frame on the ephemeral stream, and every change after it. A device has
+/// at most `presence.subscriptions_per_device_max` contacts; a request past
+/// it is refused as a whole with `TooManySubscriptions`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct PresenceSubscribe {
     /// Users to watch (repeats and users already watched count once).

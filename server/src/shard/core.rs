@@ -405,6 +405,8 @@ pub struct ShardCore<S: MailboxStore> {
     ephemeral_ready: VecDeque<ConnId>,
     /// Presence updates for other shards, by shard index.
     ephemeral_outbox: Vec<presence::EphemeralOutbox>,
+    /// Watch and unwatch requests for other shards, by shard index.
+    presence_control: Vec<presence::ControlOutbox>,
 }
 
 /// ShardMapRequests and Pings a connection may send before its Hello. A
@@ -491,6 +493,7 @@ impl<S: MailboxStore> ShardCore<S> {
             ephemeral: StateMap::default(),
             ephemeral_ready: VecDeque::new(),
             ephemeral_outbox: (0..shard_count).map(|_| presence::EphemeralOutbox::default()).collect(),
+            presence_control: (0..shard_count).map(|_| presence::ControlOutbox::default()).collect(),
         }
     }
 
@@ -922,6 +925,7 @@ impl<S: MailboxStore> ShardCore<S> {
         if target == own {
             // Nothing more is accepted on it; the answer closes it.
             self.online.remove(&own);
+            self.presence_offline(own);
             self.sessions.insert(conn, Session::Closing);
         }
         self.removals.push_back(PendingRemoval { device: target, requester: Some((conn, own)), closing });
@@ -1240,16 +1244,20 @@ impl<S: MailboxStore> ShardCore<S> {
         batch
     }
 
-    /// The channel to `shard` refused `batch`: it goes back ahead of newer messages.
+    /// The channel to `shard` refused `batch`: it goes back ahead of newer
+    /// messages, each class into its own queue (presence coalesces again).
     pub fn handle_outbox_refused(&mut self, shard: u16, batch: Vec<ShardMessage>) {
+        let (presence, durable): (Vec<ShardMessage>, Vec<ShardMessage>) =
+            batch.into_iter().partition(presence::is_presence_message);
         let queue = &mut self.outbox[usize::from(shard)];
-        let newer = std::mem::replace(queue, batch);
+        let newer = std::mem::replace(queue, durable);
         queue.extend(newer);
+        self.requeue_presence(shard, presence);
     }
 
     /// Whether any shard has messages waiting.
     pub fn outbox_pending(&self) -> bool {
-        self.outbox.iter().any(|queue| !queue.is_empty()) || self.ephemeral_outbox.iter().any(|queue| queue.len() > 0)
+        self.outbox.iter().any(|queue| !queue.is_empty()) || self.presence_pending()
     }
 
     /// The device of `conn`'s session, if it is active.

@@ -5,8 +5,8 @@
 //!
 //! Pure logic on simulated time: the shard core feeds it connections,
 //! disconnections, subscriptions and the clock, and routes what it returns
-//! (events to watchers, last-seen values to persist, watches to forward to
-//! other shards). Nothing here does I/O, and every collection is bounded:
+//! (events to watchers, last-seen values to persist (not yet made durable:
+//! docs/presence.md), watches to forward to other shards). Nothing here does I/O, and every collection is bounded:
 //! subscriptions per device by [`PresenceLimits::subscriptions_per_device_max`]
 //! and watchers per user by [`PresenceLimits::watchers_per_user_max`].
 //!
@@ -278,8 +278,8 @@ impl PresenceTable {
     /// Device `watcher` (of a local user) subscribes to `targets`: they join
     /// its contact list, which outlives its sessions (so `contacts` privacy
     /// keeps working while the user is offline), and its session watches
-    /// them. Returns the targets its session did not watch yet (the core
-    /// forwards a watch to each one's home shard) and the events for the
+    /// them. Returns the targets to watch (all of them: the core forwards a
+    /// watch to each one's home shard) and the events for the
     /// local user's own watchers whose view of it changed (a new contact may
     /// now see it). All or nothing: past the bound nothing is added.
     pub fn subscribe(
@@ -303,10 +303,19 @@ impl PresenceTable {
         for target in &new_contacts {
             *presence.contacts.entry(*target).or_default() += 1;
         }
-        let watching = presence.watching.entry(watcher.device).or_default();
-        let to_watch: Vec<u64> = targets.into_iter().filter(|target| watching.insert(*target)).collect();
+        // Every target is watched (again): a watch is idempotent where the
+        // user lives and answers with the current state, which a new session
+        // of the device (one that replaced an older connection) needs.
+        presence.watching.entry(watcher.device).or_default().extend(targets.iter().copied());
         let events = Self::changed_views(watcher.user, presence, before);
-        Ok((to_watch, events))
+        Ok((targets, events))
+    }
+
+    /// Device `watcher`'s session no longer watches `user` (its watch was
+    /// not kept where the user lives); `user` stays on its contact list.
+    pub fn forget_watch(&mut self, watcher: Watcher, user: u64) {
+        remove_targets(&mut self.users.entry(watcher.user).or_default().watching, watcher.device, Some(&[user]));
+        self.forget_if_empty(watcher.user);
     }
 
     /// Device `watcher`'s session ended: its watches end (returned, for the
@@ -546,6 +555,10 @@ mod tests {
         // A new session subscribes again: watched again, not listed twice.
         let (to_watch, events) = table.subscribe(device, &[3]).unwrap();
         assert_eq!((to_watch, events), (vec![3], vec![]));
+        // A watch not kept where the user lives leaves the contact list alone.
+        table.forget_watch(device, 3);
+        assert_eq!(table.end_session(device), Vec::<u64>::new());
+        table.subscribe(device, &[3]).unwrap();
         let (unwatched, events) = table.unsubscribe(device, Some(&[3]));
         assert_eq!(unwatched, vec![3]);
         assert_eq!(events, vec![PresenceEvent { watcher: contact, user: B, state: Visible::Hidden }], "counted once");
@@ -558,8 +571,8 @@ mod tests {
         let (fresh, _) = table.subscribe(device, &[10, 11, 11]).unwrap();
         assert_eq!(fresh, vec![10, 11], "a repeated target counts once");
         assert_eq!(table.subscribe(device, &[12, 13]), Err(PresenceError::TooManySubscriptions { max: 3 }));
-        let (fresh, _) = table.subscribe(device, &[10, 12]).unwrap();
-        assert_eq!(fresh, vec![12], "10 was watched already");
+        let (to_watch, _) = table.subscribe(device, &[10, 12]).unwrap();
+        assert_eq!(to_watch, vec![10, 12], "10 counts once against the bound, and is watched again");
         for user in 100..104 {
             table.watch(Watcher { user, device: 1 }, B).unwrap();
         }

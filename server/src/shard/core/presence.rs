@@ -7,9 +7,12 @@
 //! without bound: each session has its own queue, coalesced per watched
 //! user (the latest state wins) and pulled by the driver onto a stream of
 //! its own; each destination shard has its own coalesced outbox of
-//! updates, taken after the durable messages; and while the destination's
-//! CoDel controller is dropping (the path is overloaded) updates to it are
-//! shed, counted, before any Send is refused.
+//! updates, taken after the durable messages and held back while the
+//! destination's CoDel controller is dropping (the path is overloaded);
+//! only an update that finds that outbox full is shed, and counted.
+//! Watch and unwatch requests go in a coalesced control outbox per
+//! destination (the latest intent per watcher and user wins), bounded: a
+//! watch that finds it full is answered "unavailable" at once.
 
 use super::{ConnId, Session, ShardCore};
 use crate::shard::mailbox::MailboxStore;
@@ -29,8 +32,52 @@ pub(crate) struct EphemeralOutbox {
     latest: StateMap<(Watcher, u64), Visible>,
 }
 
-/// Distinct (watcher, user) updates waiting per destination shard.
-pub const EPHEMERAL_OUTBOX_MAX: usize = 65_536;
+/// Distinct (watcher, user) updates waiting per destination shard (above
+/// the default watchers of one user, so a celebrity's change fits).
+pub const EPHEMERAL_OUTBOX_MAX: usize = 262_144;
+/// Distinct (watcher, user) watch or unwatch requests waiting per
+/// destination shard.
+pub const CONTROL_OUTBOX_MAX: usize = 262_144;
+
+/// Watch (`true`) and unwatch (`false`) requests waiting for one
+/// destination shard, coalesced per (watcher, user): the latest wins.
+#[derive(Debug, Default)]
+pub(crate) struct ControlOutbox {
+    order: VecDeque<(Watcher, u64)>,
+    latest: StateMap<(Watcher, u64), bool>,
+}
+
+impl ControlOutbox {
+    /// Queues the request; false if the outbox is full (a new pair only).
+    fn push(&mut self, watcher: Watcher, user: u64, watch: bool) -> bool {
+        if let Some(latest) = self.latest.get_mut(&(watcher, user)) {
+            *latest = watch;
+            return true;
+        }
+        if self.order.len() >= CONTROL_OUTBOX_MAX {
+            return false;
+        }
+        self.order.push_back((watcher, user));
+        self.latest.insert((watcher, user), watch);
+        true
+    }
+
+    fn pop(&mut self) -> Option<ShardMessage> {
+        let (watcher, user) = self.order.pop_front()?;
+        Some(match self.latest.remove(&(watcher, user))? {
+            true => ShardMessage::PresenceWatch { watcher, user },
+            false => ShardMessage::PresenceUnwatch { watcher, user },
+        })
+    }
+}
+
+/// Whether `message` is presence traffic (its own queues).
+pub(crate) fn is_presence_message(message: &ShardMessage) -> bool {
+    matches!(
+        message,
+        ShardMessage::PresenceWatch { .. } | ShardMessage::PresenceUnwatch { .. } | ShardMessage::PresenceUpdate { .. }
+    )
+}
 
 /// Presence frames waiting for one session's ephemeral stream, coalesced
 /// per watched user.
@@ -93,10 +140,9 @@ impl<S: MailboxStore> ShardCore<S> {
                 self.emit(conn, Frame::error(ErrorCode::TooManySubscriptions, message));
             }
             Err(other) => self.emit(conn, Frame::error(ErrorCode::Internal, other.to_string())),
-            Ok((fresh, events)) => {
-                for user in fresh {
-                    let home = self.home_shard(user);
-                    self.route(home, ShardMessage::PresenceWatch { watcher, user });
+            Ok((targets, events)) => {
+                for user in targets {
+                    self.send_watch(watcher, user, true);
                 }
                 self.route_presence_events(events);
             }
@@ -109,8 +155,7 @@ impl<S: MailboxStore> ShardCore<S> {
         let watcher = Watcher { user: device.user, device: device.device };
         let (removed, events) = self.presence.unsubscribe(watcher, users);
         for user in removed {
-            let home = self.home_shard(user);
-            self.route(home, ShardMessage::PresenceUnwatch { watcher, user });
+            self.send_watch(watcher, user, false);
         }
         self.route_presence_events(events);
     }
@@ -143,8 +188,7 @@ impl<S: MailboxStore> ShardCore<S> {
         self.presence.disconnected(device.user, device.device, self.wall_ms, self.clock_ms);
         let watcher = Watcher { user: device.user, device: device.device };
         for user in self.presence.end_session(watcher) {
-            let home = self.home_shard(user);
-            self.route(home, ShardMessage::PresenceUnwatch { watcher, user });
+            self.send_watch(watcher, user, false);
         }
     }
 
@@ -172,25 +216,70 @@ impl<S: MailboxStore> ShardCore<S> {
         }
     }
 
+    /// A watch (`true`) or unwatch of `user` by `watcher`, towards `user`'s
+    /// home shard. A watch that finds that shard's control outbox full is
+    /// not kept and answered "unavailable" (the client may ask again).
+    fn send_watch(&mut self, watcher: Watcher, user: u64, watch: bool) {
+        let home = self.home_shard(user);
+        if home == self.identity.shard.0 {
+            let message = match watch {
+                true => ShardMessage::PresenceWatch { watcher, user },
+                false => ShardMessage::PresenceUnwatch { watcher, user },
+            };
+            return self.on_presence_message(message);
+        }
+        if !self.presence_control[usize::from(home)].push(watcher, user, watch) && watch {
+            self.stats.ephemeral_shed += 1;
+            self.deliver_presence(watcher, user, Visible::Unavailable);
+        }
+    }
+
     /// Sends each event towards its watcher's home shard.
     fn route_presence_events(&mut self, events: Vec<PresenceEvent>) {
         for PresenceEvent { watcher, user, state } in events {
             let home = self.home_shard(watcher.user);
             if home == self.identity.shard.0 {
                 self.deliver_presence(watcher, user, state);
-                continue;
-            }
-            let destination = usize::from(home);
-            // The path to that shard is overloaded: presence goes first.
-            let overloaded = self.codels.get(destination).is_some_and(|codel| codel.dropping());
-            if overloaded || !self.ephemeral_outbox[destination].push(watcher, user, state) {
+            } else if !self.ephemeral_outbox[usize::from(home)].push(watcher, user, state) {
                 self.stats.ephemeral_shed += 1;
             }
         }
     }
 
+    /// Presence messages a refused batch carried, back into their queues.
+    pub(super) fn requeue_presence(&mut self, shard: u16, messages: Vec<ShardMessage>) {
+        let destination = usize::from(shard);
+        for message in messages {
+            let kept = match message {
+                ShardMessage::PresenceWatch { watcher, user } => {
+                    self.presence_control[destination].push(watcher, user, true)
+                }
+                ShardMessage::PresenceUnwatch { watcher, user } => {
+                    self.presence_control[destination].push(watcher, user, false)
+                }
+                ShardMessage::PresenceUpdate { watcher, user, state } => {
+                    self.ephemeral_outbox[destination].push(watcher, user, state)
+                }
+                _ => true,
+            };
+            if !kept {
+                self.stats.ephemeral_shed += 1;
+            }
+        }
+    }
+
+    /// Whether presence messages wait for any shard.
+    pub(super) fn presence_pending(&self) -> bool {
+        self.presence_control.iter().any(|outbox| !outbox.order.is_empty())
+            || self.ephemeral_outbox.iter().any(|outbox| outbox.len() > 0)
+    }
+
     /// Queues `state` for the watcher's session, if it has one here.
     fn deliver_presence(&mut self, watcher: Watcher, user: u64, state: Visible) {
+        if state == Visible::Unavailable {
+            // Not kept where the user lives: a later subscribe asks again.
+            self.presence.forget_watch(watcher, user);
+        }
         let device = DeviceKey { user: watcher.user, device: watcher.device };
         let Some(&conn) = self.online.get(&device) else { return };
         if !matches!(self.sessions.get(&conn), Some(Session::Active { .. })) {
@@ -245,10 +334,20 @@ impl<S: MailboxStore> ShardCore<S> {
         self.ephemeral.remove(&conn);
     }
 
-    /// Moves waiting updates for `shard` into `batch`, up to `messages_max`
-    /// in all (durable messages first).
+    /// Moves waiting presence messages for `shard` into `batch`, up to
+    /// `messages_max` in all (durable messages first, then watch requests,
+    /// then updates). Updates wait while the path to `shard` is overloaded
+    /// (its CoDel controller is dropping): presence yields first.
     pub(super) fn take_ephemeral(&mut self, shard: u16, batch: &mut Vec<ShardMessage>, messages_max: usize) {
-        let outbox = &mut self.ephemeral_outbox[usize::from(shard)];
+        let destination = usize::from(shard);
+        while batch.len() < messages_max {
+            let Some(message) = self.presence_control[destination].pop() else { break };
+            batch.push(message);
+        }
+        if self.codels.get(destination).is_some_and(|codel| codel.dropping()) {
+            return;
+        }
+        let outbox = &mut self.ephemeral_outbox[destination];
         while batch.len() < messages_max {
             let Some(message) = outbox.pop() else { break };
             batch.push(message);
