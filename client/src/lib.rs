@@ -215,6 +215,8 @@ pub(crate) enum Command {
     UnwatchPresence { users: Vec<u64> },
     /// Set who may see this user's presence (a `frames::PRIVACY_*` value).
     PresencePrivacy { privacy: u8 },
+    /// Tell `to_user`'s online devices this user types (or stopped).
+    Typing { to_user: u64, active: bool },
 }
 
 /// What a watcher is shown of a user's presence.
@@ -246,6 +248,17 @@ pub enum PresenceEvent {
     /// A watch request was refused as a whole (past the server's bound of
     /// users per device); nothing of it was kept.
     Refused(ClientError),
+    /// A device of `from_user` types to this user (`active`), or stopped.
+    /// Show an active one for at most `frames::TYPING_EXPIRES_MS` without
+    /// a renewal.
+    Typing {
+        /// Who types.
+        from_user: u64,
+        /// On which device.
+        from_device: u32,
+        /// Typing or stopped.
+        active: bool,
+    },
 }
 
 /// Who may see a user's presence and last-seen time.
@@ -408,6 +421,15 @@ impl Client {
             PresencePrivacy::Nobody => iris_protocol::frames::PRIVACY_NOBODY,
         };
         self.command(Command::PresencePrivacy { privacy }).await
+    }
+
+    /// Tells the devices of `to_user` that have a session now that this
+    /// user is typing to it (`active`), or stopped. Never stored: a device
+    /// that connects later does not hear of it. Renew an active state every
+    /// few seconds; receivers let one expire after
+    /// `frames::TYPING_EXPIRES_MS`.
+    pub async fn typing(&self, to_user: u64, active: bool) -> Result<(), ClientError> {
+        self.command(Command::Typing { to_user, active }).await
     }
 
     /// The next presence change of a watched user (a newer state of a user

@@ -67,14 +67,25 @@ enum Command {
     /// Presence of other users, and who may see this user's.
     #[command(subcommand)]
     Presence(PresenceCommand),
+    /// Tell user U's online devices that this user is typing (or, with
+    /// --stop, stopped); prints {"typing_to":U,"active":BOOL}.
+    Typing {
+        /// The user typed to.
+        #[arg(long)]
+        to: u64,
+        /// Stopped typing.
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum PresenceCommand {
     /// Watch users U...: print each one's state at once, then every change,
     /// as JSON lines ({"user":U,"state":"online"|"offline"|"hidden"|
-    /// "unavailable","last_seen_ms":T}). A refused watch (too many users) is
-    /// printed as {"error":...} and the exit status is 1.
+    /// "unavailable","last_seen_ms":T}), and typing notices to this user
+    /// ({"typing_from":U,"device":D,"active":BOOL}). A refused watch (too
+    /// many users) is printed as {"error":...} and the exit status is 1.
     Watch {
         /// Users to watch.
         #[arg(required = true)]
@@ -164,6 +175,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Ok(());
             }
         }
+        Command::Typing { to, stop } => {
+            client.typing(to, !stop).await.map_err(|e| e.to_string())?;
+            println!("{}", serde_json::json!({ "typing_to": to, "active": !stop }));
+        }
         Command::Presence(PresenceCommand::Privacy { setting }) => {
             let privacy = match setting.as_str() {
                 "everyone" => PresencePrivacy::Everyone,
@@ -196,6 +211,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                             PresenceState::Unavailable => ("unavailable", None),
                         };
                         serde_json::json!({ "user": user, "state": state, "last_seen_ms": last_seen_ms })
+                    }
+                    Some(PresenceEvent::Typing { from_user, from_device, active }) => {
+                        serde_json::json!({ "typing_from": from_user, "device": from_device, "active": active })
                     }
                     Some(PresenceEvent::Refused(error)) => {
                         let code = error.code();

@@ -48,6 +48,8 @@ const SUBSCRIBE_CHUNK_USERS: usize = 100;
 /// Presence changes waiting for room in the application's queue, one per
 /// watched user (a newer state replaces an older one not yet taken).
 const READY_PRESENCE_MAX: usize = 65_536;
+/// Typing notices waiting for room there.
+const READY_TYPING_MAX: usize = 256;
 
 /// A send not yet acknowledged.
 #[derive(Debug)]
@@ -127,6 +129,8 @@ pub(crate) struct Session {
     presence_latest: HashMap<u64, PresenceState>,
     /// Refusals waiting for room there.
     presence_refusals: VecDeque<ClientError>,
+    /// Typing notices waiting for room there (the oldest go first when full).
+    presence_typing: VecDeque<PresenceEvent>,
 }
 
 impl Session {
@@ -161,6 +165,7 @@ impl Session {
             presence_order: VecDeque::new(),
             presence_latest: HashMap::new(),
             presence_refusals: VecDeque::new(),
+            presence_typing: VecDeque::new(),
         }
     }
 
@@ -361,7 +366,9 @@ impl Session {
             let window_open = self.pending.len() < SEND_WINDOW_MAX;
             let can_read_push = push.is_some() && self.ready.len() < READY_DELIVERIES_MAX;
             let can_read_ephemeral = ephemeral.is_some();
-            let presence_waiting = !self.presence_order.is_empty() || !self.presence_refusals.is_empty();
+            let presence_waiting = !self.presence_order.is_empty()
+                || !self.presence_refusals.is_empty()
+                || !self.presence_typing.is_empty();
             tokio::select! {
                 // In order: an answer already read never loses to the tick
                 // that would give the connection up.
@@ -444,6 +451,12 @@ impl Session {
                             return ended;
                         }
                     }
+                    Some(Command::Typing { to_user, active }) => {
+                        let frame = Frame::Typing(frames::Typing { to_user, active });
+                        if let Err(ended) = write_frame(&mut live, &frame, self.config.frame_bytes_max).await {
+                            return ended;
+                        }
+                    }
                     Some(Command::PresencePrivacy { privacy }) => {
                         self.privacy = Some(privacy);
                         let frame = Frame::PresencePrivacy(frames::PresencePrivacy { privacy });
@@ -486,6 +499,16 @@ impl Session {
                         loop {
                             match ephemeral_decoder.next_frame() {
                                 Ok(Some(Frame::Presence(presence))) => self.on_presence(presence),
+                                Ok(Some(Frame::TypingNotice(notice))) => {
+                                    if self.presence_typing.len() >= READY_TYPING_MAX {
+                                        self.presence_typing.pop_front();
+                                    }
+                                    self.presence_typing.push_back(PresenceEvent::Typing {
+                                        from_user: notice.from_user,
+                                        from_device: notice.from_device,
+                                        active: notice.active,
+                                    });
+                                }
                                 Ok(Some(other)) => {
                                     let detail = format!("unexpected {:?} on the ephemeral stream", other.kind());
                                     return Ended::Fatal(ClientError::Protocol(detail));
@@ -502,6 +525,8 @@ impl Session {
                     Ok(permit) => {
                         if let Some(refusal) = self.presence_refusals.pop_front() {
                             permit.send(PresenceEvent::Refused(refusal));
+                        } else if let Some(typing) = self.presence_typing.pop_front() {
+                            permit.send(typing);
                         } else if let Some(user) = self.presence_order.pop_front() {
                             if let Some(state) = self.presence_latest.remove(&user) {
                                 permit.send(PresenceEvent::Changed { user, state });
@@ -513,6 +538,7 @@ impl Session {
                         self.presence_order.clear();
                         self.presence_latest.clear();
                         self.presence_refusals.clear();
+                        self.presence_typing.clear();
                     }
                 },
                 read = read_optional(&mut push, &mut push_buffer), if can_read_push => match read {

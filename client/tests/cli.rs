@@ -222,6 +222,13 @@ fn iris_presence_watch_prints_a_users_state_and_its_changes_as_json_lines() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
+    // Typing: said, and printed as data.
+    let mut typing = iris_command(&daemon, &watched);
+    typing.args(["typing", "--to", "1"]);
+    let output = run(typing);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(line, serde_json::json!({ "typing_to": 1, "active": true }));
     // A bad privacy word is a one-line error.
     let mut bad = iris_command(&daemon, &watched);
     bad.args(["presence", "privacy", "friends"]);

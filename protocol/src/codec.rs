@@ -132,6 +132,8 @@ pub fn encode_into(frame: &Frame, frame_bytes_max: u32, out: &mut Vec<u8>) -> Re
         Frame::PresenceUnsubscribe(f) => to_bytes(f),
         Frame::PresencePrivacy(f) => to_bytes(f),
         Frame::Presence(f) => to_bytes(f),
+        Frame::Typing(f) => to_bytes(f),
+        Frame::TypingNotice(f) => to_bytes(f),
     }?;
     let length = body.len() + 2;
     if length > frame_bytes_max as usize {
@@ -202,6 +204,10 @@ pub fn decode_body(version: u8, kind_byte: u8, body: &[u8]) -> Result<Frame, Dec
             Frame::PresencePrivacy(rkyv::from_bytes::<frames::PresencePrivacy, _>(body).map_err(malformed)?)
         }
         FrameKind::Presence => Frame::Presence(rkyv::from_bytes::<frames::Presence, _>(body).map_err(malformed)?),
+        FrameKind::Typing => Frame::Typing(rkyv::from_bytes::<frames::Typing, _>(body).map_err(malformed)?),
+        FrameKind::TypingNotice => {
+            Frame::TypingNotice(rkyv::from_bytes::<frames::TypingNotice, _>(body).map_err(malformed)?)
+        }
     })
 }
 

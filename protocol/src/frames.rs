@@ -240,6 +240,35 @@ pub const PRESENCE_HIDDEN: u8 = 2;
 /// not kept (subscribe again later).
 pub const PRESENCE_UNAVAILABLE: u8 = 3;
 
+/// This user is typing to `to_user` (`active`), or stopped. Forwarded to
+/// the recipient's devices that have a session now, as [`TypingNotice`] on
+/// their ephemeral stream; never stored, never replayed. A client renews
+/// an active state every few seconds; a receiver treats one not renewed
+/// within [`TYPING_EXPIRES_MS`] as stopped. Not answered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Typing {
+    /// The user typed to.
+    pub to_user: u64,
+    /// Typing (true) or stopped (false).
+    pub active: bool,
+}
+
+/// How long a receiver shows an active [`TypingNotice`] without a renewal.
+pub const TYPING_EXPIRES_MS: u64 = 6_000;
+
+/// Server -> client, on the ephemeral stream: `from_user`'s device is
+/// typing to this user (or stopped). A later one from the same device
+/// replaces one not yet sent.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TypingNotice {
+    /// Who types.
+    pub from_user: u64,
+    /// On which of its devices.
+    pub from_device: u32,
+    /// Typing (true) or stopped (false).
+    pub active: bool,
+}
+
 /// Any frame of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -280,6 +309,10 @@ pub enum Frame {
     PresencePrivacy(PresencePrivacy),
     /// Server -> client, on the ephemeral stream.
     Presence(Presence),
+    /// Client -> server.
+    Typing(Typing),
+    /// Server -> client, on the ephemeral stream.
+    TypingNotice(TypingNotice),
 }
 
 /// The kind byte of the frame header. Values are stable wire constants.
@@ -323,6 +356,10 @@ pub enum FrameKind {
     PresencePrivacy = 17,
     /// [`Presence`]
     Presence = 18,
+    /// [`Typing`]
+    Typing = 19,
+    /// [`TypingNotice`]
+    TypingNotice = 20,
 }
 
 impl FrameKind {
@@ -347,6 +384,8 @@ impl FrameKind {
             16 => FrameKind::PresenceUnsubscribe,
             17 => FrameKind::PresencePrivacy,
             18 => FrameKind::Presence,
+            19 => FrameKind::Typing,
+            20 => FrameKind::TypingNotice,
             _ => return None,
         })
     }
@@ -374,6 +413,8 @@ impl Frame {
             Frame::PresenceUnsubscribe(_) => FrameKind::PresenceUnsubscribe,
             Frame::PresencePrivacy(_) => FrameKind::PresencePrivacy,
             Frame::Presence(_) => FrameKind::Presence,
+            Frame::Typing(_) => FrameKind::Typing,
+            Frame::TypingNotice(_) => FrameKind::TypingNotice,
         }
     }
 

@@ -34,6 +34,8 @@ fn all_frames() -> Vec<Frame> {
         Frame::PresenceUnsubscribe(PresenceUnsubscribe { users: vec![2] }),
         Frame::PresencePrivacy(PresencePrivacy { privacy: PRIVACY_CONTACTS }),
         Frame::Presence(Presence { user: 2, state: PRESENCE_OFFLINE, last_seen_ms: 1_700_000_000_000 }),
+        Frame::Typing(Typing { to_user: 9, active: true }),
+        Frame::TypingNotice(TypingNotice { from_user: 9, from_device: 2, active: false }),
     ]
 }
 

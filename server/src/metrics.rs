@@ -62,6 +62,8 @@ pub struct ShardMetrics {
     pub presence_events_total: AtomicU64,
     /// Ephemeral events shed (an overloaded path, a full outbox or queue).
     pub ephemeral_shed_total: AtomicU64,
+    /// Typing notices queued for this shard's sessions.
+    pub typing_events_total: AtomicU64,
     /// Log chunks written and synced.
     pub log_writes_total: AtomicU64,
     /// Log chunks whose write or sync failed.
@@ -160,7 +162,7 @@ pub const LOG_SYNC_BUCKETS_US: [u64; 12] =
 
 /// Every frame kind, each exported in both directions (zero or not), so
 /// that rates and dashboards see a stable set of series.
-const FRAME_KINDS: [FrameKind; 18] = [
+const FRAME_KINDS: [FrameKind; 20] = [
     FrameKind::Hello,
     FrameKind::Welcome,
     FrameKind::Redirect,
@@ -179,6 +181,8 @@ const FRAME_KINDS: [FrameKind; 18] = [
     FrameKind::PresenceUnsubscribe,
     FrameKind::PresencePrivacy,
     FrameKind::Presence,
+    FrameKind::Typing,
+    FrameKind::TypingNotice,
 ];
 
 /// The bucket of `value` among `bounds` (inclusive upper bounds; past the
@@ -291,7 +295,7 @@ impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let shards = &self.shards;
         type Field = fn(&ShardMetrics) -> &AtomicU64;
-        let families: [(&str, Kind, &str, Field); 39] = [
+        let families: [(&str, Kind, &str, Field); 40] = [
             ("iris_connections", Kind::Gauge, "Live client connections.", |m| &m.connections),
             ("iris_sends_accepted_total", Kind::Counter, "Sends accepted from devices homed here.", |m| {
                 &m.sends_accepted_total
@@ -346,6 +350,9 @@ impl prometheus_client::collector::Collector for Collector {
             }),
             ("iris_presence_events_total", Kind::Counter, "Presence changes queued for watchers' sessions.", |m| {
                 &m.presence_events_total
+            }),
+            ("iris_typing_events_total", Kind::Counter, "Typing notices queued for recipients' sessions.", |m| {
+                &m.typing_events_total
             }),
             (
                 "iris_ephemeral_shed_total",

@@ -141,3 +141,53 @@ async fn a_watch_past_the_bound_is_refused_whole_and_the_session_goes_on() {
     a.send(other, b"still here".to_vec()).await.unwrap();
     a.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_survives_a_sigkill_and_restart() {
+    let mut server = server();
+    let (watcher, watched) = (user_on_shard(0, 2, 10), user_on_shard(1, 2, 20));
+    let client = Client::connect(server.client_config(watched, 1)).await.unwrap();
+    let left = wall_ms();
+    client.close().await.unwrap();
+    // Past the grace, and long enough for the log to have synced the
+    // device's session end.
+    tokio::time::sleep(Duration::from_millis(GRACE_MS + 500)).await;
+    server.kill9();
+    server.restart();
+    let mut a = Client::connect(server.client_config(watcher, 1)).await.unwrap();
+    a.watch_presence(vec![watched]).await.unwrap();
+    let (user, state) = next_change(&mut a).await;
+    assert_eq!(user, watched);
+    let PresenceState::Offline { last_seen_ms: Some(seen) } = state else { panic!("after the restart: {state:?}") };
+    // The log keeps it to the second.
+    assert!(seen + 2_000 >= left && seen <= left + 2_000, "last seen {seen}, left at {left}");
+    a.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_only_the_recipients_online_devices_and_is_never_replayed() {
+    let server = server();
+    let (sender, recipient) = (user_on_shard(0, 2, 10), user_on_shard(1, 2, 20));
+    let mut phone = Client::connect(server.client_config(recipient, 1)).await.unwrap();
+    // A second device of the recipient, registered and then offline.
+    Client::connect(server.client_config(recipient, 2)).await.unwrap().close().await.unwrap();
+    let a = Client::connect(server.client_config(sender, 1)).await.unwrap();
+    for active in [true, false] {
+        a.typing(recipient, active).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), phone.next_presence()).await {
+            Ok(Some(PresenceEvent::Typing { from_user, from_device, active: seen })) => {
+                assert_eq!((from_user, from_device, seen), (sender, 1, active));
+            }
+            other => panic!("no typing notice: {other:?}"),
+        }
+    }
+    // The device that was offline hears nothing of it once it connects.
+    let mut laptop = Client::connect(server.client_config(recipient, 2)).await.unwrap();
+    quiet(&mut laptop, Duration::from_millis(500)).await;
+    // Nor does the sender itself.
+    let mut a = a;
+    quiet(&mut a, Duration::from_millis(100)).await;
+    for client in [a, phone, laptop] {
+        client.close().await.unwrap();
+    }
+}

@@ -67,7 +67,7 @@ enum Op {
         conn: u8,
         device: u8,
     },
-    /// A presence frame: subscribe (0), unsubscribe (1) or privacy (2+).
+    /// A presence frame: subscribe (0), unsubscribe (1), privacy (2) or typing (3).
     Presence {
         conn: u8,
         kind: u8,
@@ -278,10 +278,14 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
             Op::Presence { conn, kind, users } => {
                 if let Some(index) = pick(&conns, conn) {
                     let users: Vec<u64> = users.iter().map(|user| u64::from(*user % 8)).collect();
-                    let frame = match kind % 3 {
+                    let frame = match kind % 4 {
                         0 => Frame::PresenceSubscribe(frames::PresenceSubscribe { users }),
                         1 => Frame::PresenceUnsubscribe(frames::PresenceUnsubscribe { users }),
-                        _ => Frame::PresencePrivacy(frames::PresencePrivacy { privacy: kind / 3 % 4 }),
+                        2 => Frame::PresencePrivacy(frames::PresencePrivacy { privacy: kind / 4 % 4 }),
+                        _ => Frame::Typing(frames::Typing {
+                            to_user: users.first().copied().unwrap_or(0),
+                            active: kind / 4 % 2 == 0,
+                        }),
                     };
                     frames_in.push((conns[index].id, frame));
                 }
@@ -316,13 +320,18 @@ fn run<S: MailboxStore>(mut core: ShardCore<S>, authority: &TokenAuthority, ops:
                             None => break,
                         }
                     }
-                    // The ephemeral stream carries Presence frames only, each
-                    // for a user once per pull (coalesced).
+                    // The ephemeral stream carries Presence (each user once
+                    // per pull: coalesced) and TypingNotice frames only.
                     let mut seen = std::collections::HashSet::new();
                     while let Some(frame) = core.poll_ephemeral(connection.id) {
-                        let Frame::Presence(presence) = frame else { panic!("ephemeral frame {frame:?}") };
-                        assert!(seen.insert(presence.user), "user {} twice in one queue", presence.user);
-                        assert!(presence.state <= frames::PRESENCE_UNAVAILABLE);
+                        match frame {
+                            Frame::Presence(presence) => {
+                                assert!(seen.insert(presence.user), "user {} twice in one queue", presence.user);
+                                assert!(presence.state <= frames::PRESENCE_UNAVAILABLE);
+                            }
+                            Frame::TypingNotice(_) => {}
+                            other => panic!("ephemeral frame {other:?}"),
+                        }
                     }
                 }
             }

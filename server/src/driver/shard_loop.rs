@@ -397,6 +397,7 @@ impl<S: MailboxStore> ShardLoop<S> {
         ShardMetrics::set(&metrics.devices_expired_total, stats.devices_expired);
         ShardMetrics::set(&metrics.presence_events_total, stats.presence_events);
         ShardMetrics::set(&metrics.ephemeral_shed_total, stats.ephemeral_shed);
+        ShardMetrics::set(&metrics.typing_events_total, stats.typing_events);
         let store = self.core.store().stats();
         ShardMetrics::set(&metrics.mailbox_index_bytes, store.index_bytes);
         ShardMetrics::set(&metrics.mailbox_body_bytes, store.body_bytes);

@@ -301,6 +301,8 @@ pub struct CoreStats {
     pub presence_events: u64,
     /// Ephemeral events shed (an overloaded path, a full outbox or queue).
     pub ephemeral_shed: u64,
+    /// Typing notices queued for this shard's sessions.
+    pub typing_events: u64,
 }
 
 /// Slots of the per-kind frame counters ([`CoreStats::frames_in`]).
@@ -407,6 +409,8 @@ pub struct ShardCore<S: MailboxStore> {
     ephemeral_outbox: Vec<presence::EphemeralOutbox>,
     /// Watch and unwatch requests for other shards, by shard index.
     presence_control: Vec<presence::ControlOutbox>,
+    /// Whether the table has the last-seen times the log recovered.
+    presence_seeded: bool,
 }
 
 /// ShardMapRequests and Pings a connection may send before its Hello. A
@@ -494,6 +498,7 @@ impl<S: MailboxStore> ShardCore<S> {
             ephemeral_ready: VecDeque::new(),
             ephemeral_outbox: (0..shard_count).map(|_| presence::EphemeralOutbox::default()).collect(),
             presence_control: (0..shard_count).map(|_| presence::ControlOutbox::default()).collect(),
+            presence_seeded: false,
         }
     }
 
@@ -677,6 +682,11 @@ impl<S: MailboxStore> ShardCore<S> {
             Frame::PresenceUnsubscribe(unsubscribe) if active => {
                 if let Some(device) = self.active_device(conn) {
                     self.on_presence_unsubscribe(device, Some(&unsubscribe.users));
+                }
+            }
+            Frame::Typing(typing) if active => {
+                if let Some(device) = self.active_device(conn) {
+                    self.on_typing(device, typing.to_user, typing.active);
                 }
             }
             Frame::PresencePrivacy(privacy) if active => {
@@ -1011,7 +1021,8 @@ impl<S: MailboxStore> ShardCore<S> {
         match message {
             message @ (ShardMessage::PresenceWatch { .. }
             | ShardMessage::PresenceUnwatch { .. }
-            | ShardMessage::PresenceUpdate { .. }) => self.on_presence_message(message),
+            | ShardMessage::PresenceUpdate { .. }
+            | ShardMessage::Typing { .. }) => self.on_presence_message(message),
             ShardMessage::Store {
                 origin_shard,
                 sender,

@@ -93,4 +93,14 @@ pub enum ShardMessage {
         /// What it sees.
         state: crate::shard::presence::Visible,
     },
+    /// Typing device's home shard -> recipient's home shard: `from` types
+    /// to `to_user` (or stopped). Ephemeral, like [`ShardMessage::PresenceUpdate`].
+    Typing {
+        /// The typing device.
+        from: DeviceKey,
+        /// The user typed to.
+        to_user: u64,
+        /// Typing or stopped.
+        active: bool,
+    },
 }

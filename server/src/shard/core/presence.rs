@@ -24,12 +24,23 @@ use iris_protocol::ErrorCode;
 use iris_shard_map::UserId;
 use std::collections::VecDeque;
 
-/// Updates waiting for one destination shard, coalesced per (watcher,
-/// user). Past [`EPHEMERAL_OUTBOX_MAX`] distinct pairs new ones are shed.
+/// What an ephemeral message between shards is about: the newest one per
+/// subject replaces an older one still waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Subject {
+    /// A watcher's view of a user.
+    Presence(Watcher, u64),
+    /// A device typing to a user.
+    Typing(DeviceKey, u64),
+}
+
+/// Ephemeral messages waiting for one destination shard, coalesced per
+/// subject. Past [`EPHEMERAL_OUTBOX_MAX`] distinct subjects new ones are
+/// shed.
 #[derive(Debug, Default)]
 pub(crate) struct EphemeralOutbox {
-    order: VecDeque<(Watcher, u64)>,
-    latest: StateMap<(Watcher, u64), Visible>,
+    order: VecDeque<Subject>,
+    latest: StateMap<Subject, ShardMessage>,
 }
 
 /// Distinct (watcher, user) updates waiting per destination shard (above
@@ -75,39 +86,58 @@ impl ControlOutbox {
 pub(crate) fn is_presence_message(message: &ShardMessage) -> bool {
     matches!(
         message,
-        ShardMessage::PresenceWatch { .. } | ShardMessage::PresenceUnwatch { .. } | ShardMessage::PresenceUpdate { .. }
+        ShardMessage::PresenceWatch { .. }
+            | ShardMessage::PresenceUnwatch { .. }
+            | ShardMessage::PresenceUpdate { .. }
+            | ShardMessage::Typing { .. }
     )
 }
 
-/// Presence frames waiting for one session's ephemeral stream, coalesced
-/// per watched user.
+/// What a frame on a session's ephemeral stream is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Topic {
+    /// A watched user's presence.
+    Presence(u64),
+    /// A device typing to this session's user.
+    Typing(DeviceKey),
+}
+
+/// Frames waiting for one session's ephemeral stream, coalesced per topic.
 #[derive(Debug, Default)]
 pub(crate) struct EphemeralQueue {
-    order: VecDeque<u64>,
-    latest: StateMap<u64, Visible>,
+    order: VecDeque<Topic>,
+    latest: StateMap<Topic, Frame>,
     /// Whether the connection is in `ephemeral_ready`.
     queued: bool,
 }
 
+/// Typing devices a session's queue keeps apart from its watched users.
+const TYPING_TOPICS_MAX: usize = 256;
+
 impl EphemeralOutbox {
-    /// Queues `state`; false if it had to be shed.
-    fn push(&mut self, watcher: Watcher, user: u64, state: Visible) -> bool {
-        if let Some(latest) = self.latest.get_mut(&(watcher, user)) {
-            *latest = state;
+    /// Queues `message` (a PresenceUpdate or a Typing); false if it had to
+    /// be shed.
+    fn push(&mut self, message: ShardMessage) -> bool {
+        let subject = match &message {
+            ShardMessage::PresenceUpdate { watcher, user, .. } => Subject::Presence(*watcher, *user),
+            ShardMessage::Typing { from, to_user, .. } => Subject::Typing(*from, *to_user),
+            _ => return false,
+        };
+        if let Some(latest) = self.latest.get_mut(&subject) {
+            *latest = message;
             return true;
         }
         if self.order.len() >= EPHEMERAL_OUTBOX_MAX {
             return false;
         }
-        self.order.push_back((watcher, user));
-        self.latest.insert((watcher, user), state);
+        self.order.push_back(subject);
+        self.latest.insert(subject, message);
         true
     }
 
     fn pop(&mut self) -> Option<ShardMessage> {
-        let (watcher, user) = self.order.pop_front()?;
-        let state = self.latest.remove(&(watcher, user))?;
-        Some(ShardMessage::PresenceUpdate { watcher, user, state })
+        let subject = self.order.pop_front()?;
+        self.latest.remove(&subject)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -192,8 +222,25 @@ impl<S: MailboxStore> ShardCore<S> {
         }
     }
 
+    /// Gives the table, once, the last-seen times the log recovered: each
+    /// device's last session end is logged already (for the inactivity
+    /// expiry, `MailboxStore::note_seen`), and a user's last seen is its
+    /// devices' latest (to the second).
+    fn presence_seed(&mut self) {
+        if self.presence_seeded {
+            return;
+        }
+        self.presence_seeded = true;
+        for device in self.store.registered_devices() {
+            if let Some(idle_since_s) = self.store.recovered_idle_since(device) {
+                self.presence.restore_last_seen(device.user, idle_since_s.saturating_mul(1000));
+            }
+        }
+    }
+
     /// Ends due grace periods (from `handle_timeout`).
     pub(super) fn presence_expire(&mut self) {
+        self.presence_seed();
         let (events, _last_seen) = self.presence.expire(self.clock_ms);
         self.route_presence_events(events);
     }
@@ -207,11 +254,13 @@ impl<S: MailboxStore> ShardCore<S> {
     pub(super) fn on_presence_message(&mut self, message: ShardMessage) {
         match message {
             ShardMessage::PresenceWatch { watcher, user } => {
+                self.presence_seed();
                 let state = self.presence.watch(watcher, user).unwrap_or(Visible::Unavailable);
                 self.route_presence_events(vec![PresenceEvent { watcher, user, state }]);
             }
             ShardMessage::PresenceUnwatch { watcher, user } => self.presence.unwatch(watcher, user),
             ShardMessage::PresenceUpdate { watcher, user, state } => self.deliver_presence(watcher, user, state),
+            ShardMessage::Typing { from, to_user, active } => self.deliver_typing(from, to_user, active),
             _ => unreachable!("only presence messages are routed here"),
         }
     }
@@ -240,7 +289,11 @@ impl<S: MailboxStore> ShardCore<S> {
             let home = self.home_shard(watcher.user);
             if home == self.identity.shard.0 {
                 self.deliver_presence(watcher, user, state);
-            } else if !self.ephemeral_outbox[usize::from(home)].push(watcher, user, state) {
+            } else if !self.ephemeral_outbox[usize::from(home)].push(ShardMessage::PresenceUpdate {
+                watcher,
+                user,
+                state,
+            }) {
                 self.stats.ephemeral_shed += 1;
             }
         }
@@ -257,8 +310,8 @@ impl<S: MailboxStore> ShardCore<S> {
                 ShardMessage::PresenceUnwatch { watcher, user } => {
                     self.presence_control[destination].push(watcher, user, false)
                 }
-                ShardMessage::PresenceUpdate { watcher, user, state } => {
-                    self.ephemeral_outbox[destination].push(watcher, user, state)
+                message @ (ShardMessage::PresenceUpdate { .. } | ShardMessage::Typing { .. }) => {
+                    self.ephemeral_outbox[destination].push(message)
                 }
                 _ => true,
             };
@@ -285,23 +338,68 @@ impl<S: MailboxStore> ShardCore<S> {
         if !matches!(self.sessions.get(&conn), Some(Session::Active { .. })) {
             return;
         }
-        let bound = self.presence_limits.subscriptions_per_device_max;
-        let queue = self.ephemeral.entry(conn).or_default();
-        if let Some(latest) = queue.latest.get_mut(&user) {
-            *latest = state;
-        } else if queue.order.len() < bound {
-            queue.order.push_back(user);
-            queue.latest.insert(user, state);
-        } else {
-            // Only updates about users it no longer watches can get here.
-            self.stats.ephemeral_shed += 1;
-            return;
+        if self.queue_ephemeral(conn, Topic::Presence(user), presence_frame(user, state)) {
+            self.stats.presence_events += 1;
         }
-        self.stats.presence_events += 1;
+    }
+
+    /// A Typing of `conn`'s device: to `to_user`'s home shard.
+    pub(super) fn on_typing(&mut self, from: DeviceKey, to_user: u64, active: bool) {
+        let home = self.home_shard(to_user);
+        if home == self.identity.shard.0 {
+            self.deliver_typing(from, to_user, active);
+        } else if !self.ephemeral_outbox[usize::from(home)].push(ShardMessage::Typing { from, to_user, active }) {
+            self.stats.ephemeral_shed += 1;
+        }
+    }
+
+    /// Tells every device of `to_user` with a session now (but the typing
+    /// one) that `from` types to it. Never stored: a device without a
+    /// session never hears of it.
+    fn deliver_typing(&mut self, from: DeviceKey, to_user: u64, active: bool) {
+        let devices: Vec<u32> = self.store.devices_of(to_user).to_vec();
+        for device in devices {
+            let device = DeviceKey { user: to_user, device };
+            if device == from {
+                continue;
+            }
+            let Some(&conn) = self.online.get(&device) else { continue };
+            if !matches!(self.sessions.get(&conn), Some(Session::Active { .. })) {
+                continue;
+            }
+            let notice =
+                Frame::TypingNotice(frames::TypingNotice { from_user: from.user, from_device: from.device, active });
+            if self.queue_ephemeral(conn, Topic::Typing(from), notice) {
+                self.stats.typing_events += 1;
+            }
+        }
+    }
+
+    /// Queues `frame` for `conn`'s ephemeral stream, replacing one of the
+    /// same topic; false if the queue is full (shed, counted).
+    fn queue_ephemeral(&mut self, conn: ConnId, topic: Topic, frame: Frame) -> bool {
+        let bound = match topic {
+            Topic::Presence(_) => self.presence_limits.subscriptions_per_device_max,
+            Topic::Typing(_) => TYPING_TOPICS_MAX,
+        };
+        let queue = self.ephemeral.entry(conn).or_default();
+        let same_kind = |waiting: &&Topic| std::mem::discriminant(*waiting) == std::mem::discriminant(&topic);
+        if let Some(latest) = queue.latest.get_mut(&topic) {
+            *latest = frame;
+        } else if queue.order.iter().filter(same_kind).count() < bound {
+            queue.order.push_back(topic);
+            queue.latest.insert(topic, frame);
+        } else {
+            // Past the bound only updates about users it no longer watches,
+            // or a flood of typers, can come.
+            self.stats.ephemeral_shed += 1;
+            return false;
+        }
         if !queue.queued {
             queue.queued = true;
             self.ephemeral_ready.push_back(conn);
         }
+        true
     }
 
     /// Next connection with presence frames waiting.
@@ -317,16 +415,16 @@ impl<S: MailboxStore> ShardCore<S> {
     /// when none waits. The driver calls this while the stream has room.
     pub fn poll_ephemeral(&mut self, conn: ConnId) -> Option<Frame> {
         let queue = self.ephemeral.get_mut(&conn)?;
-        let Some(user) = queue.order.pop_front() else {
+        let Some(topic) = queue.order.pop_front() else {
             self.ephemeral.remove(&conn);
             return None;
         };
-        let state = queue.latest.remove(&user)?;
+        let frame = queue.latest.remove(&topic)?;
         if queue.order.is_empty() {
             self.ephemeral.remove(&conn);
         }
-        self.stats.frames_out[frames::FrameKind::Presence as usize] += 1;
-        Some(presence_frame(user, state))
+        self.stats.frames_out[usize::from(frame.kind() as u8) % super::FRAME_KIND_SLOTS] += 1;
+        Some(frame)
     }
 
     /// Forgets `conn`'s waiting presence frames (its session is over).
