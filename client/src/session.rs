@@ -500,6 +500,11 @@ impl Session {
                             match ephemeral_decoder.next_frame() {
                                 Ok(Some(Frame::Presence(presence))) => self.on_presence(presence),
                                 Ok(Some(Frame::TypingNotice(notice))) => {
+                                    // One waiting notice per typing device: the newest.
+                                    self.presence_typing.retain(|waiting| {
+                                        !matches!(waiting, PresenceEvent::Typing { from_user, from_device, .. }
+                                            if *from_user == notice.from_user && *from_device == notice.from_device)
+                                    });
                                     if self.presence_typing.len() >= READY_TYPING_MAX {
                                         self.presence_typing.pop_front();
                                     }

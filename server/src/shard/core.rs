@@ -409,6 +409,8 @@ pub struct ShardCore<S: MailboxStore> {
     ephemeral_outbox: Vec<presence::EphemeralOutbox>,
     /// Watch and unwatch requests for other shards, by shard index.
     presence_control: Vec<presence::ControlOutbox>,
+    /// Typing notices for other shards, by shard index.
+    typing_outbox: Vec<presence::EphemeralOutbox>,
     /// Whether the table has the last-seen times the log recovered.
     presence_seeded: bool,
 }
@@ -498,6 +500,7 @@ impl<S: MailboxStore> ShardCore<S> {
             ephemeral_ready: VecDeque::new(),
             ephemeral_outbox: (0..shard_count).map(|_| presence::EphemeralOutbox::default()).collect(),
             presence_control: (0..shard_count).map(|_| presence::ControlOutbox::default()).collect(),
+            typing_outbox: (0..shard_count).map(|_| presence::EphemeralOutbox::default()).collect(),
             presence_seeded: false,
         }
     }

@@ -129,10 +129,10 @@ impl UserPresence {
         !self.devices_online.is_empty() || self.leaving.is_some()
     }
 
+    /// Nothing but (perhaps) a last-seen time: that fits the compact map.
     fn is_empty(&self) -> bool {
         self.devices_online.is_empty()
             && self.leaving.is_none()
-            && self.last_seen_ms.is_none()
             && self.privacy == Privacy::Everyone
             && self.watchers.is_empty()
             && self.subscriptions.is_empty()
@@ -178,13 +178,16 @@ pub struct LastSeen {
 pub struct PresenceTable {
     limits: PresenceLimits,
     users: HashMap<u64, UserPresence>,
+    /// Users with nothing but a last-seen time (most of a shard's users at
+    /// any moment): 16 B each instead of a whole entry.
+    last_seen_only: HashMap<u64, u64>,
     /// Grace periods running: (monotonic deadline, user).
     grace: BTreeSet<(u64, u64)>,
 }
 
 impl PresenceTable {
     pub fn new(limits: PresenceLimits) -> Self {
-        Self { limits, users: HashMap::new(), grace: BTreeSet::new() }
+        Self { limits, users: HashMap::new(), last_seen_only: HashMap::new(), grace: BTreeSet::new() }
     }
 
     /// Users with any presence state (bounded by the shard's devices and
@@ -200,14 +203,31 @@ impl PresenceTable {
 
     /// A last-seen time read back from the log at start.
     pub fn restore_last_seen(&mut self, user: u64, at_ms: u64) {
-        let presence = self.users.entry(user).or_default();
-        presence.last_seen_ms = presence.last_seen_ms.max(Some(at_ms));
+        match self.users.get_mut(&user) {
+            Some(presence) => presence.last_seen_ms = presence.last_seen_ms.max(Some(at_ms)),
+            None => {
+                let seen = self.last_seen_only.entry(user).or_default();
+                *seen = (*seen).max(at_ms);
+            }
+        }
+    }
+
+    /// `user`'s entry, made (with its last seen, if the compact map has
+    /// it) when it has none.
+    fn entry<'a>(
+        users: &'a mut HashMap<u64, UserPresence>,
+        last_seen_only: &mut HashMap<u64, u64>,
+        user: u64,
+    ) -> &'a mut UserPresence {
+        users
+            .entry(user)
+            .or_insert_with(|| UserPresence { last_seen_ms: last_seen_only.remove(&user), ..UserPresence::default() })
     }
 
     /// A device of local user `user` connected. Watchers hear "online" only
     /// if the user was offline (not within its grace period).
     pub fn connected(&mut self, user: u64, device: u32) -> Vec<PresenceEvent> {
-        let presence = self.users.entry(user).or_default();
+        let presence = Self::entry(&mut self.users, &mut self.last_seen_only, user);
         let was_online = presence.online();
         presence.devices_online.insert(device);
         if let Some(leaving) = presence.leaving.take() {
@@ -259,7 +279,7 @@ impl PresenceTable {
 
     /// Sets local user `user`'s privacy; watchers whose view changes are told.
     pub fn set_privacy(&mut self, user: u64, privacy: Privacy) -> Vec<PresenceEvent> {
-        let presence = self.users.entry(user).or_default();
+        let presence = Self::entry(&mut self.users, &mut self.last_seen_only, user);
         let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
         presence.privacy = privacy;
         let events = presence
@@ -288,7 +308,7 @@ impl PresenceTable {
         targets: &[u64],
     ) -> Result<(Vec<u64>, Vec<PresenceEvent>), PresenceError> {
         let max = self.limits.subscriptions_per_device_max;
-        let presence = self.users.entry(watcher.user).or_default();
+        let presence = Self::entry(&mut self.users, &mut self.last_seen_only, watcher.user);
         let mut seen = HashSet::new();
         let targets: Vec<u64> = targets.iter().copied().filter(|target| seen.insert(*target)).collect();
         let listed = presence.subscriptions.get(&watcher.device);
@@ -314,7 +334,8 @@ impl PresenceTable {
     /// Device `watcher`'s session no longer watches `user` (its watch was
     /// not kept where the user lives); `user` stays on its contact list.
     pub fn forget_watch(&mut self, watcher: Watcher, user: u64) {
-        remove_targets(&mut self.users.entry(watcher.user).or_default().watching, watcher.device, Some(&[user]));
+        let watching = &mut Self::entry(&mut self.users, &mut self.last_seen_only, watcher.user).watching;
+        remove_targets(watching, watcher.device, Some(&[user]));
         self.forget_if_empty(watcher.user);
     }
 
@@ -355,7 +376,7 @@ impl PresenceTable {
     /// what it sees now.
     pub fn watch(&mut self, watcher: Watcher, user: u64) -> Result<Visible, PresenceError> {
         let max = self.limits.watchers_per_user_max;
-        let presence = self.users.entry(user).or_default();
+        let presence = Self::entry(&mut self.users, &mut self.last_seen_only, user);
         if !presence.watchers.contains(&watcher) && presence.watchers.len() >= max {
             self.forget_if_empty(user);
             return Err(PresenceError::TooManyWatchers { user, max });
@@ -374,7 +395,10 @@ impl PresenceTable {
 
     /// What `watcher` (a user) sees of local user `user` now.
     pub fn visible(&self, user: u64, watcher: u64) -> Visible {
-        self.users.get(&user).map_or(Visible::Offline { last_seen_ms: None }, |presence| presence.visible_to(watcher))
+        match self.users.get(&user) {
+            Some(presence) => presence.visible_to(watcher),
+            None => Visible::Offline { last_seen_ms: self.last_seen_only.get(&user).copied() },
+        }
     }
 
     /// Every watcher's view of `user` (after a change of its state).
@@ -404,9 +428,13 @@ impl PresenceTable {
             .collect()
     }
 
+    /// Drops `user`'s entry once nothing but a last-seen time is left
+    /// (which moves to the compact map).
     fn forget_if_empty(&mut self, user: u64) {
         if self.users.get(&user).is_some_and(UserPresence::is_empty) {
-            self.users.remove(&user);
+            if let Some(seen) = self.users.remove(&user).and_then(|presence| presence.last_seen_ms) {
+                self.last_seen_only.insert(user, seen);
+            }
         }
     }
 }
@@ -595,6 +623,11 @@ mod tests {
         let mut restarted = self::table();
         restarted.restore_last_seen(B, 42);
         restarted.restore_last_seen(B, 41);
+        assert_eq!(restarted.users(), 0, "a last-seen time alone takes no entry");
         assert_eq!(restarted.watch(A, B), Ok(Visible::Offline { last_seen_ms: Some(42) }));
+        // And once its watcher goes, it is back to the compact form.
+        restarted.unwatch(A, B);
+        assert_eq!(restarted.users(), 0);
+        assert_eq!(restarted.visible(B, 9), Visible::Offline { last_seen_ms: Some(42) });
     }
 }

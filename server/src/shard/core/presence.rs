@@ -49,6 +49,9 @@ pub const EPHEMERAL_OUTBOX_MAX: usize = 262_144;
 /// Distinct (watcher, user) watch or unwatch requests waiting per
 /// destination shard.
 pub const CONTROL_OUTBOX_MAX: usize = 262_144;
+/// Distinct (typing device, user) notices waiting per destination shard:
+/// a queue of its own, so typing can never crowd presence out.
+pub const TYPING_OUTBOX_MAX: usize = 16_384;
 
 /// Watch (`true`) and unwatch (`false`) requests waiting for one
 /// destination shard, coalesced per (watcher, user): the latest wins.
@@ -107,6 +110,8 @@ enum Topic {
 pub(crate) struct EphemeralQueue {
     order: VecDeque<Topic>,
     latest: StateMap<Topic, Frame>,
+    /// How many of `order` are presence topics (the rest are typing).
+    presence_topics: usize,
     /// Whether the connection is in `ephemeral_ready`.
     queued: bool,
 }
@@ -115,9 +120,9 @@ pub(crate) struct EphemeralQueue {
 const TYPING_TOPICS_MAX: usize = 256;
 
 impl EphemeralOutbox {
-    /// Queues `message` (a PresenceUpdate or a Typing); false if it had to
-    /// be shed.
-    fn push(&mut self, message: ShardMessage) -> bool {
+    /// Queues `message` (a PresenceUpdate or a Typing) within `max`
+    /// distinct subjects; false if it had to be shed.
+    fn push(&mut self, message: ShardMessage, max: usize) -> bool {
         let subject = match &message {
             ShardMessage::PresenceUpdate { watcher, user, .. } => Subject::Presence(*watcher, *user),
             ShardMessage::Typing { from, to_user, .. } => Subject::Typing(*from, *to_user),
@@ -127,12 +132,20 @@ impl EphemeralOutbox {
             *latest = message;
             return true;
         }
-        if self.order.len() >= EPHEMERAL_OUTBOX_MAX {
+        if self.order.len() >= max {
             return false;
         }
         self.order.push_back(subject);
         self.latest.insert(subject, message);
         true
+    }
+
+    /// Forgets everything waiting (typing while its path is overloaded).
+    fn clear(&mut self) -> usize {
+        let dropped = self.order.len();
+        self.order.clear();
+        self.latest.clear();
+        dropped
     }
 
     fn pop(&mut self) -> Option<ShardMessage> {
@@ -232,8 +245,14 @@ impl<S: MailboxStore> ShardCore<S> {
         }
         self.presence_seeded = true;
         for device in self.store.registered_devices() {
+            // A device with a session now is online; one the log saw online
+            // when the process died left at about the log's newest record.
+            if self.online.contains_key(&device) {
+                continue;
+            }
             if let Some(idle_since_s) = self.store.recovered_idle_since(device) {
-                self.presence.restore_last_seen(device.user, idle_since_s.saturating_mul(1000));
+                let at_s = if self.now_s > 0 { idle_since_s.min(self.now_s) } else { idle_since_s };
+                self.presence.restore_last_seen(device.user, at_s.saturating_mul(1000));
             }
         }
     }
@@ -289,11 +308,9 @@ impl<S: MailboxStore> ShardCore<S> {
             let home = self.home_shard(watcher.user);
             if home == self.identity.shard.0 {
                 self.deliver_presence(watcher, user, state);
-            } else if !self.ephemeral_outbox[usize::from(home)].push(ShardMessage::PresenceUpdate {
-                watcher,
-                user,
-                state,
-            }) {
+            } else if !self.ephemeral_outbox[usize::from(home)]
+                .push(ShardMessage::PresenceUpdate { watcher, user, state }, EPHEMERAL_OUTBOX_MAX)
+            {
                 self.stats.ephemeral_shed += 1;
             }
         }
@@ -310,8 +327,11 @@ impl<S: MailboxStore> ShardCore<S> {
                 ShardMessage::PresenceUnwatch { watcher, user } => {
                     self.presence_control[destination].push(watcher, user, false)
                 }
-                message @ (ShardMessage::PresenceUpdate { .. } | ShardMessage::Typing { .. }) => {
-                    self.ephemeral_outbox[destination].push(message)
+                message @ ShardMessage::PresenceUpdate { .. } => {
+                    self.ephemeral_outbox[destination].push(message, EPHEMERAL_OUTBOX_MAX)
+                }
+                message @ ShardMessage::Typing { .. } => {
+                    self.typing_outbox[destination].push(message, TYPING_OUTBOX_MAX)
                 }
                 _ => true,
             };
@@ -325,6 +345,7 @@ impl<S: MailboxStore> ShardCore<S> {
     pub(super) fn presence_pending(&self) -> bool {
         self.presence_control.iter().any(|outbox| !outbox.order.is_empty())
             || self.ephemeral_outbox.iter().any(|outbox| outbox.len() > 0)
+            || self.typing_outbox.iter().any(|outbox| outbox.len() > 0)
     }
 
     /// Queues `state` for the watcher's session, if it has one here.
@@ -348,7 +369,9 @@ impl<S: MailboxStore> ShardCore<S> {
         let home = self.home_shard(to_user);
         if home == self.identity.shard.0 {
             self.deliver_typing(from, to_user, active);
-        } else if !self.ephemeral_outbox[usize::from(home)].push(ShardMessage::Typing { from, to_user, active }) {
+        } else if !self.typing_outbox[usize::from(home)]
+            .push(ShardMessage::Typing { from, to_user, active }, TYPING_OUTBOX_MAX)
+        {
             self.stats.ephemeral_shed += 1;
         }
     }
@@ -357,9 +380,8 @@ impl<S: MailboxStore> ShardCore<S> {
     /// one) that `from` types to it. Never stored: a device without a
     /// session never hears of it.
     fn deliver_typing(&mut self, from: DeviceKey, to_user: u64, active: bool) {
-        let devices: Vec<u32> = self.store.devices_of(to_user).to_vec();
-        for device in devices {
-            let device = DeviceKey { user: to_user, device };
+        for index in 0..self.store.devices_of(to_user).len() {
+            let device = DeviceKey { user: to_user, device: self.store.devices_of(to_user)[index] };
             if device == from {
                 continue;
             }
@@ -383,12 +405,14 @@ impl<S: MailboxStore> ShardCore<S> {
             Topic::Typing(_) => TYPING_TOPICS_MAX,
         };
         let queue = self.ephemeral.entry(conn).or_default();
-        let same_kind = |waiting: &&Topic| std::mem::discriminant(*waiting) == std::mem::discriminant(&topic);
+        let is_presence = matches!(topic, Topic::Presence(_));
+        let of_kind = if is_presence { queue.presence_topics } else { queue.order.len() - queue.presence_topics };
         if let Some(latest) = queue.latest.get_mut(&topic) {
             *latest = frame;
-        } else if queue.order.iter().filter(same_kind).count() < bound {
+        } else if of_kind < bound {
             queue.order.push_back(topic);
             queue.latest.insert(topic, frame);
+            queue.presence_topics += usize::from(is_presence);
         } else {
             // Past the bound only updates about users it no longer watches,
             // or a flood of typers, can come.
@@ -419,6 +443,9 @@ impl<S: MailboxStore> ShardCore<S> {
             self.ephemeral.remove(&conn);
             return None;
         };
+        if matches!(topic, Topic::Presence(_)) {
+            queue.presence_topics -= 1;
+        }
         let frame = queue.latest.remove(&topic)?;
         if queue.order.is_empty() {
             self.ephemeral.remove(&conn);
@@ -443,12 +470,16 @@ impl<S: MailboxStore> ShardCore<S> {
             batch.push(message);
         }
         if self.codels.get(destination).is_some_and(|codel| codel.dropping()) {
+            // Presence waits (its newest state still matters later); typing
+            // would be stale by then: it goes.
+            self.stats.ephemeral_shed += self.typing_outbox[destination].clear() as u64;
             return;
         }
-        let outbox = &mut self.ephemeral_outbox[destination];
-        while batch.len() < messages_max {
-            let Some(message) = outbox.pop() else { break };
-            batch.push(message);
+        for outbox in [&mut self.ephemeral_outbox[destination], &mut self.typing_outbox[destination]] {
+            while batch.len() < messages_max {
+                let Some(message) = outbox.pop() else { break };
+                batch.push(message);
+            }
         }
     }
 }
