@@ -24,6 +24,7 @@ mod html;
 mod pacer;
 mod pairs;
 mod peers;
+mod presence;
 mod raw_quic;
 mod report;
 mod server;
@@ -280,6 +281,34 @@ enum Command {
         /// The report compared with it.
         b: PathBuf,
     },
+    /// N users each watching C others, with users leaving and coming back:
+    /// presence notifications per server CPU-second, their latency, memory
+    /// per subscription.
+    Presence {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Users.
+        #[arg(long, default_value_t = 1000)]
+        users: u64,
+        /// Contacts each user watches.
+        #[arg(long, default_value_t = 50)]
+        contacts: u64,
+        /// Users that leave and come back per second.
+        #[arg(long, default_value_t = 10.0)]
+        churn: f64,
+        /// Seconds of churn.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// The server's presence.grace_ms (set on a spawned server).
+        #[arg(long, default_value_t = 200)]
+        grace_ms: u64,
+        /// How long a churning user stays away (more than the grace).
+        #[arg(long, default_value_t = 500)]
+        away_ms: u64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Open C idle authenticated connections; report handshake rate and server RSS per connection.
     Connect {
         #[command(flatten)]
@@ -427,6 +456,23 @@ fn run(cli: Cli) -> Result<(), String> {
                 connect::ConnectOptions { connections, settle, reconnect, keep_alive },
                 json,
             )?;
+            drop(spawned);
+            Ok(())
+        }
+        Command::Presence { mut server, users, contacts, churn, duration, grace_ms, away_ms, json } => {
+            if !(2..=100_000).contains(&users) || contacts == 0 || contacts >= users || contacts > 1000 {
+                return Err("--users must be 2..=100000 and --contacts 1..=1000, below --users".into());
+            }
+            let rates_ok = churn > 0.0 && churn <= 10_000.0 && duration > 0.0 && duration <= 3600.0;
+            if !rates_ok || away_ms <= grace_ms {
+                return Err("--churn 0..=10000 per s, --duration 0..=3600 s, and --away-ms above --grace-ms".into());
+            }
+            check_server_args(&server)?;
+            server.server_config.push(format!("presence.grace_ms = {grace_ms}"));
+            let (spawned, target, pid) = target(&server)?;
+            let options =
+                presence::PresenceOptions { users, contacts, churn_per_s: churn, duration, grace_ms, away_ms };
+            presence::report(&target, pid, options, json)?;
             drop(spawned);
             Ok(())
         }

@@ -84,6 +84,26 @@ fn connect_smoke_holds_authenticated_connections() {
 }
 
 #[test]
+fn presence_smoke_counts_notifications_of_churn() {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let output = iris_perf()
+        .args(["presence", "--spawn-server", "--users", "20", "--contacts", "3", "--churn", "5", "--duration", "1"])
+        .args(["--server-cpus", "none", "--loadgen-cpus", "none", "--server-arg=--shards", "--server-arg=2"])
+        .args(["--port", &free_port().to_string(), "--json"])
+        .arg(json.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "iris-perf failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json.path()).unwrap()).unwrap();
+    // About 5 users leave and come back, each seen by its 3 watchers twice
+    // (offline, online), plus the states their own new watches bring.
+    let notifications = report["notifications"].as_u64().unwrap();
+    assert!(notifications >= 10, "{report}");
+    assert!(report["latency_p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["server_rss_per_subscription_bytes"].as_f64().is_some(), "{report}");
+}
+
+#[test]
 fn fanin_smoke_online_and_offline() {
     for offline in [false, true] {
         let json = tempfile::NamedTempFile::new().unwrap();
