@@ -225,7 +225,7 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
         let settle = Instant::now() + Duration::from_secs(30);
         let (files, newest) = loop {
             let (files, newest) = segments_of(&server, shard);
-            if 2 * files as u64 <= newest || Instant::now() > settle {
+            if 2 * files as u64 <= newest + 4 || Instant::now() > settle {
                 break (files, newest);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -236,9 +236,11 @@ async fn acknowledged_messages_survive_repeated_sigkill() {
         // What stays: the segments holding the dedup window (the last 4,000
         // messages of ~700 B, about 3 MiB, spread over the short segments of
         // the last runs: every start opens a new one), the current one and
-        // the spare; at least half of all segments are gone.
+        // the spare; about half of all segments are gone (two segments of
+        // slack: how many short segments the window spans depends on where
+        // the last kills fell; a log that reclaimed nothing keeps them all).
         assert!(
-            2 * files as u64 <= newest,
+            2 * files as u64 <= newest + 4,
             "shard {shard}: delivered segments were not reclaimed ({files} of {newest})"
         );
     }
