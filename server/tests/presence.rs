@@ -8,7 +8,7 @@ mod common;
 
 use common::{user_on_shard, Server};
 use iris_client::{Client, PresenceEvent, PresencePrivacy, PresenceState};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Long enough for a reconnect on a loaded two-core machine to land within it.
 const GRACE_MS: u64 = 1_000;
@@ -54,12 +54,13 @@ async fn a_watcher_sees_online_then_offline_with_last_seen_on_both_shards_withou
     for user in [remote, local] {
         let client = Client::connect(server.client_config(user, 1)).await.unwrap();
         assert_eq!(next_change(&mut a).await, (user, PresenceState::Online), "user {user}");
-        // Offline only after the grace, with the time its device left.
+        // Offline, with the time its device left. (That it comes only once
+        // the grace has passed is the table's rule, checked on a simulated
+        // clock in `shard::presence::tests`; a reconnect within the grace
+        // causing nothing is checked below.)
         let left = wall_ms();
         client.close().await.unwrap();
-        let closed = Instant::now();
         let (who, state) = next_change(&mut a).await;
-        assert!(closed.elapsed() >= Duration::from_millis(GRACE_MS - 100), "offline before the grace ended");
         assert_eq!(who, user);
         let PresenceState::Offline { last_seen_ms: Some(seen) } = state else { panic!("{state:?}") };
         assert!(seen + 1000 >= left && seen <= wall_ms(), "last seen {seen}, left at {left}");

@@ -282,15 +282,7 @@ impl PresenceTable {
         let presence = Self::entry(&mut self.users, &mut self.last_seen_only, user);
         let before: Vec<Visible> = presence.watchers.iter().map(|w| presence.visible_to(w.user)).collect();
         presence.privacy = privacy;
-        let events = presence
-            .watchers
-            .iter()
-            .zip(before)
-            .filter_map(|(watcher, before)| {
-                let now = presence.visible_to(watcher.user);
-                (now != before).then_some(PresenceEvent { watcher: *watcher, user, state: now })
-            })
-            .collect();
+        let events = Self::changed_views(user, presence, before);
         self.forget_if_empty(user);
         events
     }
